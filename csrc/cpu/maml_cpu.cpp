@@ -1,0 +1,205 @@
+// CPU kernels: tasks spread over threads with at::parallel_for, the math from maml_math.h.
+//
+// Determinism: tasks are grouped into a number of blocks that depends only on T and P (never on
+// the thread count); each block sums its tasks in order into its own partial meta-gradient, and
+// the blocks are summed in order at the end. The result is bitwise the same for any thread count.
+#include "maml_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../op_args.h"
+
+namespace pymaml::cpu {
+namespace {
+
+// Partial sums of at most this many elements are kept (caps memory for big networks).
+constexpr int64_t kPartialBudget = int64_t(1) << 22;
+constexpr int64_t kMaxBlocks = 256;
+
+int64_t num_blocks(int64_t T, int64_t P) {
+  const int64_t by_memory = std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(P, 1));
+  return std::min({T, by_memory, kMaxBlocks});
+}
+
+// Tasks [first, last) of block b out of nb.
+std::pair<int64_t, int64_t> block_range(int64_t b, int64_t nb, int64_t T) {
+  return {b * T / nb, (b + 1) * T / nb};
+}
+
+// Runs fn(task, workspace) over all tasks, block by block; one workspace per worker chunk,
+// allocated once outside the task loop.
+template <typename scalar_t, typename Fn>
+void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> scratch(static_cast<size_t>(ws_size));
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [first, last] = block_range(b, nb, T);
+      for (int64_t t = first; t < last; ++t) fn(b, t, scratch.data());
+    }
+  });
+}
+
+// out[p] = scale * sum_b partial[b, p], blocks summed in order (parallel over p only).
+template <typename scalar_t>
+void reduce_blocks(const scalar_t* partial, int64_t nb, int64_t P, scalar_t scale,
+                   scalar_t* out) {
+  at::parallel_for(0, P, 4096, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      scalar_t acc = scalar_t(0);
+      for (int64_t b = 0; b < nb; ++b) acc += partial[b * P + p];
+      out[p] = acc * scale;
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+                 c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                 std::string_view activation, std::string_view loss, bool /*first_order*/) {
+  constexpr const char* op = "pymaml::adapt";
+  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  check_params(op, params_in, c.shape);
+  int64_t T = -1;
+  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
+  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous();
+  const int64_t P = c.shape.num_params;
+  at::Tensor out = at::empty({T, P}, params.options());
+
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_cpu", [&] {
+    const scalar_t* theta = params.data_ptr<scalar_t>();
+    const scalar_t* X = xs.data_ptr<scalar_t>();
+    const scalar_t* Y = ys.data_ptr<scalar_t>();
+    scalar_t* adapted = out.data_ptr<scalar_t>();
+    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+    const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
+    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
+      constexpr Activation A = decltype(act)::value;
+      constexpr Loss L = decltype(lossk)::value;
+      const int64_t ws = task_workspace_size(c.shape, steps, K);
+      for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
+        const auto w = carve_workspace(base, c.shape, steps, K);
+        inner_loop<scalar_t, A, L>(c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr, w);
+        std::copy_n(w.thetas + steps * P, P, adapted + t * P);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in,
+                          const at::Tensor& xs_in, const at::Tensor& ys_in,
+                          c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                          std::string_view activation, std::string_view loss) {
+  constexpr const char* op = "pymaml::adapt_backward";
+  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  check_params(op, params_in, c.shape);
+  int64_t T = -1;
+  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
+  const int64_t P = c.shape.num_params;
+  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == T && grad_in.size(1) == P, op,
+                    ": grad must be [T, P] = [", T, ", ", P, "], got ", grad_in.sizes());
+  TORCH_CHECK_TYPE(grad_in.scalar_type() == params_in.scalar_type(), op,
+                   ": grad must have the dtype of params, got ", grad_in.scalar_type());
+  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), grad = grad_in.contiguous();
+  const int64_t nb = num_blocks(T, P);
+  at::Tensor partial = at::zeros({nb, P}, params.options());
+  at::Tensor out = at::empty({P}, params.options());
+
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_backward_cpu", [&] {
+    const scalar_t* theta = params.data_ptr<scalar_t>();
+    const scalar_t* X = xs.data_ptr<scalar_t>();
+    const scalar_t* Y = ys.data_ptr<scalar_t>();
+    const scalar_t* G = grad.data_ptr<scalar_t>();
+    scalar_t* acc = partial.data_ptr<scalar_t>();
+    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+    const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
+    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
+      constexpr Activation A = decltype(act)::value;
+      constexpr Loss L = decltype(lossk)::value;
+      const int64_t ws = task_workspace_size(c.shape, steps, K);
+      for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
+        const auto w = carve_workspace(base, c.shape, steps, K);
+        std::copy_n(G + t * P, P, w.g);
+        adapt_vjp_task<scalar_t, A, L>(c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr, w);
+        scalar_t* dst = acc + b * P;
+        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+      });
+    });
+    reduce_blocks(acc, nb, P, scalar_t(1), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
+                                             const at::Tensor& xs_in, const at::Tensor& ys_in,
+                                             const at::Tensor& xq_in, const at::Tensor& yq_in,
+                                             c10::IntArrayRef sizes, double inner_lr,
+                                             int64_t steps, std::string_view activation,
+                                             std::string_view loss, bool first_order,
+                                             bool need_grad) {
+  constexpr const char* op = "pymaml::maml_loss";
+  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  check_params(op, params_in, c.shape);
+  int64_t T = -1;
+  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
+  const int64_t Q = check_batch(op, "x_query", xq_in, "y_query", yq_in, params_in, c.shape, T);
+  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous();
+  const int64_t P = c.shape.num_params;
+  const int64_t nb = num_blocks(T, P);
+  const int64_t width = need_grad ? P : 0;  // partial-sum row length
+  at::Tensor partial = at::zeros({nb, width}, params.options());
+  at::Tensor block_loss = at::zeros({nb}, params.options());
+  at::Tensor meta_grad = at::empty({width}, params.options());
+  at::Tensor mean_loss = at::empty({}, params.options());
+
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
+    const scalar_t* theta = params.data_ptr<scalar_t>();
+    const scalar_t *Xs = xs.data_ptr<scalar_t>(), *Ys = ys.data_ptr<scalar_t>();
+    const scalar_t *Xq = xq.data_ptr<scalar_t>(), *Yq = yq.data_ptr<scalar_t>();
+    scalar_t* acc = partial.data_ptr<scalar_t>();
+    scalar_t* acc_loss = block_loss.data_ptr<scalar_t>();
+    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+    const int64_t nxs = K * c.shape.n[0], nys = K * c.shape.n_out();
+    const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
+    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
+      constexpr Activation A = decltype(act)::value;
+      constexpr Loss L = decltype(lossk)::value;
+      const int64_t points = std::max(K, Q);
+      const int64_t ws = task_workspace_size(c.shape, steps, points);
+      for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
+        const auto w = carve_workspace(base, c.shape, steps, points);
+        acc_loss[b] += maml_task<scalar_t, A, L>(c.shape, theta, Xs + t * nxs, Ys + t * nys, K,
+                                                 Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
+                                                 first_order, need_grad, w);
+        if (!need_grad) return;
+        scalar_t* dst = acc + b * P;
+        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+      });
+    });
+    // Mean over tasks, blocks summed in order.
+    const scalar_t inv_t = scalar_t(1) / scalar_t(T);
+    reduce_blocks(acc_loss, nb, 1, inv_t, mean_loss.data_ptr<scalar_t>());
+    if (need_grad) reduce_blocks(acc, nb, P, inv_t, meta_grad.data_ptr<scalar_t>());
+  });
+  return {mean_loss, meta_grad};
+}
+
+TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
+  m.impl("adapt", &adapt);
+  m.impl("adapt_backward", &adapt_backward);
+  m.impl("maml_loss", &maml_loss);
+}
+
+}  // namespace pymaml::cpu

@@ -1,0 +1,83 @@
+// Argument checks of the pymaml ops (see op_args.h).
+#include "op_args.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+namespace pymaml {
+
+OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                      std::string_view activation, std::string_view loss) {
+  const int64_t depth = int64_t(sizes.size()) - 1;
+  TORCH_CHECK_VALUE(depth >= 1 && depth <= kMaxDepth, op, ": sizes must list 2 to ",
+                    kMaxDepth + 1, " layer widths (1 to ", kMaxDepth, " linear layers), got ",
+                    sizes);
+  for (int64_t n : sizes)
+    TORCH_CHECK_VALUE(n >= 1 && n <= kMaxWidth, op, ": every entry of sizes must be in [1, ",
+                      kMaxWidth, "], got ", sizes);
+  TORCH_CHECK_VALUE(steps >= 0 && steps <= kMaxSteps, op, ": steps must be in [0, ", kMaxSteps,
+                    "], got ", steps);
+  TORCH_CHECK_VALUE(std::isfinite(inner_lr), op, ": inner_lr must be finite, got ", inner_lr);
+
+  OpConfig c;
+  c.shape = make_shape(sizes.data(), int(depth));
+  c.steps = steps;
+  c.inner_lr = inner_lr;
+  if (activation == "relu")
+    c.activation = Activation::ReLU;
+  else if (activation == "tanh")
+    c.activation = Activation::Tanh;
+  else
+    TORCH_CHECK_VALUE(false, op, ": activation must be 'relu' or 'tanh', got '",
+                      std::string(activation), "'");
+  if (loss == "mse")
+    c.loss = Loss::MSE;
+  else if (loss == "l1")
+    c.loss = Loss::L1;
+  else
+    TORCH_CHECK_VALUE(false, op, ": loss must be 'mse' or 'l1', got '", std::string(loss), "'");
+  return c;
+}
+
+void check_params(const char* op, const at::Tensor& params, const MlpShape& shape) {
+  TORCH_CHECK_VALUE(params.dim() == 1, op, ": params must be a 1-D flat tensor [P], got shape ",
+                    params.sizes());
+  TORCH_CHECK_TYPE(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
+                   op, ": params must be float32 or float64, got ", params.scalar_type());
+  TORCH_CHECK_VALUE(params.size(0) == shape.num_params, op, ": params has ", params.size(0),
+                    " elements but the sizes need ", shape.num_params);
+}
+
+int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, const char* y_name,
+                    const at::Tensor& y, const at::Tensor& params, const MlpShape& shape,
+                    int64_t& T) {
+  for (const auto& [name, t] : {std::pair{x_name, &x}, std::pair{y_name, &y}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == params.scalar_type(), op, ": ", name,
+                     " must have the dtype of params (", params.scalar_type(), "), got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == params.device(), op, ": ", name,
+                      " must be on the device of params (", params.device(), "), got ",
+                      t->device());
+    TORCH_CHECK_VALUE(t->dim() == 3, op, ": ", name, " must be 3-D [T, K, features], got shape ",
+                      t->sizes());
+  }
+  TORCH_CHECK_VALUE(x.size(2) == shape.n[0], op, ": ", x_name, " must be [T, K, ", shape.n[0],
+                    "] (sizes[0] inputs), got ", x.sizes());
+  TORCH_CHECK_VALUE(y.size(2) == shape.n_out(), op, ": ", y_name, " must be [T, K, ",
+                    shape.n_out(), "] (sizes[-1] outputs), got ", y.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), op, ": ", x_name, " and ", y_name,
+                    " must have the same number of points, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": ", x_name, " needs at least one point, got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) == y.size(0), op, ": ", x_name, " and ", y_name,
+                    " must have the same number of tasks, got ", x.sizes(), " and ", y.sizes());
+  if (T < 0) T = x.size(0);
+  TORCH_CHECK_VALUE(x.size(0) == T, op, ": ", x_name, " has ", x.size(0),
+                    " tasks, expected ", T, " like the support set");
+  TORCH_CHECK_VALUE(T >= 1, op, ": the meta-batch needs at least one task, got ", x.sizes());
+  return x.size(1);
+}
+
+}  // namespace pymaml

@@ -1,0 +1,38 @@
+// Validation of the pymaml ops' arguments, shared by every backend's torch-aware layer.
+// Each check names the op and the argument, and says what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <string_view>
+
+#include "maml_math.h"
+
+namespace pymaml {
+
+// Hyper-parameters common to every op, parsed and checked once.
+struct OpConfig {
+  MlpShape shape;
+  Activation activation;
+  Loss loss;
+  int64_t steps;
+  double inner_lr;
+};
+
+constexpr int64_t kMaxSteps = 100;
+constexpr int64_t kMaxWidth = 512;
+
+OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                      std::string_view activation, std::string_view loss);
+
+// params: [P] floating point, P matching the sizes.
+void check_params(const char* op, const at::Tensor& params, const MlpShape& shape);
+
+// x: [T, K, n_in], y: [T, K, n_out], same dtype and device as params, K >= 1.
+// Returns K. `T` is the task count every batch must share (the first batch sets it if < 0).
+int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, const char* y_name,
+                    const at::Tensor& y, const at::Tensor& params, const MlpShape& shape,
+                    int64_t& T);
+
+}  // namespace pymaml

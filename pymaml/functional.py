@@ -1,0 +1,223 @@
+"""pymaml's public functional API: MAML on plain tensors.
+
+Parameters are one flat tensor in the order [W0, b0, W1, b1, ...] (W_l in nn.Linear's
+[out, in] layout) with the layer sizes [n_in, hidden..., n_out]; a meta-batch of T tasks is
+x [T, K, n_in], y [T, K, n_out]. Every function checks its arguments (ValueError / TypeError
+naming the argument) and runs on one of two backends:
+
+- "fused": the compiled op (torch.ops.pymaml.*): the whole inner loop and the exact
+  meta-gradient of every task in one call, no autograd graph; gradients flow to params;
+- "reference": the pure-autograd oracle (pymaml.reference);
+- "auto": fused when it can serve the call, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ops
+from . import reference as _reference
+from ._layout import num_params, unflatten
+
+__all__ = ["init_params", "mlp_forward", "adapt", "maml_loss", "num_params"]
+
+ACTIVATIONS = ("relu", "tanh")
+LOSSES = ("mse", "l1")
+BACKENDS = ("auto", "fused", "reference")
+
+# Limits of the fused op (the reference has none).
+FUSED_MAX_DEPTH = 8
+FUSED_MAX_WIDTH = 512
+FUSED_MAX_STEPS = 100
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def _check_sizes(sizes) -> list:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"sizes must be a sequence of layer widths like [1, 40, 40, 1], got {sizes!r}")
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least an input and an output width, got {sizes}")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"sizes must hold positive integers, got {sizes}")
+    return [int(n) for n in sizes]
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_params(params, sizes, allow_batched=False) -> None:
+    if not isinstance(params, torch.Tensor):
+        raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")
+    if not params.is_floating_point():
+        raise TypeError(f"params must be a floating-point tensor, got dtype {params.dtype}")
+    P = num_params(sizes)
+    ranks = "[P] or [T, P]" if allow_batched else "[P]"
+    if params.dim() not in ((1, 2) if allow_batched else (1,)) or params.shape[-1] != P:
+        raise ValueError(f"params must be {ranks} with P = {P} for sizes {sizes}, "
+                         f"got shape {list(params.shape)}")
+
+
+def _check_data(params, sizes, **named) -> int:
+    """Checks [T, K, features] data tensors against params; returns T."""
+    T = None
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != params.dtype:
+            raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
+        if t.device != params.device:
+            raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
+        features = sizes[0] if name.startswith("x") else sizes[-1]
+        if t.dim() != 3 or t.shape[2] != features:
+            raise ValueError(f"{name} must be [T, K, {features}], got shape {list(t.shape)}")
+        if t.shape[1] < 1:
+            raise ValueError(f"{name} needs at least one point, got shape {list(t.shape)}")
+        if T is None:
+            T = t.shape[0]
+        elif t.shape[0] != T:
+            first = next(iter(named))
+            raise ValueError(f"{name} has {t.shape[0]} tasks but {first} has {T}")
+    if T < 1:
+        raise ValueError(f"the meta-batch needs at least one task, got {T}")
+    names = list(named)
+    for x_name, y_name in zip(names[0::2], names[1::2]):
+        if named[x_name].shape[1] != named[y_name].shape[1]:
+            raise ValueError(f"{x_name} and {y_name} must have the same number of points, got "
+                             f"{list(named[x_name].shape)} and {list(named[y_name].shape)}")
+    return T
+
+
+def _check_hyper(inner_lr, steps, activation, loss, first_order) -> None:
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real):
+        raise TypeError(f"inner_lr must be a real number, got {type(inner_lr).__name__}")
+    if not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("loss", loss, LOSSES)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+
+
+def _fused_unsupported(params, sizes, steps) -> Optional[str]:
+    reason = _ops.unavailable_reason(params.device, params.dtype)
+    if reason:
+        return reason
+    if len(sizes) - 1 > FUSED_MAX_DEPTH:
+        return f"the fused op supports up to {FUSED_MAX_DEPTH} layers, got {len(sizes) - 1}"
+    if max(sizes) > FUSED_MAX_WIDTH:
+        return f"the fused op supports widths up to {FUSED_MAX_WIDTH}, got {max(sizes)}"
+    if steps > FUSED_MAX_STEPS:
+        return f"the fused op supports up to {FUSED_MAX_STEPS} steps, got {steps}"
+    return None
+
+
+def _choose_backend(backend, params, sizes, steps, data) -> str:
+    _check_choice("backend", backend, BACKENDS)
+    if backend == "reference":
+        return backend
+    reason = _fused_unsupported(params, sizes, steps)
+    if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in data):
+        reason = "the fused op differentiates params only, and a data tensor requires grad"
+    if reason is None:
+        return "fused"
+    if backend == "fused":
+        raise RuntimeError(f"backend='fused' cannot serve this call: {reason}; "
+                           "use backend='reference' or 'auto'")
+    return "reference"
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+def init_params(sizes, *, generator: Optional[torch.Generator] = None,
+                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A flat [P] parameter vector with nn.Linear's default initialisation: W and b uniform in
+    ±1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) for W)."""
+    sizes = _check_sizes(sizes)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    params = torch.empty(num_params(sizes), dtype=dtype, device=device)
+    for W, b in unflatten(params, sizes):
+        bound = 1.0 / math.sqrt(W.shape[1])
+        with torch.no_grad():
+            W.uniform_(-bound, bound, generator=generator)
+            b.uniform_(-bound, bound, generator=generator)
+    return params
+
+
+def mlp_forward(params: torch.Tensor, x: torch.Tensor, *, sizes, activation: str = "relu") -> torch.Tensor:
+    """The MLP's output. params [P] with x [..., n_in] gives [..., n_out]; per-task params
+    [T, P] with x [T, N, n_in] gives [T, N, n_out]. Differentiable (plain torch ops)."""
+    sizes = _check_sizes(sizes)
+    _check_params(params, sizes, allow_batched=True)
+    _check_choice("activation", activation, ACTIVATIONS)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != params.dtype or x.device != params.device:
+        raise TypeError(f"x must have the dtype and device of params ({params.dtype}, "
+                        f"{params.device}), got ({x.dtype}, {x.device})")
+    batched = params.dim() == 2
+    if x.dim() < 1 or x.shape[-1] != sizes[0] or (batched and (x.dim() != 3 or x.shape[0] != params.shape[0])):
+        want = f"[{params.shape[0]}, N, {sizes[0]}]" if batched else f"[..., {sizes[0]}]"
+        raise ValueError(f"x must be {want}, got shape {list(x.shape)}")
+    act = _reference.ACTIVATIONS[activation]
+    layers = unflatten(params, sizes)
+    h = x
+    for l, (W, b) in enumerate(layers):
+        # [T, N, in] @ [T, in, out] + [T, 1, out]  or  [..., in] @ [in, out] + [out]
+        h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2)) if batched else torch.nn.functional.linear(h, W, b)
+        if l + 1 < len(layers):
+            h = act(h)
+    return h
+
+
+def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
+          loss="mse", first_order=False, backend="auto") -> torch.Tensor:
+    """[T, P]: every task's parameters after `steps` SGD steps with rate `inner_lr` on its
+    support set, starting from params [P]. Differentiable in params (second order, or with each
+    step's Jacobian taken as the identity when first_order=True)."""
+    sizes = _check_sizes(sizes)
+    _check_params(params, sizes)
+    _check_data(params, sizes, x_support=x_support, y_support=y_support)
+    _check_hyper(inner_lr, steps, activation, loss, first_order)
+    which = _choose_backend(backend, params, sizes, steps, (x_support, y_support))
+    if which == "reference":
+        return _reference.adapt(params, x_support, y_support, sizes=sizes, inner_lr=inner_lr,
+                                steps=steps, activation=activation, loss=loss,
+                                first_order=first_order)
+    return _ops.ops.adapt(params, x_support, y_support, sizes, float(inner_lr), int(steps),
+                          activation, loss, first_order)
+
+
+def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
+              activation="relu", loss="mse", first_order=False, backend="auto") -> torch.Tensor:
+    """Scalar: the mean over the T tasks of the query loss after adapting on the support set.
+    `.backward()` leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in
+    params.grad, ready for any torch.optim optimizer."""
+    sizes = _check_sizes(sizes)
+    _check_params(params, sizes)
+    _check_data(params, sizes, x_support=x_support, y_support=y_support,
+                x_query=x_query, y_query=y_query)
+    _check_hyper(inner_lr, steps, activation, loss, first_order)
+    data = (x_support, y_support, x_query, y_query)
+    which = _choose_backend(backend, params, sizes, steps, data)
+    if which == "reference":
+        return _reference.maml_loss(params, *data, sizes=sizes, inner_lr=inner_lr, steps=steps,
+                                    activation=activation, loss=loss, first_order=first_order)
+    need_grad = torch.is_grad_enabled() and params.requires_grad
+    value, _ = _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation,
+                                  loss, first_order, need_grad)
+    return value
