@@ -75,7 +75,15 @@ if _C is not None:
         ctx.hyper = (sizes, inner_lr, steps, activation, loss)
         ctx.first_order = first_order
 
+    def _refuse_double_backward(op):
+        # Under create_graph=True the fused gradient would be a constant to autograd, and any
+        # higher derivative silently wrong: refuse instead.
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported "
+                               "by the fused op; use backend='reference'")
+
     def _adapt_grad(ctx, grad):
+        _refuse_double_backward("pymaml::adapt")
         if ctx.first_order:  # each inner step's Jacobian taken as the identity
             grad_params = grad.sum(0)
         else:
@@ -89,7 +97,11 @@ if _C is not None:
         ctx.save_for_backward(output[1])
 
     def _maml_loss_grad(ctx, grad_loss, _grad_meta_grad):
+        _refuse_double_backward("pymaml::maml_loss")
         (meta_grad,) = ctx.saved_tensors
+        if meta_grad.numel() == 0 and ctx.needs_input_grad[0]:
+            raise RuntimeError("pymaml::maml_loss was called with need_grad=False, so it has no "
+                               "meta-gradient to give: call it with need_grad=True")
         # The meta-gradient was computed in the forward pass, in the same sweep as the loss.
         return (grad_loss * meta_grad,) + (None,) * 11
 

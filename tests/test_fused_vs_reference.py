@@ -1,0 +1,89 @@
+"""The fused op against the pure-autograd oracle on many seeded random configurations:
+query loss, meta-gradient, adapted parameters and the adapt VJP, in float64 and float32."""
+
+import pytest
+import torch
+
+from pymaml import functional as F
+
+from conftest import Problem, assert_matches, random_problem, requires_fused
+
+pytestmark = requires_fused
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def run_both(pb, dtype):
+    """Every quantity the fused op produces, from both backends."""
+    out = {}
+    cot = torch.randn(pb.xs.shape[0], pb.params.numel(), generator=torch.Generator().manual_seed(7),
+                      dtype=torch.float64).to(dtype)
+    for backend in ("fused", "reference"):
+        p = pb.params.clone().requires_grad_()
+        loss = F.maml_loss(p, *pb.data, backend=backend, **pb.hyper)
+        (meta_grad,) = torch.autograd.grad(loss, p)
+        adapted = F.adapt(p, pb.xs, pb.ys, backend=backend, **pb.hyper)
+        (vjp,) = torch.autograd.grad(adapted, p, cot)
+        out[backend] = dict(loss=loss.detach(), meta_grad=meta_grad, adapted=adapted.detach(),
+                            adapt_vjp=vjp)
+    return out
+
+
+def check(pb, dtype):
+    out = run_both(pb, dtype)
+    worst = 0.0
+    for key in out["reference"]:
+        worst = max(worst, assert_matches(out["fused"][key], out["reference"][key], dtype, key))
+    return worst
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", range(8))
+def test_random_small(dtype, block):
+    # 8 blocks x 40 seeds = 320 configurations per dtype.
+    for seed in range(block * 40, (block + 1) * 40):
+        pb = random_problem(seed, dtype)
+        try:
+            check(pb, dtype)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, {pb.hyper}: {e}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_large(dtype):
+    # Deeper, wider networks and longer inner loops.
+    for seed in range(1000, 1012):
+        pb = random_problem(seed, dtype, max_depth=8, max_width=48, max_steps=12, max_points=10,
+                            max_tasks=3)
+        try:
+            check(pb, dtype)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, {pb.hyper}: {e}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paper_workloads(dtype):
+    # The seed's (1-32-32-1, L1, K=Q=4, S=5) and the MAML paper's (1-40-40-1, MSE, K=10, S=5).
+    g = torch.Generator().manual_seed(0)
+    for sizes, loss, K, T in (([1, 32, 32, 1], "l1", 4, 1), ([1, 40, 40, 1], "mse", 10, 25)):
+        x = (torch.rand(4, T, K, 1, generator=g, dtype=torch.float64) * 10 - 5).to(dtype)
+        pb_data = dict(xs=x[0], ys=torch.sin(x[0]), xq=x[1], yq=torch.sin(x[1]))
+        for first_order in (False, True):
+            pb = Problem(sizes=sizes, activation="relu", loss=loss, inner_lr=0.03 if loss == "l1" else 0.01,
+                         steps=5, first_order=first_order,
+                         params=F.init_params(sizes, generator=g, dtype=dtype), **pb_data)
+            check(pb, dtype)
+
+
+def test_many_tasks_reduce_in_order():
+    # T identical tasks: the mean meta-gradient equals the one-task meta-gradient, whatever the
+    # blocking of the reduction (T above the block count).
+    pb = random_problem(3, torch.float64, max_tasks=1)
+    one = pb.params.clone().requires_grad_()
+    F.maml_loss(one, *pb.data, backend="fused", **pb.hyper).backward()
+    T = 3001
+    many = pb.params.clone().requires_grad_()
+    data = [t.expand(T, *t.shape[1:]) for t in pb.data]  # non-contiguous on purpose
+    loss = F.maml_loss(many, *data, backend="fused", **pb.hyper)
+    loss.backward()
+    torch.testing.assert_close(many.grad, one.grad, rtol=1e-12, atol=1e-12)
