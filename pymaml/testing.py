@@ -54,3 +54,22 @@ def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_p
         xs=rand(T, K, sizes[0]), ys=rand(T, K, sizes[-1]),
         xq=rand(T, Q, sizes[0]), yq=rand(T, Q, sizes[-1]),
     )
+
+
+def backend_outputs(pb: Problem, backend: str) -> dict:
+    """Everything the fused op produces, computed by one backend: the mean query loss, the
+    meta-gradient, the adapted parameters and a vector-Jacobian product of adapt."""
+    cot = torch.randn(pb.xs.shape[0], pb.params.numel(), generator=torch.Generator().manual_seed(7),
+                      dtype=torch.float64).to(pb.params.dtype)
+    p = pb.params.clone().requires_grad_()
+    loss = F.maml_loss(p, *pb.data, backend=backend, **pb.hyper)
+    (meta_grad,) = torch.autograd.grad(loss, p)
+    adapted = F.adapt(p, pb.xs, pb.ys, backend=backend, **pb.hyper)
+    (vjp,) = torch.autograd.grad(adapted, p, cot)
+    return dict(loss=loss.detach(), meta_grad=meta_grad, adapted=adapted.detach(), adapt_vjp=vjp)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(1, max |expected|): the measure the oracle tests bound."""
+    scale = max(1.0, expected.abs().max().item())
+    return (actual - expected).abs().max().item() / scale

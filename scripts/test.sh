@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up and runs every test: pytest, the C++ core tests under CTest, and a
+# seconds-long smoke pass of the benchmarks (so they cannot rot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+bash scripts/install.sh
+"$PY" -m pytest -q
+prefix=$("$PY" -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
+cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build build/cmake -j2
+ctest --test-dir build/cmake --output-on-failure
+"$PY" -m pytest benchmarks -q --benchmark-disable
