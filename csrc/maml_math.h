@@ -69,7 +69,7 @@ inline PYMAML_HOST_DEVICE MlpShape make_shape(const int64_t* sizes, int depth) {
 // ---------------------------------------------------------------------------------------------
 // Hidden activations. Derivatives are written in terms of the activation's output a = sigma(z)
 // (that is all we store), matching PyTorch's backward formulas and its kink convention
-// ReLU'(0) = 0. `curv(d, a, ra)` is the second-order term D * sigma''(z) * Rz of the R-backward
+// ReLU'(0) = 0. Comparisons are written so that NaN propagates as in torch (relu(NaN) = NaN). `curv(d, a, ra)` is the second-order term D * sigma''(z) * Rz of the R-backward
 // (DESIGN.md §2), expressed with Ra = sigma'(z) * Rz: for tanh sigma'' = -2 a sigma'.
 template <Activation A>
 struct Act;
@@ -78,9 +78,9 @@ template <>
 struct Act<Activation::ReLU> {
   static constexpr bool kHasCurvature = false;
   template <typename T>
-  static PYMAML_HOST_DEVICE T f(T z) { return z > T(0) ? z : T(0); }
+  static PYMAML_HOST_DEVICE T f(T z) { return z < T(0) ? T(0) : z; }
   template <typename T>
-  static PYMAML_HOST_DEVICE T d1(T a) { return a > T(0) ? T(1) : T(0); }
+  static PYMAML_HOST_DEVICE T d1(T a) { return a <= T(0) ? T(0) : T(1); }
   template <typename T>
   static PYMAML_HOST_DEVICE T curv(T, T, T) { return T(0); }
 };

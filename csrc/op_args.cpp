@@ -41,13 +41,16 @@ OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, i
   return c;
 }
 
-void check_params(const char* op, const at::Tensor& params, const MlpShape& shape) {
+void check_params(const char* op, const at::Tensor& params, const OpConfig& config) {
+  const MlpShape& shape = config.shape;
   TORCH_CHECK_VALUE(params.dim() == 1, op, ": params must be a 1-D flat tensor [P], got shape ",
                     params.sizes());
   TORCH_CHECK_TYPE(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
                    op, ": params must be float32 or float64, got ", params.scalar_type());
   TORCH_CHECK_VALUE(params.size(0) == shape.num_params, op, ": params has ", params.size(0),
                     " elements but the sizes need ", shape.num_params);
+  TORCH_CHECK_VALUE(params.scalar_type() != at::kFloat || std::isfinite(float(config.inner_lr)),
+                    op, ": inner_lr ", config.inner_lr, " overflows float32, the dtype of params");
 }
 
 int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, const char* y_name,

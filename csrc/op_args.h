@@ -26,8 +26,8 @@ constexpr int64_t kMaxWidth = 512;
 OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                       std::string_view activation, std::string_view loss);
 
-// params: [P] floating point, P matching the sizes.
-void check_params(const char* op, const at::Tensor& params, const MlpShape& shape);
+// params: [P] float32 or float64, P matching the sizes, inner_lr finite in that dtype.
+void check_params(const char* op, const at::Tensor& params, const OpConfig& config);
 
 // x: [T, K, n_in], y: [T, K, n_out], same dtype and device as params, K >= 1.
 // Returns K. `T` is the task count every batch must share (the first batch sets it if < 0).

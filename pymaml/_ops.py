@@ -82,8 +82,14 @@ if _C is not None:
             raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported "
                                "by the fused op; use backend='reference'")
 
+    def _refuse_data_gradients(op, ctx, data_slots):
+        if any(ctx.needs_input_grad[i] for i in data_slots):
+            raise RuntimeError(f"{op}: the fused op differentiates params only, but a data "
+                               "tensor requires grad; use backend='reference'")
+
     def _adapt_grad(ctx, grad):
         _refuse_double_backward("pymaml::adapt")
+        _refuse_data_gradients("pymaml::adapt", ctx, (1, 2))
         if ctx.first_order:  # each inner step's Jacobian taken as the identity
             grad_params = grad.sum(0)
         else:
@@ -95,9 +101,11 @@ if _C is not None:
 
     def _maml_loss_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
 
     def _maml_loss_grad(ctx, grad_loss, _grad_meta_grad):
         _refuse_double_backward("pymaml::maml_loss")
+        _refuse_data_gradients("pymaml::maml_loss", ctx, (1, 2, 3, 4))
         (meta_grad,) = ctx.saved_tensors
         if meta_grad.numel() == 0 and ctx.needs_input_grad[0]:
             raise RuntimeError("pymaml::maml_loss was called with need_grad=False, so it has no "

@@ -97,11 +97,15 @@ def _check_data(params, sizes, **named) -> int:
     return T
 
 
-def _check_hyper(inner_lr, steps, activation, loss, first_order) -> None:
+def _check_hyper(inner_lr, steps, activation, loss, first_order, dtype) -> None:
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real):
         raise TypeError(f"inner_lr must be a real number, got {type(inner_lr).__name__}")
-    if not math.isfinite(inner_lr):
-        raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+    try:
+        finite = math.isfinite(inner_lr) and abs(float(inner_lr)) <= torch.finfo(dtype).max
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"inner_lr must be finite in {dtype}, got {inner_lr}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 0:
@@ -125,6 +129,16 @@ def _fused_unsupported(params, sizes, steps) -> Optional[str]:
     return None
 
 
+def _under_torch_func(tensors) -> bool:
+    # The fused ops have no vmap / functorch-grad rules: tensors that torch.func transforms
+    # wrap (grad, vmap) need the reference.
+    # (torch.compile traces plain tensors here, and cannot trace this check.)
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(wrapped(t) for t in tensors)
+
+
 def _choose_backend(backend, params, sizes, steps, data) -> str:
     _check_choice("backend", backend, BACKENDS)
     if backend == "reference":
@@ -132,6 +146,8 @@ def _choose_backend(backend, params, sizes, steps, data) -> str:
     reason = _fused_unsupported(params, sizes, steps)
     if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in data):
         reason = "the fused op differentiates params only, and a data tensor requires grad"
+    if reason is None and _under_torch_func((params, *data)):
+        reason = "the fused op does not support torch.func transforms (grad, vmap)"
     if reason is None:
         return "fused"
     if backend == "fused":
@@ -192,7 +208,7 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     sizes = _check_sizes(sizes)
     _check_params(params, sizes)
     _check_data(params, sizes, x_support=x_support, y_support=y_support)
-    _check_hyper(inner_lr, steps, activation, loss, first_order)
+    _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
     which = _choose_backend(backend, params, sizes, steps, (x_support, y_support))
     if which == "reference":
         return _reference.adapt(params, x_support, y_support, sizes=sizes, inner_lr=inner_lr,
@@ -211,7 +227,7 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     _check_params(params, sizes)
     _check_data(params, sizes, x_support=x_support, y_support=y_support,
                 x_query=x_query, y_query=y_query)
-    _check_hyper(inner_lr, steps, activation, loss, first_order)
+    _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
     data = (x_support, y_support, x_query, y_query)
     which = _choose_backend(backend, params, sizes, steps, data)
     if which == "reference":

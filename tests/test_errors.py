@@ -135,3 +135,61 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
     a = F.adapt(p_wide, nc[0], nc[1], backend=backend, **pb.hyper)
     torch.testing.assert_close(a, F.adapt(pb.params, pb.xs, pb.ys, backend="reference", **pb.hyper))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inner_lr_must_fit_the_dtype(backend):
+    g = good()
+    f32 = {k: v.float() for k, v in g.items()}
+    with pytest.raises(ValueError, match="inner_lr"):
+        F.maml_loss(**f32, **{**HYPER, "inner_lr": 1e300}, backend=backend)
+    with pytest.raises(ValueError, match="inner_lr"):
+        F.maml_loss(**g, **{**HYPER, "inner_lr": 10**400}, backend=backend)
+
+
+@requires_fused
+def test_raw_op_rejects_float32_overflowing_inner_lr():
+    g = {k: v.float() for k, v in good().items()}
+    with pytest.raises(ValueError, match="inner_lr .* overflows float32"):
+        torch.ops.pymaml.adapt(g["params"], g["x_support"], g["y_support"], SIZES, 1e300, 1,
+                               "relu", "mse", False)
+
+
+@requires_fused
+def test_nan_propagates_like_the_reference():
+    # relu(NaN) is NaN in torch: a NaN in the data must not vanish in the fused op.
+    for activation in ("relu", "tanh"):
+        g = good()
+        g["x_support"][1, 2, 0] = float("nan")
+        hyper = {**HYPER, "activation": activation}
+        fused = F.maml_loss(**g, **hyper, backend="fused")
+        assert torch.isnan(fused) and torch.isnan(F.maml_loss(**g, **hyper, backend="reference"))
+        adapted = F.adapt(g["params"], g["x_support"], g["y_support"], **hyper, backend="fused")
+        assert torch.isnan(adapted[1]).any() and not torch.isnan(adapted[0]).any()
+
+
+@requires_fused
+def test_raw_ops_refuse_gradients_to_data():
+    g = good()
+    xs = g["x_support"].requires_grad_()
+    p = g["params"].requires_grad_()
+    hyper = (SIZES, 0.1, 2, "relu", "mse", False)
+    loss, meta_grad = torch.ops.pymaml.maml_loss(p, xs, g["y_support"], g["x_query"], g["y_query"],
+                                                 *hyper, True)
+    assert not meta_grad.requires_grad  # an output, not a differentiable function of params
+    with pytest.raises(RuntimeError, match="data tensor requires grad"):
+        loss.backward()
+    adapted = torch.ops.pymaml.adapt(p, xs, g["y_support"], *hyper)
+    with pytest.raises(RuntimeError, match="data tensor requires grad"):
+        adapted.sum().backward()
+
+
+@requires_fused
+def test_auto_serves_torch_func_with_the_reference():
+    pb = random_problem(1, torch.float64)
+    grad = torch.func.grad(lambda p: F.maml_loss(p, *pb.data, **pb.hyper))(pb.params)
+    p = pb.params.clone().requires_grad_()
+    F.maml_loss(p, *pb.data, backend="fused", **pb.hyper).backward()
+    torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda p: F.maml_loss(p, *pb.data, backend="fused", **pb.hyper))(pb.params)

@@ -21,7 +21,7 @@ namespace pymaml::cpu {
 namespace {
 
 // Partial sums of at most this many elements are kept (caps memory for big networks).
-constexpr int64_t kPartialBudget = int64_t(1) << 22;
+constexpr int64_t kPartialBudget = int64_t(1) << 24;
 constexpr int64_t kMaxBlocks = 256;
 
 int64_t num_blocks(int64_t T, int64_t P) {
@@ -67,7 +67,7 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
                  std::string_view activation, std::string_view loss, bool /*first_order*/) {
   constexpr const char* op = "pymaml::adapt";
   const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c.shape);
+  check_params(op, params_in, c);
   int64_t T = -1;
   const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
   const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
@@ -102,7 +102,7 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
                           std::string_view activation, std::string_view loss) {
   constexpr const char* op = "pymaml::adapt_backward";
   const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c.shape);
+  check_params(op, params_in, c);
   int64_t T = -1;
   const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
   const int64_t P = c.shape.num_params;
@@ -110,6 +110,9 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
                     ": grad must be [T, P] = [", T, ", ", P, "], got ", grad_in.sizes());
   TORCH_CHECK_TYPE(grad_in.scalar_type() == params_in.scalar_type(), op,
                    ": grad must have the dtype of params, got ", grad_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_in.device() == params_in.device(), op,
+                    ": grad must be on the device of params (", params_in.device(), "), got ",
+                    grad_in.device());
   const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), grad = grad_in.contiguous();
   const int64_t nb = num_blocks(T, P);
@@ -150,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
                                              bool need_grad) {
   constexpr const char* op = "pymaml::maml_loss";
   const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c.shape);
+  check_params(op, params_in, c);
   int64_t T = -1;
   const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
   const int64_t Q = check_batch(op, "x_query", xq_in, "y_query", yq_in, params_in, c.shape, T);
