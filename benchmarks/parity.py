@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from pymaml.testing import backend_outputs, random_problem, relative_error
+from pymaml.testing import LARGE, backend_outputs, random_problem, relative_error
 
 
 def main():
@@ -19,8 +19,7 @@ def main():
         worst = {}
         # Small random configurations, then deeper and wider ones with longer inner loops.
         problems = [(s, random_problem(s, dtype)) for s in range(args.configs)]
-        problems += [(s, random_problem(s, dtype, max_depth=8, max_width=48, max_steps=12,
-                                        max_points=10, max_tasks=3)) for s in range(1000, 1012)]
+        problems += [(s, random_problem(s, dtype, **LARGE)) for s in range(1000, 1012)]
         for seed, pb in problems:
             fused, ref = backend_outputs(pb, "fused"), backend_outputs(pb, "reference")
             for key in ref:

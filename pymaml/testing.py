@@ -33,6 +33,10 @@ class Problem:
         return self.xs, self.ys, self.xq, self.yq
 
 
+# random_problem's bounds for deeper, wider networks and longer inner loops.
+LARGE = dict(max_depth=8, max_width=48, max_steps=12, max_points=10, max_tasks=3)
+
+
 def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_points=6,
                    max_tasks=4):
     """A seeded random configuration: architecture, hyper-parameters and task data."""

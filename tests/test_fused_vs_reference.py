@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pymaml import functional as F
-from pymaml.testing import backend_outputs
+from pymaml.testing import LARGE, backend_outputs
 
 from conftest import Problem, assert_matches, random_problem, requires_fused
 
@@ -14,10 +14,13 @@ pytestmark = requires_fused
 DTYPES = [torch.float64, torch.float32]
 
 
-def check(pb, dtype):
+def check(pb, dtype, seed=None):
     fused, ref = backend_outputs(pb, "fused"), backend_outputs(pb, "reference")
     for key in ref:
-        assert_matches(fused[key], ref[key], dtype, key)
+        try:
+            assert_matches(fused[key], ref[key], dtype, key)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, {pb.hyper}: {e}") from None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -25,23 +28,14 @@ def check(pb, dtype):
 def test_random_small(dtype, block):
     # 8 blocks x 40 seeds = 320 configurations per dtype.
     for seed in range(block * 40, (block + 1) * 40):
-        pb = random_problem(seed, dtype)
-        try:
-            check(pb, dtype)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, {pb.hyper}: {e}") from None
+        check(random_problem(seed, dtype), dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_random_large(dtype):
     # Deeper, wider networks and longer inner loops.
     for seed in range(1000, 1012):
-        pb = random_problem(seed, dtype, max_depth=8, max_width=48, max_steps=12, max_points=10,
-                            max_tasks=3)
-        try:
-            check(pb, dtype)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, {pb.hyper}: {e}") from None
+        check(random_problem(seed, dtype, **LARGE), dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
