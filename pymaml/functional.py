@@ -29,11 +29,6 @@ ACTIVATIONS = ("relu", "tanh")
 LOSSES = ("mse", "l1")
 BACKENDS = ("auto", "fused", "reference")
 
-# Limits of the fused op (the reference has none).
-FUSED_MAX_DEPTH = 8
-FUSED_MAX_WIDTH = 512
-FUSED_MAX_STEPS = 100
-
 
 # ---- argument checks ------------------------------------------------------------------------
 
@@ -120,12 +115,13 @@ def _fused_unsupported(params, sizes, steps) -> Optional[str]:
     reason = _ops.unavailable_reason(params.device, params.dtype)
     if reason:
         return reason
-    if len(sizes) - 1 > FUSED_MAX_DEPTH:
-        return f"the fused op supports up to {FUSED_MAX_DEPTH} layers, got {len(sizes) - 1}"
-    if max(sizes) > FUSED_MAX_WIDTH:
-        return f"the fused op supports widths up to {FUSED_MAX_WIDTH}, got {max(sizes)}"
-    if steps > FUSED_MAX_STEPS:
-        return f"the fused op supports up to {FUSED_MAX_STEPS} steps, got {steps}"
+    limits = _ops._C  # the compiled core states its own limits (the reference has none)
+    if len(sizes) - 1 > limits.max_depth:
+        return f"the fused op supports up to {limits.max_depth} layers, got {len(sizes) - 1}"
+    if max(sizes) > limits.max_width:
+        return f"the fused op supports widths up to {limits.max_width}, got {max(sizes)}"
+    if steps > limits.max_steps:
+        return f"the fused op supports up to {limits.max_steps} steps, got {steps}"
     return None
 
 
