@@ -5,6 +5,7 @@ plus the outer optimizer step) on the seed's workload and the MAML paper's.
 
 W1, the seed: 1-32-32-1 ReLU, L1, K=Q=4, S=5, T=1, SGD(1e-2), second order.
 W2, the MAML paper: 1-40-40-1 ReLU, MSE, K=Q=10, S=5, T=25, Adam(1e-3), second order.
+One thread, except the W2-paper-threads group (fused, one and two threads).
 """
 
 import math
@@ -51,4 +52,15 @@ def test_meta_iteration(benchmark, workload, backend):
     benchmark.extra_info.update(workload=workload, backend=backend)
     step = make_step(workload, backend)
     loss = benchmark(step)
+    assert math.isfinite(loss.item())
+
+
+@pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_threads(benchmark, threads):
+    # Tasks are spread over threads: W2 (T=25) with one and two threads, side by side.
+    torch.set_num_threads(threads)  # the autouse fixture restores the count afterwards
+    benchmark.group = "W2-paper-threads"
+    benchmark.extra_info.update(workload="W2-paper", backend="fused", threads=threads)
+    loss = benchmark(make_step("W2-paper", "fused"))
     assert math.isfinite(loss.item())
