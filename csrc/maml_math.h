@@ -69,7 +69,8 @@ inline PYMAML_HOST_DEVICE MlpShape make_shape(const int64_t* sizes, int depth) {
 // ---------------------------------------------------------------------------------------------
 // Hidden activations. Derivatives are written in terms of the activation's output a = sigma(z)
 // (that is all we store), matching PyTorch's backward formulas and its kink convention
-// ReLU'(0) = 0. Comparisons are written so that NaN propagates as in torch (relu(NaN) = NaN). `curv(d, a, ra)` is the second-order term D * sigma''(z) * Rz of the R-backward
+// ReLU'(0) = 0; comparisons are written so that NaN propagates as in torch (relu(NaN) = NaN).
+// `curv(d, a, ra)` is the second-order term D * sigma''(z) * Rz of the R-backward
 // (DESIGN.md §2), expressed with Ra = sigma'(z) * Rz: for tanh sigma'' = -2 a sigma'.
 template <Activation A>
 struct Act;

@@ -56,7 +56,7 @@ def demo(args) -> int:
     print(f"  post-adaptation query L1 on 200 held-out tasks, before: {held_out_loss():.4f}")
     opt = torch.optim.Adam([params], lr=1e-3)
     start = time.perf_counter()
-    for it in range(args.iterations):
+    for _ in range(args.iterations):
         opt.zero_grad()
         F.maml_loss(params, *seed_sine_batch(args.meta_batch, 4, g), backend=backend, **hyper).backward()
         opt.step()
@@ -89,18 +89,27 @@ def info(args) -> int:
     return 0
 
 
+def _count(minimum):
+    """argparse type: an int >= minimum, with an error that names the bound."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pymaml", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="a short meta-training run and a fused-vs-reference timing")
-    p_demo.add_argument("--iterations", type=int, default=1500)
-    p_demo.add_argument("--meta-batch", type=int, default=16)
+    p_demo.add_argument("--iterations", type=_count(0), default=1500)
+    p_demo.add_argument("--meta-batch", type=_count(1), default=16)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
     sub.add_parser("info", help="build facts").set_defaults(run=info)
     args = parser.parse_args(argv)
-    if getattr(args, "iterations", 1) < 0 or getattr(args, "meta_batch", 1) < 1:
-        parser.error("--iterations must be >= 0 and --meta-batch >= 1")
     return args.run(args)
 
 

@@ -7,7 +7,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ._layout import flatten, unflatten  # noqa: F401  (unflatten re-exported)
+from ._layout import flatten, unflatten
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
