@@ -1,92 +1,41 @@
 """The command line: `python -m pymaml <command>` (or the `pymaml` console script).
 
-    demo   meta-train the seed's sine task briefly with the fused op, and time the fused op
-           against the autograd reference on the same data
+    train  meta-train (with no options: the seed's experiment) and write the adapted-sine
+           figure, the loss curve, the model and a checkpoint
+    eval   the MAML paper's evaluation protocol on a saved model, as a table
+    plot   figures of a saved model adapted to several tasks
+    demo   a short run on the seed's task with the fused op and the autograd reference, timed
     info   build facts: version, whether the fused op and its CUDA kernels are compiled in
+
+Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
+files and runs); Ctrl-C during training writes the checkpoint and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import math
+import os
 import sys
-import time
 
 import torch
 
 from . import _ops
 from ._version import __version__
+from .evaluate import EVAL_SEED, evaluate
+from .model import MetaMLP
+from .tasks import FAMILIES
+from .trainer import ALGORITHMS, DTYPES, TrainingDiverged, train
 from . import functional as F
-
-SEED_SIZES = [1, 32, 32, 1]
-
-
-def seed_sine_batch(T, K, generator, dtype=torch.float32):
-    """The seed's task: y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi); support and query."""
-    b = torch.randint(0, 2, (T, 1, 1), generator=generator).to(dtype) * math.pi
-    x = (torch.rand(2, T, K, 1, generator=generator, dtype=dtype) * 4 - 2) * math.pi
-    y = torch.sin(x + b)
-    return x[0], y[0], x[1], y[1]
+from . import plots
 
 
-def _time_per_call(fn, repeats):
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage is a --help away."""
 
-
-def demo(args) -> int:
-    g = torch.Generator().manual_seed(args.seed)
-    hyper = dict(sizes=SEED_SIZES, inner_lr=3e-2, steps=5, activation="relu", loss="l1")
-    backend = "fused" if _ops.available() else "reference"
-    if backend == "reference":
-        print(f"note: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}; "
-              "running the reference backend")
-    params = F.init_params(SEED_SIZES, generator=g).requires_grad_()
-    held_out = seed_sine_batch(200, 4, torch.Generator().manual_seed(12345))
-
-    def held_out_loss():
-        with torch.no_grad():
-            return F.maml_loss(params, *held_out, backend=backend, **hyper).item()
-
-    print(f"pymaml {__version__}: MAML on the seed's sine task "
-          f"(1-32-32-1 ReLU, L1, K=4, 5 inner steps, meta-batch {args.meta_batch}, {backend} backend)")
-    print(f"  post-adaptation query L1 on 200 held-out tasks, before: {held_out_loss():.4f}")
-    opt = torch.optim.Adam([params], lr=1e-3)
-    start = time.perf_counter()
-    for _ in range(args.iterations):
-        opt.zero_grad()
-        F.maml_loss(params, *seed_sine_batch(args.meta_batch, 4, g), backend=backend, **hyper).backward()
-        opt.step()
-    elapsed = time.perf_counter() - start
-    print(f"  after {args.iterations} meta-iterations ({elapsed:.1f} s):  {held_out_loss():.4f}")
-
-    if backend == "fused":
-        batch = seed_sine_batch(args.meta_batch, 4, g)
-        p = params.detach().clone().requires_grad_()
-
-        def step(which):
-            return lambda: F.maml_loss(p, *batch, backend=which, **hyper).backward()
-
-        fused = _time_per_call(step("fused"), 200)
-        ref = _time_per_call(step("reference"), 20)
-        print(f"  one meta-gradient, meta-batch {args.meta_batch}: fused {fused * 1e3:.3f} ms, "
-              f"reference {ref * 1e3:.3f} ms ({ref / fused:.0f}x); "
-              f"see benchmarks/ for the measured suite")
-    return 0
-
-
-def info(args) -> int:
-    print(f"pymaml {__version__}")
-    print(f"torch {torch.__version__} (CUDA: {torch.version.cuda})")
-    print(f"fused op compiled: {_ops.available()}")
-    if not _ops.available():
-        print(f"  why not: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}")
-    print(f"CUDA kernels compiled: {_ops.cuda_compiled()}")
-    print(f"threads: {torch.get_num_threads()}")
-    return 0
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _count(minimum):
@@ -100,17 +49,237 @@ def _count(minimum):
     return parse
 
 
+def _int_list(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,40,40,1, got {text!r}") from None
+    return values
+
+
+def _optimizer(text):
+    if text.lower() in ("sgd", "adam"):
+        return text.lower()
+    cls = getattr(torch.optim, text, None)
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+        return cls
+    raise argparse.ArgumentTypeError(f"expected sgd, adam or a torch.optim class name such as "
+                                     f"AdamW or RMSprop, got {text!r}")
+
+
+def _key_value(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as momentum=0.9, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a plain string
+
+
+def _outputs(args):
+    if args.out:
+        prefix = args.out
+    elif args.task == "seed-sine":
+        prefix = f"{args.algorithm}-sine"  # the seed's figure is maml-sine.png
+    else:
+        prefix = f"{args.algorithm}-{args.task}-{args.shots or FAMILIES[args.task]().shots}shot"
+    return dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
+                checkpoint=args.checkpoint or prefix + ".ckpt")
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = _outputs(args)
+    if os.path.exists(out["model"]) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
+                              "--overwrite to replace it, or --out to choose another name")
+    init = args.init if args.init in ("seed", "torch") else MetaMLP.load(args.init)
+    result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
+                   activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
+                   inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
+                   iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
+                   optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
+                   queries=args.queries, init=init, backend=args.backend, device=args.device,
+                   dtype=DTYPES[args.dtype], seed=args.seed, log_every=args.log_every,
+                   progress=args.progress, checkpoint=out["checkpoint"],
+                   checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   overwrite=args.overwrite)
+    if result.status == "interrupted":
+        print(f"stopped at iteration {result.iterations}; continue with the same command and "
+              f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
+        return 130
+    model = result.model
+    model.save(out["model"])
+    print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
+          f"{result.config['backend']} backend, {torch.get_num_threads()} thread(s)); "
+          f"training took {result.wall_time:.1f} s")
+    tail = result.losses[-max(1, result.iterations // 100):]
+    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
+    print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
+    if not args.no_plots:
+        # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
+        ids = [[math.pi]] if args.task == "seed-sine" else None
+        (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task, shots=args.shots,
+                                       task_ids=ids, seed=args.seed)
+        plots.plot_losses(result.losses, out["loss_figure"],
+                          title=f"{result.config['algorithm']} on {args.task}")
+        what = "a phase-pi task" if ids else "a random task"
+        print(f"{out['figure']}: adapted on {model.info['shots'] or '?'} points of {what}, "
+              f"mean absolute error {mae:.4f} on a 100-point grid;  {out['loss_figure']}: the loss curve")
+    print(f"evaluate with: python -m pymaml eval {out['model']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MetaMLP.load(args.model)
+    task = args.task or model.info.get("task") or "sine"
+    result = evaluate(model, task, shots=args.shots, steps=args.steps, num_tasks=args.tasks,
+                      inner_lr=args.inner_lr, seed=args.seed, backend=args.backend)
+    print(f"{args.model}: {model.extra_repr()}")
+    print(result.table())
+    return 0
+
+
+def cmd_plot(args) -> int:
+    model = MetaMLP.load(args.model)
+    task = args.task or model.info.get("task") or "sine"
+    path = args.out or os.path.splitext(args.model)[0] + "-tasks.png"
+    maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
+                                 num_tasks=args.tasks, steps=args.steps, seed=args.seed)
+    print(f"{path}: {len(maes)} tasks, mean absolute error on a 100-point grid: "
+          + ", ".join(f"{m:.3f}" for m in maes))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    fused = _ops.available()
+    if not fused:
+        print(f"note: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}; "
+              "running the reference backend only")
+    settings = dict(meta_batch_size=args.meta_batch_size, optimizer="adam", outer_lr=1e-3,
+                    progress=False, log_every=0, seed=args.seed)
+    print(f"pymaml {__version__}: MAML on the seed's sine task (1-32-32-1 ReLU, L1, K=4, "
+          f"5 inner steps, meta-batch {args.meta_batch_size}, Adam 1e-3)")
+    result = train(iterations=args.iterations, backend="fused" if fused else "reference", **settings)
+    held_out = evaluate(result.model, "seed-sine", steps=[5], num_tasks=200)
+    print(f"  {args.iterations} meta-iterations in {result.wall_time:.1f} s; meta-loss "
+          f"{result.losses[:100].mean().item():.3f} (first 100) -> "
+          f"{result.losses[-100:].mean().item():.3f} (last 100); held-out MSE after 5 steps "
+          f"{held_out.mse[0]:.3f}")
+    if fused:
+        n = 100
+        times = {b: train(iterations=n, backend=b, **settings).wall_time / n
+                 for b in ("fused", "reference")}
+        print(f"  one meta-iteration: fused {times['fused'] * 1e3:.3f} ms, reference "
+              f"{times['reference'] * 1e3:.3f} ms ({times['reference'] / times['fused']:.0f}x); "
+              "see benchmarks/ for the measured suite")
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(f"pymaml {__version__}")
+    print(f"torch {torch.__version__} (CUDA: {torch.version.cuda})")
+    print(f"fused op compiled: {_ops.available()}")
+    if not _ops.available():
+        print(f"  why not: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}")
+    print(f"CUDA kernels compiled: {_ops.cuda_compiled()}")
+    print(f"threads: {torch.get_num_threads()}")
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pymaml", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="meta-train; with no options, the seed's experiment",
+                       description="Meta-trains an MLP (pymaml.train); the defaults are the seed's "
+                                   "experiment. Writes PREFIX.png (the model adapted to a task), "
+                                   "PREFIX-loss.png, PREFIX.pt (the model) and PREFIX.ckpt.")
+    t.add_argument("--task", choices=list(FAMILIES), default="seed-sine")
+    t.add_argument("--shots", type=_count(1), help="support points per task (default: the task's)")
+    t.add_argument("--queries", type=_count(1), help="query points per task (default: = shots)")
+    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
+    t.add_argument("--activation", choices=F.ACTIVATIONS, default="relu")
+    t.add_argument("--loss", choices=F.LOSSES, default="l1")
+    t.add_argument("--inner-steps", type=_count(0), default=5)
+    t.add_argument("--inner-lr", type=float, default=3e-2)
+    t.add_argument("--meta-batch-size", type=_count(1), default=1)
+    t.add_argument("--iterations", type=_count(0), default=275_000)
+    t.add_argument("--optimizer", type=_optimizer, default="sgd",
+                   help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...)")
+    t.add_argument("--outer-lr", type=float, default=1e-2)
+    t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
+    t.add_argument("--init", default="seed", help="seed, torch, or a saved model to start from")
+    t.add_argument("--backend", choices=F.BACKENDS, default="auto")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
+    t.add_argument("--log-every", type=_count(0), help="a log line every N iterations (0: none)")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="the progress bar (default: on when stderr is a terminal)")
+    t.add_argument("--out", metavar="PREFIX", help="output name prefix (default: maml-sine for the seed's task)")
+    t.add_argument("--checkpoint", help="checkpoint path (default: PREFIX.ckpt)")
+    t.add_argument("--checkpoint-every", type=_count(1), default=10_000)
+    t.add_argument("--resume", action="store_true", help="continue the run in the checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start afresh over an existing checkpoint and model")
+    t.add_argument("--no-plots", action="store_true", help="skip the figures")
+    t.set_defaults(run=cmd_train)
+
+    e = sub.add_parser("eval", help="the MAML paper's evaluation protocol on a saved model")
+    e.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
+    e.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
+    e.add_argument("--shots", type=_count(1), help="support = held-out points per task (default: the task's)")
+    e.add_argument("--steps", type=_int_list, default=[1, 5, 10], help="adaptation steps, e.g. 0,1,5,10")
+    e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
+    e.add_argument("--inner-lr", type=float, help="default: the model's")
+    e.add_argument("--seed", type=int, default=EVAL_SEED)
+    e.add_argument("--backend", choices=F.BACKENDS, default="auto")
+    e.add_argument("--threads", type=_count(1))
+    e.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("plot", help="figures of a saved model adapted to several tasks")
+    p.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
+    p.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
+    p.add_argument("--shots", type=_count(1))
+    p.add_argument("--tasks", type=_count(1), default=6, help="how many tasks to draw")
+    p.add_argument("--steps", type=_count(0), help="adaptation steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="figure path (default: MODEL-tasks.png)")
+    p.set_defaults(run=cmd_plot)
+
+    d = sub.add_parser("demo", help="a short run on the seed's task, fused vs reference timing")
+    d.add_argument("--iterations", type=_count(1), default=1500)
+    d.add_argument("--meta-batch-size", type=_count(1), default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=cmd_demo)
+
+    sub.add_parser("info", help="build facts").set_defaults(run=cmd_info)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pymaml", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="a short meta-training run and a fused-vs-reference timing")
-    p_demo.add_argument("--iterations", type=_count(0), default=1500)
-    p_demo.add_argument("--meta-batch", type=_count(1), default=16)
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.set_defaults(run=demo)
-    sub.add_parser("info", help="build facts").set_defaults(run=info)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        # TrainingDiverged, missing or foreign files, bad settings: one line, no traceback.
+        kind = "stopped" if isinstance(exc, TrainingDiverged) else "error"
+        print(f"pymaml {args.command}: {kind}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pymaml {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

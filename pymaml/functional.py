@@ -155,9 +155,11 @@ def _choose_backend(backend, params, sizes, steps, data) -> str:
 # ---- public API -----------------------------------------------------------------------------
 
 def init_params(sizes, *, generator: Optional[torch.Generator] = None,
-                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, device=None,
+                zero_bias: bool = False) -> torch.Tensor:
     """A flat [P] parameter vector with nn.Linear's default initialisation: W and b uniform in
-    ±1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) for W)."""
+    ±1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) for W). zero_bias=True gives the seed's
+    initialisation instead: the same W, biases zero."""
     sizes = _check_sizes(sizes)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -166,7 +168,10 @@ def init_params(sizes, *, generator: Optional[torch.Generator] = None,
         bound = 1.0 / math.sqrt(W.shape[1])
         with torch.no_grad():
             W.uniform_(-bound, bound, generator=generator)
-            b.uniform_(-bound, bound, generator=generator)
+            if zero_bias:
+                b.zero_()
+            else:
+                b.uniform_(-bound, bound, generator=generator)
     return params
 
 

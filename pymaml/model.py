@@ -1,0 +1,161 @@
+"""MetaMLP: a meta-learned MLP and its test-time adaptation, a thin object over the
+functional API. It holds the flat parameters, the architecture and the adaptation settings it
+was meta-trained with (loss, inner learning rate, inner steps), so `model.adapt(x, y)` does
+what training did to each task."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import _io
+from . import functional as F
+from . import nn as _pnn
+from ._version import __version__
+
+__all__ = ["MetaMLP", "load"]
+
+INITS = ("seed", "torch")
+
+
+class MetaMLP(nn.Module):
+    """An MLP with layer sizes [n_in, hidden..., n_out], one activation between layers and a
+    linear output, stored as one flat parameter tensor `params` [P] (pymaml's layout).
+
+    Args:
+        sizes: layer widths, e.g. [1, 40, 40, 1].
+        activation: "relu" or "tanh".
+        params: initial parameters [P] (copied); or None to initialise with `init`.
+        loss, inner_lr, inner_steps: how `adapt` fits a task (the meta-training settings).
+        init: "torch" (nn.Linear's default) or "seed" (the same weights, zero biases).
+        info: plain metadata saved with the model (the trainer records the task, algorithm...).
+
+    A model adapted to several tasks at once holds per-task parameters [T, P] and is called
+    with x [T, N, n_in].
+    """
+
+    def __init__(self, sizes, activation: str = "relu", *, params: Optional[torch.Tensor] = None,
+                 loss: str = "mse", inner_lr: float = 0.01, inner_steps: int = 1,
+                 init: str = "torch", generator: Optional[torch.Generator] = None,
+                 dtype: torch.dtype = torch.float32, device=None,
+                 info: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.sizes = F._check_sizes(sizes)
+        self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
+        self.loss = F._check_choice("loss", loss, F.LOSSES)
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real):
+            raise TypeError(f"inner_lr must be a real number, got {inner_lr!r}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.info = dict(info or {})
+        if params is None:
+            F._check_choice("init", init, INITS)
+            params = F.init_params(self.sizes, generator=generator, dtype=dtype, device=device,
+                                   zero_bias=init == "seed")
+        else:
+            F._check_params(params, self.sizes, allow_batched=True)
+            params = params.detach().clone()
+        self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
+
+    # ---- use ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions: x [..., n_in] -> [..., n_out] (x [T, N, n_in] for an adapted batch)."""
+        return F.mlp_forward(self.params, x, sizes=self.sizes, activation=self.activation)
+
+    @property
+    def num_tasks(self) -> Optional[int]:
+        """T for a model adapted to T tasks at once ([T, P] parameters), else None."""
+        return self.params.shape[0] if self.params.dim() == 2 else None
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
+              inner_lr: Optional[float] = None, backend: str = "auto") -> "MetaMLP":
+        """Test-time adaptation: a new model after `steps` SGD steps (default: the training
+        setting) on the examples x [K, n_in], y [K, n_out]; or, for x [T, K, n_in], a model
+        holding T adapted parameter sets. The result is detached from this model; for
+        gradients through adaptation use pymaml.functional.adapt."""
+        if self.num_tasks is not None:
+            raise ValueError("this model is already adapted to several tasks; adapt the model "
+                             "it came from")
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be [K, features] or [T, K, features], got {got}")
+        if x.dim() != y.dim():
+            raise ValueError(f"x and y must both be [K, features] or both [T, K, features], got "
+                             f"{list(x.shape)} and {list(y.shape)}")
+        single = x.dim() == 2
+        xs, ys = (x.unsqueeze(0), y.unsqueeze(0)) if single else (x, y)
+        with torch.no_grad():
+            adapted = F.adapt(self.params.detach(), xs, ys, sizes=self.sizes,
+                              inner_lr=self.inner_lr if inner_lr is None else inner_lr,
+                              steps=self.inner_steps if steps is None else steps,
+                              activation=self.activation, loss=self.loss, backend=backend)
+        return self._like(adapted[0] if single else adapted)
+
+    def _like(self, params: torch.Tensor) -> "MetaMLP":
+        return MetaMLP(self.sizes, self.activation, params=params, loss=self.loss,
+                       inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=self.info)
+
+    # ---- conversion -----------------------------------------------------------------------------
+
+    def to_sequential(self) -> nn.Sequential:
+        """An nn.Sequential of Linear and activation layers holding a copy of the parameters."""
+        if self.num_tasks is not None:
+            raise ValueError("a model adapted to several tasks has no single nn.Sequential")
+        return _pnn.to_sequential(self.params.detach(), self.sizes, self.activation)
+
+    @classmethod
+    def from_sequential(cls, model: nn.Sequential, **kwargs) -> "MetaMLP":
+        """A MetaMLP with a copy of an nn.Sequential's weights (Linear and ReLU/Tanh layers);
+        kwargs are MetaMLP's adaptation settings (loss, inner_lr, inner_steps, info)."""
+        params, sizes, activation = _pnn.from_sequential(model)
+        return cls(sizes, activation, params=params, **kwargs)
+
+    # ---- files ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The model as plain tensors and values (what `save` writes)."""
+        return dict(format=_io.MODEL_FORMAT, format_version=1, pymaml_version=__version__,
+                    sizes=list(self.sizes), activation=self.activation, loss=self.loss,
+                    inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=dict(self.info),
+                    params=self.params.detach().cpu().clone())
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], *, device=None) -> "MetaMLP":
+        try:
+            return cls(d["sizes"], d["activation"], params=d["params"].to(device), loss=d["loss"],
+                       inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"))
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid pymaml model record ({type(exc).__name__}: {exc})") from None
+
+    def save(self, path) -> None:
+        """Writes the model atomically with torch.save: plain tensors and metadata only, so
+        torch.load(path, weights_only=True) reads it."""
+        _io.atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path, *, device=None) -> "MetaMLP":
+        """A model saved by `save`, or the model inside a training checkpoint."""
+        d = _io.load_file(path)
+        record = d["model"] if d["format"] == _io.CHECKPOINT_FORMAT else d
+        try:
+            return cls.from_dict(record, device=device)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def extra_repr(self) -> str:
+        batch = f", tasks={self.num_tasks}" if self.num_tasks is not None else ""
+        return (f"sizes={self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
+                f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}, "
+                f"dtype={self.params.dtype}{batch}")
+
+
+def load(path, *, device=None) -> MetaMLP:
+    """pymaml.load(path): a model saved with MetaMLP.save, or the model in a checkpoint."""
+    return MetaMLP.load(path, device=device)

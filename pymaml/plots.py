@@ -1,0 +1,112 @@
+"""Figures (matplotlib, Agg backend, written to files): a meta-trained model adapted to a few
+examples of a task, drawn as in the seed's maml-sine.png (the true curve, the network after
+adapting, the examples as dots), and the meta-loss curve of a training run."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import tasks as _tasks
+from .model import MetaMLP
+
+__all__ = ["plot_adaptation", "plot_losses"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("figures need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, num_tasks: int = 1,
+                    shots: Optional[int] = None, steps: Optional[int] = None, seed: int = 0,
+                    grid_points: int = 100) -> List[float]:
+    """Adapts `model` on `shots` random examples of each task and draws, per task, the true
+    curve, the adapted network and the examples (one panel per task; with one task the figure
+    is the seed's). Tasks are `task_ids` ([n, D] as the family's sample_tasks gives, e.g.
+    [[math.pi]] for the seed's phase-pi task) or `num_tasks` drawn with `seed`.
+
+    Returns, per task, the adapted network's mean absolute error on `grid_points` evenly
+    spaced inputs over the task's input range."""
+    family = _tasks.get_family(task, shots=shots)
+    if not isinstance(family, _tasks.FunctionTasks):
+        raise ValueError("figures need a task family with a known target function "
+                         "(seed-sine, sine, or a pymaml.tasks.FunctionTasks subclass)")
+    g = torch.Generator().manual_seed(seed)
+    ids = family.sample_tasks(num_tasks, g) if task_ids is None else torch.as_tensor(task_ids, dtype=torch.float64)
+    if ids.dim() != 2:
+        raise ValueError(f"task_ids must be [tasks, D], got shape {list(ids.shape)}")
+    n = ids.shape[0]
+    dtype, device = model.params.dtype, model.params.device
+    x = family.inputs(n, family.shots, g)
+    y = family.target(ids, x)
+    adapted = model.adapt(x.to(device, dtype), y.to(device, dtype), steps=steps)
+    steps = model.inner_steps if steps is None else steps
+
+    def on(xs):  # true and adapted curves of every task on inputs xs [N, 1]
+        xs = xs.expand(n, -1, 1)
+        with torch.no_grad():
+            pred = adapted(xs.to(device, dtype)).double().cpu()
+        return xs, family.target(ids, xs), pred
+
+    _, truth, pred = on(family.grid(grid_points))
+    maes = (pred - truth).abs().mean(dim=(1, 2)).tolist()
+
+    plt = _pyplot()
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols if n == 1 else 4.8 * cols, 4.8 if n == 1 else 3.6 * rows),
+                             squeeze=False)
+    dense_x, dense_y, dense_pred = on(family.grid(1000))
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.plot(dense_x[i, :, 0], dense_y[i, :, 0], label="true function")
+        ax.plot(dense_x[i, :, 0], dense_pred[i, :, 0],
+                label=f"net(x) after {steps} step{'s' if steps != 1 else ''}")
+        ax.plot(x[i, :, 0], y[i, :, 0], "o", label=f"{family.shots} examples")
+        if n > 1:
+            ax.set_title(f"task {i + 1}: MAE {maes[i]:.3f}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=9)
+    if n == 1:
+        axes[0][0].set_title(f"{family.name}: adapted on {family.shots} examples "
+                             f"(MAE {maes[0]:.3f} on {grid_points} grid points)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return maes
+
+
+def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss") -> None:
+    """The meta-loss per iteration (faint) and its moving average over ~1/100 of the run."""
+    losses = torch.as_tensor(losses, dtype=torch.float64).flatten()
+    if losses.numel() == 0:
+        raise ValueError("there is no loss history to plot (0 iterations)")
+    plt = _pyplot()
+    n = losses.numel()
+    window = max(1, n // 100)
+    smooth = torch.nn.functional.avg_pool1d(losses[None, None], window, stride=1)[0, 0]
+    it = torch.arange(1, n + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(it, losses, alpha=0.25, linewidth=0.5, label="meta-loss per iteration")
+    ax.plot(it[window - 1:], smooth, linewidth=1.5, label=f"moving average ({window} iterations)")
+    if (losses > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("post-adaptation query loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""Task families: each samples a whole meta-batch of regression tasks in one vectorised call.
+
+A family's `sample(T, generator=..., dtype=..., device=...)` returns a TaskBatch of support
+and query tensors x [T, K, n_in], y [T, K, n_out]. Randomness comes only from the
+torch.Generator passed in (always a CPU generator, so that a run's sampler state is one
+tensor a checkpoint can hold, and the same seed gives the same tasks on every device and
+dtype: draws are made in float64 on the CPU, then cast and moved).
+
+- "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
+- "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
+- a user's: any TaskFamily subclass, or a callable `fn(T, generator) -> (xs, ys, xq, yq)`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+__all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
+           "FAMILIES", "get_family"]
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch: support x [T, K, n_in], y [T, K, n_out]; query x [T, Q, n_in], y [T, Q, n_out]."""
+    x_support: torch.Tensor
+    y_support: torch.Tensor
+    x_query: torch.Tensor
+    y_query: torch.Tensor
+
+
+def _check_count(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class TaskFamily:
+    """A distribution over tasks. Subclasses implement `sample`; `n_in` / `n_out` are the
+    feature counts of x and y (None when the family cannot say before sampling)."""
+
+    name = "custom"
+    n_in: Optional[int] = None
+    n_out: Optional[int] = None
+
+    def sample(self, T: int, *, generator: torch.Generator, dtype=torch.float32,
+               device=None) -> TaskBatch:
+        raise NotImplementedError
+
+
+class FunctionTasks(TaskFamily):
+    """Tasks y = f(x; task) on 1-D inputs drawn uniformly from [x_low, x_high], support and
+    query points drawn independently. Subclasses give `x_low`, `x_high`, `sample_tasks` and
+    `target`; evaluation also uses `target` on a dense grid over the input range."""
+
+    n_in = 1
+    n_out = 1
+    x_low: float
+    x_high: float
+
+    def __init__(self, shots: int, queries: Optional[int] = None):
+        self.shots = _check_count("shots", shots)
+        self.queries = self.shots if queries is None else _check_count("queries", queries)
+
+    def sample_tasks(self, T: int, generator: torch.Generator) -> torch.Tensor:
+        """[T, D] float64: what identifies each task (amplitude, phase, ...)."""
+        raise NotImplementedError
+
+    def target(self, tasks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [T, N, 1] of tasks [T, D] at x [T, N, 1] (any float dtype)."""
+        raise NotImplementedError
+
+    def inputs(self, T: int, N: int, generator: torch.Generator) -> torch.Tensor:
+        """x [T, N, 1] float64, uniform over the input range."""
+        u = torch.rand(T, N, 1, generator=generator, dtype=torch.float64)
+        return self.x_low + (self.x_high - self.x_low) * u
+
+    def grid(self, N: int) -> torch.Tensor:
+        """[N, 1] float64: N evenly spaced inputs over the input range, both ends included."""
+        return torch.linspace(self.x_low, self.x_high, N, dtype=torch.float64).unsqueeze(1)
+
+    def draw(self, T: int, generator: torch.Generator):
+        """(tasks [T, D], x [T, K + Q, 1], y [T, K + Q, 1]), all float64 on the CPU: the draws
+        behind `sample`, for callers that also need each task's identity."""
+        T = _check_count("T", T)
+        tasks = self.sample_tasks(T, generator)
+        x = self.inputs(T, self.shots + self.queries, generator)
+        return tasks, x, self.target(tasks, x)
+
+    def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
+        _, x, y = self.draw(T, generator)
+        cast = lambda t: t.to(device=device, dtype=dtype)
+        K = self.shots
+        return TaskBatch(cast(x[:, :K]), cast(y[:, :K]), cast(x[:, K:]), cast(y[:, K:]))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(shots={self.shots}, queries={self.queries})"
+
+
+class SeedSine(FunctionTasks):
+    """The seed's task: y = sin(x + b), b = 0 or pi with equal probability, x ~ U(-2pi, 2pi)."""
+
+    name = "seed-sine"
+    x_low, x_high = -2 * math.pi, 2 * math.pi
+
+    def __init__(self, shots: int = 4, queries: Optional[int] = None):
+        super().__init__(shots, queries)
+
+    def sample_tasks(self, T, generator):
+        return torch.randint(0, 2, (T, 1), generator=generator).to(torch.float64) * math.pi
+
+    def target(self, tasks, x):
+        b = tasks[:, None, 0:1].to(x.dtype)
+        return torch.sin(x + b)
+
+
+class Sine(FunctionTasks):
+    """The MAML paper's task: y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5)."""
+
+    name = "sine"
+    x_low, x_high = -5.0, 5.0
+
+    def __init__(self, shots: int = 10, queries: Optional[int] = None):
+        super().__init__(shots, queries)
+
+    def sample_tasks(self, T, generator):
+        u = torch.rand(T, 2, generator=generator, dtype=torch.float64)
+        amplitude = 0.1 + 4.9 * u[:, 0]
+        phase = math.pi * u[:, 1]
+        return torch.stack([amplitude, phase], dim=1)
+
+    def target(self, tasks, x):
+        amplitude = tasks[:, None, 0:1].to(x.dtype)
+        phase = tasks[:, None, 1:2].to(x.dtype)
+        return amplitude * torch.sin(x - phase)
+
+
+class CallableTasks(TaskFamily):
+    """Wraps a user's sampler `fn(T, generator) -> (xs, ys, xq, yq)` (any float dtype, any
+    device: the result is cast and moved), checking what it returns."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None):
+        if not callable(fn):
+            raise TypeError(f"task must be a task name, a TaskFamily or a callable, got {fn!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "custom")
+
+    def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
+        T = _check_count("T", T)
+        out = self.fn(T, generator)
+        where = f"task {self.name!r} (a callable fn(T, generator))"
+        if not isinstance(out, (tuple, list)) or len(out) != 4:
+            raise ValueError(f"{where} must return (x_support, y_support, x_query, y_query), "
+                             f"got {type(out).__name__}")
+        for field, t in zip(TaskBatch._fields, out):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != T:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{where} must return {field} as a tensor [T={T}, points, "
+                                 f"features], got {got}")
+        return TaskBatch(*(t.to(device=device, dtype=dtype) for t in out))
+
+    def __repr__(self):
+        return f"CallableTasks({self.name})"
+
+
+FAMILIES = {SeedSine.name: SeedSine, Sine.name: Sine}
+
+
+def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = None) -> TaskFamily:
+    """A TaskFamily from a name in FAMILIES (with optional shots / queries), a TaskFamily
+    (returned as is), or a callable sampler."""
+    if isinstance(task, str):
+        if task not in FAMILIES:
+            raise ValueError(f"task must be one of {', '.join(map(repr, FAMILIES))}, a "
+                             f"TaskFamily or a callable; got {task!r}")
+        kwargs = {k: v for k, v in (("shots", shots), ("queries", queries)) if v is not None}
+        return FAMILIES[task](**kwargs)
+    if shots is not None or queries is not None:
+        raise ValueError("shots and queries apply to the named task families only; set them "
+                         "on your own TaskFamily or sampler")
+    if isinstance(task, TaskFamily):
+        return task
+    return CallableTasks(task)
