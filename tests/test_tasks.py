@@ -1,0 +1,94 @@
+"""Task families: shapes, the distributions they promise, determinism under a seed, user tasks."""
+
+import math
+
+import pytest
+import torch
+
+from pymaml import tasks
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_seed_sine_statistics():
+    fam = tasks.get_family("seed-sine")
+    b = fam.sample(4000, generator=gen())
+    assert [list(t.shape) for t in b] == [[4000, 4, 1]] * 4
+    x = torch.cat([b.x_support, b.x_query], 1)
+    y = torch.cat([b.y_support, b.y_query], 1)
+    assert x.min() >= -2 * math.pi and x.max() <= 2 * math.pi
+    assert abs(x.mean().item()) < 0.1 and abs(x.var().item() - (4 * math.pi) ** 2 / 12) < 0.5
+    # b in {0, pi}: every task is sin(x) or -sin(x) on all its 8 points, half of each
+    sign = torch.sign((y * torch.sin(x)).sum(dim=(1, 2)))
+    torch.testing.assert_close(y, sign[:, None, None] * torch.sin(x), atol=1e-6, rtol=0)
+    assert abs((sign < 0).float().mean().item() - 0.5) < 0.04
+
+
+def test_sine_statistics():
+    fam = tasks.get_family("sine", shots=5)
+    ids, x, y = fam.draw(5000, gen(1))
+    assert ids.shape == (5000, 2) and x.shape == (5000, 10, 1) == y.shape
+    amplitude, phase = ids[:, 0], ids[:, 1]
+    assert amplitude.min() >= 0.1 and amplitude.max() <= 5.0 and abs(amplitude.mean().item() - 2.55) < 0.08
+    assert phase.min() >= 0 and phase.max() <= math.pi and abs(phase.mean().item() - math.pi / 2) < 0.05
+    assert x.min() >= -5 and x.max() <= 5 and abs(x.mean().item()) < 0.05
+    torch.testing.assert_close(y, amplitude[:, None, None] * torch.sin(x - phase[:, None, None]))
+    b = fam.sample(3, generator=gen(1))
+    assert [t.shape[1] for t in b] == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("shots,queries", [(5, None), (10, None), (20, 7)])
+def test_sine_sizes(shots, queries):
+    b = tasks.get_family("sine", shots=shots, queries=queries).sample(6, generator=gen())
+    q = shots if queries is None else queries
+    assert [tuple(t.shape) for t in b] == [(6, shots, 1)] * 2 + [(6, q, 1)] * 2
+
+
+@pytest.mark.parametrize("name", ["seed-sine", "sine"])
+def test_deterministic_under_a_seed(name):
+    fam = tasks.get_family(name)
+    a = fam.sample(8, generator=gen(3))
+    again = fam.sample(8, generator=gen(3))
+    other = fam.sample(8, generator=gen(4))
+    assert all(torch.equal(s, t) for s, t in zip(a, again))
+    assert not torch.equal(a.x_support, other.x_support)
+    # the same draws for every dtype: made in float64, then cast
+    wide = fam.sample(8, generator=gen(3), dtype=torch.float64)
+    assert wide.x_query.dtype == torch.float64
+    assert all(torch.equal(s, t.float()) for s, t in zip(a, wide))
+    # consecutive samples differ (the generator advances)
+    g = gen(5)
+    assert not torch.equal(fam.sample(2, generator=g).x_support, fam.sample(2, generator=g).x_support)
+
+
+def test_user_task_callable():
+    def line(T, generator):
+        slope = torch.randn(T, 1, 1, generator=generator, dtype=torch.float64)
+        x = torch.rand(T, 6, 2, generator=generator, dtype=torch.float64)
+        y = slope * x.sum(-1, keepdim=True)
+        return x[:, :3], y[:, :3], x[:, 3:], y[:, 3:]
+
+    fam = tasks.get_family(line)
+    assert fam.name == "line"
+    b = fam.sample(4, generator=gen(), dtype=torch.float32)
+    assert b.x_support.shape == (4, 3, 2) and b.y_query.shape == (4, 3, 1)
+    assert b.x_support.dtype == torch.float32
+
+
+def test_user_task_errors():
+    with pytest.raises(ValueError, match="must return \\(x_support"):
+        tasks.get_family(lambda T, g: torch.zeros(T, 1, 1)).sample(2, generator=gen())
+    with pytest.raises(ValueError, match="y_query as a tensor \\[T=2"):
+        tasks.get_family(lambda T, g: (torch.zeros(T, 1, 1),) * 3 + (torch.zeros(1, 1, 1),)).sample(2, generator=gen())
+    with pytest.raises(ValueError, match="task must be one of"):
+        tasks.get_family("cosine")
+    with pytest.raises(TypeError, match="task must be"):
+        tasks.get_family(42)
+    with pytest.raises(ValueError, match="shots must be an int >= 1"):
+        tasks.get_family("sine", shots=0)
+    with pytest.raises(ValueError, match="named task families only"):
+        tasks.get_family(tasks.Sine(), shots=5)
+    with pytest.raises(ValueError, match="T must be"):
+        tasks.Sine().sample(0, generator=gen())
