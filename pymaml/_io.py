@@ -6,7 +6,6 @@ save leaves the previous file whole."""
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from typing import Any, Dict
 
@@ -22,6 +21,10 @@ def atomic_save(obj: Dict[str, Any], path) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -40,7 +43,7 @@ def load_file(path, map_location="cpu") -> Dict[str, Any]:
         raise FileNotFoundError(f"no such file: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # a foreign file can make the unpickler raise almost anything
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path} is not a readable pymaml file ({first_line})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):

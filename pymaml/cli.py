@@ -38,6 +38,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _count(minimum):
     """argparse type: an int >= minimum, with an error that names the bound."""
     def parse(text):
@@ -117,7 +128,7 @@ def cmd_train(args) -> int:
     print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
           f"{result.config['backend']} backend, {torch.get_num_threads()} thread(s)); "
           f"training took {result.wall_time:.1f} s")
-    tail = result.losses[-max(1, result.iterations // 100):]
+    tail = result.losses[-max(100, result.iterations // 100):]
     print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
     print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
     if not args.no_plots:
@@ -199,62 +210,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pymaml", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="meta-train; with no options, the seed's experiment",
+    defaults = dict(formatter_class=_Help)
+    t = sub.add_parser("train", help="meta-train; with no options, the seed's experiment", **defaults,
                        description="Meta-trains an MLP (pymaml.train); the defaults are the seed's "
                                    "experiment. Writes PREFIX.png (the model adapted to a task), "
                                    "PREFIX-loss.png, PREFIX.pt (the model) and PREFIX.ckpt.")
-    t.add_argument("--task", choices=list(FAMILIES), default="seed-sine")
+    t.add_argument("--task", choices=list(FAMILIES), default="seed-sine", help="task family")
     t.add_argument("--shots", type=_count(1), help="support points per task (default: the task's)")
     t.add_argument("--queries", type=_count(1), help="query points per task (default: = shots)")
-    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml", help="meta-learning algorithm")
     t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
-    t.add_argument("--activation", choices=F.ACTIVATIONS, default="relu")
-    t.add_argument("--loss", choices=F.LOSSES, default="l1")
-    t.add_argument("--inner-steps", type=_count(0), default=5)
-    t.add_argument("--inner-lr", type=float, default=3e-2)
-    t.add_argument("--meta-batch-size", type=_count(1), default=1)
-    t.add_argument("--iterations", type=_count(0), default=275_000)
+    t.add_argument("--activation", choices=F.ACTIVATIONS, default="relu", help="hidden activation")
+    t.add_argument("--loss", choices=F.LOSSES, default="l1", help="inner and query loss")
+    t.add_argument("--inner-steps", type=_count(0), default=5, help="SGD steps per task")
+    t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
+    t.add_argument("--meta-batch-size", type=_count(1), default=1, help="tasks per meta-iteration")
+    t.add_argument("--iterations", type=_count(0), default=275_000, help="meta-iterations")
     t.add_argument("--optimizer", type=_optimizer, default="sgd",
                    help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...)")
-    t.add_argument("--outer-lr", type=float, default=1e-2)
+    t.add_argument("--outer-lr", type=float, default=1e-2, help="outer optimizer learning rate")
     t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
     t.add_argument("--init", default="seed", help="seed, torch, or a saved model to start from")
-    t.add_argument("--backend", choices=F.BACKENDS, default="auto")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backend", choices=F.BACKENDS, default="auto", help="fused C++ op or autograd reference")
+    t.add_argument("--device", default="cpu", help="torch device")
+    t.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter and data dtype")
+    t.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the tasks")
     t.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
     t.add_argument("--log-every", type=_count(0), help="a log line every N iterations (0: none)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar (default: on when stderr is a terminal)")
     t.add_argument("--out", metavar="PREFIX", help="output name prefix (default: maml-sine for the seed's task)")
     t.add_argument("--checkpoint", help="checkpoint path (default: PREFIX.ckpt)")
-    t.add_argument("--checkpoint-every", type=_count(1), default=10_000)
+    t.add_argument("--checkpoint-every", type=_count(1), default=10_000, help="iterations between checkpoints")
     t.add_argument("--resume", action="store_true", help="continue the run in the checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh over an existing checkpoint and model")
     t.add_argument("--no-plots", action="store_true", help="skip the figures")
     t.set_defaults(run=cmd_train)
 
-    e = sub.add_parser("eval", help="the MAML paper's evaluation protocol on a saved model")
+    e = sub.add_parser("eval", help="the MAML paper's evaluation protocol on a saved model", **defaults)
     e.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
     e.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
     e.add_argument("--shots", type=_count(1), help="support = held-out points per task (default: the task's)")
     e.add_argument("--steps", type=_int_list, default=[1, 5, 10], help="adaptation steps, e.g. 0,1,5,10")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
     e.add_argument("--inner-lr", type=float, help="default: the model's")
-    e.add_argument("--seed", type=int, default=EVAL_SEED)
-    e.add_argument("--backend", choices=F.BACKENDS, default="auto")
-    e.add_argument("--threads", type=_count(1))
+    e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")
+    e.add_argument("--backend", choices=F.BACKENDS, default="auto", help="adaptation backend")
+    e.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
     e.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("plot", help="figures of a saved model adapted to several tasks")
+    p = sub.add_parser("plot", help="figures of a saved model adapted to several tasks", **defaults)
     p.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
     p.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
-    p.add_argument("--shots", type=_count(1))
+    p.add_argument("--shots", type=_count(1), help="examples per task (default: the task's)")
     p.add_argument("--tasks", type=_count(1), default=6, help="how many tasks to draw")
     p.add_argument("--steps", type=_count(0), help="adaptation steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the tasks drawn")
     p.add_argument("--out", help="figure path (default: MODEL-tasks.png)")
     p.set_defaults(run=cmd_plot)
 

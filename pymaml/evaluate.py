@@ -27,8 +27,9 @@ EVAL_SEED = 2_147_483_647  # held-out tasks: a stream no training run uses by de
 @dataclasses.dataclass
 class EvalResult:
     """Per number of adaptation steps (`steps[i]`): the mean over tasks and the 95 % interval
-    of the held-out-point MSE, and (None for families without a target function) the grid
-    MSE and grid MAE."""
+    of the held-out-point MSE, its median over tasks (robust to the few tasks whose inner SGD
+    may diverge at a large step size), and (None for families without a target function) the
+    grid MSE and grid MAE."""
     task: str
     shots: int
     num_tasks: int
@@ -36,6 +37,7 @@ class EvalResult:
     steps: List[int]
     mse: List[float]
     mse_ci95: List[float]
+    mse_median: List[float]
     grid_mse: Optional[List[float]]
     grid_mse_ci95: Optional[List[float]]
     grid_mae: Optional[List[float]]
@@ -44,12 +46,12 @@ class EvalResult:
     def table(self) -> str:
         lines = [f"{self.num_tasks} held-out '{self.task}' tasks, {self.shots}-shot, inner lr "
                  f"{self.inner_lr:g}; mean ± 1.96·std/√{self.num_tasks}"]
-        head = f"{'steps':>5}  {'MSE on ' + str(self.shots) + ' held-out points':>28}"
+        head = f"{'steps':>5}  {'MSE on ' + str(self.shots) + ' held-out points':>28}  {'median':>8}"
         if self.grid_mse is not None:
             head += f"  {'grid MSE (' + str(self.grid_points) + ' points)':>24}  {'grid MAE':>8}"
         lines.append(head)
         for i, s in enumerate(self.steps):
-            row = f"{s:>5}  {self.mse[i]:>18.4f} ± {self.mse_ci95[i]:<7.4f}"
+            row = f"{s:>5}  {self.mse[i]:>18.4f} ± {self.mse_ci95[i]:<7.4f}  {self.mse_median[i]:>8.4f}"
             if self.grid_mse is not None:
                 row += f"  {self.grid_mse[i]:>14.4f} ± {self.grid_mse_ci95[i]:<7.4f}  {self.grid_mae[i]:>8.4f}"
             lines.append(row)
@@ -91,7 +93,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
         grid_x, grid_y = cast(grid_x), cast(grid_y)
     else:
         batch = family.sample(num_tasks, generator=g, dtype=dtype, device=device)
-    mse, mse_ci, gmse, gmse_ci, gmae = [], [], [], [], []
+    mse, mse_ci, median, gmse, gmse_ci, gmae = [], [], [], [], [], []
     with torch.no_grad():
         for s in steps:
             adapted = model.adapt(batch.x_support, batch.y_support, steps=s, inner_lr=inner_lr,
@@ -100,6 +102,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
             m, ci = _mean_ci(per_task.double())
             mse.append(m)
             mse_ci.append(ci)
+            median.append(per_task.double().median().item())
             if grid_y is not None:
                 err = (adapted(grid_x) - grid_y).double()
                 m, ci = _mean_ci(err.pow(2).mean(dim=(1, 2)))
@@ -109,6 +112,6 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     grid = grid_y is not None
     return EvalResult(task=family.name, shots=batch.x_support.shape[1], num_tasks=num_tasks,
                       inner_lr=model.inner_lr if inner_lr is None else float(inner_lr),
-                      steps=steps, mse=mse, mse_ci95=mse_ci, grid_mse=gmse if grid else None,
+                      steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median, grid_mse=gmse if grid else None,
                       grid_mse_ci95=gmse_ci if grid else None, grid_mae=gmae if grid else None,
                       grid_points=grid_points)

@@ -143,8 +143,10 @@ class MetaMLP(nn.Module):
     def load(cls, path, *, device=None) -> "MetaMLP":
         """A model saved by `save`, or the model inside a training checkpoint."""
         d = _io.load_file(path)
-        record = d["model"] if d["format"] == _io.CHECKPOINT_FORMAT else d
+        record = d.get("model") if d["format"] == _io.CHECKPOINT_FORMAT else d
         try:
+            if not isinstance(record, dict):
+                raise ValueError("the checkpoint holds no model record")
             return cls.from_dict(record, device=device)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None

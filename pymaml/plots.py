@@ -5,7 +5,7 @@ adapting, the examples as dots), and the meta-loss curve of a training run."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 

@@ -292,7 +292,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError):
         raise ValueError(f"device must be a torch device like 'cpu' or 'cuda', got {device!r}") from None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")

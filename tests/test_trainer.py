@@ -1,7 +1,6 @@
 """pymaml.train: learning on both sine families, fused == reference loss histories, bitwise
 resume (including after Ctrl-C), the NaN stop, checkpoint safety and argument errors."""
 
-import math
 import os
 import signal
 

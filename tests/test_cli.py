@@ -1,0 +1,234 @@
+"""The command line (pymaml.cli.main, in-process): train / eval / plot, and one-line errors
+with exit code 2 for bad flags and 1 for bad files or settings."""
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pymaml
+from pymaml.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAIN = ["train", "--iterations", "40", "--meta-batch-size", "2", "--no-progress", "--log-every", "0"]
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `pymaml argv...`; an argparse exit gives its code."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(err):
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
+    assert "Traceback" not in err
+    assert "usage:" not in err
+
+
+def assert_png(path):
+    assert path.is_file(), f"{path} was not written"
+    data = path.read_bytes()
+    assert len(data) > len(PNG_SIGNATURE) and data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A directory with the outputs of one short `pymaml train` (shared by eval / plot tests,
+    which copy what they need)."""
+    d = tmp_path_factory.mktemp("trained")
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(TRAIN + ["--no-plots"]) == 0
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+@pytest.fixture
+def model_here(trained, tmp_path, monkeypatch):
+    """The trained model and checkpoint copied into the (current) test directory."""
+    for name in ("maml-sine.pt", "maml-sine.ckpt"):
+        shutil.copy(trained / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+def test_train_writes_figures_model_and_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *TRAIN)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["maml-sine-loss.png", "maml-sine.ckpt", "maml-sine.png",
+                                            "maml-sine.pt"]
+    assert_png(tmp_path / "maml-sine.png")
+    assert_png(tmp_path / "maml-sine-loss.png")
+    assert "mean absolute error" in out
+    assert "40 meta-iterations done" in out
+    model = pymaml.load(tmp_path / "maml-sine.pt")
+    assert model.sizes == [1, 32, 32, 1] and model.info["iterations"] == 40
+    ckpt = torch.load(tmp_path / "maml-sine.ckpt", weights_only=True)
+    assert ckpt["iteration"] == 40
+    assert torch.equal(ckpt["model"]["params"], model.params.detach())
+
+
+def test_train_refuses_to_overwrite_then_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, *TRAIN, "--no-plots")[0] == 0
+    model_bytes = (tmp_path / "maml-sine.pt").read_bytes()
+    ckpt_bytes = (tmp_path / "maml-sine.ckpt").read_bytes()
+
+    code, out, err = run(capsys, *TRAIN, "--no-plots")
+    assert code != 0
+    assert_one_line(err)
+    assert "--resume" in err
+    assert (tmp_path / "maml-sine.pt").read_bytes() == model_bytes
+    assert (tmp_path / "maml-sine.ckpt").read_bytes() == ckpt_bytes
+
+    argv = [a if a != "40" else "60" for a in TRAIN]
+    code, out, err = run(capsys, *argv, "--no-plots", "--resume")
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "maml-sine.ckpt", weights_only=True)
+    assert ckpt["iteration"] == 60
+    assert ckpt["losses"].numel() == 60
+    resumed = pymaml.load(tmp_path / "maml-sine.pt")
+    assert resumed.info["iterations"] == 60
+    assert torch.equal(resumed.params, ckpt["model"]["params"])
+
+    # bitwise the same weights as an uninterrupted 60-iteration run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    assert run(capsys, *argv, "--no-plots")[0] == 0
+    assert torch.equal(pymaml.load(fresh / "maml-sine.pt").params, resumed.params)
+
+
+def test_train_out_prefix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *TRAIN, "--out", "run1")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["run1-loss.png", "run1.ckpt", "run1.png", "run1.pt"]
+    assert_png(tmp_path / "run1.png")
+    assert_png(tmp_path / "run1-loss.png")
+    assert pymaml.load(tmp_path / "run1.pt").info["iterations"] == 40
+
+
+# ---- eval and plot ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["maml-sine.pt", "maml-sine.ckpt"])
+def test_eval_prints_table(model_here, capsys, name):
+    code, out, err = run(capsys, "eval", name, "--tasks", "50", "--steps", "0,1")
+    assert code == 0, err
+    assert name in out.splitlines()[0]
+    assert "50 held-out 'seed-sine' tasks" in out
+    rows = re.findall(r"^\s*(\d+)\s+(\d+\.\d+) ±", out, flags=re.M)
+    assert [s for s, _ in rows] == ["0", "1"]
+    assert all(float(mse) >= 0 for _, mse in rows)
+
+
+def test_plot_writes_figure(model_here, capsys):
+    code, out, err = run(capsys, "plot", "maml-sine.pt", "--tasks", "2", "--out", "f.png")
+    assert code == 0, err
+    assert_png(model_here / "f.png")
+    assert "2 tasks" in out
+    assert len(re.findall(r"\d+\.\d{3}", out)) == 2  # one error per task
+
+
+def test_plot_default_name(model_here, capsys):
+    code, out, err = run(capsys, "plot", "maml-sine.pt", "--tasks", "1")
+    assert code == 0, err
+    assert_png(model_here / "maml-sine-tasks.png")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--iterations", "abc"],
+    ["train", "--iterations", "-1"],
+    ["train", "--sizes", "1,x"],
+    ["train", "--task", "nope"],
+    ["train", "--optimizer", "nosuch"],
+    ["eval"],
+], ids=lambda a: " ".join(a))
+def test_bad_flags_exit_2_with_one_line(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    out, err = capsys.readouterr()
+    assert_one_line(err)
+    assert err.startswith(f"pymaml {argv[0]}: error: ")
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.parametrize("command", ["eval", "plot"])
+def test_missing_model_file(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, command, "missing.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "missing.pt" in err
+
+
+@pytest.mark.parametrize("command", ["eval", "plot"])
+def test_garbage_model_file(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(random.Random(0).randbytes(256))
+    code, out, err = run(capsys, command, "garbage.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "garbage.pt" in err
+
+
+def test_foreign_torch_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    code, out, err = run(capsys, "eval", "other.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "other.pt" in err
+
+
+def test_text_file_as_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.pt").write_text("hello world\n")
+    code, out, err = run(capsys, "eval", "notes.pt")
+    assert code == 1
+    assert_one_line(err)
+
+
+def test_train_init_missing_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *TRAIN, "--init", "missing.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "missing.pt" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_setting_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--iterations", "5", "--sizes", "2,8,1", "--no-progress")
+    assert code == 1
+    assert_one_line(err)
+    assert err.startswith("pymaml train: error: ")
+    assert "[2, 8, 1]" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_subprocess_missing_file_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pymaml", "eval", "missing.pt"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "missing.pt" in proc.stderr
