@@ -294,6 +294,10 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be a torch device like 'cpu' or 'cuda', got {device!r}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+        raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if log_every is not None:

@@ -195,6 +195,7 @@ def test_progress_bar_and_log_lines(capsys):
     (dict(optimizer_kwargs=dict(betas=torch.ones(2))), TypeError, "optimizer_kwargs may hold only"),
     (dict(dtype=torch.float16), TypeError, "dtype must be"),
     (dict(device="gpu0"), ValueError, "device must be"),
+    (dict(device="cuda:99"), ValueError, "is not usable here"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
     (dict(checkpoint_every=0), ValueError, "checkpoint_every must be"),
 ])
