@@ -5,8 +5,9 @@ save leaves the previous file whole."""
 
 from __future__ import annotations
 
+import numbers
 import os
-import tempfile
+import uuid
 from typing import Any, Dict
 
 import torch
@@ -15,16 +16,35 @@ MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
 
 
+def plain(name: str, value):
+    """`value` as the plain Python types torch.load(weights_only=True) reads back (int, float,
+    bool, str, None, and lists / dicts of them): numpy scalars and other numbers are
+    converted; anything else is a TypeError naming `name`."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        items = [plain(name, v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {plain(name, k): plain(name, v) for k, v in value.items()}
+    raise TypeError(f"{name} may hold only numbers, strings, bools, None and lists/dicts of "
+                    f"them (it is saved with the model), got {type(value).__name__}")
+
+
 def atomic_save(obj: Dict[str, Any], path) -> None:
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # os.open with mode 0o666 leaves the permissions to the umask, as a plain open() would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror}") from None
+    try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

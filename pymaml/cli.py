@@ -105,6 +105,10 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _outputs(args)
+    clash = [k for k in ("figure", "loss_figure", "model") if out[k] == out["checkpoint"]]
+    if clash:
+        raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
+                         "file: choose another path")
     if os.path.exists(out["model"]) and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
@@ -145,11 +149,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _task_of(args, model) -> str:
+    task = args.task or model.info.get("task") or "sine"
+    if task not in FAMILIES:
+        raise ValueError(f"{args.model} was trained on task {task!r}, which the command line "
+                         f"does not know: pass --task ({', '.join(FAMILIES)})")
+    return task
+
+
 def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MetaMLP.load(args.model)
-    task = args.task or model.info.get("task") or "sine"
+    task = _task_of(args, model)
     result = evaluate(model, task, shots=args.shots, steps=args.steps, num_tasks=args.tasks,
                       inner_lr=args.inner_lr, seed=args.seed, backend=args.backend)
     print(f"{args.model}: {model.extra_repr()}")
@@ -159,7 +171,7 @@ def cmd_eval(args) -> int:
 
 def cmd_plot(args) -> int:
     model = MetaMLP.load(args.model)
-    task = args.task or model.info.get("task") or "sine"
+    task = _task_of(args, model)
     path = args.out or os.path.splitext(args.model)[0] + "-tasks.png"
     maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
                                  num_tasks=args.tasks, steps=args.steps, seed=args.seed)
@@ -225,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inner-steps", type=_count(0), default=5, help="SGD steps per task")
     t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
     t.add_argument("--meta-batch-size", type=_count(1), default=1, help="tasks per meta-iteration")
-    t.add_argument("--iterations", type=_count(0), default=275_000, help="meta-iterations")
+    t.add_argument("--iterations", type=_count(1), default=275_000, help="meta-iterations")
     t.add_argument("--optimizer", type=_optimizer, default="sgd",
                    help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...)")
     t.add_argument("--outer-lr", type=float, default=1e-2, help="outer optimizer learning rate")

@@ -72,7 +72,11 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     the family's shots). Adaptation uses the model's loss and inner lr (or `inner_lr`)."""
     if not isinstance(model, MetaMLP) or model.num_tasks is not None:
         raise TypeError(f"model must be a (not yet adapted) pymaml MetaMLP, got {type(model).__name__}")
+    if not isinstance(steps, Sequence) or isinstance(steps, str):
+        raise TypeError(f"steps must be a list of step counts such as [1, 5, 10], got {steps!r}")
     steps = list(steps)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 2:

@@ -5,6 +5,7 @@ what training did to each task."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict, Optional
 
@@ -46,13 +47,13 @@ class MetaMLP(nn.Module):
         self.sizes = F._check_sizes(sizes)
         self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
         self.loss = F._check_choice("loss", loss, F.LOSSES)
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real):
-            raise TypeError(f"inner_lr must be a real number, got {inner_lr!r}")
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real) or not math.isfinite(inner_lr):
+            raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
-        self.info = dict(info or {})
+        self.info = _io.plain("info", dict(info or {}))
         if params is None:
             F._check_choice("init", init, INITS)
             params = F.init_params(self.sizes, generator=generator, dtype=dtype, device=device,

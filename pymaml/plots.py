@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend, written to files): a meta-trained model adapted to a few
+"""Figures (matplotlib, written to files): a meta-trained model adapted to a few
 examples of a task, drawn as in the seed's maml-sine.png (the true curve, the network after
 adapting, the examples as dots), and the meta-loss curve of a training run."""
 
@@ -15,14 +15,14 @@ from .model import MetaMLP
 __all__ = ["plot_adaptation", "plot_losses"]
 
 
-def _pyplot():
+def _figure(**kwargs):
+    # A bare Figure renders to files without pyplot, so a user's pyplot backend (a notebook's,
+    # say) is left alone.
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise RuntimeError("figures need matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, num_tasks: int = 1,
@@ -41,8 +41,12 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
                          "(seed-sine, sine, or a pymaml.tasks.FunctionTasks subclass)")
     g = torch.Generator().manual_seed(seed)
     ids = family.sample_tasks(num_tasks, g) if task_ids is None else torch.as_tensor(task_ids, dtype=torch.float64)
-    if ids.dim() != 2:
-        raise ValueError(f"task_ids must be [tasks, D], got shape {list(ids.shape)}")
+    width = family.sample_tasks(1, torch.Generator()).shape[1]
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] != width:
+        raise ValueError(f"task_ids must be [tasks, {width}] for task {family.name!r}, got shape "
+                         f"{list(ids.shape)}")
+    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+        raise ValueError(f"grid_points must be an int >= 2, got {grid_points!r}")
     n = ids.shape[0]
     dtype, device = model.params.dtype, model.params.device
     x = family.inputs(n, family.shots, g)
@@ -59,11 +63,10 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
     _, truth, pred = on(family.grid(grid_points))
     maes = (pred - truth).abs().mean(dim=(1, 2)).tolist()
 
-    plt = _pyplot()
-    cols = min(n, 3)
+    cols = min(3, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols if n == 1 else 4.8 * cols, 4.8 if n == 1 else 3.6 * rows),
-                             squeeze=False)
+    fig = _figure(figsize=(6.4, 4.8) if n == 1 else (4.8 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     dense_x, dense_y, dense_pred = on(family.grid(1000))
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
@@ -83,7 +86,6 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
                              f"(MAE {maes[0]:.3f} on {grid_points} grid points)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return maes
 
 
@@ -92,12 +94,12 @@ def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss"
     losses = torch.as_tensor(losses, dtype=torch.float64).flatten()
     if losses.numel() == 0:
         raise ValueError("there is no loss history to plot (0 iterations)")
-    plt = _pyplot()
     n = losses.numel()
     window = max(1, n // 100)
     smooth = torch.nn.functional.avg_pool1d(losses[None, None], window, stride=1)[0, 0]
     it = torch.arange(1, n + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = _figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     ax.plot(it, losses, alpha=0.25, linewidth=0.5, label="meta-loss per iteration")
     ax.plot(it[window - 1:], smooth, linewidth=1.5, label=f"moving average ({window} iterations)")
     if (losses > 0).all():
@@ -109,4 +111,3 @@ def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss"
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

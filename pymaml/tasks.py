@@ -182,4 +182,6 @@ def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = No
                          "on your own TaskFamily or sampler")
     if isinstance(task, TaskFamily):
         return task
+    if isinstance(task, type) and issubclass(task, TaskFamily):
+        raise TypeError(f"task must be a TaskFamily instance: pass {task.__name__}(), not the class")
     return CallableTasks(task)

@@ -103,24 +103,6 @@ def _optimizer_class(optimizer):
     raise TypeError(f"optimizer must be 'sgd', 'adam' or a torch.optim.Optimizer class, got {optimizer!r}")
 
 
-def _check_plain(name, value):
-    """Checkpoints hold plain values only (weights_only=True loading): numbers, strings, bools,
-    None, and lists / tuples / dicts of them."""
-    if value is None or isinstance(value, (bool, numbers.Real, str)):
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_plain(name, v)
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_plain(name, k)
-            _check_plain(name, v)
-        return
-    raise TypeError(f"{name} may hold only numbers, strings, bools, None and lists/dicts of "
-                    f"them (they are saved in checkpoints), got {type(value).__name__}")
-
-
 # ---- one meta-iteration ---------------------------------------------------------------------------
 
 def _meta_step_fn(algorithm, backend, *, sizes, activation, loss, inner_lr, inner_steps):
@@ -166,14 +148,15 @@ def _meta_step_fn(algorithm, backend, *, sizes, activation, loss, inner_lr, inne
 class _StopOnInterrupt:
     """Turns the first Ctrl-C into a request to stop after the current iteration (checked by
     the loop, which then checkpoints); a second Ctrl-C interrupts at once. Only in the main
-    thread, where Python delivers signals."""
+    thread, where Python delivers signals, and only over a Python handler (a process that
+    ignores SIGINT, or set it from C, keeps its choice)."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT)):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -280,8 +263,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     iterations = _int_at_least("iterations", iterations, 0)
     opt_cls, opt_name = _optimizer_class(optimizer)
     outer_lr = _positive_real("outer_lr", outer_lr)
-    optimizer_kwargs = dict(optimizer_kwargs or {})
-    _check_plain("optimizer_kwargs", optimizer_kwargs)
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+        raise TypeError(f"optimizer_kwargs must be a dict, got {type(optimizer_kwargs).__name__}")
+    optimizer_kwargs = _io.plain("optimizer_kwargs", dict(optimizer_kwargs or {}))
     if "lr" in optimizer_kwargs:
         raise ValueError("give the outer learning rate as outer_lr, not in optimizer_kwargs")
     family = _tasks.get_family(task, shots=shots, queries=queries)
@@ -298,8 +282,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
         raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = _check_seed(seed)
     if log_every is not None:
         log_every = _int_at_least("log_every", log_every, 0)
     checkpoint_every = _int_at_least("checkpoint_every", checkpoint_every, 1)
@@ -319,19 +302,26 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
                   dtype=str(dtype).replace("torch.", ""), seed=int(seed), iterations=iterations)
 
     # ---- the starting state: fresh, or from a checkpoint ----
-    checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
+    checkpoint = _check_path("checkpoint", checkpoint)
     resume_from = None
     if resume is True:
         if checkpoint is None:
             raise ValueError("resume=True needs the checkpoint path to resume from")
         resume_from = checkpoint
     elif resume not in (False, None):
-        resume_from = os.fspath(resume)
+        resume_from = _check_path("resume", resume)
         checkpoint = checkpoint or resume_from
-    if checkpoint is not None and resume_from is None and not overwrite and os.path.exists(checkpoint):
-        raise FileExistsError(f"checkpoint {checkpoint} already exists: resume it (resume=True, "
-                              "--resume), or pass overwrite=True (--overwrite) to start a new run "
-                              "over it, or choose another path")
+    if checkpoint is not None:
+        directory = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            raise ValueError(f"checkpoint {checkpoint}: the directory {directory} does not exist "
+                             "or is not writable")
+        # Saved training state is never replaced unless asked: only the run it holds may
+        # write over it (resume), or overwrite=True.
+        if checkpoint != resume_from and not overwrite and os.path.exists(checkpoint):
+            raise FileExistsError(f"checkpoint {checkpoint} already exists: resume it (resume=True, "
+                                  "--resume), or pass overwrite=True (--overwrite) to start a new "
+                                  "run over it, or choose another path")
 
     generator = torch.Generator().manual_seed(int(seed))
     info = dict(task=family.name, algorithm=algorithm, shots=config["shots"])
@@ -350,14 +340,21 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     config["backend"] = which
     config["device"] = str(device)
 
+    owns_checkpoint = checkpoint is not None and checkpoint == resume_from
+
     def save(iteration):
+        nonlocal owns_checkpoint
         if checkpoint is None:
             return
+        owns_checkpoint = True
         _io.atomic_save(dict(format=_io.CHECKPOINT_FORMAT, format_version=1,
                              pymaml_version=__version__, config=config, iteration=iteration,
                              model=model.to_dict(), optimizer=opt.state_dict(),
                              generator=generator.get_state(),
                              losses=torch.tensor(losses, dtype=torch.float64)), checkpoint)
+
+    def kept_checkpoint():
+        return f"; the last checkpoint, {checkpoint}, is kept" if owns_checkpoint else ""
 
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if log_every is None:
@@ -372,12 +369,15 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
                 value, grad = meta_step(params.detach(), batch)
                 value = value.item()
                 if not math.isfinite(value):
-                    kept = (f"; the last checkpoint, {checkpoint}, is kept" if checkpoint and os.path.exists(checkpoint)
-                            else "")
                     raise TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
-                                           f"stopped before updating the weights with it{kept}", it)
+                                           "stopped before updating the weights with it"
+                                           + kept_checkpoint(), it)
                 params.grad = grad
                 opt.step()
+                if not torch.isfinite(params).all():
+                    raise TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
+                                           "non-finite (the meta-loss was finite): training stopped"
+                                           + kept_checkpoint(), it)
                 losses.append(value)
                 bar.update(it, value)
                 if interrupt.requested and it < iterations:
@@ -398,6 +398,20 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     return TrainResult(model=model, losses=torch.tensor(losses, dtype=torch.float64),
                        wall_time=wall_time, iterations=len(losses), status=status,
                        checkpoint=checkpoint, config=config)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def _check_path(name, path):
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path, got {type(path).__name__}")
+    return os.fspath(path)
 
 
 def _initial_model(init, sizes, activation, loss, inner_lr, inner_steps, generator, dtype,

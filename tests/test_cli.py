@@ -232,3 +232,23 @@ def test_subprocess_missing_file_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing.pt" in proc.stderr
+
+
+def test_checkpoint_may_not_be_the_model_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *TRAIN, "--out", "s", "--checkpoint", "s.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "--checkpoint s.pt is also the model file" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_a_model_trained_on_a_custom_task_asks_for_task(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    pymaml.MetaMLP([1, 8, 1], info=dict(task="my-lines")).save("m.pt")
+    code, out, err = run(capsys, "eval", "m.pt", "--tasks", "10")
+    assert code == 1
+    assert_one_line(err)
+    assert "trained on task 'my-lines'" in err and "pass --task" in err
+    code, out, err = run(capsys, "eval", "m.pt", "--tasks", "10", "--task", "sine")
+    assert code == 0

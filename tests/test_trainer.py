@@ -202,3 +202,61 @@ def test_progress_bar_and_log_lines(capsys):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         pymaml.train(**{"iterations": 1, **QUIET, **kwargs})
+
+
+def test_resuming_into_another_existing_checkpoint_is_refused(tmp_path):
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    pymaml.train(iterations=5, checkpoint=a, **QUIET)
+    pymaml.train(iterations=5, seed=1, checkpoint=b, **QUIET)
+    before = b.read_bytes()
+    with pytest.raises(FileExistsError, match="b.ckpt already exists"):
+        pymaml.train(iterations=8, checkpoint=b, resume=a, **QUIET)
+    assert b.read_bytes() == before
+
+
+def test_non_finite_weights_after_the_step_stop_training(tmp_path):
+    # Adam with eps=0 divides 0 by 0 for parameters whose gradient is exactly zero.
+    with pytest.raises(TrainingDiverged, match="optimizer step of iteration 1 made the weights non-finite") as err:
+        pymaml.train(iterations=5, optimizer="adam", optimizer_kwargs=dict(eps=0.0),
+                     checkpoint=tmp_path / "run.ckpt", **QUIET)
+    assert "is kept" not in str(err.value)  # this run wrote no checkpoint yet
+    assert not (tmp_path / "run.ckpt").exists()
+
+
+def test_numpy_settings_are_saved_as_plain_values(tmp_path):
+    np = pytest.importorskip("numpy")
+    ckpt = tmp_path / "run.ckpt"
+    kw = dict(optimizer="sgd", optimizer_kwargs=dict(momentum=np.float64(0.5)), **QUIET)
+    pymaml.train(iterations=4, checkpoint=ckpt, **kw)
+    assert pymaml.train(iterations=6, checkpoint=ckpt, resume=True, **kw).iterations == 6
+    assert torch.load(ckpt, weights_only=True)["config"]["optimizer_kwargs"] == {"momentum": 0.5}
+
+
+def test_checkpoint_directory_is_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="does not exist or is not writable"):
+        pymaml.train(iterations=5, checkpoint=tmp_path / "missing" / "run.ckpt", **QUIET)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def sampler(T, generator):
+            os.kill(os.getpid(), signal.SIGINT)
+            return tasks.SeedSine().sample(T, generator=generator)
+        run = pymaml.train(sampler, iterations=3, **QUIET)
+        assert run.status == "completed" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(seed=2**70), ValueError, "seed must be an int in"),
+    (dict(seed=-1), ValueError, "seed must be an int in"),
+    (dict(task=tasks.Sine), TypeError, "pass Sine\\(\\), not the class"),
+    (dict(optimizer_kwargs="momentum"), TypeError, "optimizer_kwargs must be a dict"),
+    (dict(checkpoint=3), TypeError, "checkpoint must be a file path"),
+    (dict(resume=1), TypeError, "resume must be a file path"),
+])
+def test_more_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pymaml.train(**{"iterations": 1, **QUIET, **kwargs})
