@@ -248,7 +248,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
 
     Ctrl-C stops after the current iteration, writes the checkpoint and returns with
     status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the
-    iteration, before the weights are updated with it; the last checkpoint is kept.
+    iteration, before the weights are updated with it (as do weights that an optimizer step
+    made non-finite); the last checkpoint is kept.
     """
     # ---- check the arguments (once: the loop runs without per-iteration checks) ----
     F._check_choice("algorithm", algorithm, ALGORITHMS)
