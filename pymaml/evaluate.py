@@ -28,8 +28,8 @@ EVAL_SEED = 2_147_483_647  # held-out tasks: a stream no training run uses by de
 class EvalResult:
     """Per number of adaptation steps (`steps[i]`): the mean over tasks and the 95 % interval
     of the held-out-point MSE, its median over tasks (robust to the few tasks whose inner SGD
-    may diverge at a large step size), and (None for families without a target function) the
-    grid MSE and grid MAE."""
+    may diverge at a large step size; a NaN counts as +inf), the number of tasks whose MSE is
+    not finite, and (None for families without a target function) the grid MSE and grid MAE."""
     task: str
     shots: int
     num_tasks: int
@@ -38,6 +38,7 @@ class EvalResult:
     mse: List[float]
     mse_ci95: List[float]
     mse_median: List[float]
+    diverged: List[int]
     grid_mse: Optional[List[float]]
     grid_mse_ci95: Optional[List[float]]
     grid_mae: Optional[List[float]]
@@ -55,6 +56,10 @@ class EvalResult:
             if self.grid_mse is not None:
                 row += f"  {self.grid_mse[i]:>14.4f} ± {self.grid_mse_ci95[i]:<7.4f}  {self.grid_mae[i]:>8.4f}"
             lines.append(row)
+        for s, n in zip(self.steps, self.diverged):
+            if n:
+                lines.append(f"after {s} steps the MSE of {n} of the {self.num_tasks} tasks is not "
+                             "finite (the inner SGD diverged): try a smaller inner lr")
         return "\n".join(lines)
 
 
@@ -97,7 +102,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
         grid_x, grid_y = cast(grid_x), cast(grid_y)
     else:
         batch = family.sample(num_tasks, generator=g, dtype=dtype, device=device)
-    mse, mse_ci, median, gmse, gmse_ci, gmae = [], [], [], [], [], []
+    mse, mse_ci, median, diverged, gmse, gmse_ci, gmae = [], [], [], [], [], [], []
     with torch.no_grad():
         for s in steps:
             adapted = model.adapt(batch.x_support, batch.y_support, steps=s, inner_lr=inner_lr,
@@ -106,7 +111,8 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
             m, ci = _mean_ci(per_task.double())
             mse.append(m)
             mse_ci.append(ci)
-            median.append(per_task.double().median().item())
+            median.append(per_task.double().nan_to_num(nan=math.inf).median().item())
+            diverged.append(int((~per_task.isfinite()).sum()))
             if grid_y is not None:
                 err = (adapted(grid_x) - grid_y).double()
                 m, ci = _mean_ci(err.pow(2).mean(dim=(1, 2)))
@@ -116,6 +122,6 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     grid = grid_y is not None
     return EvalResult(task=family.name, shots=batch.x_support.shape[1], num_tasks=num_tasks,
                       inner_lr=model.inner_lr if inner_lr is None else float(inner_lr),
-                      steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median, grid_mse=gmse if grid else None,
+                      steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median, diverged=diverged, grid_mse=gmse if grid else None,
                       grid_mse_ci95=gmse_ci if grid else None, grid_mae=gmae if grid else None,
                       grid_points=grid_points)

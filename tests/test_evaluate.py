@@ -32,7 +32,7 @@ def test_protocol_matches_a_direct_computation():
         err = pymaml.mlp_forward(adapted, grid, sizes=m.sizes) - fam.target(ids, grid)
         assert result.grid_mse[i] == pytest.approx(err.pow(2).mean().item(), rel=1e-9)
         assert result.grid_mae[i] == pytest.approx(err.abs().mean().item(), rel=1e-9)
-    assert result.shots == 5 and result.steps == [0, 3]
+    assert result.shots == 5 and result.steps == [0, 3] and result.diverged == [0, 0]
     table = result.table()
     assert "50 held-out 'sine' tasks, 5-shot" in table and len(table.splitlines()) == 4
 
@@ -66,3 +66,11 @@ def test_adaptation_figure(tmp_path):
         plots.plot_adaptation(m, tmp_path / "x.png", task_ids=[[1.0, 2.0]])
     with pytest.raises(ValueError, match="no loss history"):
         plots.plot_losses(torch.zeros(0), tmp_path / "loss.png")
+
+
+def test_diverging_tasks_are_counted_and_the_median_stays_defined():
+    m = model()
+    result = pymaml.evaluate(m, "sine", steps=[0, 40], num_tasks=20, inner_lr=50.0)
+    assert result.diverged[0] == 0 and result.diverged[1] > 0
+    assert not math.isnan(result.mse_median[1])
+    assert "is not finite (the inner SGD diverged)" in result.table()
