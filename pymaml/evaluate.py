@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import functional as F
 from . import tasks as _tasks
 from .model import MetaMLP
 
@@ -80,14 +81,11 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     if not isinstance(steps, Sequence) or isinstance(steps, str):
         raise TypeError(f"steps must be a list of step counts such as [1, 5, 10], got {steps!r}")
     steps = list(steps)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    seed = F._check_seed(seed)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 2:
-        raise ValueError(f"num_tasks must be an int >= 2, got {num_tasks!r}")
-    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
-        raise ValueError(f"grid_points must be an int >= 2, got {grid_points!r}")
+    num_tasks = F._check_int("num_tasks", num_tasks, 2)
+    grid_points = F._check_int("grid_points", grid_points, 2)
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.params.dtype, model.params.device

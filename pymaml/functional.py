@@ -50,6 +50,18 @@ def _check_choice(name: str, value, choices) -> str:
     return value
 
 
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def _check_params(params, sizes, allow_batched=False) -> None:
     if not isinstance(params, torch.Tensor):
         raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")

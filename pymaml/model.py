@@ -49,10 +49,8 @@ class MetaMLP(nn.Module):
         self.loss = F._check_choice("loss", loss, F.LOSSES)
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real) or not math.isfinite(inner_lr):
             raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral) or inner_steps < 0:
-            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         self.inner_lr = float(inner_lr)
-        self.inner_steps = int(inner_steps)
+        self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
         if params is None:
             F._check_choice("init", init, INITS)

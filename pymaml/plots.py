@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from . import functional as F
 from . import tasks as _tasks
 from .model import MetaMLP
 
@@ -45,8 +46,7 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] != width:
         raise ValueError(f"task_ids must be [tasks, {width}] for task {family.name!r}, got shape "
                          f"{list(ids.shape)}")
-    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
-        raise ValueError(f"grid_points must be an int >= 2, got {grid_points!r}")
+    grid_points = F._check_int("grid_points", grid_points, 2)
     n = ids.shape[0]
     dtype, device = model.params.dtype, model.params.device
     x = family.inputs(n, family.shots, g)

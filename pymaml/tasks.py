@@ -14,10 +14,11 @@ dtype: draws are made in float64 on the CPU, then cast and moved).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from .functional import _check_int
 
 __all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
            "FAMILIES", "get_family"]
@@ -29,12 +30,6 @@ class TaskBatch(NamedTuple):
     y_support: torch.Tensor
     x_query: torch.Tensor
     y_query: torch.Tensor
-
-
-def _check_count(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class TaskFamily:
@@ -61,8 +56,8 @@ class FunctionTasks(TaskFamily):
     x_high: float
 
     def __init__(self, shots: int, queries: Optional[int] = None):
-        self.shots = _check_count("shots", shots)
-        self.queries = self.shots if queries is None else _check_count("queries", queries)
+        self.shots = _check_int("shots", shots, 1)
+        self.queries = self.shots if queries is None else _check_int("queries", queries, 1)
 
     def sample_tasks(self, T: int, generator: torch.Generator) -> torch.Tensor:
         """[T, D] float64: what identifies each task (amplitude, phase, ...)."""
@@ -84,7 +79,7 @@ class FunctionTasks(TaskFamily):
     def draw(self, T: int, generator: torch.Generator):
         """(tasks [T, D], x [T, K + Q, 1], y [T, K + Q, 1]), all float64 on the CPU: the draws
         behind `sample`, for callers that also need each task's identity."""
-        T = _check_count("T", T)
+        T = _check_int("T", T, 1)
         tasks = self.sample_tasks(T, generator)
         x = self.inputs(T, self.shots + self.queries, generator)
         return tasks, x, self.target(tasks, x)
@@ -148,7 +143,7 @@ class CallableTasks(TaskFamily):
         self.name = name or getattr(fn, "__name__", "custom")
 
     def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
-        T = _check_count("T", T)
+        T = _check_int("T", T, 1)
         out = self.fn(T, generator)
         where = f"task {self.name!r} (a callable fn(T, generator))"
         if not isinstance(out, (tuple, list)) or len(out) != 4:

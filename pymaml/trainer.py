@@ -80,12 +80,6 @@ class TrainResult:
 
 # ---- argument checks ----------------------------------------------------------------------------
 
-def _int_at_least(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _positive_real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -256,12 +250,12 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     sizes = F._check_sizes(sizes)
     F._check_choice("activation", activation, F.ACTIVATIONS)
     F._check_choice("loss", loss, F.LOSSES)
-    inner_steps = _int_at_least("inner_steps", inner_steps, 0)
+    inner_steps = F._check_int("inner_steps", inner_steps, 0)
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real) or not math.isfinite(inner_lr):
         raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
     inner_lr = float(inner_lr)
-    meta_batch_size = _int_at_least("meta_batch_size", meta_batch_size, 1)
-    iterations = _int_at_least("iterations", iterations, 0)
+    meta_batch_size = F._check_int("meta_batch_size", meta_batch_size, 1)
+    iterations = F._check_int("iterations", iterations, 0)
     opt_cls, opt_name = _optimizer_class(optimizer)
     outer_lr = _positive_real("outer_lr", outer_lr)
     if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
@@ -283,10 +277,10 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
         raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
-    seed = _check_seed(seed)
+    seed = F._check_seed(seed)
     if log_every is not None:
-        log_every = _int_at_least("log_every", log_every, 0)
-    checkpoint_every = _int_at_least("checkpoint_every", checkpoint_every, 1)
+        log_every = F._check_int("log_every", log_every, 0)
+    checkpoint_every = F._check_int("checkpoint_every", checkpoint_every, 1)
     if isinstance(init, str):
         F._check_choice("init", init, INITS)
         init_name = init
@@ -399,12 +393,6 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     return TrainResult(model=model, losses=torch.tensor(losses, dtype=torch.float64),
                        wall_time=wall_time, iterations=len(losses), status=status,
                        checkpoint=checkpoint, config=config)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return int(seed)
 
 
 def _check_path(name, path):
