@@ -93,8 +93,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     grid_y = None
     if isinstance(family, _tasks.FunctionTasks):
         ids, x, y = family.draw(num_tasks, g)
-        K = family.shots
-        batch = _tasks.TaskBatch(cast(x[:, :K]), cast(y[:, :K]), cast(x[:, K:]), cast(y[:, K:]))
+        batch = family.split(x, y, dtype=dtype, device=device)
         grid_x = family.grid(grid_points).expand(num_tasks, grid_points, 1)
         grid_y = family.target(ids, grid_x)
         grid_x, grid_y = cast(grid_x), cast(grid_y)

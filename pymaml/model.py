@@ -5,8 +5,6 @@ what training did to each task."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Dict, Optional
 
 import torch
@@ -47,9 +45,7 @@ class MetaMLP(nn.Module):
         self.sizes = F._check_sizes(sizes)
         self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
         self.loss = F._check_choice("loss", loss, F.LOSSES)
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real) or not math.isfinite(inner_lr):
-            raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
-        self.inner_lr = float(inner_lr)
+        self.inner_lr = F._check_finite("inner_lr", inner_lr)
         self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
         if params is None:

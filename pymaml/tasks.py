@@ -84,11 +84,15 @@ class FunctionTasks(TaskFamily):
         x = self.inputs(T, self.shots + self.queries, generator)
         return tasks, x, self.target(tasks, x)
 
-    def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
-        _, x, y = self.draw(T, generator)
+    def split(self, x, y, *, dtype=torch.float32, device=None) -> TaskBatch:
+        """The TaskBatch of draws x, y [T, K + Q, 1]: the first K points are the support set."""
         cast = lambda t: t.to(device=device, dtype=dtype)
         K = self.shots
         return TaskBatch(cast(x[:, :K]), cast(y[:, :K]), cast(x[:, K:]), cast(y[:, K:]))
+
+    def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
+        _, x, y = self.draw(T, generator)
+        return self.split(x, y, dtype=dtype, device=device)
 
     def __repr__(self):
         return f"{type(self).__name__}(shots={self.shots}, queries={self.queries})"

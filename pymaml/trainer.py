@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import signal
 import sys
@@ -48,8 +47,9 @@ _RUN_KEYS = ("task", "algorithm", "sizes", "activation", "loss", "inner_steps", 
 
 
 class TrainingDiverged(RuntimeError):
-    """The meta-loss became NaN or infinite. `iteration` is the 1-based iteration that
-    produced it; the weights were not updated with it and the last checkpoint is kept."""
+    """Training hit a NaN or infinite meta-loss (the weights are not updated with it) or an
+    optimizer step made the weights non-finite. `iteration` is the 1-based iteration; the
+    last checkpoint is kept."""
 
     def __init__(self, message: str, iteration: int):
         super().__init__(message)
@@ -81,7 +81,7 @@ class TrainResult:
 # ---- argument checks ----------------------------------------------------------------------------
 
 def _positive_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    if F._check_finite(name, value) <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -251,9 +251,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     F._check_choice("activation", activation, F.ACTIVATIONS)
     F._check_choice("loss", loss, F.LOSSES)
     inner_steps = F._check_int("inner_steps", inner_steps, 0)
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real) or not math.isfinite(inner_lr):
-        raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
-    inner_lr = float(inner_lr)
+    inner_lr = F._check_finite("inner_lr", inner_lr)
     meta_batch_size = F._check_int("meta_batch_size", meta_batch_size, 1)
     iterations = F._check_int("iterations", iterations, 0)
     opt_cls, opt_name = _optimizer_class(optimizer)
