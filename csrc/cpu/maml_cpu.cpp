@@ -16,6 +16,7 @@
 
 #include "../dispatch.h"
 #include "../op_args.h"
+#include "meta_batch.h"
 
 namespace pymaml::cpu {
 namespace {
@@ -144,6 +145,62 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
   return out;
 }
 
+template <typename scalar_t>
+MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q)
+    : config_(config), T_(T), K_(K), Q_(Q) {
+  const int64_t P = config.shape.num_params;
+  blocks_ = num_blocks(T, P);
+  worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q));
+  partial_.resize(static_cast<size_t>(blocks_ * P));
+  losses_.resize(static_cast<size_t>(blocks_));
+}
+
+template <typename scalar_t>
+scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, const scalar_t* Ys,
+                                  const scalar_t* Xq, const scalar_t* Yq, bool first_order,
+                                  scalar_t* grad) {
+  const OpConfig& c = config_;
+  const int64_t P = c.shape.num_params, T = T_, K = K_, Q = Q_, steps = c.steps;
+  const bool need_grad = grad != nullptr;
+  const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
+  if (scratch_.size() < workers * static_cast<size_t>(worker_size_))
+    scratch_.resize(workers * static_cast<size_t>(worker_size_));
+  std::fill(losses_.begin(), losses_.end(), scalar_t(0));
+  if (need_grad) std::fill(partial_.begin(), partial_.end(), scalar_t(0));
+  const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+  const int64_t nxs = K * c.shape.n[0], nys = K * c.shape.n_out();
+  const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
+  const int64_t points = std::max(K, Q);
+  dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
+    constexpr Activation A = decltype(act)::value;
+    constexpr Loss L = decltype(lossk)::value;
+    at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
+      scalar_t* base = scratch_.data() + size_t(at::get_thread_num()) * size_t(worker_size_);
+      const auto w = carve_workspace(base, c.shape, steps, points);
+      for (int64_t b = b0; b < b1; ++b) {
+        const auto [first, last] = block_range(b, blocks_, T);
+        for (int64_t t = first; t < last; ++t) {
+          losses_[b] += maml_task<scalar_t, A, L>(c.shape, theta, Xs + t * nxs, Ys + t * nys, K,
+                                                  Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
+                                                  first_order, need_grad, w);
+          if (!need_grad) continue;
+          scalar_t* dst = partial_.data() + b * P;
+          for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+        }
+      }
+    });
+  });
+  // Mean over tasks, blocks summed in order.
+  const scalar_t inv_t = scalar_t(1) / scalar_t(T);
+  scalar_t mean_loss;
+  reduce_blocks(losses_.data(), blocks_, 1, inv_t, &mean_loss);
+  if (need_grad) reduce_blocks(partial_.data(), blocks_, P, inv_t, grad);
+  return mean_loss;
+}
+
+template class MetaBatch<float>;
+template class MetaBatch<double>;
+
 std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
                                              const at::Tensor& xs_in, const at::Tensor& ys_in,
                                              const at::Tensor& xq_in, const at::Tensor& yq_in,
@@ -159,42 +216,14 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
   const int64_t Q = check_batch(op, "x_query", xq_in, "y_query", yq_in, params_in, c.shape, T);
   const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous();
-  const int64_t P = c.shape.num_params;
-  const int64_t nb = num_blocks(T, P);
-  const int64_t width = need_grad ? P : 0;  // partial-sum row length
-  at::Tensor partial = at::zeros({nb, width}, params.options());
-  at::Tensor block_loss = at::zeros({nb}, params.options());
-  at::Tensor meta_grad = at::empty({width}, params.options());
+  at::Tensor meta_grad = at::empty({need_grad ? c.shape.num_params : 0}, params.options());
   at::Tensor mean_loss = at::empty({}, params.options());
-
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
-    const scalar_t* theta = params.data_ptr<scalar_t>();
-    const scalar_t *Xs = xs.data_ptr<scalar_t>(), *Ys = ys.data_ptr<scalar_t>();
-    const scalar_t *Xq = xq.data_ptr<scalar_t>(), *Yq = yq.data_ptr<scalar_t>();
-    scalar_t* acc = partial.data_ptr<scalar_t>();
-    scalar_t* acc_loss = block_loss.data_ptr<scalar_t>();
-    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
-    const int64_t nxs = K * c.shape.n[0], nys = K * c.shape.n_out();
-    const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
-    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
-      constexpr Activation A = decltype(act)::value;
-      constexpr Loss L = decltype(lossk)::value;
-      const int64_t points = std::max(K, Q);
-      const int64_t ws = task_workspace_size(c.shape, steps, points);
-      for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
-        const auto w = carve_workspace(base, c.shape, steps, points);
-        acc_loss[b] += maml_task<scalar_t, A, L>(c.shape, theta, Xs + t * nxs, Ys + t * nys, K,
-                                                 Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
-                                                 first_order, need_grad, w);
-        if (!need_grad) return;
-        scalar_t* dst = acc + b * P;
-        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
-      });
-    });
-    // Mean over tasks, blocks summed in order.
-    const scalar_t inv_t = scalar_t(1) / scalar_t(T);
-    reduce_blocks(acc_loss, nb, 1, inv_t, mean_loss.data_ptr<scalar_t>());
-    if (need_grad) reduce_blocks(acc, nb, P, inv_t, meta_grad.data_ptr<scalar_t>());
+    MetaBatch<scalar_t> batch(c, T, K, Q);
+    *mean_loss.data_ptr<scalar_t>() = batch.run(
+        params.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
+        xq.data_ptr<scalar_t>(), yq.data_ptr<scalar_t>(), first_order,
+        need_grad ? meta_grad.data_ptr<scalar_t>() : nullptr);
   });
   return {mean_loss, meta_grad};
 }

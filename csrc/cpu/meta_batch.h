@@ -1,0 +1,42 @@
+// The CPU meta-gradient of one meta-batch on raw contiguous buffers, with its scratch memory
+// allocated once and reused across calls: what the per-call op (maml_loss) and the chunked
+// training op share, so the hot loop of a training run never allocates.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../op_args.h"
+
+namespace pymaml::cpu {
+
+template <typename scalar_t>
+class MetaBatch {
+ public:
+  // A meta-batch of T tasks with K support and Q query points each, for the network and inner
+  // loop of `config` (already checked by parse_config).
+  MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q);
+
+  // Mean query loss over the tasks after adaptation. If `grad` is not null, also writes the
+  // mean meta-gradient [P] there (first order: each inner step's Jacobian taken as I).
+  // Buffers are contiguous: theta [P], xs [T, K, n_in], ys [T, K, n_out], xq / yq likewise
+  // with Q points. Bitwise the same result for any thread count.
+  scalar_t run(const scalar_t* theta, const scalar_t* xs, const scalar_t* ys,
+               const scalar_t* xq, const scalar_t* yq, bool first_order, scalar_t* grad);
+
+  int64_t num_params() const { return config_.shape.num_params; }
+
+ private:
+  OpConfig config_;
+  int64_t T_, K_, Q_;
+  int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
+  int64_t worker_size_;          // scratch elements per worker
+  std::vector<scalar_t> partial_;  // [blocks, P] per-block meta-gradient sums
+  std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
+  std::vector<scalar_t> scratch_;  // [workers, worker_size_]
+};
+
+extern template class MetaBatch<float>;
+extern template class MetaBatch<double>;
+
+}  // namespace pymaml::cpu
