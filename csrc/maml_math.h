@@ -9,6 +9,14 @@
 //   * layer l maps n[l] -> n[l+1] inputs to outputs; layers 0..depth-2 are followed by the
 //     hidden activation, the last one is linear;
 //   * a batch of K points is row-major: X [K, n[0]], Y [K, n[depth]], layer outputs [K, n[l+1]].
+//
+// Inside a task, parameter-shaped vectors (theta^k, gradients, directions) are "extended": the
+// flat params [P] followed by a transposed copy W_l^T [in, out] of every weight matrix with
+// in > 1 and out > 1. Every product then reads its weights with unit stride along the output
+// (the forward pass needs W^T, backprop needs W), which is what SIMD backends vectorise; the
+// copies are kept exact by computing each weight gradient in both layouts (the same sums in
+// the same order, so the two layouts agree bitwise). A layer with in == 1 or out == 1 needs no
+// copy: W [out, in] and W^T [in, out] are then the same memory.
 #pragma once
 
 #include <cmath>
@@ -34,14 +42,17 @@ struct MlpShape {
   int64_t n[kMaxDepth + 1] = {};      // n[0] inputs ... n[depth] outputs
   int64_t w_off[kMaxDepth] = {};      // offset of W_l in the flat params
   int64_t b_off[kMaxDepth] = {};      // offset of b_l
+  int64_t t_off[kMaxDepth] = {};      // offset of W_l^T in the extended vector (W_l if a vector)
   int64_t out_off[kMaxDepth] = {};    // offset of layer l's output in a per-point buffer
   int64_t num_params = 0;             // P
+  int64_t num_ext = 0;                // E: P plus the transposed copies
   int64_t sum_width = 0;              // n[1] + ... + n[depth]: per-point activation storage
   int64_t max_width = 0;              // max over n[0..depth]
 
   PYMAML_HOST_DEVICE int64_t in(int l) const { return n[l]; }
   PYMAML_HOST_DEVICE int64_t out(int l) const { return n[l + 1]; }
   PYMAML_HOST_DEVICE int64_t n_out() const { return n[depth]; }
+  PYMAML_HOST_DEVICE bool has_copy(int l) const { return t_off[l] != w_off[l]; }
 };
 
 // `sizes` has depth + 1 entries; the caller has checked 1 <= depth <= kMaxDepth, sizes >= 1.
@@ -63,6 +74,12 @@ inline PYMAML_HOST_DEVICE MlpShape make_shape(const int64_t* sizes, int depth) {
   }
   s.num_params = off;
   s.sum_width = act;
+  for (int l = 0; l < depth; ++l) {
+    const bool matrix = s.n[l] > 1 && s.n[l + 1] > 1;
+    s.t_off[l] = matrix ? off : s.w_off[l];
+    if (matrix) off += s.n[l] * s.n[l + 1];
+  }
+  s.num_ext = off;
   return s;
 }
 
@@ -127,55 +144,97 @@ struct LossFn<Loss::L1> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Per-batch buffers, each [K, sum_width] with layer l's block at K * out_off[l] ([K, n[l+1]]).
-// The caller owns the memory (no allocation here, so the hot loop never allocates).
+// The one heavy primitive: a small matrix product with unit stride along the output columns,
+//   C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n],   m < M, n < N, p < P,
+// init = 0, bias[n], or C's current value; the sum over p runs in increasing order. A may be
+// read transposed (a_ms = 1), which is how the weight gradients G^T A are formed. Backends
+// provide faster versions with the same contract (csrc/cpu/simd_linalg.h); this is the plain
+// one, for any device.
+enum class Init : int { Zero, Bias, Accumulate };
+
+struct ScalarLinalg {
+  template <typename T>
+  static PYMAML_HOST_DEVICE void gemm(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms,
+                                     int64_t a_ps, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                     Init init, const T* bias) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        T acc = init == Init::Zero ? T(0) : init == Init::Bias ? bias[n] : C[m * ldc + n];
+        for (int64_t p = 0; p < P; ++p) acc += A[m * a_ms + p * a_ps] * B[p * ldb + n];
+        C[m * ldc + n] = acc;
+      }
+  }
+};
+
+// Extended copy (see the top of this file) of a flat parameter-shaped vector src [P].
+// (Every function template here takes the linear-algebra backend LA, even where it does not
+// call it: the CPU backend compiles this header once per instruction set, and a distinct LA
+// per instruction set keeps their instantiations from being merged at link time.)
+template <typename T, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void expand_params(const MlpShape& s, const T* src, T* dst) {
+  for (int64_t p = 0; p < s.num_params; ++p) dst[p] = src[p];
+  for (int l = 0; l < s.depth; ++l) {
+    if (!s.has_copy(l)) continue;
+    const int64_t ni = s.in(l), no = s.out(l);
+    const T* W = src + s.w_off[l];
+    T* Wt = dst + s.t_off[l];
+    for (int64_t i = 0; i < no; ++i)
+      for (int64_t j = 0; j < ni; ++j) Wt[j * no + i] = W[i * ni + j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What one forward + backward pass over a batch of K points keeps, each buffer [K, sum_width]
+// with layer l's block at K * out_off[l] ([K, n[l+1]]). The caller owns the memory (no
+// allocation here, so the hot loop never allocates).
 template <typename T>
 struct Tape {
   T* act;    // A_l: layer outputs (post-activation for hidden layers)
   T* grad;   // G_l = dLoss/dZ_l
   T* pre;    // D_l = G_{l+1} W_{l+1} = dLoss/dA_l (hidden layers; tanh's curvature term needs it)
-  T* r_act;  // R A_l: directional derivative of A_l along v (Hessian-vector product)
-  T* r_grad; // R G_l
-  PYMAML_HOST_DEVICE T* layer(T* buf, const MlpShape& s, int64_t K, int l) const {
-    return buf + K * s.out_off[l];
-  }
 };
+
+// Scratch of a Hessian-vector product, laid out like a Tape.
+template <typename T>
+struct RTape {
+  T* r_act;   // R A_l: directional derivative of A_l along v
+  T* r_grad;  // R G_l
+};
+
+template <typename T>
+PYMAML_HOST_DEVICE inline T* layer_of(T* buf, const MlpShape& s, int64_t K, int l) {
+  return buf + K * s.out_off[l];
+}
 
 template <typename T>
 PYMAML_HOST_DEVICE inline const T* layer_input(const Tape<T>& tp, const MlpShape& s,
                                                 const T* X, int64_t K, int l) {
-  return l == 0 ? X : tp.layer(tp.act, s, K, l - 1);
+  return l == 0 ? X : layer_of(tp.act, s, K, l - 1);
 }
 
 // Forward pass (DESIGN.md §1): Z_l = A_{l-1} W_l^T + b_l, A_l = sigma(Z_l), last layer linear.
-template <typename T, Activation A>
+// theta is extended.
+template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, int64_t K,
                                 const Tape<T>& tp) {
   for (int l = 0; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
-    const T* W = theta + s.w_off[l];
-    const T* b = theta + s.b_off[l];
     const T* in = layer_input(tp, s, X, K, l);
-    T* out = tp.layer(tp.act, s, K, l);
-    const bool hidden = l + 1 < s.depth;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < no; ++i) {
-        T z = T(0);
-        for (int64_t j = 0; j < ni; ++j) z += in[k * ni + j] * W[i * ni + j];
-        z += b[i];
-        out[k * no + i] = hidden ? Act<A>::f(z) : z;
-      }
-    }
+    T* out = layer_of(tp.act, s, K, l);
+    LA::gemm(K, no, ni, in, ni, int64_t(1), theta + s.t_off[l], no, out, no, Init::Bias,
+             theta + s.b_off[l]);
+    if (l + 1 < s.depth)
+      for (int64_t e = 0; e < K * no; ++e) out[e] = Act<A>::f(out[e]);
   }
 }
 
 // Loss of the network output (after `forward`) against Y; writes G_last = dLoss/dZ_last.
-template <typename T, Loss L>
+template <typename T, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, const Tape<T>& tp) {
   const int last = s.depth - 1;
   const int64_t count = K * s.n_out();
-  const T* out = tp.layer(tp.act, s, K, last);
-  T* G = tp.layer(tp.grad, s, K, last);
+  const T* out = layer_of(tp.act, s, K, last);
+  T* G = layer_of(tp.grad, s, K, last);
   const T inv_n = T(1) / T(count);
   T total = T(0);
   for (int64_t e = 0; e < count; ++e) {
@@ -186,203 +245,188 @@ PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, con
   return total * inv_n;
 }
 
+// dW_l = G^T In [out, in] into dtheta's W_l, and In^T G into its transposed copy if it has one;
+// db_l = column sums of G. Shared by backprop (G_l, A_{l-1}) and the R-backward.
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void weight_grad(const MlpShape& s, int l, int64_t K, const T* G,
+                                    const T* In, T* dtheta, Init init) {
+  const int64_t ni = s.in(l), no = s.out(l);
+  LA::gemm(no, ni, K, G, int64_t(1), no, In, ni, dtheta + s.w_off[l], ni, init, (const T*)nullptr);
+  if (s.has_copy(l))
+    LA::gemm(ni, no, K, In, int64_t(1), ni, G, no, dtheta + s.t_off[l], no, init,
+             (const T*)nullptr);
+}
+
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < n; ++i) out[i] += G[k * n + i];
+}
+
 // Backprop (DESIGN.md §2) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
-// D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the full gradient to dtheta.
-template <typename T, Activation A>
+// D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the full (extended) gradient
+// to dtheta.
+template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
                                  const Tape<T>& tp, T* dtheta) {
   for (int l = s.depth - 1; l >= 0; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
-    const T* W = theta + s.w_off[l];
     const T* in = layer_input(tp, s, X, K, l);
-    const T* G = tp.layer(tp.grad, s, K, l);
-    T* dW = dtheta + s.w_off[l];
-    T* db = dtheta + s.b_off[l];
-    for (int64_t e = 0; e < no * ni; ++e) dW[e] = T(0);
-    for (int64_t i = 0; i < no; ++i) db[i] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < no; ++i) {
-        const T g = G[k * no + i];
-        db[i] += g;
-        for (int64_t j = 0; j < ni; ++j) dW[i * ni + j] += g * in[k * ni + j];
-      }
-    }
+    const T* G = layer_of(tp.grad, s, K, l);
+    weight_grad<T, LA>(s, l, K, G, in, dtheta, Init::Zero);
+    column_sums<T, LA>(K, no, G, dtheta + s.b_off[l]);
     if (l == 0) break;
-    T* D = tp.layer(tp.pre, s, K, l - 1);
-    T* Gin = tp.layer(tp.grad, s, K, l - 1);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < ni; ++j) D[k * ni + j] = T(0);
-      for (int64_t i = 0; i < no; ++i) {
-        const T g = G[k * no + i];
-        for (int64_t j = 0; j < ni; ++j) D[k * ni + j] += g * W[i * ni + j];
-      }
-      for (int64_t j = 0; j < ni; ++j) Gin[k * ni + j] = D[k * ni + j] * Act<A>::d1(in[k * ni + j]);
-    }
+    T* D = layer_of(tp.pre, s, K, l - 1);
+    T* Gin = layer_of(tp.grad, s, K, l - 1);
+    LA::gemm(K, ni, no, G, no, int64_t(1), theta + s.w_off[l], ni, D, ni, Init::Zero,
+             (const T*)nullptr);
+    for (int64_t e = 0; e < K * ni; ++e) Gin[e] = D[e] * Act<A>::d1(in[e]);
   }
 }
 
 // Loss, gradient and tape at theta on one batch: one forward and one backward pass.
-template <typename T, Activation A, Loss L>
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X, const T* Y,
                                    int64_t K, const Tape<T>& tp, T* dtheta) {
-  forward<T, A>(s, theta, X, K, tp);
-  const T value = loss_and_seed<T, L>(s, Y, K, tp);
-  backward<T, A>(s, theta, X, K, tp, dtheta);
+  forward<T, A, LA>(s, theta, X, K, tp);
+  const T value = loss_and_seed<T, L, LA>(s, Y, K, tp);
+  backward<T, A, LA>(s, theta, X, K, tp, dtheta);
   return value;
 }
 
-// Hessian-vector product Hv of the loss at theta along v, by forward-over-reverse
-// differentiation of backprop (DESIGN.md §2). The tape must hold the forward and backward of
-// `loss_and_grad` at the same theta and batch.
-template <typename T, Activation A, Loss L>
+// Hessian-vector product Hv of the loss at theta along v (both extended), by forward-over-
+// reverse differentiation of backprop (DESIGN.md §2). The tape must hold the forward and
+// backward of `loss_and_grad` at the same theta and batch.
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                            const Tape<T>& tp, const T* v, T* Hv) {
-  // R-forward: R Z_l = R A_{l-1} W_l^T + A_{l-1} V_l^T + v_l;  R A_l = sigma'(Z_l) R Z_l.
+                            const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv) {
+  // R-forward: R Z_l = A_{l-1} V_l^T + v_l + R A_{l-1} W_l^T;  R A_l = sigma'(Z_l) R Z_l.
   for (int l = 0; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
-    const T* W = theta + s.w_off[l];
-    const T* V = v + s.w_off[l];
-    const T* vb = v + s.b_off[l];
     const T* in = layer_input(tp, s, X, K, l);
-    const T* r_in = l == 0 ? nullptr : tp.layer(tp.r_act, s, K, l - 1);  // R A_0 = 0
-    const T* out = tp.layer(tp.act, s, K, l);
-    T* r_out = tp.layer(tp.r_act, s, K, l);
-    const bool hidden = l + 1 < s.depth;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < no; ++i) {
-        T rz = T(0);
-        if (r_in)
-          for (int64_t j = 0; j < ni; ++j) rz += r_in[k * ni + j] * W[i * ni + j];
-        for (int64_t j = 0; j < ni; ++j) rz += in[k * ni + j] * V[i * ni + j];
-        rz += vb[i];
-        r_out[k * no + i] = hidden ? Act<A>::d1(out[k * no + i]) * rz : rz;
-      }
-    }
+    const T* out = layer_of(tp.act, s, K, l);
+    T* r_out = layer_of(rt.r_act, s, K, l);
+    LA::gemm(K, no, ni, in, ni, int64_t(1), v + s.t_off[l], no, r_out, no, Init::Bias,
+             v + s.b_off[l]);
+    if (l > 0)  // R A_0 = 0
+      LA::gemm(K, no, ni, layer_of(rt.r_act, s, K, l - 1), ni, int64_t(1), theta + s.t_off[l],
+               no, r_out, no, Init::Accumulate, (const T*)nullptr);
+    if (l + 1 < s.depth)
+      for (int64_t e = 0; e < K * no; ++e) r_out[e] = Act<A>::d1(out[e]) * r_out[e];
   }
   // R G_last from the loss's curvature.
   {
     const int last = s.depth - 1;
     const int64_t count = K * s.n_out();
     const T inv_n = T(1) / T(count);
-    const T* r_out = tp.layer(tp.r_act, s, K, last);
-    T* RG = tp.layer(tp.r_grad, s, K, last);
+    const T* r_out = layer_of(rt.r_act, s, K, last);
+    T* RG = layer_of(rt.r_grad, s, K, last);
     for (int64_t e = 0; e < count; ++e) RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n;
   }
   // R-backward: R dW_l = R G_l^T A_{l-1} + G_l^T R A_{l-1};  R db_l = colsum R G_l;
   // R G_{l-1} = (R G_l W_l + G_l V_l) sigma'(Z_{l-1}) + (G_l W_l) sigma''(Z_{l-1}) R Z_{l-1}.
   for (int l = s.depth - 1; l >= 0; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
-    const T* W = theta + s.w_off[l];
-    const T* V = v + s.w_off[l];
     const T* in = layer_input(tp, s, X, K, l);
-    const T* r_in = l == 0 ? nullptr : tp.layer(tp.r_act, s, K, l - 1);
-    const T* G = tp.layer(tp.grad, s, K, l);
-    const T* RG = tp.layer(tp.r_grad, s, K, l);
-    T* HW = Hv + s.w_off[l];
-    T* Hb = Hv + s.b_off[l];
-    for (int64_t e = 0; e < no * ni; ++e) HW[e] = T(0);
-    for (int64_t i = 0; i < no; ++i) Hb[i] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < no; ++i) {
-        const T rg = RG[k * no + i];
-        Hb[i] += rg;
-        for (int64_t j = 0; j < ni; ++j) HW[i * ni + j] += rg * in[k * ni + j];
-        if (r_in) {
-          const T g = G[k * no + i];
-          for (int64_t j = 0; j < ni; ++j) HW[i * ni + j] += g * r_in[k * ni + j];
-        }
-      }
-    }
+    const T* G = layer_of(tp.grad, s, K, l);
+    const T* RG = layer_of(rt.r_grad, s, K, l);
+    weight_grad<T, LA>(s, l, K, RG, in, Hv, Init::Zero);
+    column_sums<T, LA>(K, no, RG, Hv + s.b_off[l]);
     if (l == 0) break;
-    const T* act_in = tp.layer(tp.act, s, K, l - 1);
-    const T* D = tp.layer(tp.pre, s, K, l - 1);
-    T* RGin = tp.layer(tp.r_grad, s, K, l - 1);
-    for (int64_t k = 0; k < K; ++k) {
-      T* row = RGin + k * ni;
-      for (int64_t j = 0; j < ni; ++j) row[j] = T(0);
-      for (int64_t i = 0; i < no; ++i) {
-        const T rg = RG[k * no + i], g = G[k * no + i];
-        for (int64_t j = 0; j < ni; ++j) row[j] += rg * W[i * ni + j] + g * V[i * ni + j];
-      }
-      for (int64_t j = 0; j < ni; ++j) {
-        const T a = act_in[k * ni + j];
-        row[j] = row[j] * Act<A>::d1(a);
-        if (Act<A>::kHasCurvature) row[j] += Act<A>::curv(D[k * ni + j], a, r_in[k * ni + j]);
-      }
+    const T* r_in = layer_of(rt.r_act, s, K, l - 1);
+    weight_grad<T, LA>(s, l, K, G, r_in, Hv, Init::Accumulate);
+    T* RGin = layer_of(rt.r_grad, s, K, l - 1);
+    LA::gemm(K, ni, no, RG, no, int64_t(1), theta + s.w_off[l], ni, RGin, ni, Init::Zero,
+             (const T*)nullptr);
+    LA::gemm(K, ni, no, G, no, int64_t(1), v + s.w_off[l], ni, RGin, ni, Init::Accumulate,
+             (const T*)nullptr);
+    const T* act_in = layer_of(tp.act, s, K, l - 1);
+    const T* D = layer_of(tp.pre, s, K, l - 1);
+    for (int64_t e = 0; e < K * ni; ++e) {
+      const T a = act_in[e];
+      RGin[e] = RGin[e] * Act<A>::d1(a);
+      if (Act<A>::kHasCurvature) RGin[e] += Act<A>::curv(D[e], a, r_in[e]);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // One task's inner loop and meta-gradient walk. The inner learning rate is applied through
-// `InnerLR` so that learned rates (per step and per parameter, Meta-SGD) change only this type.
+// `InnerLR` so that learned rates (per step and per parameter, Meta-SGD) change only this type
+// (an index p >= P is a transposed copy: it maps back to its weight's own index).
 template <typename T>
 struct InnerLR {
   T value;  // scalar rate for every step and parameter
   PYMAML_HOST_DEVICE T at(int /*step*/, int64_t /*param*/) const { return value; }
 };
 
-// Per-task scratch, sized by `task_workspace_size` (elements of T).
+// Per-task scratch, sized by `task_workspace_size` (elements of T). The inner loop keeps the
+// tape of every step, so the walk back never recomputes a forward or backward pass.
 template <typename T>
 struct TaskWorkspace {
-  T* thetas;  // [(S + 1), P]: theta^0 ... theta^S of the inner loop
-  T* g;       // [P] the walked-back gradient
-  T* tmp;     // [P] inner gradient, then the direction lr * g
-  T* hv;      // [P] Hessian-vector product
-  Tape<T> tape;
+  T* thetas;     // [S + 1, E]: theta^0 ... theta^S of the inner loop, extended
+  T* g;          // [E] the walked-back gradient
+  T* tmp;        // [E] inner gradient, then the direction lr * g
+  T* hv;         // [E] Hessian-vector product
+  T* tapes;      // [S + 1, 3, B]: the tape at each theta^k (k < S) and the query pass (S)
+  int64_t tape_stride;  // B = max_points * sum_width
+  RTape<T> rtape;       // [2, B]
+  PYMAML_HOST_DEVICE Tape<T> tape(int64_t k) const {
+    T* base = tapes + 3 * k * tape_stride;
+    return Tape<T>{base, base + tape_stride, base + 2 * tape_stride};
+  }
 };
 
 inline PYMAML_HOST_DEVICE int64_t task_workspace_size(const MlpShape& s, int64_t steps,
                                                       int64_t max_points) {
-  return (steps + 1 + 3) * s.num_params + 5 * max_points * s.sum_width;
+  const int64_t B = max_points * s.sum_width;
+  return (steps + 1 + 3) * s.num_ext + (3 * (steps + 1) + 2) * B;
 }
 
 template <typename T>
 PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, int64_t steps,
                                                      int64_t max_points) {
   TaskWorkspace<T> w;
-  const int64_t P = s.num_params, B = max_points * s.sum_width;
+  const int64_t E = s.num_ext, B = max_points * s.sum_width;
   w.thetas = base;
-  w.g = w.thetas + (steps + 1) * P;
-  w.tmp = w.g + P;
-  w.hv = w.tmp + P;
-  w.tape.act = w.hv + P;
-  w.tape.grad = w.tape.act + B;
-  w.tape.pre = w.tape.grad + B;
-  w.tape.r_act = w.tape.pre + B;
-  w.tape.r_grad = w.tape.r_act + B;
+  w.g = w.thetas + (steps + 1) * E;
+  w.tmp = w.g + E;
+  w.hv = w.tmp + E;
+  w.tapes = w.hv + E;
+  w.tape_stride = B;
+  w.rtape.r_act = w.tapes + 3 * (steps + 1) * B;
+  w.rtape.r_grad = w.rtape.r_act + B;
   return w;
 }
 
 // Inner loop (DESIGN.md §1): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
-// from theta^0 = theta. Leaves theta^0..theta^S in w.thetas.
-template <typename T, Activation A, Loss L>
+// from theta^0 = theta [P]. Leaves theta^0..theta^S (extended) and their tapes in w.
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* theta, const T* Xs, const T* Ys,
                                    int64_t K, int64_t steps, InnerLR<T> lr,
                                    const TaskWorkspace<T>& w) {
-  const int64_t P = s.num_params;
-  for (int64_t p = 0; p < P; ++p) w.thetas[p] = theta[p];
+  const int64_t E = s.num_ext;
+  expand_params<T, LA>(s, theta, w.thetas);
   for (int64_t k = 0; k < steps; ++k) {
-    const T* cur = w.thetas + k * P;
-    T* next = w.thetas + (k + 1) * P;
-    loss_and_grad<T, A, L>(s, cur, Xs, Ys, K, w.tape, w.tmp);
-    for (int64_t p = 0; p < P; ++p) next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p];
+    const T* cur = w.thetas + k * E;
+    T* next = w.thetas + (k + 1) * E;
+    loss_and_grad<T, A, L, LA>(s, cur, Xs, Ys, K, w.tape(k), w.tmp);
+    for (int64_t p = 0; p < E; ++p) next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p];
   }
 }
 
-// Meta-gradient walk (DESIGN.md §2): given w.g = dLoss/dtheta^S, for k = S-1..0,
-// g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs w.thetas from
-// `inner_loop`. The gradient recomputed at each theta^k is also what d/d(lr_k) would need.
-template <typename T, Activation A, Loss L>
-PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
-                                  int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w) {
-  const int64_t P = s.num_params;
+// Meta-gradient walk (DESIGN.md §2): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
+// g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs w.thetas and the
+// tapes from `inner_loop`.
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
+                                  InnerLR<T> lr, const TaskWorkspace<T>& w) {
+  const int64_t E = s.num_ext;
   for (int64_t k = steps - 1; k >= 0; --k) {
-    const T* cur = w.thetas + k * P;
-    loss_and_grad<T, A, L>(s, cur, Xs, Ys, K, w.tape, w.tmp);  // tape at theta^k
-    for (int64_t p = 0; p < P; ++p) w.tmp[p] = lr.at(int(k), p) * w.g[p];
-    hvp<T, A, L>(s, cur, Xs, K, w.tape, w.tmp, w.hv);
-    for (int64_t p = 0; p < P; ++p) w.g[p] -= w.hv[p];
+    for (int64_t p = 0; p < E; ++p) w.tmp[p] = lr.at(int(k), p) * w.g[p];
+    hvp<T, A, L, LA>(s, w.thetas + k * E, Xs, K, w.tape(k), w.rtape, w.tmp, w.hv);
+    for (int64_t p = 0; p < E; ++p) w.g[p] -= w.hv[p];
   }
 }
 
@@ -390,32 +434,35 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, const T* Ys, i
 // Whole-task entry points, shared by every backend.
 
 // MAML / FO-MAML on one task: runs the inner loop on the support set, returns the query loss
-// at theta^S and, if `need_grad`, leaves this task's meta-gradient dLq(theta^S)/dtheta in w.g
-// (first order: the gradient at theta^S itself, each inner step's Jacobian taken as I).
-template <typename T, Activation A, Loss L>
+// at theta^S and, if `need_grad`, leaves this task's meta-gradient dLq(theta^S)/dtheta in
+// w.g[0, P) (first order: the gradient at theta^S itself, each inner step's Jacobian taken
+// as I).
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* theta, const T* Xs, const T* Ys,
                                int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
                                InnerLR<T> lr, bool first_order, bool need_grad,
                                const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L>(s, theta, Xs, Ys, K, steps, lr, w);
-  const T* adapted = w.thetas + steps * s.num_params;
+  inner_loop<T, A, L, LA>(s, theta, Xs, Ys, K, steps, lr, w);
+  const T* adapted = w.thetas + steps * s.num_ext;
+  const Tape<T> query = w.tape(steps);
   if (!need_grad) {
-    forward<T, A>(s, adapted, Xq, Q, w.tape);
-    return loss_and_seed<T, L>(s, Yq, Q, w.tape);
+    forward<T, A, LA>(s, adapted, Xq, Q, query);
+    return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
-  const T query_loss = loss_and_grad<T, A, L>(s, adapted, Xq, Yq, Q, w.tape, w.g);
-  if (!first_order) walk_back<T, A, L>(s, Xs, Ys, K, steps, lr, w);
+  const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
+  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w);
   return query_loss;
 }
 
-// Vector-Jacobian product of one task's adaptation: given dOut/dtheta^S in w.g, leaves
-// dOut/dtheta^0 in w.g (second order).
-template <typename T, Activation A, Loss L>
+// Vector-Jacobian product of one task's adaptation (second order): given grad = dOut/dtheta^S
+// [P], leaves dOut/dtheta^0 in w.g[0, P).
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* theta, const T* Xs,
                                        const T* Ys, int64_t K, int64_t steps, InnerLR<T> lr,
-                                       const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L>(s, theta, Xs, Ys, K, steps, lr, w);
-  walk_back<T, A, L>(s, Xs, Ys, K, steps, lr, w);
+                                       const T* grad, const TaskWorkspace<T>& w) {
+  inner_loop<T, A, L, LA>(s, theta, Xs, Ys, K, steps, lr, w);
+  expand_params<T, LA>(s, grad, w.g);
+  walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w);
 }
 
 }  // namespace pymaml

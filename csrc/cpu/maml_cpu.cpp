@@ -14,8 +14,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../dispatch.h"
 #include "../op_args.h"
+#include "kernels.h"
 #include "meta_batch.h"
 
 namespace pymaml::cpu {
@@ -83,15 +83,13 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
     scalar_t* adapted = out.data_ptr<scalar_t>();
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
     const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
-    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
-      constexpr Activation A = decltype(act)::value;
-      constexpr Loss L = decltype(lossk)::value;
-      const int64_t ws = task_workspace_size(c.shape, steps, K);
-      for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
-        const auto w = carve_workspace(base, c.shape, steps, K);
-        inner_loop<scalar_t, A, L>(c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr, w);
-        std::copy_n(w.thetas + steps * P, P, adapted + t * P);
-      });
+    const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+    const int64_t ws = task_workspace_size(c.shape, steps, K);
+    for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
+      const auto w = carve_workspace(base, c.shape, steps, K);
+      kern.inner_loop(c.activation, c.loss, c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr,
+                      w);
+      std::copy_n(w.thetas + steps * c.shape.num_ext, P, adapted + t * P);
     });
   });
   return out;
@@ -128,17 +126,14 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
     scalar_t* acc = partial.data_ptr<scalar_t>();
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
     const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
-    dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
-      constexpr Activation A = decltype(act)::value;
-      constexpr Loss L = decltype(lossk)::value;
-      const int64_t ws = task_workspace_size(c.shape, steps, K);
-      for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
-        const auto w = carve_workspace(base, c.shape, steps, K);
-        std::copy_n(G + t * P, P, w.g);
-        adapt_vjp_task<scalar_t, A, L>(c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr, w);
-        scalar_t* dst = acc + b * P;
-        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
-      });
+    const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+    const int64_t ws = task_workspace_size(c.shape, steps, K);
+    for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
+      const auto w = carve_workspace(base, c.shape, steps, K);
+      kern.adapt_vjp_task(c.activation, c.loss, c.shape, theta, X + t * nx, Y + t * ny, K, steps,
+                          lr, G + t * P, w);
+      scalar_t* dst = acc + b * P;
+      for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
     });
     reduce_blocks(acc, nb, P, scalar_t(1), out.data_ptr<scalar_t>());
   });
@@ -171,24 +166,21 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const int64_t nxs = K * c.shape.n[0], nys = K * c.shape.n_out();
   const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
   const int64_t points = std::max(K, Q);
-  dispatch_act_loss(c.activation, c.loss, [&](auto act, auto lossk) {
-    constexpr Activation A = decltype(act)::value;
-    constexpr Loss L = decltype(lossk)::value;
-    at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
-      scalar_t* base = scratch_.data() + size_t(at::get_thread_num()) * size_t(worker_size_);
-      const auto w = carve_workspace(base, c.shape, steps, points);
-      for (int64_t b = b0; b < b1; ++b) {
-        const auto [first, last] = block_range(b, blocks_, T);
-        for (int64_t t = first; t < last; ++t) {
-          losses_[b] += maml_task<scalar_t, A, L>(c.shape, theta, Xs + t * nxs, Ys + t * nys, K,
-                                                  Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
-                                                  first_order, need_grad, w);
-          if (!need_grad) continue;
-          scalar_t* dst = partial_.data() + b * P;
-          for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
-        }
+  const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+  at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
+    scalar_t* base = scratch_.data() + size_t(at::get_thread_num()) * size_t(worker_size_);
+    const auto w = carve_workspace(base, c.shape, steps, points);
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [first, last] = block_range(b, blocks_, T);
+      for (int64_t t = first; t < last; ++t) {
+        losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, theta, Xs + t * nxs,
+                                     Ys + t * nys, K, Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
+                                     first_order, need_grad, w);
+        if (!need_grad) continue;
+        scalar_t* dst = partial_.data() + b * P;
+        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
       }
-    });
+    }
   });
   // Mean over tasks, blocks summed in order.
   const scalar_t inv_t = scalar_t(1) / scalar_t(T);

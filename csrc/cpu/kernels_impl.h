@@ -1,0 +1,51 @@
+// One instruction set's build of the task kernels: maml_math.h with SimdLinalg, inside the
+// namespace PYMAML_ISA. Included only by kernels_<isa>.cpp, which first sets the compiler's
+// target and defines PYMAML_ISA, PYMAML_VECTOR_BYTES and PYMAML_VECTOR_REGISTERS.
+#include "../dispatch.h"
+#include "kernels.h"
+#include "simd_linalg.h"
+
+namespace pymaml::cpu::PYMAML_ISA {
+
+template <typename T>
+T maml_task(Activation act, Loss loss, const MlpShape& s, const T* theta, const T* Xs,
+            const T* Ys, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
+            InnerLR<T> lr, bool first_order, bool need_grad, const TaskWorkspace<T>& w) {
+  T value = T(0);
+  dispatch_act_loss(act, loss, [&](auto a, auto l) {
+    value = pymaml::maml_task<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
+        s, theta, Xs, Ys, K, Xq, Yq, Q, steps, lr, first_order, need_grad, w);
+  });
+  return value;
+}
+
+template <typename T>
+void inner_loop(Activation act, Loss loss, const MlpShape& s, const T* theta, const T* Xs,
+                const T* Ys, int64_t K, int64_t steps, InnerLR<T> lr,
+                const TaskWorkspace<T>& w) {
+  dispatch_act_loss(act, loss, [&](auto a, auto l) {
+    pymaml::inner_loop<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(s, theta, Xs, Ys,
+                                                                              K, steps, lr, w);
+  });
+}
+
+template <typename T>
+void adapt_vjp_task(Activation act, Loss loss, const MlpShape& s, const T* theta, const T* Xs,
+                    const T* Ys, int64_t K, int64_t steps, InnerLR<T> lr, const T* grad,
+                    const TaskWorkspace<T>& w) {
+  dispatch_act_loss(act, loss, [&](auto a, auto l) {
+    pymaml::adapt_vjp_task<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
+        s, theta, Xs, Ys, K, steps, lr, grad, w);
+  });
+}
+
+template <typename T>
+const TaskKernels<T>& kernels() {
+  static const TaskKernels<T> table{&maml_task<T>, &inner_loop<T>, &adapt_vjp_task<T>};
+  return table;
+}
+
+template const TaskKernels<float>& kernels<float>();
+template const TaskKernels<double>& kernels<double>();
+
+}  // namespace pymaml::cpu::PYMAML_ISA

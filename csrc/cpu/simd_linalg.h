@@ -1,0 +1,182 @@
+// SIMD version of maml_math.h's one heavy primitive (ScalarLinalg::gemm), written with GCC /
+// Clang vector extensions so that the same source becomes AVX-512, AVX2 or SSE2 / NEON code
+// depending on the target the including file is compiled for (see kernels_impl.h). Everything
+// here lives in that file's instruction-set namespace, so the copies never mix at link time.
+//
+// C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n]: the output columns are cut
+// into strips of up to 4 vectors, the rows into tiles of MR rows, and each MR x NR tile of C
+// is accumulated in registers over the whole sum (one vector load of B per p and vector, one
+// broadcast of A per p and row), then stored once. Columns left over after the full vectors
+// are done with half, quarter, ... vectors, so any width works without padding or masks.
+// The sum over p runs in increasing order with one multiply-add per term, exactly like
+// ScalarLinalg, except for products with one output column and contiguous rows of A (the
+// output layer's forward pass), which are lane-parallel dot products.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "../maml_math.h"
+
+#if !defined(PYMAML_ISA) || !defined(PYMAML_VECTOR_BYTES) || !defined(PYMAML_VECTOR_REGISTERS)
+#error "include simd_linalg.h through kernels_impl.h"
+#endif
+
+namespace pymaml::cpu::PYMAML_ISA {
+
+template <typename T, int W>
+struct Lanes {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);  // unaligned load
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+  // A broadcast. Written as x - 0 because that is exact for every x, so the compiler folds it
+  // into one broadcast; V{} + x is not (-0.0 + 0.0 = +0.0) and costs an addition per use.
+  static V splat(T x) { return x - V{}; }
+  static T sum(V v) {
+    T s = T(0);
+    for (int i = 0; i < W; ++i) s += v[i];
+    return s;
+  }
+};
+
+template <typename T>
+struct Lanes<T, 1> {
+  typedef T V;
+  static V load(const T* p) { return *p; }
+  static void store(T* p, V v) { *p = v; }
+  static V splat(T x) { return x; }
+  static T sum(V v) { return v; }
+};
+
+// One MR x (NR * W) tile of C, accumulated over all P in registers.
+template <typename T, int W, int MR, int NR>
+void tile(int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B, int64_t ldb, T* C,
+          int64_t ldc, Init init, const T* bias) {
+  using L = Lanes<T, W>;
+  typename L::V acc[MR][NR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
+      acc[m][r] = init == Init::Zero   ? L::splat(T(0))
+                  : init == Init::Bias ? L::load(bias + r * W)
+                                       : L::load(C + m * ldc + r * W);
+  for (int64_t p = 0; p < P; ++p) {
+    typename L::V b[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) b[r] = L::load(B + p * ldb + r * W);
+    const T* a = A + p * a_ps;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const typename L::V am = L::splat(a[m * a_ms]);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] += am * b[r];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) L::store(C + m * ldc + r * W, acc[m][r]);
+}
+
+// sum_p a[p] * b[p], W lanes at a time, the rest with narrower vectors.
+template <typename T, int W>
+T dot(const T* a, const T* b, int64_t n) {
+  using L = Lanes<T, W>;
+  T total = T(0);
+  int64_t p = 0;
+  if (n >= W) {
+    typename L::V acc = L::splat(T(0));
+    for (; p + W <= n; p += W) acc += L::load(a + p) * L::load(b + p);
+    total = L::sum(acc);
+  }
+  if constexpr (W > 1) {
+    if (p < n) total += dot<T, W / 2>(a + p, b + p, n - p);
+  }
+  return total;
+}
+
+struct SimdLinalg {
+  // Tallest tile whose accumulators, B vectors and broadcast fit in the vector registers.
+  static constexpr int max_rows(int nr) {
+    return std::min(12, (PYMAML_VECTOR_REGISTERS - nr - 1) / nr);
+  }
+
+  template <typename T, int W, int NR, size_t... MR>
+  static void tile_rows(std::index_sequence<MR...>, int mr, int64_t P, const T* A, int64_t a_ms,
+                        int64_t a_ps, const T* B, int64_t ldb, T* C, int64_t ldc, Init init,
+                        const T* bias) {
+    using Fn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, Init,
+                        const T*);
+    static constexpr Fn table[] = {&tile<T, W, int(MR) + 1, NR>...};
+    table[mr - 1](P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias);
+  }
+
+  // Columns [n0, n0 + NR * W) for all M rows, in tiles of max_rows(NR) rows.
+  template <typename T, int W, int NR>
+  static void strip(int64_t M, int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, Init init, const T* bias, int64_t n0) {
+    constexpr int rows = max_rows(NR);
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int mr = int(std::min<int64_t>(rows, M - m0));
+      tile_rows<T, W, NR>(std::make_index_sequence<rows>{}, mr, P, A + m0 * a_ms, a_ms, a_ps,
+                          B + n0, ldb, C + m0 * ldc + n0, ldc, init, bias ? bias + n0 : bias);
+    }
+  }
+
+  // The columns left after the full vectors (fewer than W): narrower vectors, one strip each.
+  template <typename T, int W>
+  static void tail(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
+                   const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias,
+                   int64_t n0) {
+    if (N - n0 >= W) {
+      strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+      n0 += W;
+    }
+    if constexpr (W > 1) tail<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+  }
+
+  template <typename T, int W>
+  static void gemm_w(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
+                     const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias) {
+    int64_t n0 = 0;
+    for (; N - n0 >= 4 * W; n0 += 4 * W)
+      strip<T, W, 4>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+    switch ((N - n0) / W) {
+      case 3: strip<T, W, 3>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
+      case 2: strip<T, W, 2>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
+      case 1: strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
+      default: break;
+    }
+    n0 += (N - n0) / W * W;
+    if constexpr (W > 1) tail<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+  }
+
+  template <typename T>
+  static void gemm(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
+                   const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias) {
+    constexpr int W = PYMAML_VECTOR_BYTES / int(sizeof(T));
+    if (N == 1 && M > 1 && ldc == 1 && init != Init::Bias && a_ms == 1) {
+      // One output column, A's column contiguous: C^T [1, M] = B^T [1, P] A^T [P, M].
+      gemm_w<T, W>(1, M, P, B, 0, ldb, A, a_ps, C, M, init, bias);
+      return;
+    }
+    if (N == 1 && a_ps == 1 && ldb == 1) {
+      // One output column, A's rows contiguous: dot products.
+      for (int64_t m = 0; m < M; ++m) {
+        const T init_value = init == Init::Zero ? T(0) : init == Init::Bias ? bias[0] : C[m * ldc];
+        C[m * ldc] = init_value + dot<T, W>(A + m * a_ms, B, P);
+      }
+      return;
+    }
+    gemm_w<T, W>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias);
+  }
+};
+
+}  // namespace pymaml::cpu::PYMAML_ISA
