@@ -257,11 +257,12 @@ PYMAML_HOST_DEVICE void weight_grad(const MlpShape& s, int l, int64_t K, const T
              (const T*)nullptr);
 }
 
+// out[i] = sum_k G[k, i], as the product ones[1, K] G[K, n] (vectorised like the rest).
 template <typename T, typename LA>
 PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = T(0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t i = 0; i < n; ++i) out[i] += G[k * n + i];
+  const T one = T(1);
+  LA::gemm(int64_t(1), n, K, &one, int64_t(0), int64_t(0), G, n, out, n, Init::Zero,
+           (const T*)nullptr);
 }
 
 // Backprop (DESIGN.md §2) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
@@ -365,13 +366,17 @@ struct InnerLR {
 // tape of every step, so the walk back never recomputes a forward or backward pass.
 template <typename T>
 struct TaskWorkspace {
-  T* thetas;     // [S + 1, E]: theta^0 ... theta^S of the inner loop, extended
+  const T* theta0;  // theta^0 = the shared initialisation, extended (set by the caller)
+  T* thetas;     // [S, E]: theta^1 ... theta^S of the inner loop, extended
   T* g;          // [E] the walked-back gradient
   T* tmp;        // [E] inner gradient, then the direction lr * g
   T* hv;         // [E] Hessian-vector product
   T* tapes;      // [S + 1, 3, B]: the tape at each theta^k (k < S) and the query pass (S)
   int64_t tape_stride;  // B = max_points * sum_width
   RTape<T> rtape;       // [2, B]
+  PYMAML_HOST_DEVICE const T* theta(int64_t k, const MlpShape& s) const {
+    return k == 0 ? theta0 : thetas + (k - 1) * s.num_ext;
+  }
   PYMAML_HOST_DEVICE Tape<T> tape(int64_t k) const {
     T* base = tapes + 3 * k * tape_stride;
     return Tape<T>{base, base + tape_stride, base + 2 * tape_stride};
@@ -381,7 +386,7 @@ struct TaskWorkspace {
 inline PYMAML_HOST_DEVICE int64_t task_workspace_size(const MlpShape& s, int64_t steps,
                                                       int64_t max_points) {
   const int64_t B = max_points * s.sum_width;
-  return (steps + 1 + 3) * s.num_ext + (3 * (steps + 1) + 2) * B;
+  return (steps + 3) * s.num_ext + (3 * (steps + 1) + 2) * B;
 }
 
 template <typename T>
@@ -389,8 +394,9 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
                                                      int64_t max_points) {
   TaskWorkspace<T> w;
   const int64_t E = s.num_ext, B = max_points * s.sum_width;
+  w.theta0 = nullptr;
   w.thetas = base;
-  w.g = w.thetas + (steps + 1) * E;
+  w.g = w.thetas + steps * E;
   w.tmp = w.g + E;
   w.hv = w.tmp + E;
   w.tapes = w.hv + E;
@@ -401,49 +407,56 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
 }
 
 // Inner loop (DESIGN.md §1): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
-// from theta^0 = theta [P]. Leaves theta^0..theta^S (extended) and their tapes in w.
+// from theta^0 = w.theta0. Leaves theta^1..theta^S and the tapes of theta^0..theta^{S-1} in w.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* theta, const T* Xs, const T* Ys,
-                                   int64_t K, int64_t steps, InnerLR<T> lr,
-                                   const TaskWorkspace<T>& w) {
+PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
+                                   int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w) {
   const int64_t E = s.num_ext;
-  expand_params<T, LA>(s, theta, w.thetas);
   for (int64_t k = 0; k < steps; ++k) {
-    const T* cur = w.thetas + k * E;
-    T* next = w.thetas + (k + 1) * E;
+    const T* cur = w.theta(k, s);
+    T* next = w.thetas + k * E;
     loss_and_grad<T, A, L, LA>(s, cur, Xs, Ys, K, w.tape(k), w.tmp);
     for (int64_t p = 0; p < E; ++p) next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p];
   }
 }
 
 // Meta-gradient walk (DESIGN.md §2): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
-// g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs w.thetas and the
-// tapes from `inner_loop`.
+// g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs the thetas and tapes
+// of `inner_loop`. Each pass over g also forms the next step's direction.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
                                   InnerLR<T> lr, const TaskWorkspace<T>& w) {
   const int64_t E = s.num_ext;
+  if (steps == 0) return;
+  for (int64_t p = 0; p < E; ++p) w.tmp[p] = lr.at(int(steps - 1), p) * w.g[p];
   for (int64_t k = steps - 1; k >= 0; --k) {
-    for (int64_t p = 0; p < E; ++p) w.tmp[p] = lr.at(int(k), p) * w.g[p];
-    hvp<T, A, L, LA>(s, w.thetas + k * E, Xs, K, w.tape(k), w.rtape, w.tmp, w.hv);
-    for (int64_t p = 0; p < E; ++p) w.g[p] -= w.hv[p];
+    hvp<T, A, L, LA>(s, w.theta(k, s), Xs, K, w.tape(k), w.rtape, w.tmp, w.hv);
+    if (k > 0) {
+      for (int64_t p = 0; p < E; ++p) {
+        w.g[p] -= w.hv[p];
+        w.tmp[p] = lr.at(int(k - 1), p) * w.g[p];
+      }
+    } else {
+      for (int64_t p = 0; p < E; ++p) w.g[p] -= w.hv[p];
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Whole-task entry points, shared by every backend.
 
+// Both take theta^0 extended in w.theta0 (see expand_params), shared by the tasks of a batch.
+
 // MAML / FO-MAML on one task: runs the inner loop on the support set, returns the query loss
 // at theta^S and, if `need_grad`, leaves this task's meta-gradient dLq(theta^S)/dtheta in
 // w.g[0, P) (first order: the gradient at theta^S itself, each inner step's Jacobian taken
 // as I).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* theta, const T* Xs, const T* Ys,
-                               int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
-                               InnerLR<T> lr, bool first_order, bool need_grad,
-                               const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L, LA>(s, theta, Xs, Ys, K, steps, lr, w);
-  const T* adapted = w.thetas + steps * s.num_ext;
+PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
+                               const T* Xq, const T* Yq, int64_t Q, int64_t steps, InnerLR<T> lr,
+                               bool first_order, bool need_grad, const TaskWorkspace<T>& w) {
+  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w);
+  const T* adapted = w.theta(steps, s);
   const Tape<T> query = w.tape(steps);
   if (!need_grad) {
     forward<T, A, LA>(s, adapted, Xq, Q, query);
@@ -457,10 +470,10 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* theta, const T* Xs, c
 // Vector-Jacobian product of one task's adaptation (second order): given grad = dOut/dtheta^S
 // [P], leaves dOut/dtheta^0 in w.g[0, P).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* theta, const T* Xs,
-                                       const T* Ys, int64_t K, int64_t steps, InnerLR<T> lr,
-                                       const T* grad, const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L, LA>(s, theta, Xs, Ys, K, steps, lr, w);
+PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
+                                       int64_t steps, InnerLR<T> lr, const T* grad,
+                                       const TaskWorkspace<T>& w) {
+  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w);
   expand_params<T, LA>(s, grad, w.g);
   walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w);
 }

@@ -84,12 +84,14 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
     const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+    std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
+    expand_params(c.shape, theta, theta0.data());
     const int64_t ws = task_workspace_size(c.shape, steps, K);
     for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
-      const auto w = carve_workspace(base, c.shape, steps, K);
-      kern.inner_loop(c.activation, c.loss, c.shape, theta, X + t * nx, Y + t * ny, K, steps, lr,
-                      w);
-      std::copy_n(w.thetas + steps * c.shape.num_ext, P, adapted + t * P);
+      auto w = carve_workspace(base, c.shape, steps, K);
+      w.theta0 = theta0.data();
+      kern.inner_loop(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr, w);
+      std::copy_n(w.theta(steps, c.shape), P, adapted + t * P);
     });
   });
   return out;
@@ -127,11 +129,14 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
     const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+    std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
+    expand_params(c.shape, theta, theta0.data());
     const int64_t ws = task_workspace_size(c.shape, steps, K);
     for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
-      const auto w = carve_workspace(base, c.shape, steps, K);
-      kern.adapt_vjp_task(c.activation, c.loss, c.shape, theta, X + t * nx, Y + t * ny, K, steps,
-                          lr, G + t * P, w);
+      auto w = carve_workspace(base, c.shape, steps, K);
+      w.theta0 = theta0.data();
+      kern.adapt_vjp_task(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr,
+                          G + t * P, w);
       scalar_t* dst = acc + b * P;
       for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
     });
@@ -147,6 +152,7 @@ MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int
   blocks_ = num_blocks(T, P);
   worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q));
   partial_.resize(static_cast<size_t>(blocks_ * P));
+  theta0_.resize(static_cast<size_t>(config.shape.num_ext));
   losses_.resize(static_cast<size_t>(blocks_));
 }
 
@@ -167,13 +173,15 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
   const int64_t points = std::max(K, Q);
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+  expand_params(c.shape, theta, theta0_.data());  // once for all tasks
   at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
     scalar_t* base = scratch_.data() + size_t(at::get_thread_num()) * size_t(worker_size_);
-    const auto w = carve_workspace(base, c.shape, steps, points);
+    auto w = carve_workspace(base, c.shape, steps, points);
+    w.theta0 = theta0_.data();
     for (int64_t b = b0; b < b1; ++b) {
       const auto [first, last] = block_range(b, blocks_, T);
       for (int64_t t = first; t < last; ++t) {
-        losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, theta, Xs + t * nxs,
+        losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs,
                                      Ys + t * nys, K, Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
                                      first_order, need_grad, w);
         if (!need_grad) continue;

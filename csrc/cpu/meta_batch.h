@@ -34,6 +34,7 @@ class MetaBatch {
   std::vector<scalar_t> partial_;  // [blocks, P] per-block meta-gradient sums
   std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
   std::vector<scalar_t> scratch_;  // [workers, worker_size_]
+  std::vector<scalar_t> theta0_;   // [E] theta, extended (maml_math.h), shared by the tasks
 };
 
 extern template class MetaBatch<float>;

@@ -6,8 +6,10 @@
 // C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n]: the output columns are cut
 // into strips of up to 4 vectors, the rows into tiles of MR rows, and each MR x NR tile of C
 // is accumulated in registers over the whole sum (one vector load of B per p and vector, one
-// broadcast of A per p and row), then stored once. Columns left over after the full vectors
-// are done with half, quarter, ... vectors, so any width works without padding or masks.
+// broadcast of A per p and row), then stored once. When N is not a multiple of the vector
+// width, the last vector of the last strip is moved back to end at column N, overlapping its
+// neighbour: any width N >= W works without padding or masks (narrower ones use half,
+// quarter, ... vectors).
 // The sum over p runs in increasing order with one multiply-add per term, exactly like
 // ScalarLinalg, except for products with one output column and contiguous rows of A (the
 // output layer's forward pass), which are lane-parallel dot products.
@@ -54,23 +56,29 @@ struct Lanes<T, 1> {
   static T sum(V v) { return v; }
 };
 
-// One MR x (NR * W) tile of C, accumulated over all P in registers.
+// One MR-row tile of C over NR vectors of columns, at offsets 0, W, ..., (NR - 2) W and `last`
+// (= (NR - 1) W, or less so that the last vector ends at the matrix's edge: it then overlaps
+// the one before, whose columns it recomputes identically), accumulated over all P in
+// registers. Every load of C happens before any store, so Init::Accumulate is safe.
 template <typename T, int W, int MR, int NR>
 void tile(int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B, int64_t ldb, T* C,
-          int64_t ldc, Init init, const T* bias) {
+          int64_t ldc, Init init, const T* bias, int64_t last) {
   using L = Lanes<T, W>;
+  int64_t off[NR];
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r) off[r] = r + 1 < NR ? r * W : last;
   typename L::V acc[MR][NR];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r)
       acc[m][r] = init == Init::Zero   ? L::splat(T(0))
-                  : init == Init::Bias ? L::load(bias + r * W)
-                                       : L::load(C + m * ldc + r * W);
+                  : init == Init::Bias ? L::load(bias + off[r])
+                                       : L::load(C + m * ldc + off[r]);
   for (int64_t p = 0; p < P; ++p) {
     typename L::V b[NR];
 #pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) b[r] = L::load(B + p * ldb + r * W);
+    for (int r = 0; r < NR; ++r) b[r] = L::load(B + p * ldb + off[r]);
     const T* a = A + p * a_ps;
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
@@ -82,7 +90,7 @@ void tile(int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B, int64_t
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) L::store(C + m * ldc + r * W, acc[m][r]);
+    for (int r = 0; r < NR; ++r) L::store(C + m * ldc + off[r], acc[m][r]);
 }
 
 // sum_p a[p] * b[p], W lanes at a time, the rest with narrower vectors.
@@ -111,51 +119,63 @@ struct SimdLinalg {
   template <typename T, int W, int NR, size_t... MR>
   static void tile_rows(std::index_sequence<MR...>, int mr, int64_t P, const T* A, int64_t a_ms,
                         int64_t a_ps, const T* B, int64_t ldb, T* C, int64_t ldc, Init init,
-                        const T* bias) {
+                        const T* bias, int64_t last) {
     using Fn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, Init,
-                        const T*);
+                        const T*, int64_t);
     static constexpr Fn table[] = {&tile<T, W, int(MR) + 1, NR>...};
-    table[mr - 1](P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias);
+    table[mr - 1](P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, last);
   }
 
-  // Columns [n0, n0 + NR * W) for all M rows, in tiles of max_rows(NR) rows.
+  // The strip of columns [n0, n0 + last + W) for all M rows, in tiles of max_rows(NR) rows.
   template <typename T, int W, int NR>
   static void strip(int64_t M, int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B,
-                    int64_t ldb, T* C, int64_t ldc, Init init, const T* bias, int64_t n0) {
+                    int64_t ldb, T* C, int64_t ldc, Init init, const T* bias, int64_t n0,
+                    int64_t last) {
     constexpr int rows = max_rows(NR);
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
       const int mr = int(std::min<int64_t>(rows, M - m0));
       tile_rows<T, W, NR>(std::make_index_sequence<rows>{}, mr, P, A + m0 * a_ms, a_ms, a_ps,
-                          B + n0, ldb, C + m0 * ldc + n0, ldc, init, bias ? bias + n0 : bias);
+                          B + n0, ldb, C + m0 * ldc + n0, ldc, init, bias ? bias + n0 : bias,
+                          last);
     }
   }
 
-  // The columns left after the full vectors (fewer than W): narrower vectors, one strip each.
+  // Fewer than W columns in all: the widest narrower vector that fits, the rest recursively.
   template <typename T, int W>
-  static void tail(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
-                   const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias,
-                   int64_t n0) {
+  static void narrow(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
+                     const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias,
+                     int64_t n0) {
     if (N - n0 >= W) {
-      strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+      strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, 0);
       n0 += W;
     }
-    if constexpr (W > 1) tail<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+    if constexpr (W > 1)
+      if (n0 < N) narrow<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
   }
 
   template <typename T, int W>
   static void gemm_w(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
                      const T* B, int64_t ldb, T* C, int64_t ldc, Init init, const T* bias) {
+    if (N < W) return narrow<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, 0);
+    // Strips of 4 vectors, leaving at least one whole vector for the last strip, whose last
+    // vector is moved back to end at column N (no partial vectors, no masks).
     int64_t n0 = 0;
-    for (; N - n0 >= 4 * W; n0 += 4 * W)
-      strip<T, W, 4>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
-    switch ((N - n0) / W) {
-      case 3: strip<T, W, 3>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
-      case 2: strip<T, W, 2>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
-      case 1: strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0); break;
-      default: break;
+    while (N - n0 > 4 * W) {
+      const int nr = N - n0 - 4 * W >= W ? 4 : 3;
+      if (nr == 4)
+        strip<T, W, 4>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, 3 * W);
+      else
+        strip<T, W, 3>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, 2 * W);
+      n0 += nr * W;
     }
-    n0 += (N - n0) / W * W;
-    if constexpr (W > 1) tail<T, W / 2>(M, N, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0);
+    const int64_t rest = N - n0;  // in [W, 4W]
+    const int64_t last = rest - W;
+    switch ((rest + W - 1) / W) {
+      case 4: strip<T, W, 4>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, last); break;
+      case 3: strip<T, W, 3>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, last); break;
+      case 2: strip<T, W, 2>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, last); break;
+      default: strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, last); break;
+    }
   }
 
   template <typename T>

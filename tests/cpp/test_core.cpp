@@ -37,22 +37,27 @@ void test_hvp_finite_differences(unsigned seed) {
   std::vector<double> theta(P), v(P), X(K * 3), Y(K * 2);
   for (auto* vec : {&theta, &v, &X, &Y})
     for (auto& e : *vec) e = normal(rng);
-  std::vector<double> tape_mem(5 * K * s.sum_width), grad_plus(P), grad_minus(P), hv(P), g(P);
-  pymaml::Tape<double> tape{tape_mem.data(), tape_mem.data() + K * s.sum_width,
-                            tape_mem.data() + 2 * K * s.sum_width,
-                            tape_mem.data() + 3 * K * s.sum_width,
-                            tape_mem.data() + 4 * K * s.sum_width};
+  // Extended vectors (maml_math.h): the params plus transposed weight copies.
+  const int64_t E = s.num_ext, B = K * s.sum_width;
+  std::vector<double> tape_mem(5 * B), grad_plus(E), grad_minus(E), hv(E), g(E), theta_ext(E),
+      v_ext(E);
+  pymaml::Tape<double> tape{tape_mem.data(), tape_mem.data() + B, tape_mem.data() + 2 * B};
+  pymaml::RTape<double> rtape{tape_mem.data() + 3 * B, tape_mem.data() + 4 * B};
   const double h = 1e-6;
-  std::vector<double> shifted(P);
+  std::vector<double> shifted(P), shifted_ext(E);
   for (int sign : {1, -1}) {
     for (int64_t p = 0; p < P; ++p) shifted[p] = theta[p] + sign * h * v[p];
-    pymaml::loss_and_grad<double, A, L>(s, shifted.data(), X.data(), Y.data(), K, tape,
+    pymaml::expand_params(s, shifted.data(), shifted_ext.data());
+    pymaml::loss_and_grad<double, A, L>(s, shifted_ext.data(), X.data(), Y.data(), K, tape,
                                         sign > 0 ? grad_plus.data() : grad_minus.data());
   }
-  pymaml::loss_and_grad<double, A, L>(s, theta.data(), X.data(), Y.data(), K, tape, g.data());
-  pymaml::hvp<double, A, L>(s, theta.data(), X.data(), K, tape, v.data(), hv.data());
+  pymaml::expand_params(s, theta.data(), theta_ext.data());
+  pymaml::expand_params(s, v.data(), v_ext.data());
+  pymaml::loss_and_grad<double, A, L>(s, theta_ext.data(), X.data(), Y.data(), K, tape, g.data());
+  pymaml::hvp<double, A, L>(s, theta_ext.data(), X.data(), K, tape, rtape, v_ext.data(),
+                            hv.data());
   double worst = 0, scale = 1;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < E; ++p) {  // the transposed copies too
     const double fd = (grad_plus[p] - grad_minus[p]) / (2 * h);
     worst = std::max(worst, std::abs(fd - hv[p]));
     scale = std::max(scale, std::abs(hv[p]));
