@@ -126,17 +126,20 @@ struct SimdLinalg {
     table[mr - 1](P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, last);
   }
 
-  // The strip of columns [n0, n0 + last + W) for all M rows, in tiles of max_rows(NR) rows.
+  // The strip of columns [n0, n0 + last + W) for all M rows, in the fewest tiles of at most
+  // max_rows(NR) rows, of even heights (10 rows: 5 + 5, not 9 + 1: every tile reloads B).
   template <typename T, int W, int NR>
   static void strip(int64_t M, int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B,
                     int64_t ldb, T* C, int64_t ldc, Init init, const T* bias, int64_t n0,
                     int64_t last) {
     constexpr int rows = max_rows(NR);
-    for (int64_t m0 = 0; m0 < M; m0 += rows) {
-      const int mr = int(std::min<int64_t>(rows, M - m0));
+    const int64_t tiles = (M + rows - 1) / rows;
+    for (int64_t i = 0, m0 = 0; i < tiles; ++i) {
+      const int mr = int((M - m0) / (tiles - i));  // spread the remainder over the last tiles
       tile_rows<T, W, NR>(std::make_index_sequence<rows>{}, mr, P, A + m0 * a_ms, a_ms, a_ps,
                           B + n0, ldb, C + m0 * ldc + n0, ldc, init, bias ? bias + n0 : bias,
                           last);
+      m0 += mr;
     }
   }
 
