@@ -52,13 +52,18 @@ void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
 template <typename scalar_t>
 void reduce_blocks(const scalar_t* partial, int64_t nb, int64_t P, scalar_t scale,
                    scalar_t* out) {
-  at::parallel_for(0, P, 4096, [&](int64_t p0, int64_t p1) {
+  auto reduce = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       scalar_t acc = scalar_t(0);
       for (int64_t b = 0; b < nb; ++b) acc += partial[b * P + p];
       out[p] = acc * scale;
     }
-  });
+  };
+  constexpr int64_t grain = 4096;
+  if (P <= grain)
+    reduce(0, P);  // small: not worth a parallel region
+  else
+    at::parallel_for(0, P, grain, reduce);
 }
 
 }  // namespace
@@ -164,8 +169,11 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const int64_t P = c.shape.num_params, T = T_, K = K_, Q = Q_, steps = c.steps;
   const bool need_grad = grad != nullptr;
   const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
-  if (scratch_.size() < workers * static_cast<size_t>(worker_size_))
-    scratch_.resize(workers * static_cast<size_t>(worker_size_));
+  if (scratch_size_ < workers * static_cast<size_t>(worker_size_)) {
+    // Uninitialised on purpose (every buffer is written before it is read).
+    scratch_size_ = workers * static_cast<size_t>(worker_size_);
+    scratch_.reset(new scalar_t[scratch_size_]);
+  }
   std::fill(losses_.begin(), losses_.end(), scalar_t(0));
   if (need_grad) std::fill(partial_.begin(), partial_.end(), scalar_t(0));
   const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
@@ -175,7 +183,7 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
   expand_params(c.shape, theta, theta0_.data());  // once for all tasks
   at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
-    scalar_t* base = scratch_.data() + size_t(at::get_thread_num()) * size_t(worker_size_);
+    scalar_t* base = scratch_.get() + size_t(at::get_thread_num()) * size_t(worker_size_);
     auto w = carve_workspace(base, c.shape, steps, points);
     w.theta0 = theta0_.data();
     for (int64_t b = b0; b < b1; ++b) {

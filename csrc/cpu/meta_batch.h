@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../op_args.h"
@@ -33,7 +34,8 @@ class MetaBatch {
   int64_t worker_size_;          // scratch elements per worker
   std::vector<scalar_t> partial_;  // [blocks, P] per-block meta-gradient sums
   std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
-  std::vector<scalar_t> scratch_;  // [workers, worker_size_]
+  std::unique_ptr<scalar_t[]> scratch_;  // [workers, worker_size_]
+  size_t scratch_size_ = 0;
   std::vector<scalar_t> theta0_;   // [E] theta, extended (maml_math.h), shared by the tasks
 };
 
