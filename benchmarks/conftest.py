@@ -1,5 +1,5 @@
 """Benchmark settings: one thread unless a benchmark says otherwise (ratios between
-implementations are what we read; pytest alone never collects this folder)."""
+implementations are what we read; `pytest` alone never collects this folder: testpaths is tests/)."""
 
 import pytest
 import torch

@@ -12,3 +12,7 @@ cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build build/cmake -j2
 ctest --test-dir build/cmake --output-on-failure
 "$PY" -m pytest benchmarks -q --benchmark-disable
+# the benchmark command's quick pass: every section, small sizes, a table, JSON and PNG
+bench_dir=$(mktemp -d)
+trap 'rm -rf "$bench_dir"' EXIT
+"$PY" -m pymaml bench --quick --out "$bench_dir/bench"
