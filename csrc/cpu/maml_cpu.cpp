@@ -12,6 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
+#include <memory>
 #include <vector>
 
 #include "../op_args.h"
@@ -35,16 +38,50 @@ std::pair<int64_t, int64_t> block_range(int64_t b, int64_t nb, int64_t T) {
   return {b * T / nb, (b + 1) * T / nb};
 }
 
-// Runs fn(task, workspace) over all tasks, block by block; one workspace per worker chunk,
-// allocated once outside the task loop.
+// Runs fn(b, worker) for every block b in [0, nb), worker < at::get_num_threads() naming the
+// caller's scratch. The calling thread works through the blocks, taking them from a shared
+// counter, and up to get_num_threads() - 1 helpers from ATen's inter-op pool join in as soon
+// as they start. The caller waits only for blocks a helper has taken, never for a helper to
+// start: on a machine whose other cores are busy, a fork-join region (OpenMP) waits for every
+// thread to be scheduled, which made two threads 5-10x slower than one there. Which thread
+// runs a block never changes a result: each block sums into its own partial sum.
+template <typename Fn>
+void run_blocks(int64_t nb, Fn&& fn) {
+  const int64_t workers = std::min<int64_t>(nb, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    for (int64_t b = 0; b < nb; ++b) fn(b, 0);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> joined{0};
+  };
+  // The shared counters outlive this call (a helper may start after the batch is done); the
+  // caller's fn is touched only by a helper holding a block, which the caller waits for.
+  auto shared = std::make_shared<Shared>();
+  auto* f = &fn;
+  auto take_blocks = [nb, f](Shared& st, int worker) {
+    for (int64_t b = st.next++; b < nb; b = st.next++) {
+      (*f)(b, worker);
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 1; h < workers; ++h)
+    at::launch([shared, take_blocks] { take_blocks(*shared, shared->joined.fetch_add(1) + 1); });
+  take_blocks(*shared, 0);
+  while (shared->done.load(std::memory_order_acquire) < nb) std::this_thread::yield();
+}
+
+// Runs fn(block, task, workspace) over all tasks, block by block, with one workspace of
+// ws_size elements per worker, allocated once.
 template <typename scalar_t, typename Fn>
 void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<scalar_t> scratch(static_cast<size_t>(ws_size));
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [first, last] = block_range(b, nb, T);
-      for (int64_t t = first; t < last; ++t) fn(b, t, scratch.data());
-    }
+  const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
+  std::unique_ptr<scalar_t[]> scratch(new scalar_t[workers * static_cast<size_t>(ws_size)]);
+  run_blocks(nb, [&](int64_t b, int worker) {
+    scalar_t* base = scratch.get() + size_t(worker) * size_t(ws_size);
+    const auto [first, last] = block_range(b, nb, T);
+    for (int64_t t = first; t < last; ++t) fn(b, t, base);
   });
 }
 
@@ -182,20 +219,18 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const int64_t points = std::max(K, Q);
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
   expand_params(c.shape, theta, theta0_.data());  // once for all tasks
-  at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
-    scalar_t* base = scratch_.get() + size_t(at::get_thread_num()) * size_t(worker_size_);
-    auto w = carve_workspace(base, c.shape, steps, points);
+  run_blocks(blocks_, [&](int64_t b, int worker) {
+    auto w = carve_workspace(scratch_.get() + size_t(worker) * size_t(worker_size_), c.shape,
+                             steps, points);
     w.theta0 = theta0_.data();
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [first, last] = block_range(b, blocks_, T);
-      for (int64_t t = first; t < last; ++t) {
-        losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs,
-                                     Ys + t * nys, K, Xq + t * nxq, Yq + t * nyq, Q, steps, lr,
-                                     first_order, need_grad, w);
-        if (!need_grad) continue;
-        scalar_t* dst = partial_.data() + b * P;
-        for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
-      }
+    const auto [first, last] = block_range(b, blocks_, T);
+    for (int64_t t = first; t < last; ++t) {
+      losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
+                                   Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
+                                   need_grad, w);
+      if (!need_grad) continue;
+      scalar_t* dst = partial_.data() + b * P;
+      for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
     }
   });
   // Mean over tasks, blocks summed in order.
