@@ -231,6 +231,19 @@ def _chunk_state(opt, params, name, hyper) -> Optional[List[torch.Tensor]]:
     return tensors if name == "sgd" else [step] + tensors
 
 
+def _fits(name, hyper, dtype) -> bool:
+    """Whether every scalar the optimizer's step casts to `dtype` (lr, the step sizes
+    lr / (1 - beta1 ** step), eps, ...) is well inside its range. torch.optim raises where one
+    overflows (and the op refuses it); such runs are left to torch.optim."""
+    limit = torch.finfo(dtype).max / 16
+    if name == "sgd":
+        values = hyper[:4]
+    else:
+        lr, beta1, _, eps, weight_decay = hyper[:5]
+        values = [lr / (1 - beta1), eps, weight_decay, lr * weight_decay]
+    return all(abs(v) <= limit for v in values)
+
+
 _REPRODUCED: Dict[tuple, bool] = {}
 
 
@@ -542,7 +555,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     if (which == "fused" and device.type == "cpu" and algorithm in ("maml", "fomaml")
             and start < iterations):
         fast = _chunk_optimizer(opt)
-        if fast is not None and not _reproduces_torch_optim(opt, *fast, dtype):
+        if fast is not None and not (_fits(*fast, dtype) and _reproduces_torch_optim(opt, *fast, dtype)):
             fast = None
     first_order = algorithm == "fomaml"
 

@@ -6,8 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 namespace pymaml::cpu {
 namespace {
@@ -152,8 +154,12 @@ PYMAML_TARGET_FMA bool all_finite_fma(const T* x, int64_t n) {
   return all_finite_kernel(x, n);
 }
 
+// Whether to run the AVX2+FMA clones. PYMAML_PORTABLE_KERNELS=1 in the environment forces the
+// portable ones (read once), so that tests can check them on machines that have FMA.
 bool cpu_has_fma() {
   static const bool has = [] {
+    const char* portable = std::getenv("PYMAML_PORTABLE_KERNELS");
+    if (portable != nullptr && std::string(portable) == "1") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
@@ -165,9 +171,14 @@ bool cpu_has_fma() {
 #define PYMAML_CALL(name, ...) name##_portable(__VA_ARGS__)
 #endif
 
-// torch.optim passes these as Python floats; ATen casts a Scalar to the tensor's dtype.
+// torch.optim passes these as Python floats; ATen casts a Scalar to the tensor's dtype, and
+// raises where a finite value overflows it (c10's checked_convert): so does this.
 template <typename T>
 T cast(double x) {
+  TORCH_CHECK_VALUE(!std::isfinite(x) || std::abs(x) <= double(std::numeric_limits<T>::max()),
+                    "pymaml's outer optimizer: the scalar ", x, " (from its hyper-parameters) "
+                    "overflows ", std::is_same_v<T, float> ? "float32" : "float64",
+                    ", the dtype of params");
   return static_cast<T>(x);
 }
 
