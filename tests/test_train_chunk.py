@@ -34,7 +34,7 @@ SETTINGS = [
     (SGD, dict(lr=1e-2)),
     (SGD, dict(lr=0.3, momentum=0.9)),
     (SGD, dict(lr=0.1, momentum=0.5, dampening=0.3, weight_decay=1e-2)),
-    (SGD, dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    (SGD, dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True, weight_decay=1e-3)),
     (ADAM, dict(lr=1e-3)),
     (ADAM, dict(lr=1e-2, betas=(0.5, 0.9))),
     (ADAM, dict(lr=3e-3, betas=(0.3, 0.99), eps=1e-6, weight_decay=1e-2)),
