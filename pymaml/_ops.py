@@ -65,6 +65,17 @@ if _C is not None:
         width = params.shape[0] if need_grad else 0
         return params.new_empty(()), params.new_empty((width,))
 
+    @torch.library.register_fake("pymaml::train_chunk")
+    def _train_chunk_fake(params, optimizer_state, x_support, y_support, x_query, y_query, sizes,
+                          inner_lr, steps, activation, loss, first_order, optimizer,
+                          optimizer_hyper):
+        # losses [n] and the count of iterations done; params and the state change in place
+        return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("pymaml::optimizer_step")
+    def _optimizer_step_fake(params, optimizer_state, grad, optimizer, optimizer_hyper):
+        return None  # in place only
+
     # ---- autograd ---------------------------------------------------------------------------
     # Gradients flow to params only; functional.py sends inputs with differentiable data to
     # the reference backend. Double backward is not supported by the fused ops.

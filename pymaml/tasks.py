@@ -6,6 +6,14 @@ torch.Generator passed in (always a CPU generator, so that a run's sampler state
 tensor a checkpoint can hold, and the same seed gives the same tasks on every device and
 dtype: draws are made in float64 on the CPU, then cast and moved).
 
+`sample_many(n, T, ...)` draws n meta-batches at once ([n, T, ...]), bitwise what n
+consecutive `sample(T)` calls give, leaving the generator in the same state; the trainer
+uses it to hand many iterations' tasks to one fused training call. FunctionTasks can promise
+this because one `sample(T)` makes all its random draws in a single
+`torch.rand(T, D + K + Q)` call (D uniforms for the task's identity, then the points'), and
+torch's CPU generator fills a tensor element after element, so one call of n * T rows
+draws exactly what n calls of T rows draw, in the same order.
+
 - "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
 - "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
 - a user's: any TaskFamily subclass, or a callable `fn(T, generator) -> (xs, ys, xq, yq)`.
@@ -44,55 +52,95 @@ class TaskFamily:
                device=None) -> TaskBatch:
         raise NotImplementedError
 
+    def sample_many(self, n: int, T: int, *, generator: torch.Generator, dtype=torch.float32,
+                    device=None) -> Optional[TaskBatch]:
+        """n meta-batches of T tasks at once: x [n, T, K, n_in], y [n, T, K, n_out], bitwise
+        what n consecutive `sample(T)` calls would give (stacked), leaving `generator` in the
+        same state. None when the family cannot promise that (the default): callers then
+        sample one meta-batch at a time."""
+        return None
+
 
 class FunctionTasks(TaskFamily):
     """Tasks y = f(x; task) on 1-D inputs drawn uniformly from [x_low, x_high], support and
-    query points drawn independently. Subclasses give `x_low`, `x_high`, `sample_tasks` and
-    `target`; evaluation also uses `target` on a dense grid over the input range."""
+    query points drawn independently. Subclasses give `x_low`, `x_high`, `task_uniforms`
+    (D), `tasks_from_uniforms` and `target`; evaluation also uses `target` on a dense grid
+    over the input range.
+
+    All the randomness of a meta-batch of T tasks is one `torch.rand(T, D + K + Q)` call:
+    each row holds a task's D identity uniforms, then its K + Q input uniforms. So drawing
+    n * T tasks at once gives bitwise the tasks of n draws of T (see `sample_many`)."""
 
     n_in = 1
     n_out = 1
     x_low: float
     x_high: float
+    task_uniforms: int  # D: uniforms per task turned into its identity by tasks_from_uniforms
 
     def __init__(self, shots: int, queries: Optional[int] = None):
         self.shots = _check_int("shots", shots, 1)
         self.queries = self.shots if queries is None else _check_int("queries", queries, 1)
 
-    def sample_tasks(self, T: int, generator: torch.Generator) -> torch.Tensor:
-        """[T, D] float64: what identifies each task (amplitude, phase, ...)."""
+    def tasks_from_uniforms(self, u: torch.Tensor) -> torch.Tensor:
+        """[T, D'] float64: what identifies each task (amplitude, phase, ...), computed row by
+        row from u [T, D] float64 uniforms in [0, 1) (D = task_uniforms)."""
         raise NotImplementedError
 
     def target(self, tasks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y [T, N, 1] of tasks [T, D] at x [T, N, 1] (any float dtype)."""
+        """y [T, N, 1] of tasks [T, D'] at x [T, N, 1] (any float dtype)."""
         raise NotImplementedError
+
+    def _scale(self, u: torch.Tensor) -> torch.Tensor:
+        # uniforms in [0, 1) -> inputs in [x_low, x_high), elementwise
+        return self.x_low + (self.x_high - self.x_low) * u
+
+    def sample_tasks(self, T: int, generator: torch.Generator) -> torch.Tensor:
+        """[T, D'] float64: T task identities on their own (e.g. for figures)."""
+        u = torch.rand(T, self.task_uniforms, generator=generator, dtype=torch.float64)
+        return self.tasks_from_uniforms(u)
 
     def inputs(self, T: int, N: int, generator: torch.Generator) -> torch.Tensor:
         """x [T, N, 1] float64, uniform over the input range."""
-        u = torch.rand(T, N, 1, generator=generator, dtype=torch.float64)
-        return self.x_low + (self.x_high - self.x_low) * u
+        return self._scale(torch.rand(T, N, 1, generator=generator, dtype=torch.float64))
 
     def grid(self, N: int) -> torch.Tensor:
         """[N, 1] float64: N evenly spaced inputs over the input range, both ends included."""
         return torch.linspace(self.x_low, self.x_high, N, dtype=torch.float64).unsqueeze(1)
 
     def draw(self, T: int, generator: torch.Generator):
-        """(tasks [T, D], x [T, K + Q, 1], y [T, K + Q, 1]), all float64 on the CPU: the draws
-        behind `sample`, for callers that also need each task's identity."""
+        """(tasks [T, D'], x [T, K + Q, 1], y [T, K + Q, 1]), all float64 on the CPU: the draws
+        behind `sample`, for callers that also need each task's identity. One torch.rand call
+        (see the class docstring); every later step is elementwise or row by row, so row t
+        depends only on row t of the draw."""
         T = _check_int("T", T, 1)
-        tasks = self.sample_tasks(T, generator)
-        x = self.inputs(T, self.shots + self.queries, generator)
+        D = self.task_uniforms
+        u = torch.rand(T, D + self.shots + self.queries, generator=generator, dtype=torch.float64)
+        tasks = self.tasks_from_uniforms(u[:, :D])
+        x = self._scale(u[:, D:]).unsqueeze(2)
         return tasks, x, self.target(tasks, x)
 
     def split(self, x, y, *, dtype=torch.float32, device=None) -> TaskBatch:
-        """The TaskBatch of draws x, y [T, K + Q, 1]: the first K points are the support set."""
+        """The TaskBatch of draws x, y [..., K + Q, 1]: the first K points are the support set."""
         cast = lambda t: t.to(device=device, dtype=dtype)
         K = self.shots
-        return TaskBatch(cast(x[:, :K]), cast(y[:, :K]), cast(x[:, K:]), cast(y[:, K:]))
+        return TaskBatch(cast(x[..., :K, :]), cast(y[..., :K, :]), cast(x[..., K:, :]),
+                         cast(y[..., K:, :]))
 
     def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
         _, x, y = self.draw(T, generator)
         return self.split(x, y, dtype=dtype, device=device)
+
+    def sample_many(self, n, T, *, generator, dtype=torch.float32, device=None):
+        # The promise holds only for the one-call draw above: a subclass that changes how a
+        # meta-batch is drawn gets the per-batch path.
+        cls = type(self)
+        if cls.sample is not FunctionTasks.sample or cls.draw is not FunctionTasks.draw:
+            return None
+        n = _check_int("n", n, 1)
+        T = _check_int("T", T, 1)
+        _, x, y = self.draw(n * T, generator)
+        rows = (n, T) + tuple(x.shape[1:])
+        return self.split(x.reshape(rows), y.reshape(rows), dtype=dtype, device=device)
 
     def __repr__(self):
         return f"{type(self).__name__}(shots={self.shots}, queries={self.queries})"
@@ -107,8 +155,11 @@ class SeedSine(FunctionTasks):
     def __init__(self, shots: int = 4, queries: Optional[int] = None):
         super().__init__(shots, queries)
 
-    def sample_tasks(self, T, generator):
-        return torch.randint(0, 2, (T, 1), generator=generator).to(torch.float64) * math.pi
+    task_uniforms = 1
+
+    def tasks_from_uniforms(self, u):
+        # b = pi with probability 1/2: u < 0.5 is exactly half of the generator's doubles
+        return (u < 0.5).to(torch.float64) * math.pi
 
     def target(self, tasks, x):
         b = tasks[:, None, 0:1].to(x.dtype)
@@ -124,8 +175,9 @@ class Sine(FunctionTasks):
     def __init__(self, shots: int = 10, queries: Optional[int] = None):
         super().__init__(shots, queries)
 
-    def sample_tasks(self, T, generator):
-        u = torch.rand(T, 2, generator=generator, dtype=torch.float64)
+    task_uniforms = 2
+
+    def tasks_from_uniforms(self, u):
         amplitude = 0.1 + 4.9 * u[:, 0]
         phase = math.pi * u[:, 1]
         return torch.stack([amplitude, phase], dim=1)

@@ -5,6 +5,17 @@ One meta-iteration: sample a meta-batch of tasks, compute the meta-gradient of t
 batch (one fused op call on the fused backend, no autograd graph), hand it to the outer
 torch.optim optimizer. The defaults are the seed's experiment.
 
+The fast path: at the seed's sizes an iteration is a few microseconds of arithmetic, and
+calling Python, the dispatcher and torch.optim once per iteration costs several times that.
+So on the fused CPU backend, for MAML / FO-MAML on a family that can draw many meta-batches at
+once (TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the
+trainer draws a chunk of iterations' tasks in one call and runs them in one
+torch.ops.pymaml.train_chunk call, which also applies the optimizer's steps, bitwise as
+torch.optim does them, to the real optimizer's state. Chunking changes no result: the loss
+history, the weights, the optimizer state and the generator state are bitwise those of the
+per-iteration path, which every other run takes (custom samplers, Reptile, other optimizers
+or settings, the reference backend).
+
 Reproducibility: the run's randomness is one CPU torch.Generator (seeded by `seed`), used
 first for the initial weights, then by the task sampler. A checkpoint holds the weights,
 the optimizer state, the generator state and the loss history, so a resumed run ends with
@@ -16,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -137,6 +150,157 @@ def _meta_step_fn(algorithm, backend, *, sizes, activation, loss, inner_lr, inne
     return step
 
 
+# ---- the chunked fast path ----------------------------------------------------------------------
+
+_CHUNK_FIRST = 16       # iterations of the first train_chunk call, timed to size the next ones
+_CHUNK_MAX = 1000       # iterations per call, at most
+_CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answer within it
+
+# The param_group keys of the torch.optim versions whose steps train_chunk repeats: a key not
+# listed here is a setting the op does not know, so the trainer keeps the per-iteration path.
+_SGD_KEYS = {"params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
+             "foreach", "differentiable", "fused"}
+_ADAM_KEYS = {"params", "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
+              "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _chunk_optimizer(opt) -> Optional[Tuple[str, List[float]]]:
+    """(optimizer, optimizer_hyper) for train_chunk when `opt` is torch.optim.SGD or Adam in
+    a setting whose step the op repeats: one parameter group, plain-number hyper-parameters,
+    and torch.optim's default single-tensor implementation (not foreach, fused, capturable
+    or differentiable). None otherwise."""
+    if type(opt) not in (torch.optim.SGD, torch.optim.Adam) or len(opt.param_groups) != 1:
+        return None
+    g = opt.param_groups[0]
+    if not set(g) <= (_SGD_KEYS if type(opt) is torch.optim.SGD else _ADAM_KEYS):
+        return None
+    if g.get("foreach") or g.get("fused") or g.get("differentiable") or g.get("capturable"):
+        return None
+    # What torch.optim itself runs for these params when foreach and fused are left unset: the
+    # single-tensor implementation on CPU tensors in torch 2.13 (a torch that defaulted to
+    # another would not take this path).
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        implementation = _default_to_fused_or_foreach(g["params"], differentiable=False,
+                                                      use_fused=False)
+    except (ImportError, TypeError):
+        return None
+    if tuple(implementation) != (False, False):
+        return None
+    if type(opt) is torch.optim.SGD:
+        name = "sgd"
+        values = [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]]
+        flags = [g["nesterov"], g["maximize"]]
+    else:
+        betas = tuple(g["betas"])
+        if len(betas) != 2:
+            return None
+        name = "adam"
+        values = [g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"]]
+        flags = [g["amsgrad"], g["maximize"], g.get("decoupled_weight_decay", False)]
+    if not all(_real(v) and math.isfinite(v) for v in values) or not all(isinstance(f, bool) for f in flags):
+        return None  # e.g. a tensor learning rate
+    return name, [float(v) for v in values] + [float(f) for f in flags]
+
+
+def _chunk_state(opt, params, name, hyper) -> Optional[List[torch.Tensor]]:
+    """train_chunk's optimizer_state: the optimizer's own state tensors for params (the op
+    updates them in place, so opt.state_dict() stays torch.optim's), or None while there are
+    none yet: torch.optim makes its state at its first step, which the trainer then leaves to
+    torch.optim (the per-iteration path)."""
+    state = opt.state.get(params, {})
+    if name == "sgd":
+        if hyper[1] == 0:  # no momentum: no state
+            return []
+        tensors = [state.get("momentum_buffer")]
+    else:
+        step = state.get("step")
+        if not (isinstance(step, torch.Tensor) and step.dim() == 0 and step.device.type == "cpu"
+                and step.dtype in (torch.float32, torch.float64)):
+            return None
+        amsgrad = hyper[5] == 1.0
+        tensors = [state.get(k) for k in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())]
+    for t in tensors:
+        if not (isinstance(t, torch.Tensor) and t.dtype == params.dtype and t.device == params.device
+                and t.shape == params.shape and t.is_contiguous()):
+            return None
+    return tensors if name == "sgd" else [step] + tensors
+
+
+def _fits(name, hyper, dtype) -> bool:
+    """Whether every scalar the optimizer's step casts to `dtype` (lr, the step sizes
+    lr / (1 - beta1 ** step), eps, ...) is well inside its range. torch.optim raises where one
+    overflows (and the op refuses it); such runs are left to torch.optim."""
+    limit = torch.finfo(dtype).max / 16
+    if name == "sgd":
+        values = hyper[:4]
+    else:
+        lr, beta1, _, eps, weight_decay = hyper[:5]
+        values = [lr / (1 - beta1), eps, weight_decay, lr * weight_decay]
+    return all(abs(v) <= limit for v in values)
+
+
+_REPRODUCED: Dict[tuple, bool] = {}
+
+
+def _reproduces_torch_optim(opt, name, hyper, dtype) -> bool:
+    """Whether the op's optimizer step is bitwise torch.optim's for these settings on this build.
+
+    The rounding train_chunk repeats was read off torch 2.13's CPU kernels; another torch
+    build could round differently. So before the first chunked run of a setting, a few steps
+    on random data (a millisecond, once per process and setting) compare the two; on any
+    difference the trainer keeps the per-iteration path, with a warning."""
+    key = (type(opt), name, tuple(hyper), dtype)
+    if key not in _REPRODUCED:
+        settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        g = torch.Generator().manual_seed(0)
+        P = 1037  # a vector body and a scalar tail for every SIMD width
+        start = torch.randn(P, dtype=dtype, generator=g)
+        ours = start.clone().requires_grad_()
+        theirs = start.clone().requires_grad_()
+        ours_opt = type(opt)([ours], **settings)
+        theirs_opt = type(opt)([theirs], **settings)
+        same = True
+        for k in range(6):
+            scale = torch.logspace(-4, 2, P, dtype=dtype)[torch.randperm(P, generator=g)]
+            grad = torch.randn(P, dtype=dtype, generator=g) * scale
+            theirs.grad = grad.clone()
+            theirs_opt.step()
+            if k == 0:  # torch.optim makes the state, as in training
+                ours.grad = grad.clone()
+                ours_opt.step()
+            else:
+                with torch.no_grad():
+                    _ops.ops.optimizer_step(ours.detach(), _chunk_state(ours_opt, ours, name, hyper),
+                                            grad, name, hyper)
+            same = same and torch.equal(ours, theirs)
+        theirs_state, ours_state = theirs_opt.state[theirs], ours_opt.state[ours]
+        same = same and all(torch.equal(ours_state[k], theirs_state[k]) for k in theirs_state)
+        if not same:
+            warnings.warn(f"pymaml.train: the fused training op's {name} step differs from "
+                          f"torch.optim's on this build (torch {torch.__version__}); training "
+                          "takes the slower per-iteration path", RuntimeWarning, stacklevel=3)
+        _REPRODUCED[key] = same
+    return _REPRODUCED[key]
+
+
+def _next_chunk_size(n: int, seconds: float) -> int:
+    """The next chunk's size, so that a call takes about _CHUNK_SECONDS. (Results do not depend
+    on chunk sizes: the tasks of a chunk are those of its iterations drawn one by one.)"""
+    if seconds <= 0:
+        return _CHUNK_MAX
+    return max(1, min(_CHUNK_MAX, int(_CHUNK_SECONDS * n / seconds)))
+
+
+def _train_chunk(*args):
+    # One seam for the tests to watch the fast path.
+    return _ops.ops.train_chunk(*args)
+
+
 # ---- Ctrl-C -------------------------------------------------------------------------------------
 
 class _StopOnInterrupt:
@@ -181,19 +345,25 @@ class _Progress:
         self.window_sum, self.window_n = 0.0, 0
         self.started = time.perf_counter()
 
-    def update(self, iteration: int, loss: float) -> None:
-        # Running meta-loss: an exponential moving average over about the last 100 iterations.
-        self.running = loss if self.running is None else 0.99 * self.running + 0.01 * loss
-        self.window_sum += loss
-        self.window_n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            if iteration % 100 == 0 or iteration == self.total:
+    def update(self, first: int, values) -> None:
+        """Iterations first, first + 1, ... gave the meta-losses `values` (floats)."""
+        if self.bar is None and not self.log_every:
+            return
+        for iteration, loss in enumerate(values, first):
+            # Running meta-loss: an exponential moving average over about the last 100 iterations.
+            self.running = loss if self.running is None else 0.99 * self.running + 0.01 * loss
+            self.window_sum += loss
+            self.window_n += 1
+            if self.log_every and (iteration % self.log_every == 0 or iteration == self.total):
+                self.write(f"iteration {iteration}/{self.total}  meta-loss {self.window_sum / self.window_n:.5f} "
+                           f"(mean of the last {self.window_n})  {time.perf_counter() - self.started:.1f} s")
+                self.window_sum, self.window_n = 0.0, 0
+        if self.bar is not None and values:
+            last = first + len(values) - 1
+            self.bar.update(len(values))
+            # the postfix as of every hundredth iteration (and the last)
+            if last // 100 > (first - 1) // 100 or last == self.total:
                 self.bar.set_postfix(meta_loss=f"{self.running:.4f}", refresh=False)
-        if self.log_every and (iteration % self.log_every == 0 or iteration == self.total):
-            self.write(f"iteration {iteration}/{self.total}  meta-loss {self.window_sum / self.window_n:.5f} "
-                       f"(mean of the last {self.window_n})  {time.perf_counter() - self.started:.1f} s")
-            self.window_sum, self.window_n = 0.0, 0
 
     def write(self, line: str) -> None:
         if self.bar is not None:
@@ -240,8 +410,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     resume: True to continue from `checkpoint`, or the path of a checkpoint to continue from
         (then written to `checkpoint`, or to the same path). The run's settings must match.
 
-    Ctrl-C stops after the current iteration, writes the checkpoint and returns with
-    status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the
+    Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk:
+    about 50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the
     iteration, before the weights are updated with it (as do weights that an optimizer step
     made non-finite); the last checkpoint is kept.
     """
@@ -353,26 +523,82 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     if log_every is None:
         log_every = 0 if show else max(1, iterations // 10)
     bar = _Progress(show and start < iterations, log_every, start, iterations)
+
+    def diverged_loss(value, it):
+        return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training stopped "
+                                "before updating the weights with it" + kept_checkpoint(), it)
+
+    def diverged_weights(it):
+        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
+                                "non-finite (the meta-loss was finite): training stopped"
+                                + kept_checkpoint(), it)
+
+    def record(first, values):
+        losses.extend(values)
+        bar.update(first, values)
+
+    def one_iteration(it) -> float:
+        """The per-iteration path: iteration `it`'s meta-loss; the weights updated."""
+        batch = family.sample(meta_batch_size, generator=generator, dtype=dtype, device=device)
+        value, grad = meta_step(params.detach(), batch)
+        value = value.item()
+        if not math.isfinite(value):
+            raise diverged_loss(value, it)
+        params.grad = grad
+        opt.step()
+        if not torch.isfinite(params).all():
+            raise diverged_weights(it)
+        return value
+
+    # The fast path (see the module docstring), when this run can take it.
+    fast = None
+    if (which == "fused" and device.type == "cpu" and algorithm in ("maml", "fomaml")
+            and start < iterations):
+        fast = _chunk_optimizer(opt)
+        if fast is not None and not (_fits(*fast, dtype) and _reproduces_torch_optim(opt, *fast, dtype)):
+            fast = None
+    first_order = algorithm == "fomaml"
+
+    def chunk(first, n, state) -> Optional[list]:
+        """Iterations first .. first + n - 1 in one train_chunk call: their meta-losses, or
+        None when the family cannot draw them at once (nothing drawn then)."""
+        batch = family.sample_many(n, meta_batch_size, generator=generator, dtype=dtype,
+                                   device=device)
+        if batch is None:
+            return None
+        values, done = _train_chunk(params.detach(), state, *batch, sizes, inner_lr,
+                                    inner_steps, activation, loss, first_order, *fast)
+        done, values = int(done), values.tolist()
+        if done < n:  # the op stopped at iteration first + done, as one_iteration would
+            record(first, values[:done])
+            value = values[done]
+            if math.isfinite(value):
+                raise diverged_weights(first + done)
+            raise diverged_loss(value, first + done)
+        return values
+
     status = "completed"
     began = time.perf_counter()
+    it = start
+    size = _CHUNK_FIRST
     try:
         with _StopOnInterrupt() as interrupt:
-            for it in range(start + 1, iterations + 1):
-                batch = family.sample(meta_batch_size, generator=generator, dtype=dtype, device=device)
-                value, grad = meta_step(params.detach(), batch)
-                value = value.item()
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
-                                           "stopped before updating the weights with it"
-                                           + kept_checkpoint(), it)
-                params.grad = grad
-                opt.step()
-                if not torch.isfinite(params).all():
-                    raise TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
-                                           "non-finite (the meta-loss was finite): training stopped"
-                                           + kept_checkpoint(), it)
-                losses.append(value)
-                bar.update(it, value)
+            while it < iterations:
+                values = None
+                state = None if fast is None else _chunk_state(opt, params, *fast)
+                if state is not None:
+                    # a chunk never crosses a checkpoint or the end
+                    n = min(size, iterations - it, checkpoint_every - it % checkpoint_every)
+                    t0 = time.perf_counter()
+                    values = chunk(it + 1, n, state)
+                    if values is None:
+                        fast = None
+                    else:
+                        size = _next_chunk_size(n, time.perf_counter() - t0)
+                if values is None:
+                    values = [one_iteration(it + 1)]
+                record(it + 1, values)
+                it += len(values)
                 if interrupt.requested and it < iterations:
                     status = "interrupted"
                     save(it)

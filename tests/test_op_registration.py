@@ -34,9 +34,22 @@ def test_gradcheck_adapt(steps):
     assert torch.autograd.gradcheck(f, (pb.params.clone().requires_grad_(),))
 
 
+def optimizer_samples(P, dtype, g):
+    """(optimizer_state, optimizer, optimizer_hyper) of each optimizer kind the training ops take."""
+    rand = lambda: torch.rand(P, generator=g, dtype=torch.float64).to(dtype)
+    return [
+        ([], "sgd", [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        ([rand()], "sgd", [1e-2, 0.9, 0.0, 1e-3, 1.0, 0.0]),
+        ([torch.tensor(3.0), rand(), rand()], "adam", [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]),
+        ([torch.tensor(3.0, dtype=torch.float64), rand(), rand(), rand()], "adam",
+         [1e-3, 0.5, 0.99, 1e-8, 1e-2, 1.0, 1.0, 1.0]),
+    ]
+
+
 def op_samples():
     """Argument tuples for each op, over dtypes, both orders and both losses."""
-    samples = {"adapt": [], "adapt_backward": [], "maml_loss": []}
+    samples = {"adapt": [], "adapt_backward": [], "maml_loss": [], "train_chunk": [],
+               "optimizer_step": []}
     for seed, dtype in ((0, torch.float64), (1, torch.float32), (2, torch.float64)):
         pb = random_problem(seed, dtype, max_tasks=3)
         pb.steps = max(pb.steps, 1)
@@ -47,10 +60,20 @@ def op_samples():
         samples["adapt_backward"].append((cot, pb.params, pb.xs, pb.ys, *hyper))
         samples["maml_loss"].append((p, *pb.data, *hyper, pb.first_order, True))
         samples["maml_loss"].append((pb.params, *pb.data, *hyper, pb.first_order, False))
+        # the training ops update params and the optimizer state in place (declared mutable)
+        g = torch.Generator().manual_seed(seed)
+        chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
+        for state, name, opt_hyper in optimizer_samples(p.numel(), dtype, g):
+            samples["train_chunk"].append((pb.params.clone(), state, *chunk, *hyper,
+                                           pb.first_order, name, opt_hyper))
+            grad = torch.randn(p.numel(), generator=g, dtype=torch.float64).to(dtype)
+            samples["optimizer_step"].append((pb.params.clone(), [t.clone() for t in state],
+                                              grad, name, opt_hyper))
     return samples
 
 
-@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss"])
+@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "train_chunk",
+                                  "optimizer_step"])
 def test_opcheck(name):
     for args in op_samples()[name]:
         torch.library.opcheck(getattr(ops, name).default, args)

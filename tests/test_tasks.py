@@ -92,3 +92,48 @@ def test_user_task_errors():
         tasks.get_family(tasks.Sine(), shots=5)
     with pytest.raises(ValueError, match="T must be"):
         tasks.Sine().sample(0, generator=gen())
+
+
+@pytest.mark.parametrize("name", ["seed-sine", "sine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n,T", [(1, 1), (7, 1), (13, 3), (400, 2)])
+def test_sample_many_is_consecutive_samples(name, dtype, n, T):
+    # The trainer's fast path draws a chunk of iterations at once: it must draw exactly the
+    # tasks, points and targets of drawing them one meta-batch at a time, and leave the
+    # generator where those draws leave it.
+    fam = tasks.get_family(name, shots=3, queries=5) if name == "sine" else tasks.get_family(name)
+    g_many, g_one = gen(11), gen(11)
+    many = fam.sample_many(n, T, generator=g_many, dtype=dtype)
+    one = [fam.sample(T, generator=g_one, dtype=dtype) for _ in range(n)]
+    for field, got in zip(tasks.TaskBatch._fields, many):
+        assert got.shape[:2] == (n, T) and got.dtype == dtype, field
+        assert torch.equal(got, torch.stack([b[tasks.TaskBatch._fields.index(field)] for b in one])), field
+    assert torch.equal(g_many.get_state(), g_one.get_state())
+
+
+def test_a_meta_batch_is_one_draw():
+    # seed-sine's documented sampling: per task one row of torch.rand(T, 1 + K + Q): b = pi if
+    # the first uniform is below 1/2 (else 0), then the points' uniforms scaled to [-2pi, 2pi).
+    fam = tasks.SeedSine()
+    b = fam.sample(50, generator=gen(2), dtype=torch.float64)
+    u = torch.rand(50, 9, generator=gen(2), dtype=torch.float64)
+    phase = math.pi * (u[:, :1] < 0.5).double()
+    x = -2 * math.pi + 4 * math.pi * u[:, 1:]
+    assert torch.equal(b.x_support[..., 0], x[:, :4]) and torch.equal(b.x_query[..., 0], x[:, 4:])
+    assert torch.equal(b.y_support[..., 0], torch.sin(x[:, :4] + phase))
+    assert torch.equal(b.y_query[..., 0], torch.sin(x[:, 4:] + phase))
+    assert 0 < (phase > 0).sum() < 50
+
+
+def test_sample_many_declines_when_a_subclass_draws_its_own_way():
+    class Shuffled(tasks.SeedSine):
+        def sample(self, T, *, generator, dtype=torch.float32, device=None):
+            b = super().sample(T, generator=generator, dtype=dtype, device=device)
+            return tasks.TaskBatch(b.x_query, b.y_query, b.x_support, b.y_support)
+
+    g = gen(4)
+    before = g.get_state()
+    assert Shuffled().sample_many(5, 2, generator=g) is None
+    assert torch.equal(g.get_state(), before)  # nothing drawn
+    assert tasks.TaskFamily().sample_many(5, 2, generator=g) is None
+    assert tasks.get_family(lambda T, g: None).sample_many(5, 2, generator=g) is None
