@@ -39,12 +39,15 @@ std::pair<int64_t, int64_t> block_range(int64_t b, int64_t nb, int64_t T) {
 }
 
 // Runs fn(b, worker) for every block b in [0, nb), worker < at::get_num_threads() naming the
-// caller's scratch. The calling thread works through the blocks, taking them from a shared
-// counter, and up to get_num_threads() - 1 helpers from ATen's inter-op pool join in as soon
-// as they start. The caller waits only for blocks a helper has taken, never for a helper to
-// start: on a machine whose other cores are busy, a fork-join region (OpenMP) waits for every
-// thread to be scheduled, which made two threads 5-10x slower than one there. Which thread
-// runs a block never changes a result: each block sums into its own partial sum.
+// caller's scratch. The workers of one parallel region take blocks from a shared counter, so
+// uneven tasks balance out. Which worker runs a block never changes a result: each block sums
+// into its own partial sum.
+//
+// Why a parallel region (OpenMP) and not ATen's inter-op pool: after torch's own parallel ops
+// (the optimizer step), OpenMP's workers spin on the other cores for a while and an inter-op
+// helper thread then got no core (two threads: 1.03x of one, with Adam, on an idle machine).
+// The price: when another process keeps the other core busy, the region's end waits for the
+// descheduled worker (two threads slower than one; set torch.set_num_threads(1) there).
 template <typename Fn>
 void run_blocks(int64_t nb, Fn&& fn) {
   const int64_t workers = std::min<int64_t>(nb, at::get_num_threads());
@@ -52,24 +55,11 @@ void run_blocks(int64_t nb, Fn&& fn) {
     for (int64_t b = 0; b < nb; ++b) fn(b, 0);
     return;
   }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> joined{0};
-  };
-  // The shared counters outlive this call (a helper may start after the batch is done); the
-  // caller's fn is touched only by a helper holding a block, which the caller waits for.
-  auto shared = std::make_shared<Shared>();
-  auto* f = &fn;
-  auto take_blocks = [nb, f](Shared& st, int worker) {
-    for (int64_t b = st.next++; b < nb; b = st.next++) {
-      (*f)(b, worker);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 1; h < workers; ++h)
-    at::launch([shared, take_blocks] { take_blocks(*shared, shared->joined.fetch_add(1) + 1); });
-  take_blocks(*shared, 0);
-  while (shared->done.load(std::memory_order_acquire) < nb) std::this_thread::yield();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int worker = at::get_thread_num();
+    for (int64_t b = next++; b < nb; b = next++) fn(b, worker);
+  });
 }
 
 // Runs fn(block, task, workspace) over all tasks, block by block, with one workspace of
