@@ -13,6 +13,8 @@ import pymaml
 from pymaml import bench
 from pymaml.cli import main
 
+from conftest import assert_one_line, run_cli
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 IMPLS = [pytest.param(n, marks=pytest.mark.skipif(n == "fused" and not pymaml.fused_available(),
@@ -20,20 +22,6 @@ IMPLS = [pytest.param(n, marks=pytest.mark.skipif(n == "fused" and not pymaml.fu
          for n in bench.IMPLEMENTATIONS]
 TINY_TIMING = dict(rounds=3, round_s=0.001, cell_budget_s=0.05, max_iter_s=10.0)
 
-
-def run(capsys, *argv):
-    """(exit code, stdout, stderr) of `pymaml argv...`; an argparse exit gives its code."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err):
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
-    assert "Traceback" not in err and "usage:" not in err
 
 
 def tiny(**changes):
@@ -226,7 +214,7 @@ def test_cli_quick_prints_the_table(quick_run):
     (["bench", "--threads", "two"], ["two"]),
 ])
 def test_cli_bad_flags_are_one_line_errors(capsys, argv, words):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert_one_line(err)
     for word in words:
@@ -234,7 +222,7 @@ def test_cli_bad_flags_are_one_line_errors(capsys, argv, words):
 
 
 def test_cli_unwritable_out_fails_before_measuring(capsys, tmp_path):
-    code, out, err = run(capsys, "bench", "--quick", "--out", str(tmp_path / "missing" / "b"))
+    code, out, err = run_cli(capsys, "bench", "--quick", "--out", str(tmp_path / "missing" / "b"))
     assert code == 1 and out == ""
     assert_one_line(err)
     assert "does not exist" in err

@@ -14,24 +14,11 @@ import torch
 import pymaml
 from pymaml.cli import main
 
+from conftest import assert_one_line, run_cli
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN = ["train", "--iterations", "40", "--meta-batch-size", "2", "--no-progress", "--log-every", "0"]
 
-
-def run(capsys, *argv):
-    """(exit code, stdout, stderr) of `pymaml argv...`; an argparse exit gives its code."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err):
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
-    assert "Traceback" not in err
-    assert "usage:" not in err
 
 
 def assert_png(path):
@@ -67,7 +54,7 @@ def model_here(trained, tmp_path, monkeypatch):
 
 def test_train_writes_figures_model_and_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, *TRAIN)
+    code, out, err = run_cli(capsys, *TRAIN)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["maml-sine-loss.png", "maml-sine.ckpt", "maml-sine.png",
                                             "maml-sine.pt"]
@@ -84,11 +71,11 @@ def test_train_writes_figures_model_and_checkpoint(tmp_path, monkeypatch, capsys
 
 def test_train_refuses_to_overwrite_then_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run(capsys, *TRAIN, "--no-plots")[0] == 0
+    assert run_cli(capsys, *TRAIN, "--no-plots")[0] == 0
     model_bytes = (tmp_path / "maml-sine.pt").read_bytes()
     ckpt_bytes = (tmp_path / "maml-sine.ckpt").read_bytes()
 
-    code, out, err = run(capsys, *TRAIN, "--no-plots")
+    code, out, err = run_cli(capsys, *TRAIN, "--no-plots")
     assert code != 0
     assert_one_line(err)
     assert "--resume" in err
@@ -96,7 +83,7 @@ def test_train_refuses_to_overwrite_then_resumes(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "maml-sine.ckpt").read_bytes() == ckpt_bytes
 
     argv = [a if a != "40" else "60" for a in TRAIN]
-    code, out, err = run(capsys, *argv, "--no-plots", "--resume")
+    code, out, err = run_cli(capsys, *argv, "--no-plots", "--resume")
     assert code == 0, err
     ckpt = torch.load(tmp_path / "maml-sine.ckpt", weights_only=True)
     assert ckpt["iteration"] == 60
@@ -109,13 +96,13 @@ def test_train_refuses_to_overwrite_then_resumes(tmp_path, monkeypatch, capsys):
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     monkeypatch.chdir(fresh)
-    assert run(capsys, *argv, "--no-plots")[0] == 0
+    assert run_cli(capsys, *argv, "--no-plots")[0] == 0
     assert torch.equal(pymaml.load(fresh / "maml-sine.pt").params, resumed.params)
 
 
 def test_train_out_prefix(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, *TRAIN, "--out", "run1")
+    code, out, err = run_cli(capsys, *TRAIN, "--out", "run1")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["run1-loss.png", "run1.ckpt", "run1.png", "run1.pt"]
     assert_png(tmp_path / "run1.png")
@@ -127,7 +114,7 @@ def test_train_out_prefix(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", ["maml-sine.pt", "maml-sine.ckpt"])
 def test_eval_prints_table(model_here, capsys, name):
-    code, out, err = run(capsys, "eval", name, "--tasks", "50", "--steps", "0,1")
+    code, out, err = run_cli(capsys, "eval", name, "--tasks", "50", "--steps", "0,1")
     assert code == 0, err
     assert name in out.splitlines()[0]
     assert "50 held-out 'seed-sine' tasks" in out
@@ -137,7 +124,7 @@ def test_eval_prints_table(model_here, capsys, name):
 
 
 def test_plot_writes_figure(model_here, capsys):
-    code, out, err = run(capsys, "plot", "maml-sine.pt", "--tasks", "2", "--out", "f.png")
+    code, out, err = run_cli(capsys, "plot", "maml-sine.pt", "--tasks", "2", "--out", "f.png")
     assert code == 0, err
     assert_png(model_here / "f.png")
     assert "2 tasks" in out
@@ -145,7 +132,7 @@ def test_plot_writes_figure(model_here, capsys):
 
 
 def test_plot_default_name(model_here, capsys):
-    code, out, err = run(capsys, "plot", "maml-sine.pt", "--tasks", "1")
+    code, out, err = run_cli(capsys, "plot", "maml-sine.pt", "--tasks", "1")
     assert code == 0, err
     assert_png(model_here / "maml-sine-tasks.png")
 
@@ -174,7 +161,7 @@ def test_bad_flags_exit_2_with_one_line(argv, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("command", ["eval", "plot"])
 def test_missing_model_file(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, command, "missing.pt")
+    code, out, err = run_cli(capsys, command, "missing.pt")
     assert code == 1
     assert_one_line(err)
     assert "missing.pt" in err
@@ -184,7 +171,7 @@ def test_missing_model_file(command, tmp_path, monkeypatch, capsys):
 def test_garbage_model_file(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.pt").write_bytes(random.Random(0).randbytes(256))
-    code, out, err = run(capsys, command, "garbage.pt")
+    code, out, err = run_cli(capsys, command, "garbage.pt")
     assert code == 1
     assert_one_line(err)
     assert "garbage.pt" in err
@@ -193,7 +180,7 @@ def test_garbage_model_file(command, tmp_path, monkeypatch, capsys):
 def test_foreign_torch_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    code, out, err = run(capsys, "eval", "other.pt")
+    code, out, err = run_cli(capsys, "eval", "other.pt")
     assert code == 1
     assert_one_line(err)
     assert "other.pt" in err
@@ -202,14 +189,14 @@ def test_foreign_torch_file(tmp_path, monkeypatch, capsys):
 def test_text_file_as_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.pt").write_text("hello world\n")
-    code, out, err = run(capsys, "eval", "notes.pt")
+    code, out, err = run_cli(capsys, "eval", "notes.pt")
     assert code == 1
     assert_one_line(err)
 
 
 def test_train_init_missing_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, *TRAIN, "--init", "missing.pt")
+    code, out, err = run_cli(capsys, *TRAIN, "--init", "missing.pt")
     assert code == 1
     assert_one_line(err)
     assert "missing.pt" in err
@@ -218,7 +205,7 @@ def test_train_init_missing_file(tmp_path, monkeypatch, capsys):
 
 def test_train_setting_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, "train", "--iterations", "5", "--sizes", "2,8,1", "--no-progress")
+    code, out, err = run_cli(capsys, "train", "--iterations", "5", "--sizes", "2,8,1", "--no-progress")
     assert code == 1
     assert_one_line(err)
     assert err.startswith("pymaml train: error: ")
@@ -236,7 +223,7 @@ def test_subprocess_missing_file_no_traceback(tmp_path):
 
 def test_checkpoint_may_not_be_the_model_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, *TRAIN, "--out", "s", "--checkpoint", "s.pt")
+    code, out, err = run_cli(capsys, *TRAIN, "--out", "s", "--checkpoint", "s.pt")
     assert code == 1
     assert_one_line(err)
     assert "--checkpoint s.pt is also the model file" in err
@@ -246,9 +233,9 @@ def test_checkpoint_may_not_be_the_model_file(tmp_path, monkeypatch, capsys):
 def test_eval_of_a_model_trained_on_a_custom_task_asks_for_task(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     pymaml.MetaMLP([1, 8, 1], info=dict(task="my-lines")).save("m.pt")
-    code, out, err = run(capsys, "eval", "m.pt", "--tasks", "10")
+    code, out, err = run_cli(capsys, "eval", "m.pt", "--tasks", "10")
     assert code == 1
     assert_one_line(err)
     assert "trained on task 'my-lines'" in err and "pass --task" in err
-    code, out, err = run(capsys, "eval", "m.pt", "--tasks", "10", "--task", "sine")
+    code, out, err = run_cli(capsys, "eval", "m.pt", "--tasks", "10", "--task", "sine")
     assert code == 0
