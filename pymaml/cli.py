@@ -10,6 +10,9 @@
 
 Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
 files and runs); Ctrl-C during training writes the checkpoint and exits with code 130.
+
+`torchrun --nproc_per_node=N -m pymaml train ...` trains data-parallel over N processes
+(pymaml.distributed); rank 0 alone prints and writes the model, the figures and the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import torch
 
 from . import _ops
+from . import distributed as _distributed
 from ._version import __version__
 from .evaluate import EVAL_SEED, evaluate
 from .model import MetaMLP
@@ -110,7 +114,9 @@ def cmd_train(args) -> int:
     if clash:
         raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
                          "file: choose another path")
-    if os.path.exists(out["model"]) and not (args.resume or args.overwrite):
+    # Under torchrun, rank 0 writes the files, so its disk is the one to check.
+    if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
+            and not (args.resume or args.overwrite)):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
     init = args.init if args.init in ("seed", "torch") else MetaMLP.load(args.init)
@@ -123,16 +129,21 @@ def cmd_train(args) -> int:
                    dtype=DTYPES[args.dtype], seed=args.seed, log_every=args.log_every,
                    progress=args.progress, checkpoint=out["checkpoint"],
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, distributed=args.distributed,
+                   distributed_timeout=args.dist_timeout)
+    if result.rank != 0:  # the other processes of a distributed run hold the same model
+        return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
         print(f"stopped at iteration {result.iterations}; continue with the same command and "
               f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
         return 130
     model = result.model
     model.save(out["model"])
+    processes = result.config["processes"]
+    spread = f", {processes} processes" if processes > 1 else ""
     print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
-          f"{result.config['backend']} backend, {torch.get_num_threads()} thread(s)); "
-          f"training took {result.wall_time:.1f} s")
+          f"{result.config['backend']} backend{spread}, {torch.get_num_threads()} thread(s)"
+          f"{' each' if spread else ''}); training took {result.wall_time:.1f} s")
     tail = result.losses[-max(100, result.iterations // 100):]
     print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
     print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
@@ -294,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in the checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh over an existing checkpoint and model")
     t.add_argument("--no-plots", action="store_true", help="skip the figures")
+    t.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="data-parallel over the processes of a torchrun launch (default: on when "
+                        "torchrun starts two or more)")
+    t.add_argument("--dist-timeout", type=float, default=_distributed.DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS", help="how long a process waits for the others before the "
+                                           "run stops with an error")
     t.set_defaults(run=cmd_train)
 
     e = sub.add_parser("eval", help="the MAML paper's evaluation protocol on a saved model", **defaults)
@@ -350,7 +367,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         # TrainingDiverged, missing or foreign files, bad settings: one line, no traceback.
         kind = "stopped" if isinstance(exc, TrainingDiverged) else "error"
-        print(f"pymaml {args.command}: {kind}: {exc}", file=sys.stderr)
+        where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
+        print(f"pymaml {args.command}{where}: {kind}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"pymaml {args.command}: interrupted", file=sys.stderr)

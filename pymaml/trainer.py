@@ -21,6 +21,12 @@ first for the initial weights, then by the task sampler. A checkpoint holds the 
 the optimizer state, the generator state and the loss history, so a resumed run ends with
 bitwise the same weights as an uninterrupted one (same backend, device and thread count:
 the fused op's result does not depend on the thread count).
+
+Several processes: launched under torchrun (or with distributed=True), the run is data-parallel
+over tasks, each process drawing its share of the meta-batch from its own stream and one
+all-reduce per iteration averaging the meta-gradients (pymaml.distributed says how). Only rank 0
+writes the checkpoint, the log lines and the progress bar; a checkpoint holds every process's
+task stream, so it resumes under the same number of processes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 
 from . import _io
 from . import _ops
+from . import distributed as _distributed
 from . import functional as F
 from . import reference as _reference
 from . import tasks as _tasks
@@ -80,7 +87,9 @@ class TrainResult:
     wall_time: seconds this call spent in its training loop;
     iterations: meta-iterations done in total (resumed runs count the earlier ones);
     status: "completed" or "interrupted" (Ctrl-C: a checkpoint was written if a path was given);
-    checkpoint: the checkpoint path, or None; config: the run's settings.
+    checkpoint: the checkpoint path, or None; config: the run's settings;
+    rank: this process's rank in a distributed run (0 otherwise; every rank gets the same
+        model and losses).
     """
     model: MetaMLP
     losses: torch.Tensor
@@ -89,6 +98,7 @@ class TrainResult:
     status: str
     checkpoint: Optional[str]
     config: Dict[str, Any]
+    rank: int = 0
 
 
 # ---- argument checks ----------------------------------------------------------------------------
@@ -386,7 +396,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           backend: str = "auto", device="cpu", dtype=torch.float32, seed: int = 0,
           log_every: Optional[int] = None, progress: Optional[bool] = None,
           checkpoint=None, checkpoint_every: int = 10_000, resume=False,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, distributed: Optional[bool] = None,
+          distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S) -> TrainResult:
     """Meta-trains an MLP and returns a TrainResult (model, loss history, wall time).
 
     task: "seed-sine", "sine", a pymaml.tasks.TaskFamily, or a callable
@@ -409,6 +420,14 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         on Ctrl-C. An existing checkpoint is never replaced unless resume or overwrite is set.
     resume: True to continue from `checkpoint`, or the path of a checkpoint to continue from
         (then written to `checkpoint`, or to the same path). The run's settings must match.
+    distributed: None (default): data-parallel over processes when launched by torchrun with
+        two or more processes, or when a torch.distributed process group of two or more is
+        initialised; True: always (an error without a launch environment or group); False:
+        never. meta_batch_size is the global meta-batch: each of W processes draws
+        meta_batch_size / W tasks (W must divide it). See pymaml.distributed.
+    distributed_timeout: seconds a process waits for the others at a collective before the
+        run stops with pymaml.distributed.DistributedError (when train() creates the group;
+        torchrun's processes then all stop).
 
     Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk:
     about 50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the
@@ -457,14 +476,16 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     else:
         raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got {type(init).__name__}")
 
+    if distributed not in (None, True, False):
+        raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
+    distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
+
     config = dict(task=family.name, algorithm=algorithm, sizes=sizes, activation=activation,
                   loss=loss, inner_steps=inner_steps, inner_lr=inner_lr,
                   meta_batch_size=meta_batch_size, optimizer=opt_name, outer_lr=outer_lr,
                   optimizer_kwargs=optimizer_kwargs, shots=getattr(family, "shots", None),
                   queries=getattr(family, "queries", None), init=init_name,
                   dtype=str(dtype).replace("torch.", ""), seed=int(seed), iterations=iterations)
-
-    # ---- the starting state: fresh, or from a checkpoint ----
     checkpoint = _check_path("checkpoint", checkpoint)
     resume_from = None
     if resume is True:
@@ -474,7 +495,39 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     elif resume not in (False, None):
         resume_from = _check_path("resume", resume)
         checkpoint = checkpoint or resume_from
-    if checkpoint is not None:
+
+    device = _distributed.local_device(device)
+    group = _distributed.Group.join(distributed, device, distributed_timeout)
+    try:
+        return _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, device,
+                      dtype, log_every, progress, checkpoint, checkpoint_every, resume_from,
+                      overwrite)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, device, dtype,
+           log_every, progress, checkpoint, checkpoint_every, resume_from, overwrite) -> TrainResult:
+    """train() after its argument checks, in a run of one process (group None) or of several."""
+    sizes, activation, loss = config["sizes"], config["activation"], config["loss"]
+    inner_lr, inner_steps, algorithm = config["inner_lr"], config["inner_steps"], config["algorithm"]
+    iterations, seed = config["iterations"], config["seed"]
+    rank, processes = (0, 1) if group is None else (group.rank, group.world_size)
+    meta_batch_size = config["meta_batch_size"]
+    if meta_batch_size % processes:
+        raise ValueError(f"meta_batch_size {meta_batch_size} does not divide across {processes} "
+                         f"processes: it is the global meta-batch, split evenly, so use a "
+                         f"multiple of {processes}")
+    local_batch = meta_batch_size // processes
+    config["processes"] = processes
+
+    # In a distributed run, the file checks and reads happen on rank 0 (whose disk the
+    # checkpoint is on) and their outcome, an error included, reaches every process.
+    on_rank0 = (lambda fn, what: fn()) if group is None else group.from_rank0
+
+    # ---- the starting state: fresh, or from a checkpoint ----
+    def check_checkpoint_path():
         directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
             raise ValueError(f"checkpoint {checkpoint}: the directory {directory} does not exist "
@@ -486,16 +539,27 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
                                   "--resume), or pass overwrite=True (--overwrite) to start a new "
                                   "run over it, or choose another path")
 
-    generator = torch.Generator().manual_seed(int(seed))
+    if checkpoint is not None:
+        on_rank0(check_checkpoint_path, "checking the checkpoint path")
+
+    generator = torch.Generator().manual_seed(seed)
     info = dict(task=family.name, algorithm=algorithm, shots=config["shots"])
     model = _initial_model(init, sizes, activation, loss, inner_lr, inner_steps, generator,
                            dtype, device, info)
     params = model.params
-    opt = opt_cls([params], lr=outer_lr, **optimizer_kwargs)
+    # Rank 0 draws its tasks from the run's generator, the others from their own streams.
+    task_generator = generator if rank == 0 else \
+        torch.Generator().manual_seed(_distributed.task_seed(seed, rank))
+    if group is not None:  # the same start everywhere, whatever `init` each process was given
+        group.broadcast(params, "sharing rank 0's initial weights")
+    opt = opt_cls([params], lr=config["outer_lr"], **optimizer_kwargs)
     losses = []
     start = 0
     if resume_from is not None:
-        start, losses = _restore(resume_from, config, model, opt, generator, device)
+        saved = on_rank0(lambda: _io.load_file(resume_from), f"reading checkpoint {resume_from}")
+        start, losses = _restore(resume_from, saved, config, model, opt, generator, device)
+        if rank > 0:
+            task_generator.set_state(saved["task_generators"][rank])
 
     which = F._choose_backend(backend, params.detach(), sizes, inner_steps, ())
     meta_step = _meta_step_fn(algorithm, which, sizes=sizes, activation=activation, loss=loss,
@@ -510,18 +574,26 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         if checkpoint is None:
             return
         owns_checkpoint = True
-        _io.atomic_save(dict(format=_io.CHECKPOINT_FORMAT, format_version=1,
-                             pymaml_version=__version__, config=config, iteration=iteration,
-                             model=model.to_dict(), optimizer=opt.state_dict(),
-                             generator=generator.get_state(),
-                             losses=torch.tensor(losses, dtype=torch.float64)), checkpoint)
+        state = dict(format=_io.CHECKPOINT_FORMAT, format_version=1, pymaml_version=__version__,
+                     config=config, iteration=iteration, model=model.to_dict(),
+                     optimizer=opt.state_dict(), generator=generator.get_state(),
+                     losses=torch.tensor(losses, dtype=torch.float64))
+        if group is not None:
+            # Every process's task stream (rank 0's is `generator`), so that a resumed run
+            # draws the tasks an uninterrupted one would.
+            state["task_generators"] = group.gather(task_generator.get_state(),
+                                                    f"gathering the task streams at iteration {iteration}")
+        if rank == 0:
+            _io.atomic_save(state, checkpoint)
 
     def kept_checkpoint():
         return f"; the last checkpoint, {checkpoint}, is kept" if owns_checkpoint else ""
 
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    show = rank == 0 and (sys.stderr.isatty() if progress is None else bool(progress))
     if log_every is None:
         log_every = 0 if show else max(1, iterations // 10)
+    if rank > 0:
+        log_every = 0
     bar = _Progress(show and start < iterations, log_every, start, iterations)
 
     def diverged_loss(value, it):
@@ -537,10 +609,20 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         losses.extend(values)
         bar.update(first, values)
 
-    def one_iteration(it) -> float:
-        """The per-iteration path: iteration `it`'s meta-loss; the weights updated."""
-        batch = family.sample(meta_batch_size, generator=generator, dtype=dtype, device=device)
+    def one_iteration(it, interrupt) -> Tuple[float, bool]:
+        """The per-iteration path: iteration `it`'s meta-loss, the weights updated, and whether
+        to stop after it (Ctrl-C here, or in a distributed run, in any process)."""
+        batch = family.sample(local_batch, generator=task_generator, dtype=dtype, device=device)
         value, grad = meta_step(params.detach(), batch)
+        stop_requested = interrupt.requested
+        if group is not None:
+            # One all-reduce: the mean gradient, the mean meta-loss (the global meta-batch's:
+            # the shares are equal) and whether any process was asked to stop, so that all
+            # stop after the same iteration.
+            flag = grad.new_full((1,), float(stop_requested))
+            buf = torch.cat([grad.reshape(-1), value.reshape(1).to(grad.dtype), flag])
+            buf = group.all_reduce_mean(buf, f"the all-reduce of iteration {it}")
+            grad, value, stop_requested = buf[:-2], buf[-2], bool(buf[-1] > 0)
         value = value.item()
         if not math.isfinite(value):
             raise diverged_loss(value, it)
@@ -548,12 +630,13 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         opt.step()
         if not torch.isfinite(params).all():
             raise diverged_weights(it)
-        return value
+        return value, stop_requested
 
-    # The fast path (see the module docstring), when this run can take it.
+    # The fast path (see the module docstring), when this run can take it: one process (the
+    # all-reduce sits between each iteration's meta-gradient and its optimizer step).
     fast = None
-    if (which == "fused" and device.type == "cpu" and algorithm in ("maml", "fomaml")
-            and start < iterations):
+    if (group is None and which == "fused" and device.type == "cpu"
+            and algorithm in ("maml", "fomaml") and start < iterations):
         fast = _chunk_optimizer(opt)
         if fast is not None and not (_fits(*fast, dtype) and _reproduces_torch_optim(opt, *fast, dtype)):
             fast = None
@@ -562,7 +645,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     def chunk(first, n, state) -> Optional[list]:
         """Iterations first .. first + n - 1 in one train_chunk call: their meta-losses, or
         None when the family cannot draw them at once (nothing drawn then)."""
-        batch = family.sample_many(n, meta_batch_size, generator=generator, dtype=dtype,
+        batch = family.sample_many(n, meta_batch_size, generator=task_generator, dtype=dtype,
                                    device=device)
         if batch is None:
             return None
@@ -595,15 +678,18 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
                         fast = None
                     else:
                         size = _next_chunk_size(n, time.perf_counter() - t0)
+                        stop = interrupt.requested
                 if values is None:
-                    values = [one_iteration(it + 1)]
+                    value, stop = one_iteration(it + 1, interrupt)
+                    values = [value]
                 record(it + 1, values)
                 it += len(values)
-                if interrupt.requested and it < iterations:
+                if stop and it < iterations:
                     status = "interrupted"
                     save(it)
-                    where = f"; checkpoint written to {checkpoint}" if checkpoint else ""
-                    bar.write(f"interrupted at iteration {it}/{iterations}{where}")
+                    if rank == 0:
+                        where = f"; checkpoint written to {checkpoint}" if checkpoint else ""
+                        bar.write(f"interrupted at iteration {it}/{iterations}{where}")
                     break
                 if it % checkpoint_every == 0 and it < iterations:
                     save(it)
@@ -616,7 +702,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     model.info["iterations"] = len(losses)
     return TrainResult(model=model, losses=torch.tensor(losses, dtype=torch.float64),
                        wall_time=wall_time, iterations=len(losses), status=status,
-                       checkpoint=checkpoint, config=config)
+                       checkpoint=checkpoint, config=config, rank=rank)
 
 
 def _check_path(name, path):
@@ -643,9 +729,9 @@ def _initial_model(init, sizes, activation, loss, inner_lr, inner_steps, generat
     return MetaMLP(sizes, activation, params=start.detach().to(device=device, dtype=dtype), **settings)
 
 
-def _restore(path, config, model, opt, generator, device):
-    """Loads a checkpoint into model, opt and generator; returns (iteration, losses list)."""
-    d = _io.load_file(path)
+def _restore(path, d, config, model, opt, generator, device):
+    """Loads checkpoint `d` (read from `path`) into model, opt and generator; returns
+    (iteration, losses list)."""
     if d["format"] != _io.CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
                          "to start a new run from its weights")
@@ -654,6 +740,11 @@ def _restore(path, config, model, opt, generator, device):
               if saved.get(k) != config[k]]
     if differ:
         raise ValueError(f"checkpoint {path} was written by a different run: " + "; ".join(differ))
+    # Each process's task stream is in the checkpoint: it resumes under as many processes.
+    written_by = saved.get("processes", 1)
+    if written_by != config["processes"]:
+        raise ValueError(f"checkpoint {path} was written by a run of {written_by} process(es); "
+                         f"resume it with {written_by} (this run has {config['processes']})")
     iteration = int(d["iteration"])
     if iteration > config["iterations"]:
         raise ValueError(f"checkpoint {path} is at iteration {iteration}, past iterations="
