@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 from typing import Any, Callable, List, Optional
 
@@ -36,6 +37,9 @@ __all__ = ["DistributedError", "Group", "task_seed", "launched_by_torchrun", "en
 DEFAULT_TIMEOUT_S = 300.0
 # What torchrun (and torch.distributed's env:// initialisation) sets in each process.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Groups this process created, counted: each gets its own key prefix in the launch's store, so
+# a second train() in the same processes never reads the first group's stale addresses.
+_groups_created = itertools.count()
 
 
 class DistributedError(RuntimeError):
@@ -108,8 +112,13 @@ class Group:
         if int(os.environ["WORLD_SIZE"]) == 1 and not distributed:
             return None
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)
+            store = dist.PrefixStore(f"pymaml.train/{next(_groups_created)}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timeout)
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"could not join the process group ({backend}, rank "
                                    f"{os.environ['RANK']} of {os.environ['WORLD_SIZE']}, master "
