@@ -1,7 +1,7 @@
 """The benchmark suite (issue 4): the fused op side by side with the autograd reference and
 torch.func, in one run, on the same task data and the same starting weights.
 
-    python -m pymaml bench [--quick] [--out PREFIX] [--only core,T,S,width,threads,memory,train]
+    python -m pymaml bench [--quick] [--out PREFIX] [--only core,T,S,width,threads,memory,train,processes]
 
 prints a table and writes PREFIX.json (every raw number, the machine) and PREFIX.png (the
 fused op's speed-up over the other implementations against T and against S).
@@ -27,7 +27,8 @@ whose time, extrapolated from the implementation's previous point by the flop co
 a cap is skipped and listed as skipped.
 
 Peak memory is measured in a fresh process per (implementation, S): the peak resident set
-during a few meta-iterations above the resident set after setup.
+during a few meta-iterations above the resident set after setup. The processes section
+(pymaml/bench_processes.py) times pymaml.train over one and two torch.distributed processes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ __all__ = ["Workload", "W1", "W2", "IMPLEMENTATIONS", "SECTIONS", "meta_iteratio
            "write_outputs", "plot"]
 
 IMPLEMENTATIONS = ("fused", "reference", "torchfunc")
-SECTIONS = ("core", "T", "S", "width", "threads", "memory", "train")
+SECTIONS = ("core", "T", "S", "width", "threads", "memory", "train", "processes")
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
 VERIFY_TOLERANCE = 1e-4
@@ -660,7 +661,8 @@ def run(*, quick: bool = False, sections: Sequence[str] = SECTIONS,
                   settings=dict(quick=quick, sections=list(sections),
                                 thread_counts=list(thread_counts), timing=timing,
                                 verify_tolerance=VERIFY_TOLERANCE, threads_for_timings=1),
-                  flop_formula=meta_iteration_flops.__doc__, matmul={}, results=[], train=None)
+                  flop_formula=meta_iteration_flops.__doc__, matmul={}, results=[], train=None,
+                  processes=[])
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():  # on a GPU machine the timed workloads run there too
         devices.append(torch.device("cuda"))
@@ -717,6 +719,10 @@ def run(*, quick: bool = False, sections: Sequence[str] = SECTIONS,
             _attach_target(tr, f"W1 in pymaml.train <= {TRAIN_TARGET_S * 1e6:g} us/iteration",
                            tr["median_s"], TRAIN_TARGET_S, "max", unit="s")
             report["train"] = tr
+        if "processes" in sections:
+            from . import bench_processes
+            log("section processes: pymaml.train on one and two processes")
+            report["processes"] = bench_processes.rows(quick, log)
         # The yardstick again at the end: the higher of the two medians, since load from other
         # processes on a shared machine can only make a measurement slower.
         for device_type, again in matmul_rates():
@@ -815,6 +821,8 @@ def format_table(report: dict) -> str:
         lines += ["", "== W1 end to end in pymaml.train (progress off, "
                   f"{tr['iterations']} iterations, backend {tr['backend']}): "
                   f"{_fmt_time(tr['median_s'])}/iteration; target {target}: {result}"]
+    from .bench_processes import format_rows
+    lines += format_rows(report.get("processes") or [], _fmt_time)
     if report.get("targets"):
         lines += ["", "== targets"]
         for t in report["targets"]:

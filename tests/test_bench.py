@@ -197,6 +197,12 @@ def test_cli_quick_writes_json_and_png(quick_run):
         assert 0 <= memory["fused"]["increase_mb"] < memory["reference"]["increase_mb"]
     assert report["train"]["median_s"] > 0 and 1 <= report["train"]["iterations"] <= 300
     assert any(t["what"].startswith("W1 in pymaml.train") for t in report["targets"])
+    # the processes section: one and two processes (torchrun), each with tasks/s
+    settings = [(r["processes"], r["threads"]) for r in report["processes"]]
+    assert settings == [(1, 1), (1, 2), (2, 1)]
+    for r in report["processes"]:
+        assert r["median_s"] > 0 and r["tasks_per_s"] == pytest.approx(r["T"] / r["median_s"])
+    assert all(r["speedup_vs_1_process_1_thread"] > 0 for r in report["processes"][1:])
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == PNG_SIGNATURE
 
@@ -204,7 +210,8 @@ def test_cli_quick_writes_json_and_png(quick_run):
 def test_cli_quick_prints_the_table(quick_run):
     _, printed, out = quick_run
     for text in ("workload", "ratio", "GFLOP/s", "%mm", "W1", "W2 T=4", "W2 S=2", "torchfunc",
-                 "reference", "== targets", f"wrote {out}.json and {out}.png"):
+                 "reference", "== targets", "== processes", "tasks/s",
+                 f"wrote {out}.json and {out}.png"):
         assert text in printed
 
 
