@@ -3,9 +3,10 @@
 The fused op runs the whole inner loop and the exact meta-gradient of a meta-batch of tasks
 in one C++ call; `pymaml.reference` is the pure-autograd oracle it is checked against.
 `pymaml.train` meta-trains on a task family (`pymaml.tasks`) and returns a `MetaMLP`, whose
-`adapt` is test-time adaptation; `pymaml.evaluate` runs the MAML paper's protocol."""
+`adapt` is test-time adaptation; `pymaml.evaluate` runs the MAML paper's protocol;
+`pymaml.distributed` is how train() spreads a meta-batch over torch.distributed processes."""
 
-from . import functional, nn, reference, tasks
+from . import distributed, functional, nn, reference, tasks
 from ._ops import available as fused_available, cuda_compiled
 from ._version import __version__
 from .evaluate import EvalResult, evaluate
@@ -14,7 +15,7 @@ from .model import MetaMLP, load
 from .trainer import TrainingDiverged, TrainResult, train
 
 __all__ = [
-    "__version__", "functional", "nn", "reference", "tasks", "adapt", "init_params", "maml_loss",
+    "__version__", "distributed", "functional", "nn", "reference", "tasks", "adapt", "init_params", "maml_loss",
     "mlp_forward", "fused_available", "cuda_compiled", "MetaMLP", "load", "train", "TrainResult",
     "TrainingDiverged", "evaluate", "EvalResult",
 ]
