@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py SPEC.json
 
 SPEC holds {"out": dir, "runs": [{"name": ..., "train": {pymaml.train keywords}, "fail": ...}]};
-each run's final weights and losses go to OUT/NAME-rank{R}.pt. "fail": {"rank": r, "at": k,
+each run's final weights and losses go to OUT/NAME-rank{R}.pt; a run with "catch": true that
+raises saves the error's type and message there instead, and the next run goes on. "fail": {"rank": r, "at": k,
 "how": "raise" | "hang" | "interrupt"} makes rank r's task sampler raise, hang, or get a
 SIGINT (a Ctrl-C that reaches that process only), at its k-th draw.
 """
@@ -47,10 +48,16 @@ def main(spec_path):
         kw["dtype"] = getattr(torch, kw.get("dtype", "float32"))
         family = tasks.get_family(kw.pop("task"))
         task = sampler(family, run.get("fail")) if run.get("fail") else family
-        result = pymaml.train(task, **kw)
+        path = os.path.join(spec["out"], f"{run['name']}-rank{rank}.pt")
+        try:
+            result = pymaml.train(task, **kw)
+        except Exception as exc:
+            if not run.get("catch"):
+                raise
+            torch.save(dict(error=type(exc).__name__, message=str(exc)), path)
+            continue
         torch.save(dict(params=result.model.params.detach(), losses=result.losses,
-                        status=result.status, config=result.config, rank=result.rank),
-                   os.path.join(spec["out"], f"{run['name']}-rank{rank}.pt"))
+                        status=result.status, config=result.config, rank=result.rank), path)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,18 @@ def test_checkpoint_written_under_two_processes_resumes_under_two(tmp_path):
     base = dict(COMMON, algorithm="maml", dtype="float32", checkpoint_every=7, log_every=5)
     runs = [dict(name="whole", train=dict(base, iterations=20)),
             dict(name="part", train=dict(base, iterations=12, checkpoint=ckpt)),
-            dict(name="resumed", train=dict(base, iterations=20, checkpoint=ckpt, resume=True))]
+            dict(name="resumed", train=dict(base, iterations=20, checkpoint=ckpt, resume=True)),
+            # a new run over the saved one is refused on every process, the file kept
+            dict(name="refused", train=dict(base, checkpoint=ckpt), catch=True)]
     code, output, _ = launch(tmp_path, runs)
     assert code == 0, output
     for rank in (0, 1):
         whole, resumed = rank_result(tmp_path, "whole", rank), rank_result(tmp_path, "resumed", rank)
         assert torch.equal(resumed["params"], whole["params"])
         assert torch.equal(resumed["losses"], whole["losses"])
+    for rank in (0, 1):
+        refused = rank_result(tmp_path, "refused", rank)
+        assert refused["error"] == "FileExistsError" and "already exists" in refused["message"]
     saved = torch.load(ckpt, weights_only=True)
     assert saved["iteration"] == 20 and saved["config"]["processes"] == 2
     assert len(saved["task_generators"]) == 2
