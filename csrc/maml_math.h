@@ -203,9 +203,8 @@ PYMAML_HOST_DEVICE void expand_params(const MlpShape& s, const T* src, T* dst) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* W = src + s.w_off[l];
     T* Wt = dst + s.t_off[l];
-    LA::each(ni * no, [&](int64_t e) {  // e = j * no + i: Wt[j, i] = W[i, j]
-      const int64_t j = e / no, i = e - j * no;
-      Wt[e] = W[i * ni + j];
+    LA::each(no, [&](int64_t i) {  // row i of W is column i of W^T
+      for (int64_t j = 0; j < ni; ++j) Wt[j * no + i] = W[i * ni + j];
     });
   }
 }
