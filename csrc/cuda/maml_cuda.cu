@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../dispatch.h"
 #include "cuda_linalg.cuh"
@@ -139,6 +142,60 @@ int block_threads(const MlpShape& s, int64_t points) {
   return int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(1, warps) * 32));
 }
 
+// What the plan needs to know about a kernel on a device, queried once per (kernel, device):
+// at W2's T = 25 a whole meta-step is tens of microseconds, so the host path stays short.
+struct KernelFacts {
+  int sms = 0;                  // multiprocessors
+  int optin = 0;                // opt-in dynamic shared memory per block, bytes
+  size_t static_smem = 0;       // the kernel's static shared memory, bytes
+  size_t total_memory = 0;      // the device's global memory, bytes
+  size_t allowed_dynamic = kDefaultSharedLimit;  // its MaxDynamicSharedMemorySize so far
+};
+
+std::mutex facts_mutex;
+std::map<std::pair<const void*, int>, KernelFacts>& facts_cache() {
+  static std::map<std::pair<const void*, int>, KernelFacts> cache;
+  return cache;
+}
+
+cudaError_t kernel_facts(const void* kernel, KernelFacts* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(facts_mutex);
+  auto& cache = facts_cache();
+  const auto key = std::make_pair(kernel, device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    KernelFacts f;
+    cudaFuncAttributes attr{};
+    err = cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&f.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+    size_t free_memory = 0;
+    if (err == cudaSuccess) err = cudaMemGetInfo(&free_memory, &f.total_memory);
+    if (err != cudaSuccess) return err;
+    f.static_smem = attr.sharedSizeBytes;
+    it = cache.emplace(key, f).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+// Raises the kernel's dynamic shared memory limit on the current device to `bytes` (once).
+cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(facts_mutex);
+  auto it = facts_cache().find(std::make_pair(kernel, device));
+  if (it != facts_cache().end() && it->second.allowed_dynamic >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err == cudaSuccess && it != facts_cache().end()) it->second.allowed_dynamic = bytes;
+  return err;
+}
+
 std::string mb(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f MB", bytes / (1024.0 * 1024.0));
@@ -152,8 +209,7 @@ cudaError_t launch_tasks(const Problem& pb, const LaunchPlan& plan, const Kernel
   dispatch_act_loss(pb.activation, pb.loss, [&](auto a, auto l) {
     auto kernel = &task_kernel<T, decltype(a)::value, decltype(l)::value, OP>;
     if (plan.shared_bytes > kDefaultSharedLimit) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 int(plan.shared_bytes));
+      err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), plan.shared_bytes);
       if (err != cudaSuccess) return;
     }
     kernel<<<plan.grid, plan.threads, plan.shared_bytes, stream>>>(args);
@@ -220,35 +276,27 @@ cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* pl
     return cudaSuccess;
   }
 
-  int device = 0, sms = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  cudaFuncAttributes attr{};
   const void* kernel = task_kernel_for<T>(op, pb.activation, pb.loss);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+  KernelFacts facts;
+  cudaError_t err = kernel_facts(kernel, &facts);
   if (err != cudaSuccess) return err;
 
-  if (bytes + double(attr.sharedSizeBytes) <= double(optin)) {
+  if (bytes + double(facts.static_smem) <= double(facts.optin)) {
     // The fast path: the whole workspace in shared memory, one block per chunk.
     p.shared_bytes = size_t(bytes);
     p.grid = int(p.chunks);
   } else {
     // The workspace in global memory: one slice per block, as many blocks as can be resident
     // (the grid-stride loop over chunks does the rest), within the scratch budget.
-    size_t free_bytes = 0, total_bytes = 0;
     int per_sm = 0;
-    err = cudaMemGetInfo(&free_bytes, &total_bytes);
-    if (err == cudaSuccess)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, 0);
     if (err != cudaSuccess) return err;
-    if (bytes > 0.5 * double(total_bytes)) {
-      p.error = what + ", over half the GPU's " + mb(double(total_bytes)) + reduce;
+    if (bytes > 0.5 * double(facts.total_memory)) {
+      p.error = what + ", over half the GPU's " + mb(double(facts.total_memory)) + reduce;
       *plan = p;
       return cudaSuccess;
     }
-    const int64_t resident = std::max<int64_t>(1, int64_t(per_sm) * sms);
+    const int64_t resident = std::max<int64_t>(1, int64_t(per_sm) * facts.sms);
     const int64_t by_memory = std::max<int64_t>(1, int64_t(double(kScratchBudget) / bytes));
     p.grid = int(std::min({p.chunks, resident, by_memory}));
     p.scratch_elems = int64_t(p.grid) * p.block_elems;

@@ -53,7 +53,12 @@ LaunchPlan plan_or_throw(const char* op, Op which, const Problem& pb, bool need_
 
 template <typename scalar_t>
 scalar_t* ptr(const at::Tensor& t) {
-  return t.numel() ? t.data_ptr<scalar_t>() : nullptr;
+  return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// A buffer of n elements like `like`, or an undefined tensor (no allocation) when n is 0.
+at::Tensor buffer(int64_t n, const at::Tensor& like) {
+  return n ? at::empty({n}, like.options()) : at::Tensor();
 }
 
 at::Tensor adapt_op(const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
@@ -71,7 +76,7 @@ at::Tensor adapt_op(const at::Tensor& params_in, const at::Tensor& xs_in, const 
   at::Tensor out = at::empty({T, c.shape.num_params}, params.options());
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_cuda", [&] {
     const LaunchPlan plan = plan_or_throw<scalar_t>(op, Op::Adapt, pb, false);
-    const at::Tensor scratch = at::empty({plan.scratch_elems}, params.options());
+    const at::Tensor scratch = buffer(plan.scratch_elems, params);
     check_cuda(op, cuda::adapt<scalar_t>(pb, plan, ptr<scalar_t>(params), ptr<scalar_t>(xs),
                                          ptr<scalar_t>(ys), ptr<scalar_t>(scratch),
                                          ptr<scalar_t>(out), current_stream(params.device())));
@@ -96,8 +101,8 @@ at::Tensor adapt_backward_op(const at::Tensor& grad_in, const at::Tensor& params
   at::Tensor out = at::empty({c.shape.num_params}, params.options());
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_backward_cuda", [&] {
     const LaunchPlan plan = plan_or_throw<scalar_t>(op, Op::AdaptBackward, pb, false);
-    const at::Tensor scratch = at::empty({plan.scratch_elems}, params.options());
-    const at::Tensor partial = at::empty({plan.partial_elems}, params.options());
+    const at::Tensor scratch = buffer(plan.scratch_elems, params);
+    const at::Tensor partial = buffer(plan.partial_elems, params);
     check_cuda(op, cuda::adapt_backward<scalar_t>(
                        pb, plan, ptr<scalar_t>(grad), ptr<scalar_t>(params), ptr<scalar_t>(xs),
                        ptr<scalar_t>(ys), ptr<scalar_t>(scratch), ptr<scalar_t>(partial),
@@ -127,8 +132,8 @@ std::tuple<at::Tensor, at::Tensor> maml_loss_op(const at::Tensor& params_in,
   at::Tensor mean_loss = at::empty({}, params.options());
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cuda", [&] {
     const LaunchPlan plan = plan_or_throw<scalar_t>(op, Op::MamlLoss, pb, need_grad);
-    const at::Tensor scratch = at::empty({plan.scratch_elems}, params.options());
-    const at::Tensor partial = at::empty({plan.partial_elems}, params.options());
+    const at::Tensor scratch = buffer(plan.scratch_elems, params);
+    const at::Tensor partial = buffer(plan.partial_elems, params);
     check_cuda(op, cuda::maml_loss<scalar_t>(
                        pb, plan, ptr<scalar_t>(params), ptr<scalar_t>(xs), ptr<scalar_t>(ys),
                        ptr<scalar_t>(xq), ptr<scalar_t>(yq), first_order, need_grad,
