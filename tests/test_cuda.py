@@ -248,7 +248,9 @@ def test_task_too_big_names_what_to_reduce():
 
 @requires_cuda
 def test_train_on_cuda():
-    kw = dict(iterations=30, meta_batch_size=4, progress=False, log_every=0, backend="fused")
+    # MSE: no sign flips of L1 residuals near zero to amplify float32 rounding differences.
+    kw = dict(iterations=30, meta_batch_size=4, loss="mse", inner_lr=0.01, progress=False,
+              log_every=0, backend="fused")
     gpu = pymaml.train(device="cuda", **kw)
     cpu = pymaml.train(device="cpu", **kw)
     assert gpu.config["backend"] == "fused" and gpu.model.params.device.type == "cuda"
