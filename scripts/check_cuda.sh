@@ -67,4 +67,5 @@ torch.ops.load_library(sys.argv[1])
 for op in ("adapt", "adapt_backward", "maml_loss"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymaml::{op}", "CUDA"), op
 PYEOF
-echo "check_cuda: kernel layer (sm_90, sm_80), binding, link and registration OK ($((SECONDS - start)) s)"
+echo "check_cuda: kernel layer (sm_90, sm_80), binding, link and registration OK" \
+  "($((SECONDS - start)) s)"

@@ -30,8 +30,10 @@ step() {  # step NAME CMD...: CMD's output to the screen and to $LOG/NAME.log
 }
 
 # Only where it can mean something: it reinstalls pymaml (editable) from this tree.
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: this torch has no CUDA or sees no GPU; nothing to check here (and pymaml is not reinstalled)"
+if ! "$PY" -c "import sys, torch
+sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: this torch has no CUDA or sees no GPU: nothing to check here" \
+    "(and pymaml is not reinstalled)"
   exit 2
 fi
 

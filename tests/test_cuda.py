@@ -107,7 +107,8 @@ def test_workspace_in_global_memory(dtype):
         pb.steps, pb.inner_lr = 5, 0.01
         pb.params = F.init_params(sizes, generator=g, dtype=dtype)
         T = 3
-        pb.xs, pb.xq = (torch.randn(T, 10, 1, generator=g, dtype=torch.float64).to(dtype) for _ in "ab")
+        pb.xs, pb.xq = (torch.randn(T, 10, 1, generator=g, dtype=torch.float64).to(dtype)
+                        for _ in "ab")
         pb.ys, pb.yq = torch.sin(pb.xs), torch.cos(pb.xq)
         check(pb, dtype)
 
@@ -319,7 +320,8 @@ def test_bench_cuda_section_logic_on_the_cpu():
 def test_bench_cuda_targets():
     from pymaml import bench
     rows = []
-    for T, impl, median in ((4096, "fused", 1e-3), (4096, "torchfunc", 30e-3), (25, "fused", 40e-6)):
+    for T, impl, median in ((4096, "fused", 1e-3), (4096, "torchfunc", 30e-3),
+                            (25, "fused", 40e-6)):
         w = bench.W2.replace(T=T)
         rows.append(dict(section="cuda", status="ok", impl=impl, config=dataclasses.asdict(w),
                          median_s=median, pct_matmul=30.0))

@@ -1,7 +1,8 @@
 // SIMD version of maml_math.h's linear-algebra backend (ScalarLinalg): its heavy gemm written
-// with GCC / Clang vector extensions so that the same source becomes AVX-512, AVX2 or SSE2 / NEON code
-// depending on the target the including file is compiled for (see kernels_impl.h). Everything
-// here lives in that file's instruction-set namespace, so the copies never mix at link time.
+// with GCC / Clang vector extensions so that the same source becomes AVX-512, AVX2 or SSE2 /
+// NEON code depending on the target the including file is compiled for (see kernels_impl.h).
+// Everything here lives in that file's instruction-set namespace, so the copies never mix at
+// link time.
 //
 // C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n]: the output columns are cut
 // into strips of up to 4 vectors, the rows into tiles of MR rows, and each MR x NR tile of C

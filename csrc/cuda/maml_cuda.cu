@@ -119,7 +119,8 @@ template <typename T, Op OP>
 const void* task_kernel_for(Activation act, Loss loss) {
   const void* kernel = nullptr;
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
-    kernel = reinterpret_cast<const void*>(&task_kernel<T, decltype(a)::value, decltype(l)::value, OP>);
+    kernel = reinterpret_cast<const void*>(
+        &task_kernel<T, decltype(a)::value, decltype(l)::value, OP>);
   });
   return kernel;
 }
