@@ -227,6 +227,7 @@ def test_runs_on_the_current_stream_and_device():
     pb = to_device(random_problem(7, torch.float64), "cuda")
     expected = F.maml_loss(pb.params, *pb.data, backend="fused", **pb.hyper)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         got = F.maml_loss(pb.params, *pb.data, backend="fused", **pb.hyper)
     stream.synchronize()
