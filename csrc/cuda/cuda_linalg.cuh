@@ -11,29 +11,24 @@
 #include <cstdint>
 
 #include "../maml_math.h"
+#include "gemm_tile.h"
 
 namespace pymaml::cuda {
 
 struct CudaLinalg {
-  // One thread per output element (m, n), elements dealt out round-robin (consecutive threads
-  // take consecutive columns: conflict-free reads of B, broadcast reads of A). The sum over p
-  // in increasing order with one fused multiply-add per term, as ScalarLinalg; plain FMA units
-  // only, no tensor cores (no TF32 rounding). Every index of a task's buffers fits in 32 bits
-  // (the launch plan checks), so the loop runs on 32-bit integers.
+  // Work items of gemm_tile.h dealt out round-robin over the threads: each a column and
+  // kGemmRows rows of C, so a thread runs independent FMA chains side by side. Each output's
+  // sum over p in increasing order (ScalarLinalg's order) with one fused multiply-add per term;
+  // plain FMA units only, no tensor cores (no TF32 rounding). Every index of a task's buffers
+  // fits in 32 bits (the launch plan checks), so the work runs on 32-bit integers.
   template <typename T>
   static __device__ void gemm(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms,
                               int64_t a_ps, const T* B, int64_t ldb, T* C, int64_t ldc,
                               Init init, const T* bias) {
-    const int n_cols = int(N), total = int(M * N), depth = int(P);
-    const int ams = int(a_ms), aps = int(a_ps), lb = int(ldb), lc = int(ldc);
-    for (int o = threadIdx.x; o < total; o += blockDim.x) {
-      const int m = o / n_cols, n = o - m * n_cols;
-      const T* a = A + m * ams;
-      const T* b = B + n;
-      T acc = init == Init::Zero ? T(0) : init == Init::Bias ? bias[n] : C[m * lc + n];
-      for (int p = 0; p < depth; ++p) acc = fma(a[p * aps], b[p * lb], acc);
-      C[m * lc + n] = acc;
-    }
+    const int items = gemm_items(int(M), int(N));
+    for (int o = threadIdx.x; o < items; o += blockDim.x)
+      gemm_item(o, int(M), int(N), int(P), A, int(a_ms), int(a_ps), B, int(ldb), C, int(ldc),
+                init, bias);
     __syncthreads();
   }
 

@@ -134,12 +134,15 @@ const void* task_kernel_for(Op op, Activation act, Loss loss) {
   }
 }
 
-// Threads per block from the sizes alone (so that results never depend on the GPU): enough
-// for the largest product of a layer, (points x width) or (width x width), capped.
+// Threads per block from the sizes alone (so that results never depend on the GPU): one per
+// work item (gemm_tile.h) of the largest product of a layer, (points x width) or (width x
+// width), capped.
 int block_threads(const MlpShape& s, int64_t points) {
-  int64_t outputs = points * s.max_width;
-  for (int l = 0; l < s.depth; ++l) outputs = std::max(outputs, s.in(l) * s.out(l));
-  const int64_t warps = (outputs + 31) / 32;
+  int64_t items = gemm_items(int(std::min<int64_t>(points, kMaxThreads)), int(s.max_width));
+  for (int l = 0; l < s.depth; ++l)
+    items = std::max<int64_t>({items, gemm_items(int(s.in(l)), int(s.out(l))),
+                               gemm_items(int(s.out(l)), int(s.in(l)))});
+  const int64_t warps = (items + 31) / 32;
   return int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(1, warps) * 32));
 }
 
