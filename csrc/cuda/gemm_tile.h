@@ -14,7 +14,7 @@
 // Loop unrolling, said the way each compiler that sees this file understands.
 #if defined(__CUDA_ARCH__)  // nvcc, device code
 #define PYMAML_UNROLL _Pragma("unroll")
-#elif defined(__CUDACC__)  // nvcc, host code (never run: the host has gemm_tile's tests only)
+#elif defined(__CUDACC__)  // nvcc, host code (the kernels never call it there)
 #define PYMAML_UNROLL
 #else  // a host compiler alone (the C++ tests)
 #define PYMAML_UNROLL _Pragma("GCC unroll 4")
