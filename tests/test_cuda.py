@@ -114,6 +114,19 @@ def test_workspace_in_global_memory(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_global_workspace_gives_the_same_bits(dtype, monkeypatch):
+    # The same kernels with the workspace in shared or in global memory (forced): same bits.
+    pb = to_device(random_problem(11, dtype, max_width=24, max_tasks=4), "cuda")
+    pb.steps = max(pb.steps, 2)
+    shared = backend_outputs(pb, "fused")
+    monkeypatch.setenv("PYMAML_CUDA_WORKSPACE", "global")
+    forced = backend_outputs(pb, "fused")
+    for key in shared:
+        assert torch.equal(forced[key], shared[key]), key
+
+
+@requires_cuda
 def test_many_tasks_reduce_in_order():
     # T identical tasks over more than the kernels' 1024 chunks (several tasks per chunk, a
     # non-contiguous input): the mean meta-gradient is the one-task meta-gradient.

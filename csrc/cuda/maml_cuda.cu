@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -200,6 +202,13 @@ cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
   return err;
 }
 
+// PYMAML_CUDA_WORKSPACE=global keeps every workspace in global memory (to compare the two
+// paths, which give the same bits, and to time the slower one); read at every call.
+bool force_global_workspace() {
+  const char* env = std::getenv("PYMAML_CUDA_WORKSPACE");
+  return env && std::strcmp(env, "global") == 0;
+}
+
 std::string mb(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f MB", bytes / (1024.0 * 1024.0));
@@ -285,7 +294,7 @@ cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* pl
   cudaError_t err = kernel_facts(kernel, &facts);
   if (err != cudaSuccess) return err;
 
-  if (bytes + double(facts.static_smem) <= double(facts.optin)) {
+  if (bytes + double(facts.static_smem) <= double(facts.optin) && !force_global_workspace()) {
     // The fast path: the whole workspace in shared memory, one block per chunk.
     p.shared_bytes = size_t(bytes);
     p.grid = int(p.chunks);
