@@ -276,18 +276,19 @@ cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* pl
   p.partial_elems = p.chunks * p.width;
   p.block_elems = s.num_ext + task_workspace_size(s, pb.steps, points);
   const double bytes = double(p.block_elems) * sizeof(T);
-  const std::string what =
-      "the workspace of one task is " + mb(bytes) + " (" + std::to_string(pb.steps + 4) +
-      " parameter-sized vectors of " + std::to_string(s.num_ext) + " and " +
-      std::to_string(3 * (pb.steps + 1) + 2) + " activation buffers of " +
-      std::to_string(points) + " points x " + std::to_string(s.sum_width) + " units)";
-  const std::string reduce = ": reduce the inner steps, the points per task (K, Q) or the widths";
-  // Every index into a task's buffers (workspace and data) must fit in 32 bits (CudaLinalg).
-  if (p.block_elems + points * s.n[0] > std::numeric_limits<int32_t>::max()) {
-    p.error = what + ", over the 2^31 elements a CUDA block can index" + reduce;
+  auto too_big = [&](const std::string& limit) {  // the plan's error: what to reduce, and why
+    p.error = "the workspace of one task is " + mb(bytes) + " (" +
+              std::to_string(pb.steps + 4) + " parameter-sized vectors of " +
+              std::to_string(s.num_ext) + " and " + std::to_string(3 * (pb.steps + 1) + 2) +
+              " activation buffers of " + std::to_string(points) + " points x " +
+              std::to_string(s.sum_width) + " units), over " + limit +
+              ": reduce the inner steps, the points per task (K, Q) or the widths";
     *plan = p;
     return cudaSuccess;
-  }
+  };
+  // Every index into a task's buffers (workspace and data) must fit in 32 bits (CudaLinalg).
+  if (p.block_elems + points * s.n[0] > std::numeric_limits<int32_t>::max())
+    return too_big("the 2^31 elements a CUDA block can index");
 
   const void* kernel = task_kernel_for<T>(op, pb.activation, pb.loss);
   KernelFacts facts;
@@ -304,11 +305,8 @@ cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* pl
     int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, 0);
     if (err != cudaSuccess) return err;
-    if (bytes > 0.5 * double(facts.total_memory)) {
-      p.error = what + ", over half the GPU's " + mb(double(facts.total_memory)) + reduce;
-      *plan = p;
-      return cudaSuccess;
-    }
+    if (bytes > 0.5 * double(facts.total_memory))
+      return too_big("half the GPU's " + mb(double(facts.total_memory)));
     const int64_t resident = std::max<int64_t>(1, int64_t(per_sm) * facts.sms);
     const int64_t by_memory = std::max<int64_t>(1, int64_t(double(kScratchBudget) / bytes));
     p.grid = int(std::min({p.chunks, resident, by_memory}));
