@@ -1,8 +1,10 @@
 """Builds pymaml's compiled core, pymaml._C, with torch's BuildExtension.
 
-The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are added only when the
-installed torch has CUDA and nvcc is found (set PYMAML_NO_CUDA=1 to skip them). Build against
-the torch already installed, without build isolation:
+The CPU kernels are always built. The CUDA kernels (csrc/cuda/: the kernel layer *.cu and its
+torch binding *.cpp) are added only when the installed torch has CUDA and nvcc is found (set
+PYMAML_NO_CUDA=1 to skip them). TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it,
+torch builds for the GPUs it sees, and for 9.0 (H100) when it sees none. Build against the
+torch already installed, without build isolation:
 
     pip install --no-build-isolation -e .
 """
@@ -31,9 +33,13 @@ def extension():
         bool(cuda_sources)
         and torch.version.cuda is not None
         and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
         and os.environ.get("PYMAML_NO_CUDA", "0") != "1"
     )
-    # No fast-math anywhere: it breaks parity with the autograd reference.
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to detect: torch would otherwise compile for every architecture it knows.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    # No fast-math anywhere (nor nvcc's --use_fast_math): it breaks parity with the reference.
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     macros = [("PYMAML_VERSION", '"%s"' % read_version())]
     if with_cuda:

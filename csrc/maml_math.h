@@ -1,8 +1,11 @@
 // The math of the fused meta-gradient, written once (DESIGN.md §1-2).
 //
 // Torch-free on purpose: this header compiles under g++, under nvcc (every function is
-// PYMAML_HOST_DEVICE) and in plain C++ tests. Backends (csrc/cpu, later csrc/cuda) only
-// decide how tasks are spread over workers and where the workspace lives.
+// PYMAML_HOST_DEVICE) and in plain C++ tests. Backends (csrc/cpu, csrc/cuda) only decide how
+// tasks are spread over workers, where the workspace lives and how the linear-algebra backend
+// LA runs its primitives: every loop over data below is an LA call (gemm, each, sum), never a
+// plain loop, so that a CUDA thread block can share each one out over its threads (with a
+// barrier after it) while the CPU runs it as the plain loop it stands for.
 //
 // Conventions, shared with the Python side:
 //   * params are one flat vector [W0, b0, W1, b1, ...], W_l in nn.Linear's [out, in] layout;
@@ -144,15 +147,37 @@ struct LossFn<Loss::L1> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The one heavy primitive: a small matrix product with unit stride along the output columns,
+// The linear-algebra backend LA: three primitives every loop over data goes through.
+//
+// gemm, the one heavy primitive: a small matrix product with unit stride along the output
+// columns,
 //   C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n],   m < M, n < N, p < P,
 // init = 0, bias[n], or C's current value; the sum over p runs in increasing order. A may be
-// read transposed (a_ms = 1), which is how the weight gradients G^T A are formed. Backends
-// provide faster versions with the same contract (csrc/cpu/simd_linalg.h); this is the plain
-// one, for any device.
+// read transposed (a_ms = 1), which is how the weight gradients G^T A are formed. C never
+// overlaps A, B or bias.
+// each(n, f): f(i) for every i < n, in any order or at once: f(i) may write element i of its
+// outputs and read anything no other f(j) of the same call writes.
+// sum(n, f): sum over i < n of f(i) (f as for each, returning the term), the same value for
+// every caller. ScalarLinalg sums in increasing order; parallel backends in a fixed order of
+// their own (deterministic, but rounded differently).
+// After any of them returns, its writes are visible to everything that follows (on CUDA, a
+// barrier of the thread block). Backends provide faster versions with the same contract
+// (csrc/cpu/simd_linalg.h, csrc/cuda/cuda_linalg.cuh); this is the plain one, for the host.
 enum class Init : int { Zero, Bias, Accumulate };
 
 struct ScalarLinalg {
+  template <typename F>
+  static PYMAML_HOST_DEVICE void each(int64_t n, F&& f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+
+  template <typename F>
+  static PYMAML_HOST_DEVICE auto sum(int64_t n, F&& f) -> decltype(f(int64_t(0))) {
+    decltype(f(int64_t(0))) total(0);
+    for (int64_t i = 0; i < n; ++i) total += f(i);
+    return total;
+  }
+
   template <typename T>
   static PYMAML_HOST_DEVICE void gemm(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms,
                                      int64_t a_ps, const T* B, int64_t ldb, T* C, int64_t ldc,
@@ -172,14 +197,15 @@ struct ScalarLinalg {
 // per instruction set keeps their instantiations from being merged at link time.)
 template <typename T, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void expand_params(const MlpShape& s, const T* src, T* dst) {
-  for (int64_t p = 0; p < s.num_params; ++p) dst[p] = src[p];
+  LA::each(s.num_params, [&](int64_t p) { dst[p] = src[p]; });
   for (int l = 0; l < s.depth; ++l) {
     if (!s.has_copy(l)) continue;
     const int64_t ni = s.in(l), no = s.out(l);
     const T* W = src + s.w_off[l];
     T* Wt = dst + s.t_off[l];
-    for (int64_t i = 0; i < no; ++i)
+    LA::each(no, [&](int64_t i) {  // row i of W is column i of W^T
       for (int64_t j = 0; j < ni; ++j) Wt[j * no + i] = W[i * ni + j];
+    });
   }
 }
 
@@ -223,8 +249,7 @@ PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, i
     T* out = layer_of(tp.act, s, K, l);
     LA::gemm(K, no, ni, in, ni, int64_t(1), theta + s.t_off[l], no, out, no, Init::Bias,
              theta + s.b_off[l]);
-    if (l + 1 < s.depth)
-      for (int64_t e = 0; e < K * no; ++e) out[e] = Act<A>::f(out[e]);
+    if (l + 1 < s.depth) LA::each(K * no, [&](int64_t e) { out[e] = Act<A>::f(out[e]); });
   }
 }
 
@@ -236,12 +261,11 @@ PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, con
   const T* out = layer_of(tp.act, s, K, last);
   T* G = layer_of(tp.grad, s, K, last);
   const T inv_n = T(1) / T(count);
-  T total = T(0);
-  for (int64_t e = 0; e < count; ++e) {
+  const T total = LA::sum(count, [&](int64_t e) {
     const T diff = out[e] - Y[e];
-    total += LossFn<L>::value(diff);
     G[e] = LossFn<L>::seed(diff) * inv_n;
-  }
+    return LossFn<L>::value(diff);
+  });
   return total * inv_n;
 }
 
@@ -282,7 +306,7 @@ PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, 
     T* Gin = layer_of(tp.grad, s, K, l - 1);
     LA::gemm(K, ni, no, G, no, int64_t(1), theta + s.w_off[l], ni, D, ni, Init::Zero,
              (const T*)nullptr);
-    for (int64_t e = 0; e < K * ni; ++e) Gin[e] = D[e] * Act<A>::d1(in[e]);
+    LA::each(K * ni, [&](int64_t e) { Gin[e] = D[e] * Act<A>::d1(in[e]); });
   }
 }
 
@@ -314,7 +338,7 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
       LA::gemm(K, no, ni, layer_of(rt.r_act, s, K, l - 1), ni, int64_t(1), theta + s.t_off[l],
                no, r_out, no, Init::Accumulate, (const T*)nullptr);
     if (l + 1 < s.depth)
-      for (int64_t e = 0; e < K * no; ++e) r_out[e] = Act<A>::d1(out[e]) * r_out[e];
+      LA::each(K * no, [&](int64_t e) { r_out[e] = Act<A>::d1(out[e]) * r_out[e]; });
   }
   // R G_last from the loss's curvature.
   {
@@ -323,7 +347,7 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
     const T inv_n = T(1) / T(count);
     const T* r_out = layer_of(rt.r_act, s, K, last);
     T* RG = layer_of(rt.r_grad, s, K, last);
-    for (int64_t e = 0; e < count; ++e) RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n;
+    LA::each(count, [&](int64_t e) { RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n; });
   }
   // R-backward: R dW_l = R G_l^T A_{l-1} + G_l^T R A_{l-1};  R db_l = colsum R G_l;
   // R G_{l-1} = (R G_l W_l + G_l V_l) sigma'(Z_{l-1}) + (G_l W_l) sigma''(Z_{l-1}) R Z_{l-1}.
@@ -344,11 +368,11 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
              (const T*)nullptr);
     const T* act_in = layer_of(tp.act, s, K, l - 1);
     const T* D = layer_of(tp.pre, s, K, l - 1);
-    for (int64_t e = 0; e < K * ni; ++e) {
+    LA::each(K * ni, [&](int64_t e) {
       const T a = act_in[e];
       RGin[e] = RGin[e] * Act<A>::d1(a);
       if (Act<A>::kHasCurvature) RGin[e] += Act<A>::curv(D[e], a, r_in[e]);
-    }
+    });
   }
 }
 
@@ -416,7 +440,7 @@ PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, 
     const T* cur = w.theta(k, s);
     T* next = w.thetas + k * E;
     loss_and_grad<T, A, L, LA>(s, cur, Xs, Ys, K, w.tape(k), w.tmp);
-    for (int64_t p = 0; p < E; ++p) next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p];
+    LA::each(E, [&](int64_t p) { next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p]; });
   }
 }
 
@@ -428,16 +452,16 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int
                                   InnerLR<T> lr, const TaskWorkspace<T>& w) {
   const int64_t E = s.num_ext;
   if (steps == 0) return;
-  for (int64_t p = 0; p < E; ++p) w.tmp[p] = lr.at(int(steps - 1), p) * w.g[p];
+  LA::each(E, [&](int64_t p) { w.tmp[p] = lr.at(int(steps - 1), p) * w.g[p]; });
   for (int64_t k = steps - 1; k >= 0; --k) {
     hvp<T, A, L, LA>(s, w.theta(k, s), Xs, K, w.tape(k), w.rtape, w.tmp, w.hv);
     if (k > 0) {
-      for (int64_t p = 0; p < E; ++p) {
+      LA::each(E, [&](int64_t p) {
         w.g[p] -= w.hv[p];
         w.tmp[p] = lr.at(int(k - 1), p) * w.g[p];
-      }
+      });
     } else {
-      for (int64_t p = 0; p < E; ++p) w.g[p] -= w.hv[p];
+      LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
     }
   }
 }

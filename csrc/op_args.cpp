@@ -83,4 +83,15 @@ int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, con
   return x.size(1);
 }
 
+void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& params,
+                      int64_t T, int64_t P) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == T && grad.size(1) == P, op,
+                    ": grad must be [T, P] = [", T, ", ", P, "], got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == params.scalar_type(), op,
+                   ": grad must have the dtype of params, got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == params.device(), op,
+                    ": grad must be on the device of params (", params.device(), "), got ",
+                    grad.device());
+}
+
 }  // namespace pymaml

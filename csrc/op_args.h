@@ -35,4 +35,8 @@ int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, con
                     const at::Tensor& y, const at::Tensor& params, const MlpShape& shape,
                     int64_t& T);
 
+// grad: [T, P], the dtype and device of params (adapt_backward's cotangent).
+void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& params,
+                      int64_t T, int64_t P);
+
 }  // namespace pymaml

@@ -1,7 +1,7 @@
 """The benchmark suite (issue 4): the fused op side by side with the autograd reference and
 torch.func, in one run, on the same task data and the same starting weights.
 
-    python -m pymaml bench [--quick] [--out PREFIX] [--only core,T,S,width,threads,memory,train,processes]
+    python -m pymaml bench [--quick] [--out PREFIX] [--only core,T,S,width,threads,memory,train,processes,cuda]
 
 prints a table and writes PREFIX.json (every raw number, the machine) and PREFIX.png (the
 fused op's speed-up over the other implementations against T and against S).
@@ -29,6 +29,10 @@ a cap is skipped and listed as skipped.
 Peak memory is measured in a fresh process per (implementation, S): the peak resident set
 during a few meta-iterations above the resident set after setup. The processes section
 (pymaml/bench_processes.py) times pymaml.train over one and two torch.distributed processes.
+
+The cuda section (only where torch.cuda.is_available()) times the meta-gradient alone, without
+the optimizer step, on the GPU: W2 at T = 1 to 65536, the three implementations, with tasks/s
+and TFLOP/s against the GPU's float32 matmul rate (TF32 off), and the issue's H100 targets.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ __all__ = ["Workload", "W1", "W2", "IMPLEMENTATIONS", "SECTIONS", "meta_iteratio
            "write_outputs", "plot"]
 
 IMPLEMENTATIONS = ("fused", "reference", "torchfunc")
-SECTIONS = ("core", "T", "S", "width", "threads", "memory", "train", "processes")
+SECTIONS = ("core", "T", "S", "width", "threads", "memory", "train", "processes", "cuda")
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
 VERIFY_TOLERANCE = 1e-4
@@ -155,6 +159,7 @@ def _plan(quick: bool) -> Dict[str, object]:
             memory=dict(S=(5,), implementations=("fused", "reference"), iterations=1),
             train=dict(iterations=300, repeats=1, budget_s=0.3),
             timing=dict(rounds=3, round_s=0.005, cell_budget_s=0.1, max_iter_s=0.5),
+            cuda=[W2.replace(T=T) for T in (1, 25)],
         )
     return dict(
         core=[w.replace(first_order=fo) for w in (W1, W2, W2.replace(S=1), W2.replace(S=50))
@@ -168,6 +173,7 @@ def _plan(quick: bool) -> Dict[str, object]:
         memory=dict(S=(1, 5, 10, 20, 50), implementations=IMPLEMENTATIONS, iterations=3),
         train=dict(iterations=10_000, repeats=3, budget_s=3.0),
         timing=dict(rounds=11, round_s=0.1, cell_budget_s=2.0, max_iter_s=6.0),
+        cuda=[W2.replace(T=T) for T in CUDA_T],
     )
 
 
@@ -218,12 +224,13 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
 def measure_matmul_gflops(sizes: Sequence[int] = (512, 1024), repeats: int = 11,
                           device="cpu") -> Dict[str, object]:
     """The float32 matmul rate the machine reaches (torch.mm of n x n matrices, 2·n³ flops),
-    on one thread for the CPU: the median over `repeats` calls per size; "gflops" is the best
-    size's. The yardstick the workloads' GFLOP/s are read against."""
+    on one thread for the CPU, with TF32 off on a GPU: the median over `repeats` calls per size;
+    "gflops" is the best size's. The yardstick the workloads' GFLOP/s are read against."""
     device = torch.device(device)
     sync = _sync_fn(device)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    restore_precision = _full_float32_matmul(device)
     try:
         by_size = {}
         for n in sizes:
@@ -242,8 +249,25 @@ def measure_matmul_gflops(sizes: Sequence[int] = (512, 1024), repeats: int = 11,
             by_size[n] = 2 * n ** 3 / statistics.median(times) / 1e9
     finally:
         torch.set_num_threads(before)
+        restore_precision()
     return dict(gflops=max(by_size.values()), by_size=by_size, device=str(device),
-                threads=1 if device.type == "cpu" else None)
+                threads=1 if device.type == "cpu" else None,
+                tf32=False if device.type == "cuda" else None)
+
+
+def _full_float32_matmul(device: torch.device) -> Callable[[], None]:
+    """On a GPU, turns TF32 off for float32 matmuls (the rate the fused op's plain FMAs are read
+    against); returns the function that puts the previous settings back."""
+    if device.type != "cuda":
+        return lambda: None
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def restore():
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    return restore
 
 
 # ---- implementations --------------------------------------------------------------------------------
@@ -422,13 +446,14 @@ def time_steps(entries: Dict[object, Timed], *, rounds: int, round_s: float, cel
 
 def measure_workload(w: Workload, implementations: Sequence[str], *, section: str, timing: dict,
                      device="cpu", threads: Sequence[int] = (1,), estimates: Optional[dict] = None,
-                     matmul_gflops: Optional[float] = None,
+                     matmul_gflops: Optional[float] = None, meta_grad_only: bool = False,
                      log: Callable[[str], None] = lambda s: None) -> List[dict]:
     """Verifies, then times side by side, each implementation on workload w with each thread
     count: one row per (implementation, threads), status "ok", "skipped" or "mismatch".
     `estimates` maps (implementation, device, order, section) to (flops, seconds) of the
     implementation's previous sweep point; a point whose time extrapolated by the flop count
-    exceeds timing["max_iter_s"] is skipped. Updated in place."""
+    exceeds timing["max_iter_s"] is skipped. Updated in place. meta_grad_only times the
+    meta-gradient without the optimizer step."""
     device = torch.device(device)
     sync = _sync_fn(device)
     estimates = {} if estimates is None else estimates
@@ -462,7 +487,8 @@ def measure_workload(w: Workload, implementations: Sequence[str], *, section: st
             t0 = time.perf_counter()
             _, grads[(name, n)] = impl.meta_grad()
             sync()
-            entries[(name, n)] = Timed(impl.step, time.perf_counter() - t0, set_threads)
+            entries[(name, n)] = Timed(impl.meta_grad if meta_grad_only else impl.step,
+                                       time.perf_counter() - t0, set_threads)
 
         # At the first thread count, every implementation against the oracle (the reference,
         # else torch.func); at the others, against itself at the first count.
@@ -644,6 +670,97 @@ def measure_train(iterations: int, repeats: int = 3, budget_s: float = 3.0) -> D
                 backend=runs[0].config["backend"])
 
 
+# ---- CUDA (issue 5) ------------------------------------------------------------------------------
+
+CUDA_T = (1, 25, 256, 4096, 65536)   # W2's meta-batch sizes in the cuda section
+CUDA_REFERENCE_MAX_T = 256           # the reference's Python loop over tasks is not run above
+CUDA_SPEEDUP_TARGET = (4096, 20.0)   # H100: W2 at T=4096 >= 20x faster than torch.func
+CUDA_PCT_TARGET = (4096, 25.0)       # ... and >= 25 % of the float32 matmul rate (TF32 off)
+CUDA_TIME_TARGET = (25, 50e-6)       # ... W2 at T=25 <= 50 us per meta-step
+
+
+def _cuda_rows(workloads, timing, matmul_gflops, log, device="cuda") -> List[dict]:
+    """The cuda section: each workload on the GPU, the meta-gradient alone (the op's launches,
+    no optimizer step), fused vs torch.func vs the reference (up to CUDA_REFERENCE_MAX_T), with
+    tasks/s and TFLOP/s. (`device` is for the tests of this function on a machine without one.)"""
+    rows, estimates = [], {}
+    for w in workloads:
+        implementations = [n for n in IMPLEMENTATIONS
+                           if n != "reference" or w.T <= CUDA_REFERENCE_MAX_T]
+        measured = measure_workload(w, implementations, section="cuda", timing=timing,
+                                    device=device, estimates=estimates,
+                                    matmul_gflops=matmul_gflops, meta_grad_only=True, log=log)
+        if "reference" not in implementations:
+            skipped = dict(measured[0], impl="reference", status="skipped", median_s=None,
+                           note=f"the reference loops over the tasks in Python: not run above "
+                                f"T={CUDA_REFERENCE_MAX_T}")
+            for key in ("rounds_s", "calls_per_round", "gflops", "pct_matmul", "ratio_to_fused",
+                        "check", "verify_error", "verified_against", "target"):
+                skipped.pop(key, None)
+            measured.append(skipped)
+        for r in measured:
+            if r["median_s"]:
+                r["tasks_per_s"] = w.T / r["median_s"]
+                r["tflops"] = r["flops"] / r["median_s"] / 1e12
+        rows += measured
+    return rows
+
+
+def _cuda_targets(rows: List[dict]) -> List[dict]:
+    """The issue's H100 targets, read from the cuda section's rows (W2, second order)."""
+    def is_w2(r):
+        return (r["section"] == "cuda" and r["status"] == "ok" and
+                Workload(**dict(r["config"], sizes=tuple(r["config"]["sizes"])))
+                == W2.replace(T=r["config"]["T"]))
+
+    by_key = {(r["config"]["T"], r["impl"]): r for r in rows if is_w2(r)}
+    targets = []
+
+    def target(what, value, limit, kind, unit):
+        holder = {}
+        _attach_target(holder, what, value, limit, kind, unit)
+        targets.append(holder["target"])
+
+    T, limit = CUDA_SPEEDUP_TARGET
+    fused, tf = by_key.get((T, "fused")), by_key.get((T, "torchfunc"))
+    if fused:
+        target(f"fused W2 T={T} on CUDA >= {limit:g}x faster than torch.func",
+               tf["median_s"] / fused["median_s"] if tf else None, limit, "min", "x")
+    T, limit = CUDA_PCT_TARGET
+    fused = by_key.get((T, "fused"))
+    if fused:
+        target(f"fused W2 T={T} on CUDA >= {limit:g} % of the float32 matmul rate",
+               fused.get("pct_matmul"), limit, "min", "%")
+    T, limit = CUDA_TIME_TARGET
+    fused = by_key.get((T, "fused"))
+    if fused:
+        target(f"fused W2 T={T} on CUDA <= {limit * 1e6:g} us per meta-step",
+               fused["median_s"], limit, "max", "s")
+    return targets
+
+
+def _format_cuda(report: dict) -> List[str]:
+    """The cuda section's own table: time per meta-step, tasks/s and TFLOP/s."""
+    rows = [r for r in report["results"] if r["section"] == "cuda"]
+    if not rows:
+        return []
+    rate = report["matmul"].get("cuda", {}).get("gflops")
+    lines = ["", "== CUDA, " + (report["machine"].get("cuda_device") or "GPU") + ": the meta-"
+             "gradient alone (no optimizer step); float32 matmul rate (TF32 off) "
+             + (f"{rate / 1e3:.1f} TFLOP/s" if rate else "not measured"),
+             f"{'workload':12s} {'impl':10s} {'median':>10s} {'tasks/s':>12s} {'TFLOP/s':>8s} "
+             f"{'%mm':>6s} {'vs fused':>9s}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['workload']:12s} {r['impl']:10s} {r['status']:>10s}  {r['note']}")
+            continue
+        ratio = r.get("ratio_to_fused")
+        lines.append(f"{r['workload']:12s} {r['impl']:10s} {_fmt_time(r['median_s']):>10s} "
+                     f"{r['tasks_per_s']:12.4g} {r['tflops']:8.3f} "
+                     f"{r.get('pct_matmul') or 0:6.1f} {'' if ratio is None else f'{ratio:.1f}x':>9s}")
+    return lines
+
+
 # ---- the whole run --------------------------------------------------------------------------------
 
 def run(*, quick: bool = False, sections: Sequence[str] = SECTIONS,
@@ -723,6 +840,13 @@ def run(*, quick: bool = False, sections: Sequence[str] = SECTIONS,
             from . import bench_processes
             log("section processes: pymaml.train on one and two processes")
             report["processes"] = bench_processes.rows(quick, log)
+        if "cuda" in sections:
+            if devices[-1].type == "cuda":
+                log("section cuda")
+                report["results"] += _cuda_rows(plan["cuda"], timing,
+                                                report["matmul"]["cuda"]["gflops"], log)
+            else:
+                log("section cuda: skipped (no CUDA device)")
         # The yardstick again at the end: the higher of the two medians, since load from other
         # processes on a shared machine can only make a measurement slower.
         for device_type, again in matmul_rates():
@@ -735,6 +859,7 @@ def run(*, quick: bool = False, sections: Sequence[str] = SECTIONS,
     finally:
         torch.set_num_threads(before)
     report["targets"] = [r["target"] for r in report["results"] + [report["train"] or {}] if "target" in r]
+    report["targets"] += _cuda_targets(report["results"])
     report["elapsed_s"] = time.perf_counter() - started
     return report
 
@@ -758,6 +883,8 @@ def _fmt_target(t) -> tuple:
         limit, value = _fmt_time(t["limit"]), _fmt_time(t["value"])
     elif t["unit"] == "MB":
         limit, value = f"{t['limit']:g} MB", ("-" if t["value"] is None else f"{t['value']:+.2f} MB")
+    elif t["unit"] == "%":
+        limit, value = f"{t['limit']:g} %", ("-" if t["value"] is None else f"{t['value']:.1f} %")
     else:
         limit, value = f"{t['limit']:g}x", ("-" if t["value"] is None else f"{t['value']:.2f}x")
     sign = "<=" if t["kind"] == "max" else ">="
@@ -806,7 +933,8 @@ def format_table(report: dict) -> str:
                   S="scaling in S (inner steps), W2", width="scaling in width, W2",
                   threads="threads: the fused op on several threads, rounds interleaved (ratio: "
                           "speed-up over one thread; check: the meta-gradient against one thread's)",
-                  memory="peak memory above setup, fresh process per row, W2 (median column: MB)")
+                  memory="peak memory above setup, fresh process per row, W2 (median column: MB)",
+                  cuda="cuda: W2 on the GPU, the meta-gradient alone (no optimizer step)")
     section = None
     for name, row, note in table:
         if name != section:
@@ -823,6 +951,7 @@ def format_table(report: dict) -> str:
                   f"{_fmt_time(tr['median_s'])}/iteration; target {target}: {result}"]
     from .bench_processes import format_rows
     lines += format_rows(report.get("processes") or [], _fmt_time)
+    lines += _format_cuda(report)
     if report.get("targets"):
         lines += ["", "== targets"]
         for t in report["targets"]:

@@ -64,7 +64,7 @@ def backend_outputs(pb: Problem, backend: str) -> dict:
     """Everything the fused op produces, computed by one backend: the mean query loss, the
     meta-gradient, the adapted parameters and a vector-Jacobian product of adapt."""
     cot = torch.randn(pb.xs.shape[0], pb.params.numel(), generator=torch.Generator().manual_seed(7),
-                      dtype=torch.float64).to(pb.params.dtype)
+                      dtype=torch.float64).to(pb.params.device, pb.params.dtype)
     p = pb.params.clone().requires_grad_()
     loss = F.maml_loss(p, *pb.data, backend=backend, **pb.hyper)
     (meta_grad,) = torch.autograd.grad(loss, p)
@@ -73,7 +73,14 @@ def backend_outputs(pb: Problem, backend: str) -> dict:
     return dict(loss=loss.detach(), meta_grad=meta_grad, adapted=adapted.detach(), adapt_vjp=vjp)
 
 
+def to_device(pb: Problem, device) -> Problem:
+    """The same problem with its tensors on `device`."""
+    moved = {f: getattr(pb, f).to(device) for f in ("params", "xs", "ys", "xq", "yq")}
+    return dataclasses.replace(pb, **moved)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max(1, max |expected|): the measure the oracle tests bound."""
+    actual, expected = actual.cpu(), expected.cpu()
     scale = max(1.0, expected.abs().max().item())
     return (actual - expected).abs().max().item() / scale

@@ -139,13 +139,7 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
   int64_t T = -1;
   const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
   const int64_t P = c.shape.num_params;
-  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == T && grad_in.size(1) == P, op,
-                    ": grad must be [T, P] = [", T, ", ", P, "], got ", grad_in.sizes());
-  TORCH_CHECK_TYPE(grad_in.scalar_type() == params_in.scalar_type(), op,
-                   ": grad must have the dtype of params, got ", grad_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_in.device() == params_in.device(), op,
-                    ": grad must be on the device of params (", params_in.device(), "), got ",
-                    grad_in.device());
+  check_adapt_grad(op, grad_in, params_in, T, P);
   const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), grad = grad_in.contiguous();
   const int64_t nb = num_blocks(T, P);

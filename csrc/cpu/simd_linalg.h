@@ -1,7 +1,8 @@
-// SIMD version of maml_math.h's one heavy primitive (ScalarLinalg::gemm), written with GCC /
-// Clang vector extensions so that the same source becomes AVX-512, AVX2 or SSE2 / NEON code
-// depending on the target the including file is compiled for (see kernels_impl.h). Everything
-// here lives in that file's instruction-set namespace, so the copies never mix at link time.
+// SIMD version of maml_math.h's linear-algebra backend (ScalarLinalg): its heavy gemm written
+// with GCC / Clang vector extensions so that the same source becomes AVX-512, AVX2 or SSE2 /
+// NEON code depending on the target the including file is compiled for (see kernels_impl.h).
+// Everything here lives in that file's instruction-set namespace, so the copies never mix at
+// link time.
 //
 // C[m, n] = init + sum_p A[m * a_ms + p * a_ps] * B[p * ldb + n]: the output columns are cut
 // into strips of up to 4 vectors, the rows into tiles of MR rows, and each MR x NR tile of C
@@ -111,6 +112,21 @@ T dot(const T* a, const T* b, int64_t n) {
 }
 
 struct SimdLinalg {
+  // The elementwise loops and the loss's sum stay plain loops in order (maml_math.h's
+  // contract; the compiler vectorises the elementwise ones): the same as ScalarLinalg, kept
+  // here so that each instruction set's copy is its own.
+  template <typename F>
+  static void each(int64_t n, F&& f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+
+  template <typename F>
+  static auto sum(int64_t n, F&& f) -> decltype(f(int64_t(0))) {
+    decltype(f(int64_t(0))) total(0);
+    for (int64_t i = 0; i < n; ++i) total += f(i);
+    return total;
+  }
+
   // Tallest tile whose accumulators, B vectors and broadcast fit in the vector registers.
   static constexpr int max_rows(int nr) {
     return std::min(12, (PYMAML_VECTOR_REGISTERS - nr - 1) / nr);

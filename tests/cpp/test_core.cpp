@@ -3,7 +3,9 @@
 //     differences of the gradient;
 //  2. the CPU ops against a LibTorch autograd implementation of MAML (create_graph=true),
 //     over random configurations, in float64 and float32;
-//  3. the dispatcher sees the registered schemas.
+//  3. the dispatcher sees the registered schemas;
+//  4. the CUDA gemm's work items (csrc/cuda/gemm_tile.h, host-compiled here) against a plain
+//     loop of fused multiply-adds, bitwise.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "cpu/maml_cpu.h"
+#include "cuda/gemm_tile.h"
 #include "maml_math.h"
 
 namespace {
@@ -146,6 +149,44 @@ void test_ops_vs_autograd(unsigned seed, torch::Dtype dtype) {
   close(fused_adapted, torch::stack(adapted).detach(), "adapted params");
 }
 
+// ---- 4. the CUDA gemm's work items ----------------------------------------------------------
+// Every item of gemm_tile.h run once (any order: items write disjoint outputs) must give
+// maml_math.h's gemm contract with one fma per term in increasing p, bitwise, leave C's
+// padding alone, over tails of the row tiles, strides (A plain, transposed as in the weight
+// gradients, a constant as in the column sums) and the three initialisations.
+template <typename T>
+void test_cuda_gemm_items(unsigned seed) {
+  using pymaml::Init;
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> dim(1, 13);
+  std::normal_distribution<double> normal;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int kind = trial % 3;  // 0: A [M, P]; 1: A read transposed; 2: A a constant 1
+    const int M = kind == 2 ? 1 : dim(rng), N = dim(rng) * 3, P = dim(rng);
+    const int ldb = N + trial % 2, ldc = N + 2 * (trial % 2);
+    const Init init = Init(trial / 3 % 3);
+    const int a_ms = kind == 0 ? P : kind == 1 ? 1 : 0, a_ps = kind == 0 ? 1 : kind == 1 ? M : 0;
+    std::vector<T> A(kind == 2 ? 1 : M * P), B(P * ldb), C(M * ldc), bias(N);
+    for (auto* v : {&A, &B, &C, &bias})
+      for (auto& e : *v) e = T(normal(rng));
+    if (kind == 2) A[0] = T(1);
+    std::vector<T> expected = C, got = C;
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        T acc = init == Init::Zero ? T(0) : init == Init::Bias ? bias[n] : C[m * ldc + n];
+        for (int p = 0; p < P; ++p) acc = std::fma(A[m * a_ms + p * a_ps], B[p * ldb + n], acc);
+        expected[m * ldc + n] = acc;
+      }
+    const int items = pymaml::cuda::gemm_items(M, N);
+    for (int item = items - 1; item >= 0; --item)  // backwards: no reliance on the order
+      pymaml::cuda::gemm_item(item, M, N, P, A.data(), a_ms, a_ps, B.data(), ldb, got.data(),
+                              ldc, init, bias.data());
+    expect(got == expected, "CUDA gemm items, seed " + std::to_string(seed) + " trial " +
+                                std::to_string(trial) + ": M " + std::to_string(M) + " N " +
+                                std::to_string(N) + " P " + std::to_string(P));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -159,6 +200,10 @@ int main() {
   for (unsigned seed = 0; seed < 40; ++seed) {
     test_ops_vs_autograd(seed, torch::kFloat64);
     test_ops_vs_autograd(seed, torch::kFloat32);
+  }
+  for (unsigned seed = 0; seed < 2; ++seed) {
+    test_cuda_gemm_items<double>(seed);
+    test_cuda_gemm_items<float>(seed);
   }
   for (const char* name : {"pymaml::adapt", "pymaml::adapt_backward", "pymaml::maml_loss"})
     expect(c10::Dispatcher::singleton().findSchema({name, ""}).has_value(),
