@@ -92,8 +92,12 @@ def test_two_processes_match_one_process_on_the_same_tasks(two_process_runs, alg
     assert torch.equal(r0["params"], r1["params"]) and torch.equal(r0["losses"], r1["losses"])
     assert r0["config"]["processes"] == 2 and (r0["rank"], r1["rank"]) == (0, 1)
     one = one_process_same_tasks(dtype, algorithm)
-    assert relative_difference(r0["params"], one.model.params.detach()) < TOLERANCE[dtype]
-    assert relative_difference(r0["losses"], one.losses) < TOLERANCE[dtype]
+    weights = relative_difference(r0["params"], one.model.params.detach())
+    losses = relative_difference(r0["losses"], one.losses)
+    # shown with pytest -s: the figures of the note
+    print(f"\n{algorithm} {dtype}: two processes vs one, worst relative difference: weights "
+          f"{weights:.1e}, meta-losses {losses:.1e}")
+    assert weights < TOLERANCE[dtype] and losses < TOLERANCE[dtype]
     # and the weights did move: the comparison is not of two untrained starts
     start = one_process_same_tasks(dtype, algorithm, iterations=0).model.params.detach()
     assert relative_difference(r0["params"], start) > 100 * TOLERANCE[dtype]
