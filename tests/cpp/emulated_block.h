@@ -26,6 +26,9 @@ struct EmulatedBlockLinalg {
   // blockDim.x of the emulated block: a multiple of 32, at most 1024.
   static inline thread_local int block_dim = 32;
   static inline thread_local bool reverse_threads = false;
+  // Calls of sum so far (maml_math.h calls it once per loss evaluation: once per inner step
+  // and once per query pass of every task, so it counts the tasks a launch ran).
+  static inline thread_local int64_t sum_calls = 0;
 
   // Virtual thread number i of the block's block_dim, in the order they run.
   static int thread_at(int i) { return reverse_threads ? block_dim - 1 - i : i; }
@@ -50,6 +53,7 @@ struct EmulatedBlockLinalg {
   template <typename F>
   static auto sum(int64_t n, F&& f) -> decltype(f(int64_t(0))) {
     using T = decltype(f(int64_t(0)));
+    ++sum_calls;
     const int count = int(n);
     std::vector<T> acc(static_cast<size_t>(block_dim), T(0));
     for (int i = 0; i < block_dim; ++i) {

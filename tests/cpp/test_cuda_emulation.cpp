@@ -7,8 +7,10 @@
 //     (float64 1e-10, float32 1e-4, relative to max(1, max |reference|)), at the plan's block
 //     size and at others, and at chunk counts below the plan's (several tasks per chunk);
 //  2. every block stays inside its workspace slice of block_elems, and the reduction inside
-//     the partial sums (guard elements after each, untouched), and nothing is read before it
-//     is written (workspace, partial sums and outputs start as NaN);
+//     the partial sums (guard elements after each, untouched), nothing is read before it is
+//     written (workspace, partial sums and outputs start as NaN), and every task runs exactly
+//     once whatever the grid (blocks run one after the other here, so a chunk run by two
+//     blocks would not show as a race: the loss evaluations are counted instead);
 //  3. the bits: the same on a second run, with the virtual threads run in reverse order (no
 //     primitive's item depends on another's: no race on the GPU), and for every grid size
 //     (number of resident blocks: the chunking depends on T only).
@@ -101,12 +103,13 @@ struct Inputs {
 
 // What an emulated launch returns: the op's outputs flat (maml_loss: [meta-gradient if
 // need_grad, loss]; adapt: [T, P]; adapt_backward: [P]), and whether every buffer stayed in
-// bounds.
+// bounds and every task ran once (ok, else why says what went wrong).
 template <typename T>
 struct Result {
   std::vector<T> out;
-  bool in_bounds = true;
+  bool ok = true;
   std::string why;
+  int64_t losses = 0;  // loss evaluations (EmulatedBlockLinalg::sum calls) of the launch
 };
 
 // One emulated launch of `op`, as maml_cuda.cu's launchers would run it with `plan` (threads,
@@ -135,6 +138,7 @@ Result<T> emulate(const Inputs<T>& in, const LaunchPlan& plan, bool reverse_thre
   args.partial = partial.data();
   if constexpr (OP == Op::Adapt) args.adapted = out.data();
 
+  const int64_t sums_before = EmulatedBlockLinalg::sum_calls;
   {
     const BlockScope scope(plan.threads, reverse_threads);
     pymaml::dispatch_act_loss(pb.activation, pb.loss, [&](auto a, auto l) {
@@ -157,21 +161,29 @@ Result<T> emulate(const Inputs<T>& in, const LaunchPlan& plan, bool reverse_thre
   }
 
   Result<T> r;
+  r.losses = EmulatedBlockLinalg::sum_calls - sums_before;
   for (int b = 0; b < plan.grid; ++b)
     for (int64_t i = 0; i < kGuard; ++i)
       if (!is_sentinel(scratch.mem[size_t(b * slice + plan.block_elems + i)])) {
-        r.in_bounds = false;
+        r.ok = false;
         r.why = "block " + std::to_string(b) + " wrote past its workspace";
       }
   if (!partial.guard_intact(plan.partial_elems)) {
-    r.in_bounds = false;
+    r.ok = false;
     r.why = "partial sums written past chunks * width";
   }
   if (!out.guard_intact(n_out)) {
-    r.in_bounds = false;
+    r.ok = false;
     r.why = "output written past its end";
   }
   r.out.assign(out.mem.begin(), out.mem.begin() + n_out);
+  // Every task run exactly once: S support losses each, and a query loss for maml_loss.
+  const int64_t losses = pb.tasks * (pb.steps + (OP == Op::MamlLoss ? 1 : 0));
+  if (r.losses != losses) {
+    r.ok = false;
+    r.why = std::to_string(r.losses) + " loss evaluations, not " + std::to_string(losses) +
+            " (a task run twice, or never)";
+  }
   return r;
 }
 
@@ -304,14 +316,14 @@ void test_config(const Config& c) {
         plan_threads_seen.push_back(plan.threads);
       most_tasks_per_chunk = std::max(most_tasks_per_chunk, (c.T + plan.chunks - 1) / plan.chunks);
       const Result<T> first = emulate_op(op, in, plan);
-      expect(first.in_bounds, what + ": " + first.why);
+      expect(first.ok, what + ": " + first.why);
       expect_close(first.out, ref, what + " (plan: " + std::to_string(plan.threads) +
                                        " threads, " + std::to_string(plan.chunks) + " chunks)");
 
       // The bits: again, threads reversed, and every grid size (the global-memory path).
       expect(same_bits(emulate_op(op, in, plan).out, first.out), what + ": a second run differs");
       const Result<T> reversed = emulate_op(op, in, plan, /*reverse=*/true);
-      expect(same_bits(reversed.out, first.out) && reversed.in_bounds,
+      expect(same_bits(reversed.out, first.out) && reversed.ok,
              what + ": the virtual threads' order changes the result (a race)");
       std::vector<int> grids = {1, 2, 3, int(plan.chunks) - 1};
       if (c.quick) grids = {1, 7};
@@ -320,7 +332,7 @@ void test_config(const Config& c) {
         LaunchPlan g = plan;
         g.grid = grid;
         const Result<T> r = emulate_op(op, in, g);
-        expect(r.in_bounds, what + " grid " + std::to_string(grid) + ": " + r.why);
+        expect(r.ok, what + " grid " + std::to_string(grid) + ": " + r.why);
         expect(same_bits(r.out, first.out), what + ": grid " + std::to_string(grid) + " of " +
                                                 std::to_string(plan.chunks) +
                                                 " chunks changes the bits");
@@ -334,7 +346,7 @@ void test_config(const Config& c) {
         t.threads = threads;
         t.grid = std::max(1, int(plan.chunks) / 2);
         const Result<T> r = emulate_op(op, in, t);
-        expect(r.in_bounds, what + " " + std::to_string(threads) + " threads: " + r.why);
+        expect(r.ok, what + " " + std::to_string(threads) + " threads: " + r.why);
         expect_close(r.out, ref, what + " (" + std::to_string(threads) + " threads)");
       }
       // Fewer chunks than the plan's (several tasks per chunk, uneven runs).
@@ -345,7 +357,7 @@ void test_config(const Config& c) {
         k.partial_elems = chunks * plan.width;
         k.grid = int(chunks);
         const Result<T> r = emulate_op(op, in, k);
-        expect(r.in_bounds, what + " " + std::to_string(chunks) + " chunks: " + r.why);
+        expect(r.ok, what + " " + std::to_string(chunks) + " chunks: " + r.why);
         expect_close(r.out, ref, what + " (" + std::to_string(chunks) + " chunks)");
         k.grid = 1;
         expect(same_bits(emulate_op(op, in, k).out, r.out),
