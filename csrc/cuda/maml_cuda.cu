@@ -14,13 +14,11 @@
 
 #include "../dispatch.h"
 #include "cuda_linalg.cuh"
+#include "task_block.h"
 
 namespace pymaml::cuda {
 namespace {
 
-constexpr int kMaxThreads = 256;          // per block (__launch_bounds__ below)
-constexpr int64_t kMaxChunks = 1024;      // task chunks of the reduction, at most
-constexpr int64_t kPartialBudget = int64_t(1) << 24;  // elements of all partial sums, at most
 constexpr size_t kScratchBudget = size_t(1) << 30;    // bytes of global workspace, at most
 constexpr size_t kDefaultSharedLimit = 48 * 1024;     // dynamic shared memory without opt-in
 constexpr int kReduceThreads = 256;
@@ -29,31 +27,10 @@ constexpr int kReduceThreads = 256;
 // the kernel's template parameters).
 extern __shared__ __align__(16) unsigned char dynamic_smem[];
 
-// Everything a task kernel reads, by value (the kernel parameter space; well under 4 KB).
-template <typename T>
-struct KernelArgs {
-  MlpShape shape;
-  int64_t tasks, support, query, steps, chunks, width, block_elems;
-  T inner_lr;
-  bool first_order, need_grad;
-  const T* params;   // [P]
-  const T* xs;       // [T, K, n_in]
-  const T* ys;       // [T, K, n_out]
-  const T* xq;       // [T, Q, n_in] (maml_loss)
-  const T* yq;       // [T, Q, n_out] (maml_loss)
-  const T* grad_in;  // [T, P] (adapt_backward)
-  T* scratch;        // [grid, block_elems], or null: the workspace is in shared memory
-  T* partial;        // [chunks, width] (maml_loss, adapt_backward)
-  T* adapted;        // [T, P] (adapt)
-};
-
-// One block per task, chunk by chunk (see maml_cuda.h). Each block first expands theta^0 into
-// the head of its workspace; the rest is maml_math.h's TaskWorkspace. maml_loss sums into the
-// chunk's partial [width] = [meta-gradient (P, if need_grad), query loss]; adapt_backward
-// sums the tasks' vector-Jacobian products [P]; adapt writes each task's theta^S.
+// One block per task, chunk by chunk (see maml_cuda.h): task_block.h's run_task_block with
+// CudaLinalg, on the block's workspace (its slice of scratch, or dynamic shared memory).
 template <typename T, Activation A, Loss L, Op OP>
 __global__ void __launch_bounds__(kMaxThreads) task_kernel(const KernelArgs<T> args) {
-  using LA = CudaLinalg;
   // The shape in shared memory (read at every layer of every primitive). Raw storage: a
   // __shared__ variable cannot have MlpShape's default member initialisers.
   __shared__ __align__(8) unsigned char shape_storage[sizeof(MlpShape)];
@@ -63,58 +40,17 @@ __global__ void __launch_bounds__(kMaxThreads) task_kernel(const KernelArgs<T> a
 
   T* base = args.scratch ? args.scratch + int64_t(blockIdx.x) * args.block_elems
                          : reinterpret_cast<T*>(dynamic_smem);
-  expand_params<T, LA>(s, args.params, base);  // theta^0, once per block
-  const int64_t P = s.num_params, K = args.support, Q = args.query, steps = args.steps;
-  TaskWorkspace<T> w = carve_workspace(base + s.num_ext, s, steps, K > Q ? K : Q);
-  w.theta0 = base;
-  const InnerLR<T> lr{args.inner_lr};
-  const int64_t nxs = K * s.n[0], nys = K * s.n_out();
-  const int64_t nxq = Q * s.n[0], nyq = Q * s.n_out();
-
-  for (int64_t c = blockIdx.x; c < args.chunks; c += gridDim.x) {
-    const int64_t first = c * args.tasks / args.chunks, last = (c + 1) * args.tasks / args.chunks;
-    T* part = args.partial + c * args.width;
-    for (int64_t t = first; t < last; ++t) {
-      const bool start = t == first;  // the chunk's first task sets its partial sum
-      const T* Xs = args.xs + t * nxs;
-      const T* Ys = args.ys + t * nys;
-      if constexpr (OP == Op::MamlLoss) {
-        const T value = maml_task<T, A, L, LA>(s, Xs, Ys, K, args.xq + t * nxq, args.yq + t * nyq,
-                                               Q, steps, lr, args.first_order, args.need_grad, w);
-        const int64_t n_grad = args.width - 1;
-        LA::each(args.width, [&](int64_t p) {
-          const T v = p < n_grad ? w.g[p] : value;
-          part[p] = start ? v : part[p] + v;
-        });
-      } else if constexpr (OP == Op::Adapt) {
-        inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w);
-        const T* adapted = w.theta(steps, s);
-        T* out = args.adapted + t * P;
-        LA::each(P, [&](int64_t p) { out[p] = adapted[p]; });
-      } else {
-        adapt_vjp_task<T, A, L, LA>(s, Xs, Ys, K, steps, lr, args.grad_in + t * P, w);
-        LA::each(P, [&](int64_t p) { part[p] = start ? w.g[p] : part[p] + w.g[p]; });
-      }
-    }
-  }
+  run_task_block<T, A, L, OP, CudaLinalg>(args, s, base, blockIdx.x, gridDim.x);
 }
 
 // out[j] (j < n_out), else *last = scale * sum_c partial[c, j], chunks in order, one thread
-// per column j < width.
+// per column j < width (task_block.h's reduce_column).
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_chunks(const T* __restrict__ partial, int64_t chunks, int64_t width, T scale,
                   T* __restrict__ out, int64_t n_out, T* __restrict__ last) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= width) return;
-  T acc = T(0);
-#pragma unroll 8
-  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * width + j];
-  acc *= scale;
-  if (j < n_out)
-    out[j] = acc;
-  else
-    *last = acc;
+  if (j < width) reduce_column(partial, chunks, width, scale, out, n_out, last, j);
 }
 
 template <typename T, Op OP>
@@ -134,18 +70,6 @@ const void* task_kernel_for(Op op, Activation act, Loss loss) {
     case Op::Adapt: return task_kernel_for<T, Op::Adapt>(act, loss);
     default: return task_kernel_for<T, Op::AdaptBackward>(act, loss);
   }
-}
-
-// Threads per block from the sizes alone (so that results never depend on the GPU): one per
-// work item (gemm_tile.h) of the largest product of a layer, (points x width) or (width x
-// width), capped.
-int block_threads(const MlpShape& s, int64_t points) {
-  int64_t items = gemm_items(int(std::min<int64_t>(points, kMaxThreads)), int(s.max_width));
-  for (int l = 0; l < s.depth; ++l)
-    items = std::max<int64_t>({items, gemm_items(int(s.in(l)), int(s.out(l))),
-                               gemm_items(int(s.out(l)), int(s.in(l)))});
-  const int64_t warps = (items + 31) / 32;
-  return int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(1, warps) * 32));
 }
 
 // What the plan needs to know about a kernel on a device, queried once per (kernel, device):
@@ -241,40 +165,13 @@ cudaError_t launch_reduce(const LaunchPlan& plan, const T* partial, T scale, T* 
   return cudaGetLastError();
 }
 
-template <typename T>
-KernelArgs<T> make_args(const Problem& pb, const LaunchPlan& plan, const T* params, const T* xs,
-                        const T* ys, T* scratch) {
-  KernelArgs<T> a{};
-  a.shape = pb.shape;
-  a.tasks = pb.tasks;
-  a.support = pb.support;
-  a.query = pb.query;
-  a.steps = pb.steps;
-  a.chunks = plan.chunks;
-  a.width = plan.width;
-  a.block_elems = plan.block_elems;
-  a.inner_lr = T(pb.inner_lr);
-  a.params = params;
-  a.xs = xs;
-  a.ys = ys;
-  a.scratch = plan.shared_bytes ? nullptr : scratch;
-  return a;
-}
-
 }  // namespace
 
 template <typename T>
 cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* plan) {
-  LaunchPlan p;
+  LaunchPlan p = plan_sizes(op, pb, need_grad);  // threads, width, chunks, block_elems
   const MlpShape& s = pb.shape;
-  const int64_t P = s.num_params;
   const int64_t points = std::max(pb.support, pb.query);
-  p.threads = block_threads(s, points);
-  p.width = op == Op::MamlLoss ? (need_grad ? P : 0) + 1 : op == Op::AdaptBackward ? P : 0;
-  p.chunks = std::min({pb.tasks, kMaxChunks,
-                       std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(1, p.width))});
-  p.partial_elems = p.chunks * p.width;
-  p.block_elems = s.num_ext + task_workspace_size(s, pb.steps, points);
   const double bytes = double(p.block_elems) * sizeof(T);
   auto too_big = [&](const std::string& limit) {  // the plan's error: what to reduce, and why
     p.error = "the workspace of one task is " + mb(bytes) + " (" +

@@ -21,35 +21,9 @@
 #include <string>
 
 #include "../maml_math.h"
+#include "launch_plan.h"  // Op, Problem, LaunchPlan
 
 namespace pymaml::cuda {
-
-enum class Op : int { MamlLoss = 0, Adapt = 1, AdaptBackward = 2 };
-
-// One call's network, inner loop and sizes, as checked by op_args (parse_config, check_batch).
-struct Problem {
-  MlpShape shape;
-  Activation activation = Activation::ReLU;
-  Loss loss = Loss::MSE;
-  int64_t steps = 0;      // S, 0..kMaxSteps
-  double inner_lr = 0;    // finite in the dtype
-  int64_t tasks = 0;      // T >= 1
-  int64_t support = 0;    // K >= 1
-  int64_t query = 0;      // Q >= 1 for maml_loss, 0 otherwise
-};
-
-// How a call is launched: computed by plan_launch, then handed to the launch function.
-struct LaunchPlan {
-  int threads = 0;            // per block, a multiple of 32
-  int grid = 0;               // blocks
-  int64_t chunks = 0;         // runs of consecutive tasks summed in order (depends on T, P only)
-  int64_t width = 0;          // elements of one chunk's partial sum (0: the op has none)
-  int64_t block_elems = 0;    // workspace per block, elements: theta^0 extended + TaskWorkspace
-  size_t shared_bytes = 0;    // dynamic shared memory per block; 0: the workspace is in scratch
-  int64_t scratch_elems = 0;  // global workspace (grid * block_elems), 0 in shared memory
-  int64_t partial_elems = 0;  // chunks * width
-  std::string error;          // not empty: this call cannot run here, and what to reduce
-};
 
 // Plans op on the current device for element type T (float or double). need_grad is
 // maml_loss's flag (the others ignore it). Returns a CUDA error from the device queries;
