@@ -94,4 +94,27 @@ void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& 
                     grad.device());
 }
 
+OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                     std::string_view activation, std::string_view loss,
+                     const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
+                     const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& grad) {
+  OpArgs a;
+  a.config = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  check_params(op, params, a.config);
+  a.K = check_batch(op, "x_support", xs, "y_support", ys, params, a.config.shape, a.T);
+  if (xq.defined()) {
+    a.Q = check_batch(op, "x_query", xq, "y_query", yq, params, a.config.shape, a.T);
+    a.xq = xq.contiguous();
+    a.yq = yq.contiguous();
+  }
+  if (grad.defined()) {
+    check_adapt_grad(op, grad, params, a.T, a.config.shape.num_params);
+    a.grad = grad.contiguous();
+  }
+  a.params = params.contiguous();
+  a.xs = xs.contiguous();
+  a.ys = ys.contiguous();
+  return a;
+}
+
 }  // namespace pymaml

@@ -39,4 +39,21 @@ int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, con
 void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& params,
                       int64_t T, int64_t P);
 
+// One op's arguments, checked, with every tensor made contiguous: what each backend's kernel
+// starts from. T tasks, K support and Q query points.
+struct OpArgs {
+  OpConfig config;
+  int64_t T = -1, K = 0, Q = 0;
+  at::Tensor params, xs, ys, xq, yq, grad;
+};
+
+// Checks an op's arguments: adapt passes (params, xs, ys); maml_loss also the query batch
+// (xq, yq); adapt_backward the cotangent grad. An undefined tensor is an argument the op does
+// not have.
+OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                     std::string_view activation, std::string_view loss,
+                     const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
+                     const at::Tensor& xq = at::Tensor(), const at::Tensor& yq = at::Tensor(),
+                     const at::Tensor& grad = at::Tensor());
+
 }  // namespace pymaml

@@ -99,12 +99,11 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
                  c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                  std::string_view activation, std::string_view loss, bool /*first_order*/) {
   constexpr const char* op = "pymaml::adapt";
-  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c);
-  int64_t T = -1;
-  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
-  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
-                   ys = ys_in.contiguous();
+  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
+                                 ys_in);
+  const OpConfig& c = a.config;
+  const int64_t T = a.T, K = a.K;
+  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys;
   const int64_t P = c.shape.num_params;
   at::Tensor out = at::empty({T, P}, params.options());
 
@@ -134,14 +133,12 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
                           c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                           std::string_view activation, std::string_view loss) {
   constexpr const char* op = "pymaml::adapt_backward";
-  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c);
-  int64_t T = -1;
-  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
+  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
+                                 ys_in, at::Tensor(), at::Tensor(), grad_in);
+  const OpConfig& c = a.config;
+  const int64_t T = a.T, K = a.K;
+  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &grad = a.grad;
   const int64_t P = c.shape.num_params;
-  check_adapt_grad(op, grad_in, params_in, T, P);
-  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
-                   ys = ys_in.contiguous(), grad = grad_in.contiguous();
   const int64_t nb = num_blocks(T, P);
   at::Tensor partial = at::zeros({nb, P}, params.options());
   at::Tensor out = at::empty({P}, params.options());
@@ -236,13 +233,11 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
                                              std::string_view loss, bool first_order,
                                              bool need_grad) {
   constexpr const char* op = "pymaml::maml_loss";
-  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  check_params(op, params_in, c);
-  int64_t T = -1;
-  const int64_t K = check_batch(op, "x_support", xs_in, "y_support", ys_in, params_in, c.shape, T);
-  const int64_t Q = check_batch(op, "x_query", xq_in, "y_query", yq_in, params_in, c.shape, T);
-  const at::Tensor params = params_in.contiguous(), xs = xs_in.contiguous(),
-                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous();
+  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
+                                 ys_in, xq_in, yq_in);
+  const OpConfig& c = a.config;
+  const int64_t T = a.T, K = a.K, Q = a.Q;
+  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &xq = a.xq, &yq = a.yq;
   at::Tensor meta_grad = at::empty({need_grad ? c.shape.num_params : 0}, params.options());
   at::Tensor mean_loss = at::empty({}, params.options());
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
