@@ -60,6 +60,41 @@ def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_p
     )
 
 
+def paper_problems(dtype):
+    """The seed's workload (1-32-32-1 ReLU, L1, K=Q=4, S=5, T=1) and the MAML paper's
+    (1-40-40-1 ReLU, MSE, K=Q=10, S=5, T=25) on sine data, each in second and first order."""
+    g = torch.Generator().manual_seed(0)
+    for sizes, loss, K, T in (([1, 32, 32, 1], "l1", 4, 1), ([1, 40, 40, 1], "mse", 10, 25)):
+        x = (torch.rand(4, T, K, 1, generator=g, dtype=torch.float64) * 10 - 5).to(dtype)
+        data = dict(xs=x[0], ys=torch.sin(x[0]), xq=x[1], yq=torch.sin(x[1]))
+        for first_order in (False, True):
+            yield Problem(sizes=sizes, activation="relu", loss=loss,
+                          inner_lr=0.03 if loss == "l1" else 0.01, steps=5,
+                          first_order=first_order,
+                          params=F.init_params(sizes, generator=g, dtype=dtype), **data)
+
+
+def check_compile_matches_eager(pb: Problem, backend: str) -> None:
+    """torch.compile(fullgraph=True) of a step through the fused maml_loss and adapt gives
+    eager's value and gradient (the ops' fake kernels and autograd under the compiler)."""
+    torch._dynamo.reset()
+
+    def step(p, xs, ys, xq, yq):
+        loss = F.maml_loss(p, xs, ys, xq, yq, backend="fused", **pb.hyper)
+        adapted = F.adapt(p, xs, ys, backend="fused", **pb.hyper)
+        return loss + 0.5 * adapted.square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    p1 = pb.params.clone().requires_grad_()
+    p2 = pb.params.clone().requires_grad_()
+    eager = step(p1, *pb.data)
+    eager.backward()
+    out = compiled(p2, *pb.data)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(p2.grad, p1.grad)
+
+
 def backend_outputs(pb: Problem, backend: str) -> dict:
     """Everything the fused op produces, computed by one backend: the mean query loss, the
     meta-gradient, the adapted parameters and a vector-Jacobian product of adapt."""

@@ -12,9 +12,10 @@ import torch
 import pymaml
 from pymaml import _ops
 from pymaml import functional as F
-from pymaml.testing import LARGE, backend_outputs, to_device
+from pymaml.testing import (LARGE, backend_outputs, check_compile_matches_eager, paper_problems,
+                            to_device)
 
-from conftest import Problem, assert_matches, random_problem
+from conftest import assert_matches, random_problem
 
 
 def _skip_reason():
@@ -80,18 +81,10 @@ def test_long_inner_loops(dtype, steps):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paper_workloads(dtype):
-    # W1 (1-32-32-1, L1, K=Q=4) and W2 (1-40-40-1, MSE, K=Q=10, T=25), both orders. W2 in
-    # float32 runs with its workspace in shared memory, in float64 in global memory (H100).
-    g = torch.Generator().manual_seed(0)
-    for sizes, loss, K, T in (([1, 32, 32, 1], "l1", 4, 1), ([1, 40, 40, 1], "mse", 10, 25)):
-        x = (torch.rand(4, T, K, 1, generator=g, dtype=torch.float64) * 10 - 5).to(dtype)
-        data = dict(xs=x[0], ys=torch.sin(x[0]), xq=x[1], yq=torch.sin(x[1]))
-        for first_order in (False, True):
-            pb = Problem(sizes=sizes, activation="relu", loss=loss,
-                         inner_lr=0.03 if loss == "l1" else 0.01, steps=5,
-                         first_order=first_order,
-                         params=F.init_params(sizes, generator=g, dtype=dtype), **data)
-            check(pb, dtype)
+    # W1 and W2, both orders. W2 in float32 runs with its workspace in shared memory, in
+    # float64 in global memory (H100).
+    for pb in paper_problems(dtype):
+        check(pb, dtype)
 
 
 @requires_cuda
@@ -215,24 +208,9 @@ def test_opcheck(name):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend):
-    torch._dynamo.reset()
     pb = to_device(random_problem(4, torch.float32), "cuda")
     pb.steps = 3
-
-    def step(p, xs, ys, xq, yq):
-        loss = F.maml_loss(p, xs, ys, xq, yq, backend="fused", **pb.hyper)
-        adapted = F.adapt(p, xs, ys, backend="fused", **pb.hyper)
-        return loss + 0.5 * adapted.square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend=backend)
-    p1 = pb.params.clone().requires_grad_()
-    p2 = pb.params.clone().requires_grad_()
-    eager = step(p1, *pb.data)
-    eager.backward()
-    out = compiled(p2, *pb.data)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(p2.grad, p1.grad)
+    check_compile_matches_eager(pb, backend)
 
 
 @requires_cuda

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pymaml import functional as F
-from pymaml.testing import LARGE, backend_outputs
+from pymaml.testing import LARGE, backend_outputs, paper_problems
 
-from conftest import Problem, assert_matches, random_problem, requires_fused
+from conftest import assert_matches, random_problem, requires_fused
 
 pytestmark = requires_fused
 
@@ -41,15 +41,8 @@ def test_random_large(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paper_workloads(dtype):
     # The seed's (1-32-32-1, L1, K=Q=4, S=5) and the MAML paper's (1-40-40-1, MSE, K=10, S=5).
-    g = torch.Generator().manual_seed(0)
-    for sizes, loss, K, T in (([1, 32, 32, 1], "l1", 4, 1), ([1, 40, 40, 1], "mse", 10, 25)):
-        x = (torch.rand(4, T, K, 1, generator=g, dtype=torch.float64) * 10 - 5).to(dtype)
-        pb_data = dict(xs=x[0], ys=torch.sin(x[0]), xq=x[1], yq=torch.sin(x[1]))
-        for first_order in (False, True):
-            pb = Problem(sizes=sizes, activation="relu", loss=loss, inner_lr=0.03 if loss == "l1" else 0.01,
-                         steps=5, first_order=first_order,
-                         params=F.init_params(sizes, generator=g, dtype=dtype), **pb_data)
-            check(pb, dtype)
+    for pb in paper_problems(dtype):
+        check(pb, dtype)
 
 
 def test_many_tasks_reduce_in_order():

@@ -5,6 +5,8 @@ import torch
 
 from pymaml import functional as F
 
+from pymaml.testing import check_compile_matches_eager
+
 from conftest import random_problem, requires_fused
 
 pytestmark = requires_fused
@@ -80,24 +82,9 @@ def test_opcheck(name):
 
 
 def test_compile_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
     pb = random_problem(4, torch.float32)
     pb.steps = 3
-
-    def step(p, xs, ys, xq, yq):
-        loss = F.maml_loss(p, xs, ys, xq, yq, backend="fused", **pb.hyper)
-        adapted = F.adapt(p, xs, ys, backend="fused", **pb.hyper)
-        return loss + 0.5 * adapted.square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    p1 = pb.params.clone().requires_grad_()
-    p2 = pb.params.clone().requires_grad_()
-    eager = step(p1, *pb.data)
-    eager.backward()
-    out = compiled(p2, *pb.data)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(p2.grad, p1.grad)
+    check_compile_matches_eager(pb, "aot_eager")
 
 
 def test_compile_inductor():
