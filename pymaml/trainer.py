@@ -1,69 +1,43 @@
-"""pymaml.train: meta-training with MAML, FO-MAML or Reptile on a task family, with progress,
-checkpoints, resume and a clean stop on Ctrl-C.
+"""pymaml.train: meta-training with MAML, FO-MAML or Reptile on a task family.
 
-One meta-iteration: sample a meta-batch of tasks, compute the meta-gradient of the whole
-batch (one fused op call on the fused backend, no autograd graph), hand it to the outer
-torch.optim optimizer. The defaults are the seed's experiment.
-
-The fast path: at the seed's sizes an iteration is a few microseconds of arithmetic, and
-calling Python, the dispatcher and torch.optim once per iteration costs several times that.
-So on the fused CPU backend, for MAML / FO-MAML on a family that can draw many meta-batches at
-once (TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the
-trainer draws a chunk of iterations' tasks in one call and runs them in one
-torch.ops.pymaml.train_chunk call, which also applies the optimizer's steps, bitwise as
-torch.optim does them, to the real optimizer's state. Chunking changes no result: the loss
-history, the weights, the optimizer state and the generator state are bitwise those of the
-per-iteration path, which every other run takes (custom samplers, Reptile, other optimizers
-or settings, the reference backend).
+A run is a loop (_Run.loop): sample a meta-batch of tasks, ask the functional core for the
+meta-gradient of the whole batch (one fused op call on the fused backend, no autograd graph),
+hand it to the outer torch.optim optimizer, log, checkpoint. Around it:
+  config.py      the run's settings, checked once (RunConfig: what a checkpoint stores)
+  fast_path.py   many iterations per C++ call where the run allows it, bitwise the same
+  checkpoint.py  what a checkpoint holds, and resuming from one
+  progress.py    the progress bar, log lines, and Ctrl-C as a request to stop
+  distributed.py several processes: one all-reduce per iteration
+The defaults are the seed's experiment.
 
 Reproducibility: the run's randomness is one CPU torch.Generator (seeded by `seed`), used
-first for the initial weights, then by the task sampler. A checkpoint holds the weights,
-the optimizer state, the generator state and the loss history, so a resumed run ends with
-bitwise the same weights as an uninterrupted one (same backend, device and thread count:
-the fused op's result does not depend on the thread count).
-
-Several processes: launched under torchrun (or with distributed=True), the run is data-parallel
-over tasks, each process drawing its share of the meta-batch from its own stream and one
-all-reduce per iteration averaging the meta-gradients (pymaml.distributed says how). Only rank 0
-writes the checkpoint, the log lines and the progress bar; a checkpoint holds every process's
-task stream, so it resumes under the same number of processes.
+first for the initial weights, then by the task sampler. A resumed run ends with bitwise the
+same weights as an uninterrupted one (same backend, device and thread count: the fused op's
+result does not depend on the thread count).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import os
-import signal
-import sys
-import threading
 import time
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import _io
 from . import _ops
+from . import checkpoint as _checkpoint
+from . import config as _config
 from . import distributed as _distributed
 from . import functional as F
+from . import progress as _progress
 from . import reference as _reference
-from . import tasks as _tasks
-from .model import INITS, MetaMLP
-from ._version import __version__
+from .config import ALGORITHMS, DTYPES, OPTIMIZERS, RunConfig, RunOptions  # noqa: F401 (API)
+from .fast_path import FastPath
+from .model import MetaMLP
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "ALGORITHMS", "OPTIMIZERS"]
-
-ALGORITHMS = ("maml", "fomaml", "reptile")
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# Settings that define a run: resuming with a different value of any of them is an error.
-# (iterations may grow; backend, device, logging and checkpointing may change.)
-_RUN_KEYS = ("task", "algorithm", "sizes", "activation", "loss", "inner_steps", "inner_lr",
-             "meta_batch_size", "optimizer", "outer_lr", "optimizer_kwargs", "shots", "queries",
-             "init", "dtype", "seed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,7 +63,9 @@ class TrainResult:
     status: "completed" or "interrupted" (Ctrl-C: a checkpoint was written if a path was given);
     checkpoint: the checkpoint path, or None; config: the run's settings;
     rank: this process's rank in a distributed run (0 otherwise; every rank gets the same
-        model and losses).
+        model and losses);
+    fast_iterations: how many of this call's iterations ran on the chunked fast path
+        (pymaml.fast_path; the others ran one by one).
     """
     model: MetaMLP
     losses: torch.Tensor
@@ -99,294 +75,8 @@ class TrainResult:
     checkpoint: Optional[str]
     config: Dict[str, Any]
     rank: int = 0
+    fast_iterations: int = 0
 
-
-# ---- argument checks ----------------------------------------------------------------------------
-
-def _positive_real(name, value):
-    if F._check_finite(name, value) <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _optimizer_class(optimizer):
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))} or a "
-                             f"torch.optim.Optimizer class; got {optimizer!r}")
-        return OPTIMIZERS[optimizer], optimizer
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        return optimizer, f"{optimizer.__module__}.{optimizer.__qualname__}"
-    raise TypeError(f"optimizer must be 'sgd', 'adam' or a torch.optim.Optimizer class, got {optimizer!r}")
-
-
-# ---- one meta-iteration ---------------------------------------------------------------------------
-
-def _meta_step_fn(algorithm, backend, *, sizes, activation, loss, inner_lr, inner_steps):
-    """fn(params [P] detached, TaskBatch) -> (meta-loss 0-d, gradient [P] for the optimizer).
-    The arguments were checked once; the fused backend calls the op directly (no autograd
-    wrapper, no per-call Python checks beyond the op's own)."""
-    hyper = dict(sizes=sizes, inner_lr=inner_lr, steps=inner_steps, activation=activation, loss=loss)
-    if algorithm in ("maml", "fomaml"):
-        first_order = algorithm == "fomaml"
-        if backend == "fused":
-            def step(params, batch):
-                return _ops.ops.maml_loss(params, *batch, sizes, inner_lr, inner_steps, activation,
-                                          loss, first_order, True)
-        else:
-            def step(params, batch):
-                params = params.requires_grad_()
-                value = _reference.maml_loss(params, *batch, first_order=first_order, **hyper)
-                (grad,) = torch.autograd.grad(value, params)
-                return value.detach(), grad
-        return step
-
-    # Reptile: the inner loop trains on support and query together; the update direction is
-    # params - mean over tasks of the adapted params, fed to the optimizer as a gradient.
-    loss_fn = _reference.LOSSES[loss]
-
-    def step(params, batch):
-        x = torch.cat([batch.x_support, batch.x_query], dim=1)
-        y = torch.cat([batch.y_support, batch.y_query], dim=1)
-        with torch.no_grad():
-            if backend == "fused":
-                adapted = _ops.ops.adapt(params, x, y, sizes, inner_lr, inner_steps, activation,
-                                         loss, True)
-            else:
-                adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
-            value = loss_fn(F.mlp_forward(adapted, batch.x_query, sizes=sizes, activation=activation),
-                            batch.y_query)
-            return value, params - adapted.mean(0)
-    return step
-
-
-# ---- the chunked fast path ----------------------------------------------------------------------
-
-_CHUNK_FIRST = 16       # iterations of the first train_chunk call, timed to size the next ones
-_CHUNK_MAX = 1000       # iterations per call, at most
-_CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answer within it
-
-# The param_group keys of the torch.optim versions whose steps train_chunk repeats: a key not
-# listed here is a setting the op does not know, so the trainer keeps the per-iteration path.
-_SGD_KEYS = {"params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
-             "foreach", "differentiable", "fused"}
-_ADAM_KEYS = {"params", "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
-              "capturable", "differentiable", "fused", "decoupled_weight_decay"}
-
-
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _chunk_optimizer(opt) -> Optional[Tuple[str, List[float]]]:
-    """(optimizer, optimizer_hyper) for train_chunk when `opt` is torch.optim.SGD or Adam in
-    a setting whose step the op repeats: one parameter group, plain-number hyper-parameters,
-    and torch.optim's default single-tensor implementation (not foreach, fused, capturable
-    or differentiable). None otherwise."""
-    if type(opt) not in (torch.optim.SGD, torch.optim.Adam) or len(opt.param_groups) != 1:
-        return None
-    g = opt.param_groups[0]
-    if not set(g) <= (_SGD_KEYS if type(opt) is torch.optim.SGD else _ADAM_KEYS):
-        return None
-    if g.get("foreach") or g.get("fused") or g.get("differentiable") or g.get("capturable"):
-        return None
-    # What torch.optim itself runs for these params when foreach and fused are left unset: the
-    # single-tensor implementation on CPU tensors in torch 2.13 (a torch that defaulted to
-    # another would not take this path).
-    try:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-        implementation = _default_to_fused_or_foreach(g["params"], differentiable=False,
-                                                      use_fused=False)
-    except (ImportError, TypeError):
-        return None
-    if tuple(implementation) != (False, False):
-        return None
-    if type(opt) is torch.optim.SGD:
-        name = "sgd"
-        values = [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]]
-        flags = [g["nesterov"], g["maximize"]]
-    else:
-        betas = tuple(g["betas"])
-        if len(betas) != 2:
-            return None
-        name = "adam"
-        values = [g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"]]
-        flags = [g["amsgrad"], g["maximize"], g.get("decoupled_weight_decay", False)]
-    if not all(_real(v) and math.isfinite(v) for v in values) or not all(isinstance(f, bool) for f in flags):
-        return None  # e.g. a tensor learning rate
-    return name, [float(v) for v in values] + [float(f) for f in flags]
-
-
-def _chunk_state(opt, params, name, hyper) -> Optional[List[torch.Tensor]]:
-    """train_chunk's optimizer_state: the optimizer's own state tensors for params (the op
-    updates them in place, so opt.state_dict() stays torch.optim's), or None while there are
-    none yet: torch.optim makes its state at its first step, which the trainer then leaves to
-    torch.optim (the per-iteration path)."""
-    state = opt.state.get(params, {})
-    if name == "sgd":
-        if hyper[1] == 0:  # no momentum: no state
-            return []
-        tensors = [state.get("momentum_buffer")]
-    else:
-        step = state.get("step")
-        if not (isinstance(step, torch.Tensor) and step.dim() == 0 and step.device.type == "cpu"
-                and step.dtype in (torch.float32, torch.float64)):
-            return None
-        amsgrad = hyper[5] == 1.0
-        tensors = [state.get(k) for k in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())]
-    for t in tensors:
-        if not (isinstance(t, torch.Tensor) and t.dtype == params.dtype and t.device == params.device
-                and t.shape == params.shape and t.is_contiguous()):
-            return None
-    return tensors if name == "sgd" else [step] + tensors
-
-
-def _fits(name, hyper, dtype) -> bool:
-    """Whether every scalar the optimizer's step casts to `dtype` (lr, the step sizes
-    lr / (1 - beta1 ** step), eps, ...) is well inside its range. torch.optim raises where one
-    overflows (and the op refuses it); such runs are left to torch.optim."""
-    limit = torch.finfo(dtype).max / 16
-    if name == "sgd":
-        values = hyper[:4]
-    else:
-        lr, beta1, _, eps, weight_decay = hyper[:5]
-        values = [lr / (1 - beta1), eps, weight_decay, lr * weight_decay]
-    return all(abs(v) <= limit for v in values)
-
-
-_REPRODUCED: Dict[tuple, bool] = {}
-
-
-def _reproduces_torch_optim(opt, name, hyper, dtype) -> bool:
-    """Whether the op's optimizer step is bitwise torch.optim's for these settings on this build.
-
-    The rounding train_chunk repeats was read off torch 2.13's CPU kernels; another torch
-    build could round differently. So before the first chunked run of a setting, a few steps
-    on random data (a millisecond, once per process and setting) compare the two; on any
-    difference the trainer keeps the per-iteration path, with a warning."""
-    key = (type(opt), name, tuple(hyper), dtype)
-    if key not in _REPRODUCED:
-        settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-        g = torch.Generator().manual_seed(0)
-        P = 1037  # a vector body and a scalar tail for every SIMD width
-        start = torch.randn(P, dtype=dtype, generator=g)
-        ours = start.clone().requires_grad_()
-        theirs = start.clone().requires_grad_()
-        ours_opt = type(opt)([ours], **settings)
-        theirs_opt = type(opt)([theirs], **settings)
-        same = True
-        for k in range(6):
-            scale = torch.logspace(-4, 2, P, dtype=dtype)[torch.randperm(P, generator=g)]
-            grad = torch.randn(P, dtype=dtype, generator=g) * scale
-            theirs.grad = grad.clone()
-            theirs_opt.step()
-            if k == 0:  # torch.optim makes the state, as in training
-                ours.grad = grad.clone()
-                ours_opt.step()
-            else:
-                with torch.no_grad():
-                    _ops.ops.optimizer_step(ours.detach(), _chunk_state(ours_opt, ours, name, hyper),
-                                            grad, name, hyper)
-            same = same and torch.equal(ours, theirs)
-        theirs_state, ours_state = theirs_opt.state[theirs], ours_opt.state[ours]
-        same = same and all(torch.equal(ours_state[k], theirs_state[k]) for k in theirs_state)
-        if not same:
-            warnings.warn(f"pymaml.train: the fused training op's {name} step differs from "
-                          f"torch.optim's on this build (torch {torch.__version__}); training "
-                          "takes the slower per-iteration path", RuntimeWarning, stacklevel=3)
-        _REPRODUCED[key] = same
-    return _REPRODUCED[key]
-
-
-def _next_chunk_size(n: int, seconds: float) -> int:
-    """The next chunk's size, so that a call takes about _CHUNK_SECONDS. (Results do not depend
-    on chunk sizes: the tasks of a chunk are those of its iterations drawn one by one.)"""
-    if seconds <= 0:
-        return _CHUNK_MAX
-    return max(1, min(_CHUNK_MAX, int(_CHUNK_SECONDS * n / seconds)))
-
-
-def _train_chunk(*args):
-    # One seam for the tests to watch the fast path.
-    return _ops.ops.train_chunk(*args)
-
-
-# ---- Ctrl-C -------------------------------------------------------------------------------------
-
-class _StopOnInterrupt:
-    """Turns the first Ctrl-C into a request to stop after the current iteration (checked by
-    the loop, which then checkpoints); a second Ctrl-C interrupts at once. Only in the main
-    thread, where Python delivers signals, and only over a Python handler (a process that
-    ignores SIGINT, or set it from C, keeps its choice)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT)):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-# ---- progress -------------------------------------------------------------------------------------
-
-class _Progress:
-    """A tqdm bar with the running meta-loss (when shown) and/or a log line every `log_every`
-    iterations with the mean meta-loss since the last line."""
-
-    def __init__(self, show: bool, log_every: int, start: int, total: int):
-        self.log_every = log_every
-        self.total = total
-        self.bar = None
-        if show:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,
-                            desc="meta-training", smoothing=0.05)
-        self.running = None
-        self.window_sum, self.window_n = 0.0, 0
-        self.started = time.perf_counter()
-
-    def update(self, first: int, values) -> None:
-        """Iterations first, first + 1, ... gave the meta-losses `values` (floats)."""
-        if self.bar is None and not self.log_every:
-            return
-        for iteration, loss in enumerate(values, first):
-            # Running meta-loss: an exponential moving average over about the last 100 iterations.
-            self.running = loss if self.running is None else 0.99 * self.running + 0.01 * loss
-            self.window_sum += loss
-            self.window_n += 1
-            if self.log_every and (iteration % self.log_every == 0 or iteration == self.total):
-                self.write(f"iteration {iteration}/{self.total}  meta-loss {self.window_sum / self.window_n:.5f} "
-                           f"(mean of the last {self.window_n})  {time.perf_counter() - self.started:.1f} s")
-                self.window_sum, self.window_n = 0.0, 0
-        if self.bar is not None and values:
-            last = first + len(values) - 1
-            self.bar.update(len(values))
-            # the postfix as of every hundredth iteration (and the last)
-            if last // 100 > (first - 1) // 100 or last == self.total:
-                self.bar.set_postfix(meta_loss=f"{self.running:.4f}", refresh=False)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---- the trainer ------------------------------------------------------------------------------------
 
 def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           activation: str = "relu", loss: str = "l1", inner_steps: int = 5,
@@ -434,323 +124,242 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     iteration, before the weights are updated with it (as do weights that an optimizer step
     made non-finite); the last checkpoint is kept.
     """
-    # ---- check the arguments (once: the loop runs without per-iteration checks) ----
-    F._check_choice("algorithm", algorithm, ALGORITHMS)
-    sizes = F._check_sizes(sizes)
-    F._check_choice("activation", activation, F.ACTIVATIONS)
-    F._check_choice("loss", loss, F.LOSSES)
-    inner_steps = F._check_int("inner_steps", inner_steps, 0)
-    inner_lr = F._check_finite("inner_lr", inner_lr)
-    meta_batch_size = F._check_int("meta_batch_size", meta_batch_size, 1)
-    iterations = F._check_int("iterations", iterations, 0)
-    opt_cls, opt_name = _optimizer_class(optimizer)
-    outer_lr = _positive_real("outer_lr", outer_lr)
-    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-        raise TypeError(f"optimizer_kwargs must be a dict, got {type(optimizer_kwargs).__name__}")
-    optimizer_kwargs = _io.plain("optimizer_kwargs", dict(optimizer_kwargs or {}))
-    if "lr" in optimizer_kwargs:
-        raise ValueError("give the outer learning rate as outer_lr, not in optimizer_kwargs")
-    family = _tasks.get_family(task, shots=shots, queries=queries)
-    for what, n, want in (("input", family.n_in, sizes[0]), ("output", family.n_out, sizes[-1])):
-        if n is not None and n != want:
-            raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is {sizes}")
-    if dtype not in DTYPES.values():
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    config, options = _config.from_train_arguments(**locals())  # every argument, by name
+    group = _distributed.Group.join(options.distributed, options.device,
+                                    options.distributed_timeout)
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device like 'cpu' or 'cuda', got {device!r}") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
-        raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
-    seed = F._check_seed(seed)
-    if log_every is not None:
-        log_every = F._check_int("log_every", log_every, 0)
-    checkpoint_every = F._check_int("checkpoint_every", checkpoint_every, 1)
-    if isinstance(init, str):
-        F._check_choice("init", init, INITS)
-        init_name = init
-    elif isinstance(init, (MetaMLP, torch.Tensor)):
-        init_name = "given"
-    else:
-        raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got {type(init).__name__}")
-
-    if distributed not in (None, True, False):
-        raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
-    distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
-
-    config = dict(task=family.name, algorithm=algorithm, sizes=sizes, activation=activation,
-                  loss=loss, inner_steps=inner_steps, inner_lr=inner_lr,
-                  meta_batch_size=meta_batch_size, optimizer=opt_name, outer_lr=outer_lr,
-                  optimizer_kwargs=optimizer_kwargs, shots=getattr(family, "shots", None),
-                  queries=getattr(family, "queries", None), init=init_name,
-                  dtype=str(dtype).replace("torch.", ""), seed=int(seed), iterations=iterations)
-    checkpoint = _check_path("checkpoint", checkpoint)
-    resume_from = None
-    if resume is True:
-        if checkpoint is None:
-            raise ValueError("resume=True needs the checkpoint path to resume from")
-        resume_from = checkpoint
-    elif resume not in (False, None):
-        resume_from = _check_path("resume", resume)
-        checkpoint = checkpoint or resume_from
-
-    device = _distributed.local_device(device)
-    group = _distributed.Group.join(distributed, device, distributed_timeout)
-    try:
-        return _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, device,
-                      dtype, log_every, progress, checkpoint, checkpoint_every, resume_from,
-                      overwrite)
+        return _Run(config, options, group).loop()
     finally:
         if group is not None:
             group.close()
 
 
-def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, device, dtype,
-           log_every, progress, checkpoint, checkpoint_every, resume_from, overwrite) -> TrainResult:
-    """train() after its argument checks, in a run of one process (group None) or of several."""
-    sizes, activation, loss = config["sizes"], config["activation"], config["loss"]
-    inner_lr, inner_steps, algorithm = config["inner_lr"], config["inner_steps"], config["algorithm"]
-    iterations, seed = config["iterations"], config["seed"]
-    rank, processes = (0, 1) if group is None else (group.rank, group.world_size)
-    meta_batch_size = config["meta_batch_size"]
-    if meta_batch_size % processes:
-        raise ValueError(f"meta_batch_size {meta_batch_size} does not divide across {processes} "
-                         f"processes: it is the global meta-batch, split evenly, so use a "
-                         f"multiple of {processes}")
-    local_batch = meta_batch_size // processes
-    config["processes"] = processes
+def _meta_step_fn(config: RunConfig, backend: str):
+    """fn(params [P] detached, TaskBatch) -> (meta-loss 0-d, gradient [P] for the optimizer).
+    The arguments were checked once; the fused backend calls the op directly (no autograd
+    wrapper, no per-call Python checks beyond the op's own)."""
+    c, sizes = config, list(config.sizes)
+    hyper = dict(sizes=sizes, inner_lr=c.inner_lr, steps=c.inner_steps,
+                 activation=c.activation, loss=c.loss)
+    if c.algorithm in ("maml", "fomaml"):
+        first_order = c.algorithm == "fomaml"
+        if backend == "fused":
+            def step(params, batch):
+                return _ops.ops.maml_loss(params, *batch, sizes, c.inner_lr, c.inner_steps,
+                                          c.activation, c.loss, first_order, True)
+        else:
+            def step(params, batch):
+                params = params.requires_grad_()
+                value = _reference.maml_loss(params, *batch, first_order=first_order, **hyper)
+                (grad,) = torch.autograd.grad(value, params)
+                return value.detach(), grad
+        return step
 
-    # In a distributed run, the file checks and reads happen on rank 0 (whose disk the
-    # checkpoint is on) and their outcome, an error included, reaches every process.
-    on_rank0 = (lambda fn, what: fn()) if group is None else group.from_rank0
+    # Reptile: the inner loop trains on support and query together; the update direction is
+    # params - mean over tasks of the adapted params, fed to the optimizer as a gradient.
+    loss_fn = _reference.LOSSES[c.loss]
 
-    # ---- the starting state: fresh, or from a checkpoint ----
-    def check_checkpoint_path():
-        directory = os.path.dirname(os.path.abspath(checkpoint))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise ValueError(f"checkpoint {checkpoint}: the directory {directory} does not exist "
-                             "or is not writable")
-        # Saved training state is never replaced unless asked: only the run it holds may
-        # write over it (resume), or overwrite=True.
-        if checkpoint != resume_from and not overwrite and os.path.exists(checkpoint):
-            raise FileExistsError(f"checkpoint {checkpoint} already exists: resume it (resume=True, "
-                                  "--resume), or pass overwrite=True (--overwrite) to start a new "
-                                  "run over it, or choose another path")
+    def step(params, batch):
+        x = torch.cat([batch.x_support, batch.x_query], dim=1)
+        y = torch.cat([batch.y_support, batch.y_query], dim=1)
+        with torch.no_grad():
+            if backend == "fused":
+                adapted = _ops.ops.adapt(params, x, y, sizes, c.inner_lr, c.inner_steps,
+                                         c.activation, c.loss, True)
+            else:
+                adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
+            predicted = F.mlp_forward(adapted, batch.x_query, sizes=sizes,
+                                      activation=c.activation)
+            return loss_fn(predicted, batch.y_query), params - adapted.mean(0)
+    return step
 
-    if checkpoint is not None:
-        on_rank0(check_checkpoint_path, "checking the checkpoint path")
 
-    generator = torch.Generator().manual_seed(seed)
-    info = dict(task=family.name, algorithm=algorithm, shots=config["shots"])
-    model = _initial_model(init, sizes, activation, loss, inner_lr, inner_steps, generator,
-                           dtype, device, info)
-    params = model.params
-    # Rank 0 draws its tasks from the run's generator, the others from their own streams.
-    task_generator = generator if rank == 0 else \
-        torch.Generator().manual_seed(_distributed.task_seed(seed, rank))
-    if group is not None:  # the same start everywhere, whatever `init` each process was given
-        group.broadcast(params, "sharing rank 0's initial weights")
-    opt = opt_cls([params], lr=config["outer_lr"], **optimizer_kwargs)
-    losses = []
-    start = 0
-    if resume_from is not None:
-        saved = on_rank0(lambda: _io.load_file(resume_from), f"reading checkpoint {resume_from}")
-        start, losses = _restore(resume_from, saved, config, model, opt, generator, device)
-        if rank > 0:
-            task_generator.set_state(saved["task_generators"][rank])
+def _initial_model(config: RunConfig, options: RunOptions,
+                   generator: torch.Generator) -> MetaMLP:
+    c, init = config, options.init
+    settings = dict(loss=c.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
+                    info=dict(task=c.task, algorithm=c.algorithm, shots=c.shots))
+    if isinstance(init, str):
+        # Drawn on the CPU from the run's generator, then moved: the same start on every device.
+        model = MetaMLP(c.sizes, c.activation, init=init, generator=generator,
+                        dtype=torch.float64, **settings)
+        return model.to(device=options.device, dtype=options.dtype)
+    start = init.params if isinstance(init, MetaMLP) else init
+    if isinstance(init, MetaMLP) and (init.sizes != list(c.sizes)
+                                      or init.activation != c.activation):
+        raise ValueError(f"init is a MetaMLP with sizes {init.sizes} and activation "
+                         f"{init.activation!r}, but training asks for {list(c.sizes)} and "
+                         f"{c.activation!r}")
+    F._check_params(start, list(c.sizes))
+    return MetaMLP(c.sizes, c.activation, **settings,
+                   params=start.detach().to(device=options.device, dtype=options.dtype))
 
-    which = F._choose_backend(backend, params.detach(), sizes, inner_steps, ())
-    meta_step = _meta_step_fn(algorithm, which, sizes=sizes, activation=activation, loss=loss,
-                              inner_lr=inner_lr, inner_steps=inner_steps)
-    config["backend"] = which
-    config["device"] = str(device)
 
-    owns_checkpoint = checkpoint is not None and checkpoint == resume_from
+class _Run:
+    """One training run, in one process of one or several: the model, the optimizer, the
+    task streams and the loss history, and the loop that advances them."""
 
-    def save(iteration):
-        nonlocal owns_checkpoint
-        if checkpoint is None:
-            return
-        owns_checkpoint = True
-        state = dict(format=_io.CHECKPOINT_FORMAT, format_version=1, pymaml_version=__version__,
-                     config=config, iteration=iteration, model=model.to_dict(),
-                     optimizer=opt.state_dict(), generator=generator.get_state(),
-                     losses=torch.tensor(losses, dtype=torch.float64))
-        if group is not None:
-            # Every process's task stream (rank 0's is `generator`), so that a resumed run
-            # draws the tasks an uninterrupted one would.
-            state["task_generators"] = group.gather(task_generator.get_state(),
-                                                    f"gathering the task streams at iteration {iteration}")
-        if rank == 0:
-            _io.atomic_save(state, checkpoint)
+    def __init__(self, config: RunConfig, options: RunOptions, group):
+        self.group, self.options = group, options
+        self.rank, processes = (0, 1) if group is None else (group.rank, group.world_size)
+        if config.meta_batch_size % processes:
+            raise ValueError(f"meta_batch_size {config.meta_batch_size} does not divide across "
+                             f"{processes} processes: it is the global meta-batch, split "
+                             f"evenly, so use a multiple of {processes}")
+        self.config = config = dataclasses.replace(config, processes=processes)
+        self.local_batch = config.meta_batch_size // processes
+        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from)
+        if options.checkpoint is not None:
+            self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
+                                                                   options.overwrite),
+                           "checking the checkpoint path")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.model = _initial_model(config, options, self.generator)
+        self.params = self.model.params
+        # Rank 0 draws its tasks from the run's generator, the others from their own streams.
+        self.task_generator = self.generator if self.rank == 0 else \
+            torch.Generator().manual_seed(_distributed.task_seed(config.seed, self.rank))
+        if group is not None:  # the same start everywhere, whatever `init` each was given
+            group.broadcast(self.params, "sharing rank 0's initial weights")
+        self.optimizer = options.optimizer_class([self.params], lr=config.outer_lr,
+                                                 **config.optimizer_kwargs)
+        self.losses: List[float] = []
+        self.start = 0
+        if options.resume_from is not None:
+            self._resume(options.resume_from)
+        self.backend = F._choose_backend(options.backend, self.params.detach(),
+                                         list(config.sizes), config.inner_steps, ())
+        self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
+        self.meta_step = _meta_step_fn(config, self.backend)
+        self.fast = None if self.start >= config.iterations else FastPath.for_run(
+            config, self.backend, options.device, processes, self.optimizer, options.family,
+            self.task_generator, options.dtype)
+        self.fast_iterations = 0
 
-    def kept_checkpoint():
-        return f"; the last checkpoint, {checkpoint}, is kept" if owns_checkpoint else ""
+    def _on_rank0(self, fn, what):
+        """fn() on rank 0 (whose disk holds the checkpoint), its outcome (an error too) handed
+        to every process."""
+        return fn() if self.group is None else self.group.from_rank0(fn, what)
 
-    show = rank == 0 and (sys.stderr.isatty() if progress is None else bool(progress))
-    if log_every is None:
-        log_every = 0 if show else max(1, iterations // 10)
-    if rank > 0:
-        log_every = 0
-    bar = _Progress(show and start < iterations, log_every, start, iterations)
+    def _resume(self, path: str) -> None:
+        saved = self._on_rank0(lambda: _io.load_file(path), f"reading checkpoint {path}")
+        self.start, self.losses = _checkpoint.restore(path, saved, self.config, self.model,
+                                                      self.optimizer, self.generator,
+                                                      self.options.device)
+        if self.rank > 0:
+            self.task_generator.set_state(saved["task_generators"][self.rank])
 
-    def diverged_loss(value, it):
-        return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training stopped "
-                                "before updating the weights with it" + kept_checkpoint(), it)
+    def loop(self) -> TrainResult:
+        """Runs the iterations left; writes checkpoints every checkpoint_every iterations, at
+        the end and on Ctrl-C."""
+        total, every = self.config.iterations, self.options.checkpoint_every
+        self.bar = _progress.for_run(self.rank, self.options.progress, self.options.log_every,
+                                     self.start, total)
+        status, it = "completed", self.start
+        began = time.perf_counter()
+        with _progress.StopOnInterrupt() as interrupt, self.bar:
+            while it < total:
+                values, stop = self._advance(it, interrupt)
+                it += len(values)
+                if stop and it < total:
+                    status = "interrupted"
+                    self._interrupted(it)
+                    break
+                if it % every == 0 and it < total:
+                    self._save(it)
+            else:
+                self._save(total)
+        wall_time = time.perf_counter() - began
+        self.params.grad = None
+        self.model.info["iterations"] = len(self.losses)
+        return TrainResult(model=self.model, losses=torch.tensor(self.losses, dtype=torch.float64),
+                           wall_time=wall_time, iterations=len(self.losses), status=status,
+                           checkpoint=self.checkpoints.path, config=self.settings,
+                           rank=self.rank, fast_iterations=self.fast_iterations)
 
-    def diverged_weights(it):
-        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
-                                "non-finite (the meta-loss was finite): training stopped"
-                                + kept_checkpoint(), it)
+    def _advance(self, it: int, interrupt) -> Tuple[List[float], bool]:
+        """After `it` iterations: the next one, or on the fast path the next chunk. Their
+        meta-losses (recorded), and whether to stop after them."""
+        values = None if self.fast is None else self._chunk(it)
+        if values is not None:
+            stop = interrupt.requested
+        else:
+            value, stop = self._one_iteration(it + 1, interrupt)
+            values = [value]
+        self._record(it + 1, values)
+        return values, stop
 
-    def record(first, values):
-        losses.extend(values)
-        bar.update(first, values)
-
-    def one_iteration(it, interrupt) -> Tuple[float, bool]:
-        """The per-iteration path: iteration `it`'s meta-loss, the weights updated, and whether
-        to stop after it (Ctrl-C here, or in a distributed run, in any process)."""
-        batch = family.sample(local_batch, generator=task_generator, dtype=dtype, device=device)
-        value, grad = meta_step(params.detach(), batch)
-        stop_requested = interrupt.requested
-        if group is not None:
+    def _one_iteration(self, it: int, interrupt) -> Tuple[float, bool]:
+        """Iteration `it` on its own: its meta-loss, the weights updated, and whether to stop
+        after it (Ctrl-C here, or in a distributed run, in any process)."""
+        batch = self.options.family.sample(self.local_batch, generator=self.task_generator,
+                                           dtype=self.options.dtype, device=self.options.device)
+        value, grad = self.meta_step(self.params.detach(), batch)
+        stop = interrupt.requested
+        if self.group is not None:
             # One all-reduce: the mean gradient, the mean meta-loss (the global meta-batch's:
             # the shares are equal) and whether any process was asked to stop, so that all
             # stop after the same iteration.
-            flag = grad.new_full((1,), float(stop_requested))
+            flag = grad.new_full((1,), float(stop))
             buf = torch.cat([grad.reshape(-1), value.reshape(1).to(grad.dtype), flag])
-            buf = group.all_reduce_mean(buf, f"the all-reduce of iteration {it}")
-            grad, value, stop_requested = buf[:-2], buf[-2], bool(buf[-1] > 0)
+            buf = self.group.all_reduce_mean(buf, f"the all-reduce of iteration {it}")
+            grad, value, stop = buf[:-2], buf[-2], bool(buf[-1] > 0)
         value = value.item()
         if not math.isfinite(value):
-            raise diverged_loss(value, it)
-        params.grad = grad
-        opt.step()
-        if not torch.isfinite(params).all():
-            raise diverged_weights(it)
-        return value, stop_requested
+            raise self._diverged(it, value)
+        self.params.grad = grad
+        self.optimizer.step()
+        if not torch.isfinite(self.params).all():
+            raise self._diverged(it, value)
+        return value, stop
 
-    # The fast path (see the module docstring), when this run can take it: one process (the
-    # all-reduce sits between each iteration's meta-gradient and its optimizer step).
-    fast = None
-    if (group is None and which == "fused" and device.type == "cpu"
-            and algorithm in ("maml", "fomaml") and start < iterations):
-        fast = _chunk_optimizer(opt)
-        if fast is not None and not (_fits(*fast, dtype) and _reproduces_torch_optim(opt, *fast, dtype)):
-            fast = None
-    first_order = algorithm == "fomaml"
-
-    def chunk(first, n, state) -> Optional[list]:
-        """Iterations first .. first + n - 1 in one train_chunk call: their meta-losses, or
-        None when the family cannot draw them at once (nothing drawn then)."""
-        batch = family.sample_many(n, meta_batch_size, generator=task_generator, dtype=dtype,
-                                   device=device)
-        if batch is None:
+    def _chunk(self, it: int) -> Optional[List[float]]:
+        """After `it` iterations, the next chunk on the fast path: its meta-losses, or None
+        when this iteration must go the per-iteration way."""
+        state = self.fast.state(self.optimizer, self.params)
+        if state is None:
             return None
-        values, done = _train_chunk(params.detach(), state, *batch, sizes, inner_lr,
-                                    inner_steps, activation, loss, first_order, *fast)
-        done, values = int(done), values.tolist()
-        if done < n:  # the op stopped at iteration first + done, as one_iteration would
-            record(first, values[:done])
-            value = values[done]
-            if math.isfinite(value):
-                raise diverged_weights(first + done)
-            raise diverged_loss(value, first + done)
+        n = self.fast.length(it, self.options.checkpoint_every)
+        result = self.fast.run(self.params, state, n)
+        if result is None:  # the family cannot draw chunks: per-iteration from now on
+            self.fast = None
+            return None
+        values, done = result
+        self.fast_iterations += done
+        if done < n:  # the op stopped where _one_iteration would have
+            self._record(it + 1, values[:done])
+            raise self._diverged(it + 1 + done, values[done])
         return values
 
-    status = "completed"
-    began = time.perf_counter()
-    it = start
-    size = _CHUNK_FIRST
-    try:
-        with _StopOnInterrupt() as interrupt:
-            while it < iterations:
-                values = None
-                state = None if fast is None else _chunk_state(opt, params, *fast)
-                if state is not None:
-                    # a chunk never crosses a checkpoint or the end
-                    n = min(size, iterations - it, checkpoint_every - it % checkpoint_every)
-                    t0 = time.perf_counter()
-                    values = chunk(it + 1, n, state)
-                    if values is None:
-                        fast = None
-                    else:
-                        size = _next_chunk_size(n, time.perf_counter() - t0)
-                        stop = interrupt.requested
-                if values is None:
-                    value, stop = one_iteration(it + 1, interrupt)
-                    values = [value]
-                record(it + 1, values)
-                it += len(values)
-                if stop and it < iterations:
-                    status = "interrupted"
-                    save(it)
-                    if rank == 0:
-                        where = f"; checkpoint written to {checkpoint}" if checkpoint else ""
-                        bar.write(f"interrupted at iteration {it}/{iterations}{where}")
-                    break
-                if it % checkpoint_every == 0 and it < iterations:
-                    save(it)
-            else:
-                save(iterations)
-    finally:
-        bar.close()
-    wall_time = time.perf_counter() - began
-    params.grad = None
-    model.info["iterations"] = len(losses)
-    return TrainResult(model=model, losses=torch.tensor(losses, dtype=torch.float64),
-                       wall_time=wall_time, iterations=len(losses), status=status,
-                       checkpoint=checkpoint, config=config, rank=rank)
+    def _diverged(self, it: int, value: float) -> TrainingDiverged:
+        kept = self.checkpoints.kept()
+        if not math.isfinite(value):
+            return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
+                                    "stopped before updating the weights with it" + kept, it)
+        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
+                                "non-finite (the meta-loss was finite): training stopped"
+                                + kept, it)
 
+    def _record(self, first: int, values: List[float]) -> None:
+        self.losses.extend(values)
+        self.bar.update(first, values)
 
-def _check_path(name, path):
-    if path is None:
-        return None
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a file path, got {type(path).__name__}")
-    return os.fspath(path)
+    def _save(self, iteration: int) -> None:
+        if self.checkpoints.path is None:
+            return
+        state = _checkpoint.state(self.settings, iteration, self.model, self.optimizer,
+                                  self.generator, self.losses)
+        if self.group is not None:
+            # Every process's task stream (rank 0's is `generator`), so that a resumed run
+            # draws the tasks an uninterrupted one would.
+            state["task_generators"] = self.group.gather(
+                self.task_generator.get_state(),
+                f"gathering the task streams at iteration {iteration}")
+        self.checkpoints.save(state, write=self.rank == 0)
 
-
-def _initial_model(init, sizes, activation, loss, inner_lr, inner_steps, generator, dtype,
-                   device, info) -> MetaMLP:
-    settings = dict(loss=loss, inner_lr=inner_lr, inner_steps=inner_steps, info=info)
-    if isinstance(init, str):
-        # Drawn on the CPU from the run's generator, then moved: the same start on every device.
-        model = MetaMLP(sizes, activation, init=init, generator=generator, dtype=torch.float64,
-                        **settings)
-        return model.to(device=device, dtype=dtype)
-    start = init.params if isinstance(init, MetaMLP) else init
-    if isinstance(init, MetaMLP) and (init.sizes != sizes or init.activation != activation):
-        raise ValueError(f"init is a MetaMLP with sizes {init.sizes} and activation "
-                         f"{init.activation!r}, but training asks for {sizes} and {activation!r}")
-    F._check_params(start, sizes)
-    return MetaMLP(sizes, activation, params=start.detach().to(device=device, dtype=dtype), **settings)
-
-
-def _restore(path, d, config, model, opt, generator, device):
-    """Loads checkpoint `d` (read from `path`) into model, opt and generator; returns
-    (iteration, losses list)."""
-    if d["format"] != _io.CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
-                         "to start a new run from its weights")
-    saved = d["config"]
-    differ = [f"{k}={saved.get(k)!r} (this call: {config[k]!r})" for k in _RUN_KEYS
-              if saved.get(k) != config[k]]
-    if differ:
-        raise ValueError(f"checkpoint {path} was written by a different run: " + "; ".join(differ))
-    # Each process's task stream is in the checkpoint: it resumes under as many processes.
-    written_by = saved.get("processes", 1)
-    if written_by != config["processes"]:
-        raise ValueError(f"checkpoint {path} was written by a run of {written_by} process(es); "
-                         f"resume it with {written_by} (this run has {config['processes']})")
-    iteration = int(d["iteration"])
-    if iteration > config["iterations"]:
-        raise ValueError(f"checkpoint {path} is at iteration {iteration}, past iterations="
-                         f"{config['iterations']}")
-    with torch.no_grad():
-        model.params.copy_(d["model"]["params"].to(device))
-    opt.load_state_dict(d["optimizer"])
-    generator.set_state(d["generator"])
-    return iteration, d["losses"].tolist()
+    def _interrupted(self, it: int) -> None:
+        self._save(it)
+        if self.rank == 0:
+            path = self.checkpoints.path
+            where = f"; checkpoint written to {path}" if path else ""
+            self.bar.write(f"interrupted at iteration {it}/{self.config.iterations}{where}")

@@ -1,28 +1,23 @@
 """The chunked training path, all bitwise: optimizer_step against torch.optim's SGD and Adam,
 train_chunk against maml_loss + torch.optim iteration by iteration (and where it stops), and
-pymaml.train's fast path against its per-iteration path (losses, weights, optimizer and
-generator state), through checkpoints, Ctrl-C and divergence."""
+the optimizer settings pymaml.train's fast path accepts. (pymaml.train's fast path against its
+per-iteration path: test_fast_path.py.)"""
 
 import math
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import pymaml
-from pymaml import tasks
-from pymaml import trainer as T
-from pymaml.trainer import TrainingDiverged
+from pymaml import fast_path as FP
 
 from conftest import random_problem, requires_fused
 
 pytestmark = requires_fused
 
 ops = torch.ops.pymaml
-QUIET = dict(progress=False, log_every=0)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
 SGD = torch.optim.SGD
@@ -47,9 +42,9 @@ SETTING_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" f
 
 def op_args(opt, p):
     """(state, optimizer, hyper) for the ops, from a torch.optim optimizer that has stepped."""
-    spec = T._chunk_optimizer(opt)
+    spec = FP._chunk_optimizer(opt)
     assert spec is not None, "a setting the fast path should support"
-    state = T._chunk_state(opt, p, *spec)
+    state = FP._chunk_state(opt, p, *spec)
     assert state is not None
     return state, *spec
 
@@ -286,203 +281,6 @@ def test_train_chunk_argument_errors(change, match):
                         change.get("hyper", [1e-2, 0, 0, 0, 0, 0]))
 
 
-# ---- pymaml.train: the fast path against the per-iteration path --------------------------------
-
-@pytest.fixture
-def chunk_calls(monkeypatch):
-    """Records the iterations of every train_chunk call the trainer makes."""
-    calls = []
-    real = T._train_chunk
-
-    def spy(*args):
-        calls.append(args[2].shape[0])
-        return real(*args)
-    monkeypatch.setattr(T, "_train_chunk", spy)
-    return calls
-
-
-def per_iteration(monkeypatch):
-    """Makes pymaml.train take the per-iteration path (what it did before the fast path)."""
-    monkeypatch.setattr(T, "_chunk_optimizer", lambda opt: None)
-
-
-def checkpoint_contents(path):
-    d = torch.load(path, weights_only=True)
-    return d["iteration"], d["generator"], d["optimizer"], d["losses"], d["model"]["params"]
-
-
-def assert_same_checkpoint(a, b):
-    (ia, ga, oa, la, pa), (ib, gb, ob, lb, pb_) = checkpoint_contents(a), checkpoint_contents(b)
-    assert ia == ib and torch.equal(ga, gb) and torch.equal(la, lb) and torch.equal(pa, pb_)
-    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
-    for k, state in oa["state"].items():
-        assert state.keys() == ob["state"][k].keys()
-        for key, value in state.items():
-            assert torch.equal(value, ob["state"][k][key]) and value.dtype == ob["state"][k][key].dtype
-
-
-@DTYPES
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
-@pytest.mark.parametrize("optimizer,kwargs", [
-    ("sgd", {}), ("sgd", dict(momentum=0.9, nesterov=True)),
-    ("adam", {}), ("adam", dict(amsgrad=True, weight_decay=1e-3)),
-])
-def test_fast_path_is_bitwise_the_per_iteration_path(tmp_path, monkeypatch, chunk_calls, dtype,
-                                                     algorithm, optimizer, kwargs):
-    kw = dict(iterations=150, meta_batch_size=2, optimizer=optimizer, optimizer_kwargs=kwargs,
-              outer_lr=1e-3 if optimizer == "adam" else 1e-2, algorithm=algorithm, dtype=dtype,
-              checkpoint_every=60, **QUIET)
-    fast = pymaml.train(checkpoint=tmp_path / "fast.ckpt", **kw)
-    # the optimizers with state leave their first step to torch.optim, which makes it
-    first = 0 if optimizer == "sgd" and not kwargs else 1
-    assert sum(chunk_calls) == 150 - first
-    per_iteration(monkeypatch)
-    slow = pymaml.train(checkpoint=tmp_path / "slow.ckpt", **kw)
-    assert sum(chunk_calls) == 150 - first  # no more chunks
-    assert torch.equal(fast.losses, slow.losses)
-    assert torch.equal(fast.model.params, slow.model.params)
-    assert_same_checkpoint(tmp_path / "fast.ckpt", tmp_path / "slow.ckpt")
-
-
-def test_the_seed_experiment_takes_the_fast_path_from_the_first_iteration(chunk_calls):
-    run = pymaml.train(iterations=300, **QUIET)
-    assert run.iterations == 300 and sum(chunk_calls) == 300
-
-
-def test_chunks_never_cross_a_checkpoint_or_the_end(tmp_path, monkeypatch, chunk_calls):
-    saved = []
-    real_save = T._io.atomic_save
-    monkeypatch.setattr(T._io, "atomic_save", lambda obj, path: (saved.append(obj["iteration"]),
-                                                                 real_save(obj, path)))
-    monkeypatch.setattr(T, "_CHUNK_MAX", 23)  # several chunks between checkpoints
-    pymaml.train(iterations=200, checkpoint=tmp_path / "run.ckpt", checkpoint_every=37, **QUIET)
-    ends = [sum(chunk_calls[:k + 1]) for k in range(len(chunk_calls))]
-    assert ends[-1] == 200 and max(chunk_calls) <= 23
-    for start, end in zip([0] + ends, ends):
-        assert start // 37 == (end - 1) // 37, f"chunk {start + 1}..{end} crosses a checkpoint"
-    assert saved == [37, 74, 111, 148, 185, 200]
-
-
-def test_ctrl_c_finishes_the_chunk_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch):
-    calls = []
-    real = T._train_chunk
-
-    def interrupting(*args):
-        calls.append(args[2].shape[0])
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C, before the chunk's work
-        return real(*args)
-
-    kw = dict(iterations=400, optimizer="adam", outer_lr=1e-3, **QUIET)
-    whole = pymaml.train(**kw)
-    monkeypatch.setattr(T, "_train_chunk", interrupting)
-    monkeypatch.setattr(T, "_CHUNK_MAX", 50)
-    ckpt = tmp_path / "run.ckpt"
-    stopped = pymaml.train(checkpoint=ckpt, **kw)
-    done = 1 + sum(calls)  # Adam's first step, then the three chunks, the third one whole
-    assert stopped.status == "interrupted" and stopped.iterations == done < 400
-    assert torch.load(ckpt, weights_only=True)["iteration"] == done
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    monkeypatch.setattr(T, "_train_chunk", real)
-    resumed = pymaml.train(checkpoint=ckpt, resume=True, **kw)
-    assert resumed.status == "completed" and resumed.iterations == 400
-    assert torch.equal(resumed.model.params, whole.model.params)
-    assert torch.equal(resumed.losses, whole.losses)
-
-
-class PoisonedSine(tasks.SeedSine):
-    """seed-sine with a NaN target in the tasks of one iteration (counted over every draw,
-    however many iterations a draw holds)."""
-
-    def __init__(self, iteration, meta_batch_size):
-        super().__init__()
-        self.bad_row = (iteration - 1) * meta_batch_size
-        self.rows = 0
-
-    def target(self, ids, x):
-        y = super().target(ids, x)
-        if self.rows <= self.bad_row < self.rows + len(ids):
-            y[self.bad_row - self.rows, -1, 0] = float("nan")  # a query point
-        self.rows += len(ids)
-        return y
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "per-iteration"])
-def test_divergence_names_the_iteration_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
-                                                                       chunk_calls, fast):
-    if not fast:
-        per_iteration(monkeypatch)
-    ckpt = tmp_path / "run.ckpt"
-    with pytest.raises(TrainingDiverged, match="nan at iteration 27: training stopped before "
-                       "updating the weights with it; the last checkpoint, .*run.ckpt, is kept") as err:
-        pymaml.train(PoisonedSine(27, 2), meta_batch_size=2, iterations=100, checkpoint=ckpt,
-                     checkpoint_every=10, **QUIET)
-    assert err.value.iteration == 27
-    assert (sum(chunk_calls) > 0) == fast
-    saved = torch.load(ckpt, weights_only=True)
-    assert saved["iteration"] == 20 and torch.isfinite(saved["model"]["params"]).all()
-
-
-class Steep(tasks.SeedSine):
-    """seed-sine scaled up: huge MSE gradients, so that lr * gradient overflows."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def target(self, ids, x):
-        return self.scale * super().target(ids, x)
-
-
-@pytest.mark.parametrize("dtype,scale,outer_lr", [(torch.float32, 1e10, 1e30),
-                                                  (torch.float64, 1e100, 1e250)])
-def test_non_finite_weights_stop_both_paths_alike(monkeypatch, chunk_calls, dtype, scale, outer_lr):
-    errors = []
-    for fast in (True, False):
-        if not fast:
-            per_iteration(monkeypatch)
-        calls = len(chunk_calls)
-        with pytest.raises(TrainingDiverged, match="optimizer step of iteration 1 made the "
-                           "weights non-finite") as err:
-            pymaml.train(Steep(scale), iterations=50, loss="mse", inner_steps=0,
-                         outer_lr=outer_lr, dtype=dtype, **QUIET)
-        errors.append((err.value.iteration, str(err.value)))
-        assert (len(chunk_calls) > calls) == fast
-    assert errors[0] == errors[1]
-
-
-def test_an_overflowing_learning_rate_fails_both_paths_alike(monkeypatch, chunk_calls):
-    # float32 cannot hold lr = 1e39: torch.optim refuses it at its step, and so does training
-    # (the fast path leaves such settings to torch.optim).
-    for fast in (True, False):
-        if not fast:
-            per_iteration(monkeypatch)
-        with pytest.raises(RuntimeError, match="overflow"):
-            pymaml.train(iterations=5, outer_lr=1e39, **QUIET)
-    assert chunk_calls == []
-
-
-class OwnSampling(tasks.SeedSine):
-    """A FunctionTasks that draws its own way: it cannot promise sample_many."""
-
-    def sample(self, T, *, generator, dtype=torch.float32, device=None):
-        return super().sample(T, generator=generator, dtype=dtype, device=device)
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(algorithm="reptile"),
-    dict(backend="reference"),
-    dict(task=lambda T, g: tasks.SeedSine().sample(T, generator=g)),
-    dict(task=OwnSampling()),
-    dict(optimizer=torch.optim.RMSprop),
-    dict(optimizer_kwargs=dict(foreach=True)),
-    dict(optimizer="adam", optimizer_kwargs=dict(foreach=True)),
-], ids=["reptile", "reference", "callable", "own-sampling", "rmsprop", "sgd-foreach", "adam-foreach"])
-def test_other_runs_take_the_per_iteration_path(chunk_calls, kwargs):
-    run = pymaml.train(**{"iterations": 20, **QUIET, **kwargs})
-    assert run.iterations == 20 and chunk_calls == []
-
-
 def test_the_optimizer_check_accepts_what_the_fast_path_runs():
     # The one-time comparison with torch.optim passes for the supported settings (were it to
     # fail, training would silently be slow rather than different).
@@ -490,11 +288,11 @@ def test_the_optimizer_check_accepts_what_the_fast_path_runs():
         for dtype in (torch.float32, torch.float64):
             p = torch.zeros(3, dtype=dtype, requires_grad=True)
             opt = cls([p], **settings)
-            spec = T._chunk_optimizer(opt)
+            spec = FP._chunk_optimizer(opt)
             assert spec is not None
-            assert T._reproduces_torch_optim(opt, *spec, dtype)
+            assert FP._reproduces_torch_optim(opt, *spec, dtype)
     tensor_lr = SGD([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1))
-    assert T._chunk_optimizer(tensor_lr) is None
+    assert FP._chunk_optimizer(tensor_lr) is None
     two_groups = SGD([{"params": [torch.zeros(3, requires_grad=True)]},
                       {"params": [torch.zeros(2, requires_grad=True)]}], lr=0.1)
-    assert T._chunk_optimizer(two_groups) is None
+    assert FP._chunk_optimizer(two_groups) is None

@@ -1,0 +1,218 @@
+"""A training run's configuration, checked once.
+
+RunConfig holds the settings that define a run: plain values only, so that it is what a
+checkpoint stores and what a resume compares. RunOptions holds the rest of what pymaml.train
+was asked for: the objects the settings name (the task family, the optimizer class, the
+starting weights), and the choices a resumed run may change (backend, device, logging,
+checkpointing, processes). `from_train_arguments` turns train()'s keyword arguments into the
+two, raising one clear error for the first bad argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from . import _io
+from . import distributed as _distributed
+from . import functional as F
+from . import tasks as _tasks
+from .model import INITS, MetaMLP
+
+ALGORITHMS = ("maml", "fomaml", "reptile")
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The settings that define a run (pymaml.train's arguments of the same names; `task`,
+    `optimizer` and `init` by name, `dtype` as "float32" / "float64"). Resuming a checkpoint
+    whose settings differ in any field but `iterations` (which may grow) is an error."""
+    task: str
+    algorithm: str
+    sizes: Tuple[int, ...]
+    activation: str
+    loss: str
+    inner_steps: int
+    inner_lr: float
+    meta_batch_size: int
+    optimizer: str
+    outer_lr: float
+    optimizer_kwargs: Dict[str, Any]
+    shots: Optional[int]
+    queries: Optional[int]
+    init: str
+    dtype: str
+    seed: int
+    iterations: int
+    processes: int = 1  # of a distributed run: a checkpoint resumes under as many
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as plain values (what a checkpoint stores)."""
+        return dict(dataclasses.asdict(self), sizes=list(self.sizes))
+
+    def differences(self, saved: Dict[str, Any]) -> List[str]:
+        """The settings (all but iterations, which may grow, and processes) in which a
+        checkpoint's config dict `saved` differs from this run's, one line each."""
+        mine = self.to_dict()
+        return [f"{k}={saved.get(k)!r} (this call: {mine[k]!r})" for k in _RUN_KEYS
+                if _lists(saved.get(k)) != _lists(mine[k])]
+
+
+_RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                  if f.name not in ("iterations", "processes"))
+
+
+def _lists(value):
+    """`value` with its tuples as lists, for comparison (a file may hold either)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The rest of a train() call, checked: what the settings name, and what may change
+    between a run and its resume."""
+    family: _tasks.TaskFamily
+    optimizer_class: type
+    init: Any                 # "seed" | "torch" | MetaMLP | [P] tensor
+    dtype: torch.dtype
+    device: torch.device
+    backend: str              # as asked: "auto" | "fused" | "reference"
+    log_every: Optional[int]
+    progress: Optional[bool]
+    checkpoint: Optional[str]
+    checkpoint_every: int
+    resume_from: Optional[str]
+    overwrite: bool
+    distributed: Optional[bool]
+    distributed_timeout: float
+
+
+def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_steps, inner_lr,
+                         meta_batch_size, iterations, optimizer, outer_lr, optimizer_kwargs,
+                         shots, queries, init, backend, device, dtype, seed, log_every,
+                         progress, checkpoint, checkpoint_every, resume, overwrite, distributed,
+                         distributed_timeout) -> Tuple[RunConfig, RunOptions]:
+    """pymaml.train's arguments (see its docstring), checked in the order of its signature."""
+    F._check_choice("algorithm", algorithm, ALGORITHMS)
+    sizes = tuple(F._check_sizes(sizes))
+    F._check_choice("activation", activation, F.ACTIVATIONS)
+    F._check_choice("loss", loss, F.LOSSES)
+    inner_steps = F._check_int("inner_steps", inner_steps, 0)
+    inner_lr = F._check_finite("inner_lr", inner_lr)
+    meta_batch_size = F._check_int("meta_batch_size", meta_batch_size, 1)
+    iterations = F._check_int("iterations", iterations, 0)
+    optimizer_class, optimizer_name = _optimizer_class(optimizer)
+    outer_lr = _positive_real("outer_lr", outer_lr)
+    optimizer_kwargs = _optimizer_kwargs(optimizer_kwargs)
+    family = _tasks.get_family(task, shots=shots, queries=queries)
+    for what, n, want in (("input", family.n_in, sizes[0]), ("output", family.n_out, sizes[-1])):
+        if n is not None and n != want:
+            raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is "
+                             f"{list(sizes)}")
+    if dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    device = _usable_device(device)
+    seed = F._check_seed(seed)
+    if log_every is not None:
+        log_every = F._check_int("log_every", log_every, 0)
+    checkpoint_every = F._check_int("checkpoint_every", checkpoint_every, 1)
+    init_name = _init_name(init)
+    if distributed not in (None, True, False):
+        raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
+    distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
+    checkpoint, resume_from = _checkpoint_paths(checkpoint, resume)
+
+    config = RunConfig(
+        task=family.name, algorithm=algorithm, sizes=sizes, activation=activation, loss=loss,
+        inner_steps=inner_steps, inner_lr=inner_lr, meta_batch_size=meta_batch_size,
+        optimizer=optimizer_name, outer_lr=outer_lr, optimizer_kwargs=optimizer_kwargs,
+        shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
+        init=init_name, dtype=str(dtype).replace("torch.", ""), seed=seed,
+        iterations=iterations)
+    options = RunOptions(
+        family=family, optimizer_class=optimizer_class, init=init, dtype=dtype,
+        device=_distributed.local_device(device), backend=backend, log_every=log_every,
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+        resume_from=resume_from, overwrite=overwrite, distributed=distributed,
+        distributed_timeout=distributed_timeout)
+    return config, options
+
+
+def _positive_real(name, value) -> float:
+    if F._check_finite(name, value) <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _optimizer_class(optimizer) -> Tuple[type, str]:
+    """(the torch.optim class, the name a checkpoint records) for train()'s `optimizer`."""
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))} or a "
+                             f"torch.optim.Optimizer class; got {optimizer!r}")
+        return OPTIMIZERS[optimizer], optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer, f"{optimizer.__module__}.{optimizer.__qualname__}"
+    raise TypeError("optimizer must be 'sgd', 'adam' or a torch.optim.Optimizer class, got "
+                    f"{optimizer!r}")
+
+
+def _optimizer_kwargs(kwargs) -> Dict[str, Any]:
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"optimizer_kwargs must be a dict, got {type(kwargs).__name__}")
+    kwargs = _io.plain("optimizer_kwargs", dict(kwargs or {}))
+    if "lr" in kwargs:
+        raise ValueError("give the outer learning rate as outer_lr, not in optimizer_kwargs")
+    return kwargs
+
+
+def _usable_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device like 'cpu' or 'cuda', got "
+                         f"{device!r}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+        raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
+    return device
+
+
+def _init_name(init) -> str:
+    """The name a checkpoint records for `init`: "seed", "torch" or "given" (weights)."""
+    if isinstance(init, str):
+        return F._check_choice("init", init, INITS)
+    if isinstance(init, (MetaMLP, torch.Tensor)):
+        return "given"
+    raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got "
+                    f"{type(init).__name__}")
+
+
+def _checkpoint_paths(checkpoint, resume) -> Tuple[Optional[str], Optional[str]]:
+    """(the checkpoint to write, the checkpoint to resume from) for train()'s arguments."""
+    checkpoint = _path("checkpoint", checkpoint)
+    if resume is True:
+        if checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint path to resume from")
+        return checkpoint, checkpoint
+    if resume in (False, None):
+        return checkpoint, None
+    resume_from = _path("resume", resume)
+    return checkpoint or resume_from, resume_from
+
+
+def _path(name, path) -> Optional[str]:
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path, got {type(path).__name__}")
+    return os.fspath(path)
