@@ -1,4 +1,4 @@
-// The math of the fused meta-gradient, written once (DESIGN.md §1-2).
+// The math of the fused meta-gradient, written once (docs/design.md §1-§2).
 //
 // Torch-free on purpose: this header compiles under g++, under nvcc (every function is
 // PYMAML_HOST_DEVICE) and in plain C++ tests. Backends (csrc/cpu, csrc/cuda) only decide how
@@ -19,7 +19,7 @@
 // (the forward pass needs W^T, backprop needs W), which is what SIMD backends vectorise; the
 // copies are kept exact by computing each weight gradient in both layouts (the same sums in
 // the same order, so the two layouts agree bitwise). A layer with in == 1 or out == 1 needs no
-// copy: W [out, in] and W^T [in, out] are then the same memory.
+// copy: W [out, in] and W^T [in, out] are then the same memory. (docs/design.md §3.2)
 #pragma once
 
 #include <cmath>
@@ -91,7 +91,7 @@ inline PYMAML_HOST_DEVICE MlpShape make_shape(const int64_t* sizes, int depth) {
 // (that is all we store), matching PyTorch's backward formulas and its kink convention
 // ReLU'(0) = 0; comparisons are written so that NaN propagates as in torch (relu(NaN) = NaN).
 // `curv(d, a, ra)` is the second-order term D * sigma''(z) * Rz of the R-backward
-// (DESIGN.md §2), expressed with Ra = sigma'(z) * Rz: for tanh sigma'' = -2 a sigma'.
+// (docs/design.md §2.2), expressed with Ra = sigma'(z) * Rz: for tanh sigma'' = -2 a sigma'.
 template <Activation A>
 struct Act;
 
@@ -238,7 +238,7 @@ PYMAML_HOST_DEVICE inline const T* layer_input(const Tape<T>& tp, const MlpShape
   return l == 0 ? X : layer_of(tp.act, s, K, l - 1);
 }
 
-// Forward pass (DESIGN.md §1): Z_l = A_{l-1} W_l^T + b_l, A_l = sigma(Z_l), last layer linear.
+// Forward (docs/design.md §1.1): Z_l = A_{l-1} W_l^T + b_l, A_l = sigma(Z_l), last layer linear.
 // theta is extended.
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, int64_t K,
@@ -289,7 +289,7 @@ PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
            (const T*)nullptr);
 }
 
-// Backprop (DESIGN.md §2) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
+// Backprop (docs/design.md §2.1) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
 // D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the full (extended) gradient
 // to dtheta.
 template <typename T, Activation A, typename LA = ScalarLinalg>
@@ -321,7 +321,7 @@ PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X
 }
 
 // Hessian-vector product Hv of the loss at theta along v (both extended), by forward-over-
-// reverse differentiation of backprop (DESIGN.md §2). The tape must hold the forward and
+// reverse differentiation of backprop (docs/design.md §2.2). The tape must hold the forward and
 // backward of `loss_and_grad` at the same theta and batch.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
@@ -430,7 +430,7 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
   return w;
 }
 
-// Inner loop (DESIGN.md §1): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
+// Inner loop (docs/design.md §1.2): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
 // from theta^0 = w.theta0. Leaves theta^1..theta^S and the tapes of theta^0..theta^{S-1} in w.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
@@ -444,7 +444,7 @@ PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, 
   }
 }
 
-// Meta-gradient walk (DESIGN.md §2): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
+// Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
 // g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs the thetas and tapes
 // of `inner_loop`. Each pass over g also forms the next step's direction.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
