@@ -265,11 +265,7 @@ def cmd_info(args) -> int:
 
 # ---- the parser ---------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pymaml", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    defaults = dict(formatter_class=_Help)
+def _add_train_parser(sub, **defaults) -> None:
     t = sub.add_parser("train", help="meta-train; with no options, the seed's experiment", **defaults,
                        description="Meta-trains an MLP (pymaml.train); the defaults are the seed's "
                                    "experiment. Writes PREFIX.png (the model adapted to a task), "
@@ -312,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="how long a process waits for the others before the "
                                            "run stops with an error")
     t.set_defaults(run=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pymaml", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    defaults = dict(formatter_class=_Help)
+    _add_train_parser(sub, **defaults)
 
     e = sub.add_parser("eval", help="the MAML paper's evaluation protocol on a saved model", **defaults)
     e.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
