@@ -1,0 +1,156 @@
+// Autograd for the pymaml ops, in C++ (the Autograd dispatch key), so that a differentiable
+// call costs a few microseconds of bookkeeping instead of a Python function on the way in and
+// another on the way back. Each kernel wraps the op in a torch::autograd::Function and
+// redispatches below autograd to the device's kernel (cpu/, cuda/). The fake kernels stay in
+// Python (pymaml/_ops.py). docs/design.md §7.7 says what each backward computes.
+//
+// Gradients flow to params only: pymaml.functional sends calls whose data requires grad to the
+// reference backend, and a backward that would need one is an error here. Double backward is
+// an error too: the fused gradient would be a constant to autograd, any higher derivative
+// silently wrong.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pymaml {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+
+void refuse_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": double backward (create_graph=True) is not supported by the fused op; use "
+              "backend='reference'");
+}
+
+void refuse_data_gradients(const char* op, AutogradContext* ctx, size_t first, size_t last) {
+  for (size_t i = first; i <= last; ++i)
+    TORCH_CHECK(!ctx->needs_input_grad(i), op,
+                ": the fused op differentiates params only, but a data tensor requires grad; "
+                "use backend='reference'");
+}
+
+// The hyper-parameters a backward needs again, kept in the context.
+void save_hyper(AutogradContext* ctx, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                c10::string_view activation, c10::string_view loss) {
+  ctx->saved_data["sizes"] = sizes.vec();
+  ctx->saved_data["inner_lr"] = inner_lr;
+  ctx->saved_data["steps"] = steps;
+  ctx->saved_data["activation"] = std::string(activation);
+  ctx->saved_data["loss"] = std::string(loss);
+}
+
+// adapt: [T, P] adapted parameters. Backward: the vector-Jacobian product adapt_backward
+// (second order), or grad summed over tasks when first_order (identity Jacobians).
+struct AdaptFunction : torch::autograd::Function<AdaptFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& xs,
+                        const Tensor& ys, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                        c10::string_view activation, c10::string_view loss, bool first_order) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pymaml::adapt", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                             c10::IntArrayRef, double, int64_t,
+                                             c10::string_view, c10::string_view, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = op.call(params, xs, ys, sizes, inner_lr, steps, activation, loss, first_order);
+    ctx->save_for_backward({params, xs, ys});
+    save_hyper(ctx, sizes, inner_lr, steps, activation, loss);
+    ctx->saved_data["first_order"] = first_order;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::adapt";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 1, 2);
+    Tensor grad_params;
+    if (ctx->saved_data["first_order"].toBool()) {
+      grad_params = grads[0].sum(0);
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("pymaml::adapt_backward", "")
+                                 .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, c10::IntArrayRef, double, int64_t,
+                                               c10::string_view, c10::string_view)>();
+      const auto saved = ctx->get_saved_variables();
+      const auto& d = ctx->saved_data;
+      const std::vector<int64_t> sizes = d.at("sizes").toIntVector();
+      grad_params = op.call(grads[0], saved[0], saved[1], saved[2], sizes,
+                            d.at("inner_lr").toDouble(), d.at("steps").toInt(),
+                            d.at("activation").toStringRef(), d.at("loss").toStringRef());
+    }
+    return {grad_params, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+// maml_loss: (loss, meta-gradient). The meta-gradient is computed in the forward pass, in the
+// same sweep as the loss, so the backward is grad_loss * meta_gradient.
+struct MamlLossFunction : torch::autograd::Function<MamlLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& xs,
+                               const Tensor& ys, const Tensor& xq, const Tensor& yq,
+                               c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                               c10::string_view activation, c10::string_view loss,
+                               bool first_order, bool need_grad) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("pymaml::maml_loss", "")
+            .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                              const Tensor&, const Tensor&, c10::IntArrayRef,
+                                              double, int64_t, c10::string_view,
+                                              c10::string_view, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [value, meta_grad] = op.call(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation,
+                                      loss, first_order, need_grad);
+    ctx->save_for_backward({meta_grad});
+    ctx->mark_non_differentiable({meta_grad});
+    return {value, meta_grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::maml_loss";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 1, 4);
+    const Tensor meta_grad = ctx->get_saved_variables()[0];
+    TORCH_CHECK(meta_grad.sym_numel() != 0 || !ctx->needs_input_grad(0), name,
+                " was called with need_grad=False, so it has no meta-gradient to give: call it "
+                "with need_grad=True");
+    variable_list out(12);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(meta_grad);
+    return out;
+  }
+};
+
+Tensor adapt_autograd(const Tensor& params, const Tensor& xs, const Tensor& ys,
+                      c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                      c10::string_view activation, c10::string_view loss, bool first_order) {
+  return AdaptFunction::apply(params, xs, ys, sizes, inner_lr, steps, activation, loss,
+                              first_order);
+}
+
+std::tuple<Tensor, Tensor> maml_loss_autograd(const Tensor& params, const Tensor& xs,
+                                              const Tensor& ys, const Tensor& xq,
+                                              const Tensor& yq, c10::IntArrayRef sizes,
+                                              double inner_lr, int64_t steps,
+                                              c10::string_view activation,
+                                              c10::string_view loss, bool first_order,
+                                              bool need_grad) {
+  auto out = MamlLossFunction::apply(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation,
+                                     loss, first_order, need_grad);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
+  m.impl("adapt", &adapt_autograd);
+  m.impl("maml_loss", &maml_loss_autograd);
+}
+
+}  // namespace pymaml
