@@ -153,6 +153,23 @@ def _under_torch_func(tensors) -> bool:
     return wrapped is not None and any(wrapped(t) for t in tensors)
 
 
+def _direct_to_fused(backend, params, data, inner_lr, steps, first_order) -> bool:
+    """Whether a call may go straight to the fused op, which checks every argument itself (in
+    C++, csrc/op_args.cpp): the hot path of a user's loop, a few microseconds. Only the
+    conditions the op cannot see are checked here. Any error the op raises sends the call
+    down the checked path, which words it in pymaml's terms or picks the reference backend
+    (steps or widths over the op's limits, half precision, ...): see _choose_backend."""
+    return ((backend == "auto" or backend == "fused") and _ops.available()
+            # the dispatcher would take a bool for a number and a number for a bool
+            and type(inner_lr) is not bool and type(steps) is not bool
+            and (first_order is True or first_order is False)
+            and not torch.compiler.is_compiling()  # the checked path traces without breaks
+            and isinstance(params, torch.Tensor)
+            and all(isinstance(t, torch.Tensor) for t in data)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
+            and not _under_torch_func((params, *data)))
+
+
 def _choose_backend(backend, params, sizes, steps, data) -> str:
     _check_choice("backend", backend, BACKENDS)
     if backend == "reference":
@@ -224,6 +241,12 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     """[T, P]: every task's parameters after `steps` SGD steps with rate `inner_lr` on its
     support set, starting from params [P]. Differentiable in params (second order, or with each
     step's Jacobian taken as the identity when first_order=True)."""
+    if _direct_to_fused(backend, params, (x_support, y_support), inner_lr, steps, first_order):
+        try:
+            return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
+                                  activation, loss, first_order)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked path below words the error, or serves the call otherwise
     sizes = _check_sizes(sizes)
     _check_params(params, sizes)
     _check_data(params, sizes, x_support=x_support, y_support=y_support)
@@ -242,12 +265,19 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     """Scalar: the mean over the T tasks of the query loss after adapting on the support set.
     `.backward()` leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in
     params.grad, ready for any torch.optim optimizer."""
+    data = (x_support, y_support, x_query, y_query)
+    if _direct_to_fused(backend, params, data, inner_lr, steps, first_order):
+        try:
+            need_grad = torch.is_grad_enabled() and params.requires_grad
+            return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,
+                                      first_order, need_grad)[0]
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked path below words the error, or serves the call otherwise
     sizes = _check_sizes(sizes)
     _check_params(params, sizes)
     _check_data(params, sizes, x_support=x_support, y_support=y_support,
                 x_query=x_query, y_query=y_query)
     _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
-    data = (x_support, y_support, x_query, y_query)
     which = _choose_backend(backend, params, sizes, steps, data)
     if which == "reference":
         return _reference.maml_loss(params, *data, sizes=sizes, inner_lr=inner_lr, steps=steps,
