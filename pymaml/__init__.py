@@ -3,7 +3,7 @@
 The fused op runs the whole inner loop and the exact meta-gradient of a meta-batch of tasks
 in one C++ call; `pymaml.reference` is the pure-autograd oracle it is checked against.
 `pymaml.train` meta-trains on a task family (`pymaml.tasks`) and returns a `MetaMLP`, whose
-`adapt` is test-time adaptation; `pymaml.evaluate` runs the MAML paper's protocol;
+`adapt` is test-time adaptation; `pymaml.evaluate` runs the MAML paper's protocol; `pymaml.MAML` wraps an nn.Sequential MLP;
 `pymaml.distributed` is how train() spreads a meta-batch over torch.distributed processes."""
 
 from . import distributed, functional, nn, reference, tasks
@@ -12,10 +12,11 @@ from ._version import __version__
 from .evaluate import EvalResult, evaluate
 from .functional import adapt, init_params, maml_loss, mlp_forward
 from .model import MetaMLP, load
+from .nn import MAML
 from .trainer import TrainingDiverged, TrainResult, train
 
 __all__ = [
     "__version__", "distributed", "functional", "nn", "reference", "tasks", "adapt", "init_params", "maml_loss",
     "mlp_forward", "fused_available", "cuda_compiled", "MetaMLP", "load", "train", "TrainResult",
-    "TrainingDiverged", "evaluate", "EvalResult",
+    "TrainingDiverged", "evaluate", "EvalResult", "MAML",
 ]

@@ -12,9 +12,10 @@ from ._layout import flatten, unflatten
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]:
-    """(params [P], sizes, activation) of an nn.Sequential alternating Linear layers and one
-    kind of activation, ending with a Linear. params is a detached copy."""
+def architecture(model: nn.Sequential) -> Tuple[List[nn.Linear], List[int], str]:
+    """(the Linear layers, sizes, activation) of an nn.Sequential alternating Linear layers and
+    one kind of activation (ReLU or Tanh), ending with a Linear; a ValueError naming the first
+    layer that does not fit."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
     linears, activation = [], None
@@ -35,8 +36,15 @@ def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]
     if not linears or len(model) % 2 == 0:
         raise ValueError("model must alternate Linear and activation layers and end with a Linear")
     sizes = [linears[0].in_features] + [m.out_features for m in linears]
+    return linears, sizes, activation or "relu"
+
+
+def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]:
+    """(params [P], sizes, activation) of an nn.Sequential alternating Linear layers and one
+    kind of activation, ending with a Linear. params is a detached copy."""
+    linears, sizes, activation = architecture(model)
     params = flatten([t for m in linears for t in (m.weight, m.bias)]).detach().clone()
-    return params, sizes, activation or "relu"
+    return params, sizes, activation
 
 
 def to_sequential(params: torch.Tensor, sizes, activation: str = "relu") -> nn.Sequential:
@@ -56,3 +64,68 @@ def to_sequential(params: torch.Tensor, sizes, activation: str = "relu") -> nn.S
         if l + 2 < len(sizes):
             layers.append(_ACTIVATION_MODULES[activation]())
     return nn.Sequential(*layers)
+
+
+class MAML(nn.Module):
+    """The fused MAML meta-loss of an nn.Sequential MLP, in one line:
+
+        maml = pymaml.MAML(model, inner_lr=0.01, steps=5, loss="mse")
+        opt = torch.optim.Adam(model.parameters(), fused=True)
+        maml(x_support, y_support, x_query, y_query).backward()  # [T, K, features] each
+        opt.step()
+
+    model: an nn.Sequential of Linear layers (with bias) alternating with one kind of
+    activation (ReLU or Tanh), ending with a Linear; anything else is a ValueError naming the
+    layer. Calling the wrapper returns pymaml.functional.maml_loss of the model's current
+    weights (MAML, or FO-MAML with first_order=True); its .backward() leaves the meta-gradient
+    in the model's own parameters' .grad. The wrapper holds no weights of its own: the model's
+    parameters are the only copy (`maml.parameters()` are the model's).
+    """
+
+    def __init__(self, model: nn.Sequential, *, inner_lr: float, steps: int, loss: str = "mse",
+                 first_order: bool = False, backend: str = "auto"):
+        super().__init__()
+        from . import functional as F
+
+        linears, self.sizes, self.activation = architecture(model)
+        dtype = linears[0].weight.dtype
+        F._check_hyper(inner_lr, steps, self.activation, loss, first_order, dtype)
+        F._check_choice("backend", backend, F.BACKENDS)
+        self.module = model
+        self.inner_lr, self.steps, self.loss = float(inner_lr), int(steps), loss
+        self.first_order, self.backend = first_order, backend
+        self._linears = linears  # a plain list: the modules are registered under self.module
+
+    def flat_params(self) -> torch.Tensor:
+        """The model's weights in pymaml's flat layout [P], differentiable (a copy whose
+        gradient autograd splits back into each parameter's .grad)."""
+        return flatten([t for m in self._linears for t in (m.weight, m.bias)])
+
+    def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
+        from .functional import maml_loss
+
+        return maml_loss(self.flat_params(), x_support, y_support, x_query, y_query,
+                         sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
+                         activation=self.activation, loss=self.loss,
+                         first_order=self.first_order, backend=self.backend)
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps=None, inner_lr=None):
+        """Test-time adaptation: the model after `steps` SGD steps (default: the wrapper's) on
+        x [K, n_in], y [K, n_out], as a new nn.Sequential; for x [T, K, n_in], a list of T.
+        The copies are detached (for gradients through adaptation, use
+        pymaml.functional.adapt)."""
+        from .functional import adapt
+
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            raise ValueError("x must be [K, n_in] (one task) or [T, K, n_in] (T tasks), got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        one = x.dim() == 2
+        if one and isinstance(y, torch.Tensor):
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        with torch.no_grad():
+            adapted = adapt(self.flat_params(), x, y, sizes=self.sizes,
+                            inner_lr=self.inner_lr if inner_lr is None else inner_lr,
+                            steps=self.steps if steps is None else steps,
+                            activation=self.activation, loss=self.loss, backend=self.backend)
+        models = [to_sequential(p, self.sizes, self.activation) for p in adapted]
+        return models[0] if one else models

@@ -1,0 +1,120 @@
+"""pymaml.MAML: the one-line wrapper of an nn.Sequential. Its meta-loss and the gradients it
+leaves in the model's own parameters are the functional API's on the same flat parameters
+(bitwise: the same op), for every activation, loss and order; the reference backend agrees
+to the oracle tolerances; torch.optim steps the model's parameters; adapt returns modules
+that predict as the adapted flat parameters do; anything but Linear / ReLU / Tanh is refused
+with the offending layer named."""
+
+import pytest
+import torch
+from torch import nn
+
+import pymaml
+from pymaml import functional as F
+from pymaml.nn import from_sequential
+
+from conftest import assert_matches, random_problem, requires_fused
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def sequential_of(pb):
+    """The nn.Sequential holding problem pb's network and weights."""
+    return pymaml.nn.to_sequential(pb.params, pb.sizes, pb.activation)
+
+
+def wrapper_of(pb, model, backend="auto"):
+    return pymaml.MAML(model, inner_lr=pb.inner_lr, steps=pb.steps, loss=pb.loss,
+                       first_order=pb.first_order, backend=backend)
+
+
+def grads_in_layout(model):
+    """The gradients in the model's parameters, in pymaml's flat layout."""
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loss_and_gradients_are_the_functional_apis(dtype):
+    for seed in range(40):
+        pb = random_problem(seed, dtype)
+        model = sequential_of(pb)
+        value = wrapper_of(pb, model)(*pb.data)
+        value.backward()
+        params = pb.params.clone().requires_grad_()
+        expected = F.maml_loss(params, *pb.data, **pb.hyper)
+        expected.backward()
+        assert torch.equal(value, expected), f"seed {seed}"
+        assert torch.equal(grads_in_layout(model), params.grad), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_reference_backend_agrees(dtype):
+    for seed in range(10):
+        pb = random_problem(seed, dtype)
+        fused_model, ref_model = sequential_of(pb), sequential_of(pb)
+        for model, backend in ((fused_model, "auto"), (ref_model, "reference")):
+            wrapper_of(pb, model, backend)(*pb.data).backward()
+        assert_matches(grads_in_layout(fused_model), grads_in_layout(ref_model), dtype,
+                       f"seed {seed}")
+
+
+def test_the_wrapper_holds_the_models_parameters_and_torch_optim_steps_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    maml = pymaml.MAML(model, inner_lr=0.05, steps=3)
+    assert list(maml.parameters()) == list(model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    x = torch.rand(2, 4, 10, 1) * 6 - 3  # support and query of 4 tasks
+    phase = torch.rand(4, 1, 1) * 3
+    y = torch.sin(x + phase)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = maml(x[0], y[0], x[1], y[1])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    params, _, _ = from_sequential(model)
+    assert torch.equal(maml.flat_params().detach(), params)  # the wrapper reads the live weights
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-task", "T-tasks"])
+def test_adapt_returns_modules_of_the_adapted_weights(batched):
+    pb = random_problem(3, torch.float64)
+    model = sequential_of(pb)
+    maml = wrapper_of(pb, model)
+    x, y = (pb.xs, pb.ys) if batched else (pb.xs[0], pb.ys[0])
+    adapted = maml.adapt(x, y, steps=4)
+    expected = F.adapt(pb.params, pb.xs if batched else pb.xs[:1], pb.ys if batched else pb.ys[:1],
+                       **dict(pb.hyper, steps=4))
+    models = adapted if batched else [adapted]
+    assert len(models) == expected.shape[0]
+    for m, p in zip(models, expected):
+        assert isinstance(m, nn.Sequential)
+        assert torch.equal(from_sequential(m)[0], p)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("model,match", [
+    (nn.Linear(1, 1), "model must be an nn.Sequential, got Linear"),
+    (nn.Sequential(nn.Linear(1, 4), nn.GELU(), nn.Linear(4, 1)), r"model\[1\] must be nn.ReLU or nn.Tanh"),
+    (nn.Sequential(nn.Conv1d(1, 1, 1)), r"model\[0\] must be an nn.Linear"),
+    (nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(5, 1)), r"model\[2\] takes 5 inputs"),
+    (nn.Sequential(nn.Linear(1, 4), nn.ReLU()), "end with a Linear"),
+    (nn.Sequential(nn.Linear(1, 4, bias=False)), r"model\[0\] must be an nn.Linear with bias"),
+])
+def test_other_modules_are_refused_naming_the_layer(model, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        pymaml.MAML(model, inner_lr=0.1, steps=1)
+
+
+def test_bad_settings_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        pymaml.MAML(model, inner_lr=0.1, steps=-1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        pymaml.MAML(model, inner_lr=0.1, steps=1, loss="huber")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pymaml.MAML(model, inner_lr=0.1, steps=1, backend="jax")
