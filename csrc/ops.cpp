@@ -19,6 +19,13 @@ TORCH_LIBRARY(pymaml, m) {
       "maml_loss(Tensor params, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss, "
       "bool first_order, bool need_grad) -> (Tensor, Tensor)");
+  // Reptile: the mean query loss after adapting on (x_support, y_support), and the direction
+  // params - mean_t theta_t^S [P] that Reptile feeds its outer optimizer as a gradient. Not
+  // differentiable (a direction, not a derivative).
+  m.def(
+      "reptile(Tensor params, Tensor x_support, Tensor y_support, Tensor x_query, "
+      "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss) "
+      "-> (Tensor, Tensor)");
   // Training: n meta-iterations in one call (pymaml.train's fast path). Iteration i computes
   // the MAML / FO-MAML meta-loss and meta-gradient of meta-batch i (x_support[i]: [T, K, n_in],
   // ...; the chunk's tensors are [n, T, K, features]), exactly as maml_loss does, then applies

@@ -65,6 +65,11 @@ if _C is not None:
         width = params.shape[0] if need_grad else 0
         return params.new_empty(()), params.new_empty((width,))
 
+    @torch.library.register_fake("pymaml::reptile")
+    def _reptile_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
+                      activation, loss):
+        return params.new_empty(()), params.new_empty(params.shape)
+
     @torch.library.register_fake("pymaml::train_chunk")
     def _train_chunk_fake(params, optimizer_state, x_support, y_support, x_query, y_query, sizes,
                           inner_lr, steps, activation, loss, first_order, optimizer,
@@ -75,6 +80,19 @@ if _C is not None:
     @torch.library.register_fake("pymaml::optimizer_step")
     def _optimizer_step_fake(params, optimizer_state, grad, optimizer, optimizer_hyper):
         return None  # in place only
+
+    if cuda_compiled():
+        @torch.library.register_kernel("pymaml::reptile", "cuda")
+        def _reptile_cuda(params, x_support, y_support, x_query, y_query, sizes, inner_lr,
+                          steps, activation, loss):
+            # The CUDA kernels have no Reptile mode: the fused adapt, then torch for the rest.
+            from . import functional, reference
+            adapted = ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
+                                activation, loss, True)
+            predicted = functional.mlp_forward(adapted, x_query, sizes=sizes,
+                                               activation=activation)
+            value = reference.LOSSES[loss](predicted, y_query)
+            return value, params - adapted.mean(0)
 
     # Autograd is registered in C++ (csrc/autograd.cpp): a few microseconds per call where a
     # Python formula cost tens.

@@ -162,12 +162,11 @@ def _meta_step_fn(config: RunConfig, backend: str):
     def step(params, batch):
         x = torch.cat([batch.x_support, batch.x_query], dim=1)
         y = torch.cat([batch.y_support, batch.y_query], dim=1)
+        if backend == "fused":
+            return _ops.ops.reptile(params, x, y, batch.x_query, batch.y_query, sizes,
+                                    c.inner_lr, c.inner_steps, c.activation, c.loss)
         with torch.no_grad():
-            if backend == "fused":
-                adapted = _ops.ops.adapt(params, x, y, sizes, c.inner_lr, c.inner_steps,
-                                         c.activation, c.loss, True)
-            else:
-                adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
+            adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
             predicted = F.mlp_forward(adapted, batch.x_query, sizes=sizes,
                                       activation=c.activation)
             return loss_fn(predicted, batch.y_query), params - adapted.mean(0)

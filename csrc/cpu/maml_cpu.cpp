@@ -181,11 +181,13 @@ MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int
 
 template <typename scalar_t>
 scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, const scalar_t* Ys,
-                                  const scalar_t* Xq, const scalar_t* Yq, bool first_order,
+                                  const scalar_t* Xq, const scalar_t* Yq, Direction direction,
                                   scalar_t* grad) {
   const OpConfig& c = config_;
   const int64_t P = c.shape.num_params, T = T_, K = K_, Q = Q_, steps = c.steps;
   const bool need_grad = grad != nullptr;
+  const bool reptile = direction == Direction::Reptile;
+  const bool first_order = direction == Direction::FirstOrder;
   const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
   if (scratch_size_ < workers * static_cast<size_t>(worker_size_)) {
     // Uninitialised on purpose (every buffer is written before it is read).
@@ -208,17 +210,25 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
     for (int64_t t = first; t < last; ++t) {
       losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
                                    Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
-                                   need_grad, w);
+                                   need_grad && !reptile, w);
       if (!need_grad) continue;
+      // Reptile sums the adapted weights theta_t^S, the others the meta-gradients.
+      const scalar_t* task = reptile ? w.theta(steps, c.shape) : w.g;
       scalar_t* dst = partial_.data() + b * P;
-      for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+      for (int64_t p = 0; p < P; ++p) dst[p] += task[p];
     }
   });
   // Mean over tasks, blocks summed in order.
   const scalar_t inv_t = scalar_t(1) / scalar_t(T);
   scalar_t mean_loss;
   reduce_blocks(losses_.data(), blocks_, 1, inv_t, &mean_loss);
-  if (need_grad) reduce_blocks(partial_.data(), blocks_, P, inv_t, grad);
+  if (need_grad && !reptile) reduce_blocks(partial_.data(), blocks_, P, inv_t, grad);
+  if (need_grad && reptile) {
+    // theta - mean_t theta_t^S, the mean as sum / T (one rounding, where sum * (1 / T) has
+    // two: theta - mean is small where the tasks agree, and Adam scales its rounding up)
+    reduce_blocks(partial_.data(), blocks_, P, scalar_t(1), grad);
+    for (int64_t p = 0; p < P; ++p) grad[p] = theta[p] - grad[p] / scalar_t(T);
+  }
   return mean_loss;
 }
 
@@ -244,16 +254,39 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
     MetaBatch<scalar_t> batch(c, T, K, Q);
     *mean_loss.data_ptr<scalar_t>() = batch.run(
         params.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
-        xq.data_ptr<scalar_t>(), yq.data_ptr<scalar_t>(), first_order,
+        xq.data_ptr<scalar_t>(), yq.data_ptr<scalar_t>(),
+        first_order ? Direction::FirstOrder : Direction::MAML,
         need_grad ? meta_grad.data_ptr<scalar_t>() : nullptr);
   });
   return {mean_loss, meta_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params_in, const at::Tensor& xs_in,
+                                           const at::Tensor& ys_in, const at::Tensor& xq_in,
+                                           const at::Tensor& yq_in, c10::IntArrayRef sizes,
+                                           double inner_lr, int64_t steps,
+                                           std::string_view activation, std::string_view loss) {
+  constexpr const char* op = "pymaml::reptile";
+  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
+                                 ys_in, xq_in, yq_in);
+  const OpConfig& c = a.config;
+  at::Tensor direction = at::empty({c.shape.num_params}, a.params.options());
+  at::Tensor mean_loss = at::empty({}, a.params.options());
+  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_reptile_cpu", [&] {
+    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q);
+    *mean_loss.data_ptr<scalar_t>() = batch.run(
+        a.params.data_ptr<scalar_t>(), a.xs.data_ptr<scalar_t>(), a.ys.data_ptr<scalar_t>(),
+        a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(), Direction::Reptile,
+        direction.data_ptr<scalar_t>());
+  });
+  return {mean_loss, direction};
 }
 
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("adapt", &adapt);
   m.impl("adapt_backward", &adapt_backward);
   m.impl("maml_loss", &maml_loss);
+  m.impl("reptile", &reptile);
 }
 
 }  // namespace pymaml::cpu

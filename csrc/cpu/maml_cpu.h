@@ -29,4 +29,12 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params,
                                              std::string_view loss, bool first_order,
                                              bool need_grad);
 
+std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params,
+                                           const at::Tensor& x_support,
+                                           const at::Tensor& y_support,
+                                           const at::Tensor& x_query, const at::Tensor& y_query,
+                                           c10::IntArrayRef sizes, double inner_lr,
+                                           int64_t steps, std::string_view activation,
+                                           std::string_view loss);
+
 }  // namespace pymaml::cpu

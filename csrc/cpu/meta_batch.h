@@ -11,6 +11,11 @@
 
 namespace pymaml::cpu {
 
+// What a meta-batch hands the outer optimizer as its gradient (docs/design.md §1.2):
+// MAML's exact meta-gradient, FO-MAML's (each inner step's Jacobian taken as I), or Reptile's
+// direction theta - mean_t theta_t^S (no walk back, no query gradient).
+enum class Direction { MAML, FirstOrder, Reptile };
+
 template <typename scalar_t>
 class MetaBatch {
  public:
@@ -18,12 +23,12 @@ class MetaBatch {
   // loop of `config` (already checked by parse_config).
   MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q);
 
-  // Mean query loss over the tasks after adaptation. If `grad` is not null, also writes the
-  // mean meta-gradient [P] there (first order: each inner step's Jacobian taken as I).
-  // Buffers are contiguous: theta [P], xs [T, K, n_in], ys [T, K, n_out], xq / yq likewise
-  // with Q points. Bitwise the same result for any thread count.
+  // Mean query loss over the tasks after adaptation (on xs, ys). If `grad` is not null, also
+  // writes the mean over tasks of `direction` [P] there. Buffers are contiguous: theta [P],
+  // xs [T, K, n_in], ys [T, K, n_out], xq / yq likewise with Q points. Bitwise the same
+  // result for any thread count.
   scalar_t run(const scalar_t* theta, const scalar_t* xs, const scalar_t* ys,
-               const scalar_t* xq, const scalar_t* yq, bool first_order, scalar_t* grad);
+               const scalar_t* xq, const scalar_t* yq, Direction direction, scalar_t* grad);
 
   int64_t num_params() const { return config_.shape.num_params; }
 

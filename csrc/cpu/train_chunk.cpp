@@ -85,7 +85,9 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     const int64_t nxq = T * Q * c.shape.n[0], nyq = T * Q * c.shape.n_out();
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t value = batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq,
-                                       Yq + i * nyq, first_order, grad.data());
+                                       Yq + i * nyq,
+                                       first_order ? Direction::FirstOrder : Direction::MAML,
+                                       grad.data());
       out[i] = value;
       if (!std::isfinite(value)) break;  // before updating the weights with it
       outer.step(theta, grad.data());
