@@ -40,13 +40,15 @@ def test_gradcheck_adapt(device, steps):
 
 
 def optimizer_samples(P, dtype, g, device):
-    """(optimizer_state, optimizer, optimizer_hyper) of each optimizer kind the training ops take."""
+    """(optimizer_state, optimizer, optimizer_hyper) of each optimizer kind the training ops
+    take, on `device`."""
     rand = lambda: torch.rand(P, generator=g, dtype=torch.float64).to(dtype).to(device)
     step = lambda dt: torch.tensor(3.0, dtype=dt, device=device)
     return [
         ([], "sgd", [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0]),
         ([rand()], "sgd", [1e-2, 0.9, 0.0, 1e-3, 1.0, 0.0]),
-        ([step(torch.float32), rand(), rand()], "adam", [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]),
+        ([step(torch.float32), rand(), rand()], "adam",
+         [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]),
         ([step(torch.float64), rand(), rand(), rand()], "adam",
          [1e-3, 0.5, 0.99, 1e-8, 1e-2, 1.0, 1.0, 1.0]),
     ]
