@@ -17,15 +17,13 @@ from pymaml.testing import backend_outputs, to_device
 
 from conftest import check_fused, random_problem, requires_cuda
 
-DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 ops = torch.ops.pymaml
 
 
 # ---- the workspace ------------------------------------------------------------------------------
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_workspace_in_global_memory(dtype):
+def test_workspace_in_global_memory(dtype):  # dtype: the fixture of conftest.py
     # 1-256-256-1 with S=5, K=Q=10: about 0.7 MB (float32) of workspace per task, over any
     # GPU's shared memory: the kernels keep it in a global scratch buffer instead.
     g = torch.Generator().manual_seed(1)
@@ -43,7 +41,6 @@ def test_workspace_in_global_memory(dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_global_workspace_gives_the_same_bits(dtype, monkeypatch):
     # The same kernels with the workspace in shared or in global memory (forced): same bits.
     pb = to_device(random_problem(11, dtype, max_width=24, max_tasks=4), "cuda")
