@@ -74,16 +74,23 @@ def paper_problems(dtype):
                           params=F.init_params(sizes, generator=g, dtype=dtype), **data)
 
 
-def check_compile_matches_eager(pb: Problem, backend: str) -> None:
-    """torch.compile(fullgraph=True) of a step through the fused maml_loss and adapt gives
-    eager's value and gradient (the ops' fake kernels and autograd under the compiler)."""
-    torch._dynamo.reset()
-
+def compile_step(pb: Problem, backend: str):
+    """The function the torch.compile test compiles: a training step's value through maml_loss
+    and adapt of `backend` ("fused" or "reference"), as a function of (params, *pb.data)."""
     def step(p, xs, ys, xq, yq):
-        loss = F.maml_loss(p, xs, ys, xq, yq, backend="fused", **pb.hyper)
-        adapted = F.adapt(p, xs, ys, backend="fused", **pb.hyper)
+        loss = F.maml_loss(p, xs, ys, xq, yq, backend=backend, **pb.hyper)
+        adapted = F.adapt(p, xs, ys, backend=backend, **pb.hyper)
         return loss + 0.5 * adapted.square().mean()
 
+    return step
+
+
+def check_compile_matches_eager(pb: Problem, backend: str):
+    """torch.compile(fullgraph=True) of a step through the fused maml_loss and adapt gives
+    eager's value and gradient (the ops' fake kernels and autograd under the compiler).
+    Returns the compiled (value, gradient), for a comparison with the reference."""
+    torch._dynamo.reset()
+    step = compile_step(pb, "fused")
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     p1 = pb.params.clone().requires_grad_()
     p2 = pb.params.clone().requires_grad_()
@@ -93,6 +100,7 @@ def check_compile_matches_eager(pb: Problem, backend: str) -> None:
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(p2.grad, p1.grad)
+    return out.detach(), p2.grad
 
 
 def backend_outputs(pb: Problem, backend: str) -> dict:

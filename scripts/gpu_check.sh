@@ -55,7 +55,7 @@ step cuda_kernels "$PY" -c "import torch, pymaml
 assert torch.cuda.is_available(), 'torch sees no GPU'
 assert pymaml.cuda_compiled(), 'pymaml._C was built without its CUDA kernels (see build.log)'
 print('CUDA kernels compiled and a GPU present')"
-step test_cuda "$PY" -m pytest -v -rs tests/test_cuda.py
+step test_cuda "$PY" -m pytest -v -rs -k cuda tests/  # test_cuda.py + every [cuda] case
 step parity "$PY" benchmarks/parity.py --device cuda
 step bench "$PY" -m pymaml bench --only cuda --out "$LOG/bench"
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then

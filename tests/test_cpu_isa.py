@@ -51,14 +51,18 @@ def test_every_instruction_set_matches_reference(isa, dtype, use_isa):
 def test_instruction_sets_agree_to_rounding(use_isa):
     # The same float64 problem under every supported build: equal to rounding (the order of
     # the sums and the use of fused multiply-adds differ between builds).
+    isas = list(filter(supported, ISAS))
+    if len(isas) < 2:
+        # One build on this CPU: the comparison would be of its result with itself.
+        pytest.skip(f"this CPU runs only the {isas[0]} build: no other to compare it with")
     pb = random_problem(5, torch.float64, **WIDE)
     results = {}
-    for isa in filter(supported, ISAS):
+    for isa in isas:
         use_isa(isa)
         results[isa] = backend_outputs(pb, "fused")["meta_grad"]
-    first = next(iter(results.values()))
-    for isa, grad in results.items():
-        torch.testing.assert_close(grad, first, rtol=1e-12, atol=1e-12, msg=isa)
+    first = results[isas[0]]
+    for isa in isas[1:]:
+        torch.testing.assert_close(results[isa], first, rtol=1e-12, atol=1e-12, msg=isa)
 
 
 def test_bad_instruction_set_names_the_choices(use_isa):

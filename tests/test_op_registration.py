@@ -1,113 +1,162 @@
-"""The ops as torch sees them: gradcheck, opcheck, torch.compile, determinism across threads."""
+"""The ops as torch sees them, on every device (the CPU, and CUDA where there is a GPU):
+gradcheck, opcheck, torch.compile, no_grad, the backward's error; then determinism across CPU
+threads."""
 
 import pytest
 import torch
 
 from pymaml import functional as F
+from pymaml.testing import check_compile_matches_eager, compile_step, to_device
 
-from pymaml.testing import check_compile_matches_eager
-
-from conftest import random_problem, requires_fused
-
-pytestmark = requires_fused
+from conftest import assert_matches, random_problem, requires_fused
 
 ops = torch.ops.pymaml
 
+# The training loop's ops run on the CPU only (no CUDA kernel; the trainer steps on the GPU
+# through maml_loss and torch.optim).
+CPU_ONLY_OPS = ("train_chunk", "optimizer_step")
 
-def small_tanh(seed=0, steps=2):
+
+def small_tanh(device, seed=0, steps=2):
     pb = random_problem(seed, torch.float64, max_depth=2, max_width=4, max_points=3, max_tasks=2)
     pb.activation, pb.loss, pb.steps, pb.first_order = "tanh", "mse", steps, False
-    return pb
+    return to_device(pb, device)
 
 
 @pytest.mark.parametrize("loss", ["mse", "l1"])
-def test_gradcheck_maml_loss(loss):
+def test_gradcheck_maml_loss(device, loss):
     # Second order only: FO-MAML's gradient is by definition not the loss's derivative.
-    pb = small_tanh()
+    pb = small_tanh(device)
     pb.loss = loss
     f = lambda p: F.maml_loss(p, *pb.data, backend="fused", **pb.hyper)
     assert torch.autograd.gradcheck(f, (pb.params.clone().requires_grad_(),))
 
 
 @pytest.mark.parametrize("steps", [0, 1, 3])
-def test_gradcheck_adapt(steps):
-    pb = small_tanh(seed=1, steps=steps)
+def test_gradcheck_adapt(device, steps):
+    pb = small_tanh(device, seed=1, steps=steps)
     f = lambda p: F.adapt(p, pb.xs, pb.ys, backend="fused", **pb.hyper)
     assert torch.autograd.gradcheck(f, (pb.params.clone().requires_grad_(),))
 
 
-def optimizer_samples(P, dtype, g):
-    """(optimizer_state, optimizer, optimizer_hyper) of each optimizer kind the training ops take."""
-    rand = lambda: torch.rand(P, generator=g, dtype=torch.float64).to(dtype)
+def optimizer_samples(P, dtype, g, device):
+    """(optimizer_state, optimizer, optimizer_hyper) of each optimizer kind the training ops
+    take, on `device`."""
+    rand = lambda: torch.rand(P, generator=g, dtype=torch.float64).to(dtype).to(device)
+    step = lambda dt: torch.tensor(3.0, dtype=dt, device=device)
     return [
         ([], "sgd", [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0]),
         ([rand()], "sgd", [1e-2, 0.9, 0.0, 1e-3, 1.0, 0.0]),
-        ([torch.tensor(3.0), rand(), rand()], "adam", [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]),
-        ([torch.tensor(3.0, dtype=torch.float64), rand(), rand(), rand()], "adam",
+        ([step(torch.float32), rand(), rand()], "adam",
+         [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]),
+        ([step(torch.float64), rand(), rand(), rand()], "adam",
          [1e-3, 0.5, 0.99, 1e-8, 1e-2, 1.0, 1.0, 1.0]),
     ]
 
 
-def op_samples():
-    """Argument tuples for each op, over dtypes, both orders and both losses."""
-    samples = {"adapt": [], "adapt_backward": [], "maml_loss": [], "train_chunk": [],
-               "optimizer_step": []}
+def sample_inputs(name, device):
+    """Argument tuples for op `name` on `device`, over dtypes, both orders and both losses."""
+    samples = []
     for seed, dtype in ((0, torch.float64), (1, torch.float32), (2, torch.float64)):
-        pb = random_problem(seed, dtype, max_tasks=3)
+        pb = to_device(random_problem(seed, dtype, max_tasks=3), device)
         pb.steps = max(pb.steps, 1)
         hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss)
         p = pb.params.clone().requires_grad_()
-        samples["adapt"].append((p, pb.xs, pb.ys, *hyper, pb.first_order))
-        cot = torch.randn(pb.xs.shape[0], p.numel(), dtype=dtype)
-        samples["adapt_backward"].append((cot, pb.params, pb.xs, pb.ys, *hyper))
-        samples["maml_loss"].append((p, *pb.data, *hyper, pb.first_order, True))
-        samples["maml_loss"].append((pb.params, *pb.data, *hyper, pb.first_order, False))
-        # the training ops update params and the optimizer state in place (declared mutable)
         g = torch.Generator().manual_seed(seed)
-        chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
-        for state, name, opt_hyper in optimizer_samples(p.numel(), dtype, g):
-            samples["train_chunk"].append((pb.params.clone(), state, *chunk, *hyper,
-                                           pb.first_order, name, opt_hyper))
-            grad = torch.randn(p.numel(), generator=g, dtype=torch.float64).to(dtype)
-            samples["optimizer_step"].append((pb.params.clone(), [t.clone() for t in state],
-                                              grad, name, opt_hyper))
+        if name == "adapt":
+            samples.append((p, pb.xs, pb.ys, *hyper, pb.first_order))
+        elif name == "adapt_backward":
+            cot = torch.randn(pb.xs.shape[0], p.numel(), generator=g, dtype=torch.float64)
+            samples.append((cot.to(dtype).to(device), pb.params, pb.xs, pb.ys, *hyper))
+        elif name == "maml_loss":
+            samples.append((p, *pb.data, *hyper, pb.first_order, True))
+            samples.append((pb.params, *pb.data, *hyper, pb.first_order, False))
+        elif name == "train_chunk":
+            # the training ops update params and the optimizer state in place (declared mutable)
+            chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
+            for state, opt, opt_hyper in optimizer_samples(p.numel(), dtype, g, device):
+                samples.append((pb.params.clone(), state, *chunk, *hyper, pb.first_order, opt,
+                                opt_hyper))
+        elif name == "optimizer_step":
+            for state, opt, opt_hyper in optimizer_samples(p.numel(), dtype, g, device):
+                grad = torch.randn(p.numel(), generator=g, dtype=torch.float64).to(dtype)
+                samples.append((pb.params.clone(), [t.clone() for t in state], grad.to(device),
+                                opt, opt_hyper))
+        else:
+            raise ValueError(name)
     return samples
 
 
-@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "train_chunk",
-                                  "optimizer_step"])
-def test_opcheck(name):
-    for args in op_samples()[name]:
+@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", *CPU_ONLY_OPS])
+def test_opcheck(device, name):
+    if device != "cpu" and name in CPU_ONLY_OPS:
+        pytest.skip(f"pymaml::{name} has no {device} kernel (the training loop's ops are CPU-only)")
+    for args in sample_inputs(name, device):
         torch.library.opcheck(getattr(ops, name).default, args)
 
 
-def test_compile_fullgraph_forward_and_backward():
-    pb = random_problem(4, torch.float32)
-    pb.steps = 3
-    check_compile_matches_eager(pb, "aot_eager")
+# One problem per dtype, so that the four compiles (each several seconds on the CPU) cover two
+# configurations: float32 seed 4 (2 layers, ReLU, MSE, second order, S=3) and float64 seed 6
+# (1 layer, tanh, L1, first order, S=0). (seed, steps or None for the seed's own)
+COMPILE_PROBLEM = {torch.float32: (4, 3), torch.float64: (6, None)}
 
 
-def test_compile_inductor():
-    torch._dynamo.reset()
-    pb = random_problem(6, torch.float64)
-
-    @torch.compile(fullgraph=True)
-    def loss_fn(p):
-        return F.maml_loss(p, *pb.data, backend="fused", **pb.hyper)
-
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(device, dtype, compiler):
+    # Compiled == eager (in check_compile_matches_eager), and both == the CPU reference.
+    seed, steps = COMPILE_PROBLEM[dtype]
+    pb = random_problem(seed, dtype)
+    pb.steps = pb.steps if steps is None else steps
+    value, grad = check_compile_matches_eager(to_device(pb, device), compiler)
+    assert grad.device.type == torch.device(device).type
     p = pb.params.clone().requires_grad_()
-    loss_fn(p).backward()
-    q = pb.params.clone().requires_grad_()
-    F.maml_loss(q, *pb.data, backend="reference", **pb.hyper).backward()
-    torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10)
+    expected = compile_step(pb, "reference")(p, *pb.data)
+    expected.backward()
+    what = f"seed {seed}, compiled with {compiler}"
+    assert_matches(value, expected.detach(), dtype, f"{what}: value vs reference")
+    assert_matches(grad, p.grad, dtype, f"{what}: gradient vs reference")
 
 
+def test_no_grad_skips_meta_gradient(device):
+    pb = random_problem(2, torch.float64)
+    on = to_device(pb, device)
+    p = on.params.clone().requires_grad_()
+    with torch.no_grad():
+        loss = F.maml_loss(p, *on.data, backend="fused", **on.hyper)
+    assert not loss.requires_grad and loss.device.type == torch.device(device).type
+    ref = F.maml_loss(pb.params, *pb.data, backend="reference", **pb.hyper)
+    torch.testing.assert_close(loss.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_without_meta_gradient_is_an_error(device):
+    pb = to_device(random_problem(2, torch.float64), device)
+    p = pb.params.clone().requires_grad_()
+    hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order)
+    loss, _ = ops.maml_loss(p, *pb.data, *hyper, False)
+    with pytest.raises(RuntimeError, match="need_grad"):
+        loss.backward()
+
+
+@requires_fused
 def test_result_independent_of_thread_count():
+    # The CPU kernels split the tasks into blocks that do not depend on the thread count, each
+    # summed into its own partial sum: 1, 2 and 3 threads give the same bits.
+    before = torch.get_num_threads()
+    try:
+        counts = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            counts.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    if len(set(counts)) < 2:
+        # e.g. a torch without a parallel backend: every run would be the one-thread run.
+        pytest.skip(f"torch.set_num_threads(1, 2, 3) gave {counts} threads: nothing to compare")
     pb = random_problem(9, torch.float32, max_tasks=1, max_width=32)
     T = 300
-    data = [t.repeat(T, 1, 1) + 0.01 * torch.randn(T, *t.shape[1:]) for t in pb.data]
+    g = torch.Generator().manual_seed(9)
+    data = [t.repeat(T, 1, 1) + 0.01 * torch.randn(T, *t.shape[1:], generator=g) for t in pb.data]
     results = []
-    before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
@@ -119,22 +168,3 @@ def test_result_independent_of_thread_count():
         torch.set_num_threads(before)
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
-
-
-def test_no_grad_skips_meta_gradient():
-    pb = random_problem(2, torch.float64)
-    p = pb.params.clone().requires_grad_()
-    with torch.no_grad():
-        loss = F.maml_loss(p, *pb.data, backend="fused", **pb.hyper)
-    assert not loss.requires_grad
-    ref = F.maml_loss(pb.params, *pb.data, backend="reference", **pb.hyper)
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-
-
-def test_backward_without_meta_gradient_is_an_error():
-    pb = random_problem(2, torch.float64)
-    p = pb.params.clone().requires_grad_()
-    hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order)
-    loss, _ = ops.maml_loss(p, *pb.data, *hyper, False)
-    with pytest.raises(RuntimeError, match="need_grad"):
-        loss.backward()
