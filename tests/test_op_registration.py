@@ -71,6 +71,8 @@ def sample_inputs(name, device):
         elif name == "maml_loss":
             samples.append((p, *pb.data, *hyper, pb.first_order, True))
             samples.append((pb.params, *pb.data, *hyper, pb.first_order, False))
+        elif name == "reptile":
+            samples.append((pb.params, *pb.data, *hyper))
         elif name == "train_chunk":
             # the training ops update params and the optimizer state in place (declared mutable)
             chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
@@ -87,7 +89,8 @@ def sample_inputs(name, device):
     return samples
 
 
-@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", *CPU_ONLY_OPS])
+@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "reptile",
+                                  *CPU_ONLY_OPS])
 def test_opcheck(device, name):
     if device != "cpu" and name in CPU_ONLY_OPS:
         pytest.skip(f"pymaml::{name} has no {device} kernel (the training loop's ops are CPU-only)")
