@@ -127,6 +127,14 @@ def make_data(w: Workload, device="cpu", seed: int = 0):
     return tuple(batch), params
 
 
+def train_kwargs(w: Workload) -> dict:
+    """pymaml.train's keywords for workload w (meta_batch_size = T), quiet."""
+    return dict(task=w.task, algorithm="fomaml" if w.first_order else "maml", sizes=w.sizes,
+                activation=w.activation, loss=w.loss, inner_steps=w.S, inner_lr=w.inner_lr,
+                meta_batch_size=w.T, optimizer=w.optimizer, outer_lr=w.outer_lr, shots=w.K,
+                queries=w.Q, init=w.init, progress=False, log_every=0)
+
+
 def _fused(w, batch, params):
     """The public API, as a user's loop calls it: pymaml.functional.maml_loss (argument checks,
     the op, its autograd node), loss.backward()."""
