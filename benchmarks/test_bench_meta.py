@@ -40,9 +40,10 @@ def test_meta_gradient_alone(benchmark, w):
     time_implementation(benchmark, "core", w, "fused_op", grad_only=True)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("T", [25, 64, 256])
-def test_threads(benchmark, T, threads):
+@pytest.mark.parametrize("w, threads", [
+    pytest.param(W2.replace(T=T), n, id=f"threads-{W2.replace(T=T).test_id()}-{n}thr")
+    for T in (25, 64, 256) for n in (1, 2)])
+def test_threads(benchmark, w, threads):
     # The tasks of a meta-batch are spread over threads; the autouse fixture restores one thread.
     torch.set_num_threads(threads)
-    time_implementation(benchmark, "threads", W2.replace(T=T), "fused")
+    time_implementation(benchmark, "threads", w, "fused")
