@@ -62,7 +62,8 @@ def measure(T: int, processes: int, threads: int, iterations: int, rounds: int,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="T=8, one short run each (a smoke pass)")
+    ap.add_argument("--quick", action="store_true",
+                    help="T=8, one short run of one and of two processes (a smoke pass)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows there")
     ap.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -70,13 +71,14 @@ def main(argv=None) -> int:
         child(*args.child)
         return 0
     Ts, tasks_per_run, rounds = ((8,), 160, 1) if args.quick else ((64, 1024), 16384, 5)
+    settings = SETTINGS[::2] if args.quick else SETTINGS
     print(f"pymaml.train on W2 (fused, second order, Adam): median of {rounds} run(s) per setting")
     print(f"{'workload':10s} {'processes':>9s} {'threads each':>12s} {'per iteration':>14s} "
           f"{'tasks/s':>10s} {'speed-up':>8s}")
     rows = []
     for T in Ts:
         iterations, base = max(3, tasks_per_run // T), None
-        for processes, threads in SETTINGS:
+        for processes, threads in settings:
             runs = measure(T, processes, threads, iterations, rounds)
             row = dict(T=T, processes=processes, threads=threads, iterations=iterations,
                        runs_s=runs, median_s=statistics.median(runs))
