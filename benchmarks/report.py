@@ -148,29 +148,38 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speedups(report: dict, field: str) -> dict:
+    """{(implementation, order): [(value of field, time / fused time)]} over the W2 rows that
+    differ from W2 in `field` alone (the sweep's and core's; one thread, the CPU)."""
+    times = {}
+    for r in load_rows(report):
+        w = workload(r)
+        if (r["section"] in ("core", "T", "S") and r["device"] == "cpu" and r["timed"] == "meta-iteration"
+                and w.replace(**{field: getattr(W2, field), "first_order": False}) == W2):
+            times.setdefault((r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
+    out = {}
+    for (impl, order), by_x in sorted(times.items()):
+        base = times.get((BASELINE, order), {})
+        points = [(x, by_x[x] / base[x]) for x in sorted(by_x) if x in base]
+        if impl != BASELINE and points:
+            out[(impl, order)] = points
+    return out
+
+
 def plot(report: dict, path: str) -> None:
     """The fused API's speed-up over each other implementation against T and against S (W2,
     one thread), second order solid, first order dashed."""
     from matplotlib.figure import Figure  # no pyplot: no display needed
-    rows = [r for r in load_rows(report) if r.get("config") and r["device"] == "cpu"
-            and r["threads"] == 1 and r.get("timed") == "meta-iteration"]
     fig = Figure(figsize=(11, 4.5), constrained_layout=True)
     for ax, field in zip(fig.subplots(1, 2), ("T", "S")):
-        # every W2 row that differs from W2 in `field` alone (the core rows included)
-        points = {}
-        for r in rows:
-            w = workload(r)
-            if w.replace(**{field: getattr(W2, field), "first_order": False}) == W2:
-                points.setdefault((r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
-        for (impl, order), times in sorted(points.items()):
-            base = points.get((BASELINE, order), {})
-            xs = sorted(x for x in times if x in base)
-            if impl != BASELINE and xs:
-                ax.plot(xs, [times[x] / base[x] for x in xs], marker="o",
-                        color=f"C{list(IMPLEMENTATIONS).index(impl)}", linestyle="-" if order == "2nd" else "--", label=f"{impl} / {BASELINE}, {order} order")
+        lines = speedups(report, field)
+        for (impl, order), points in lines.items():
+            ax.plot(*zip(*points), marker="o", color=f"C{list(IMPLEMENTATIONS).index(impl)}",
+                    linestyle="-" if order == "2nd" else "--", label=f"{impl} / {BASELINE}, {order} order")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set(xlabel=f"{field} (W2 otherwise)", ylabel=f"time / {BASELINE} time", title=f"W2, scaling in {field}")
-        if ax.lines[1:]:
+        ax.set(xlabel=f"{field} (W2 otherwise)", ylabel=f"time / {BASELINE} time",
+               title=f"W2, scaling in {field}")
+        if lines:
             ax.set(xscale="log", yscale="log")
             ax.legend(fontsize=8)
     m = report["machine_info"]

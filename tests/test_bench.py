@@ -112,7 +112,7 @@ def fake_report():
         bench_entry(core, "fused", 1e-3, w2, verified_against="reference", verify_error=3e-7),
         bench_entry(core, "reference", 50e-3, w2, verified_against=None, verify_error=0.0),
         bench_entry(sweep, "fused", 2e-3, w2t), bench_entry(sweep, "torchfunc", 40e-3, w2t),
-        bench_entry("threads: W2 2nd order", "fused", 1e-3, w2),
+        bench_entry("threads: W2 2nd order", "fused", 1.5e-3, w2),
         bench_entry("threads: W2 2nd order", "fused", 0.5e-3, w2, threads=2),
         bench_entry("train: W1", "pymaml.train chunked", 30e-3, iterations=2000, workload="W1"),
         bench_entry("cuda: W2 T=4096", "fused", 1e-3, w2.replace(T=4096), timed="meta-gradient",
@@ -131,12 +131,20 @@ def test_report_table_ratios_rates_and_targets():
     assert "50.00x" in lines["reference"] and "oracle" in table
     assert "40.32 GFLOP/s  40.3 %mm" in table and "check 3e-07 vs reference" in table
     assert "fused W2 <= 600.0 us: MISS (1 ms)" in table
-    assert "2.00x/1thr" in lines["fused 2"] and "2 threads >= 1.7x one: pass (2.00x)" in table
+    assert "3.00x/1thr" in lines["fused 2"] and "2 threads >= 1.7x one: pass (3.00x)" in table
     # a train() call of 2000 iterations: the time per iteration
     assert "15.0 us" in lines["pymaml.train chunked"] and "<= 20.0 us/iteration: pass" in table
     # on the GPU: 10x torch.func (target 20x) at 33.0 % of the matmul rate (target 25 %)
     assert "4.096e+06 tasks/s" in table
     assert "on CUDA >= 20x torch.func and >= 25 % of the matmul rate: MISS (10.00x, 33.0 %)" in table
+
+
+def test_report_speedups_read_w2_rows_against_the_fused_row():
+    # torch.func at T=64, against fused at T=64; the reference at T=25 (core), against core's
+    # fused row, not the threads section's of the same workload.
+    assert report.speedups(fake_report(), "T") == {("reference", "2nd"): [(25, 50.0)],
+                                                   ("torchfunc", "2nd"): [(64, 20.0)]}
+    assert report.speedups(fake_report(), "S") == {("reference", "2nd"): [(5, 50.0)]}
 
 
 def test_report_cli_writes_the_figure(tmp_path, capsys):
