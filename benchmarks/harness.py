@@ -16,6 +16,7 @@ import statistics
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
+import pytest
 import torch
 
 import pymaml

@@ -20,8 +20,6 @@ import statistics
 import subprocess
 import sys
 
-import torch
-
 import pymaml
 from harness import W2, train_kwargs
 
