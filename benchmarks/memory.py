@@ -21,7 +21,8 @@ import sys
 import torch
 
 import pymaml
-from harness import IMPLEMENTATIONS, MEMORY_TARGET_MB, W2, make_data, make_runner, skip_reason
+from harness import IMPLEMENTATIONS, make_data, make_runner, skip_reason
+from workloads import MEMORY_TARGET_MB, W2
 
 
 def rss_bytes():

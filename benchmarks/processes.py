@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 import pymaml
-from harness import W2, train_kwargs
+from harness import train_kwargs
+from workloads import W2
 
 # (processes, threads per process), the first the baseline of the speed-ups
 SETTINGS = ((1, 1), (1, 2), (2, 1))

@@ -14,8 +14,8 @@ import json
 import sys
 from typing import List, Optional
 
-from harness import (CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET, IMPLEMENTATIONS,
-                     THREADS_TARGET, TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
+from workloads import (CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET, THREADS_TARGET,
+                       TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
 
 BASELINE = "fused"  # the ratio column reads every row against the public fused API
 
@@ -29,19 +29,21 @@ def fmt_time(s: Optional[float]) -> str:
 
 
 def workload(row: dict) -> Optional[Workload]:
-    config = row["extra_info"].get("config")
+    config = row.get("config")
     return Workload(**dict(config, sizes=tuple(config["sizes"]))) if config else None
 
 
 def load_rows(report: dict) -> List[dict]:
     """One dict per benchmark: its extra_info, with `median_s` (per meta-iteration: a train()
-    call's median divided by its iterations), `gflops`, `pct_matmul` and `label`."""
+    call's median divided by its iterations), `gflops`, `pct_matmul`, `label`, and `rank`: the
+    implementation's place in the order they first appear (the registry's, as the tests run)."""
     rates = report["machine_info"].get("matmul_gflops", {})
-    rows = []
+    ranks, rows = {}, []
     for b in report["benchmarks"]:
-        info = dict(b["extra_info"], group=b["group"], name=b["name"], extra_info=b["extra_info"])
+        info = dict(b["extra_info"], group=b["group"], name=b["name"])
         info["median_s"] = b["stats"]["median"] / info.get("iterations", 1)
         info["label"] = info["impl"] + (", no step" if info.get("timed") == "meta-gradient" else "")
+        info["rank"] = ranks.setdefault(info["impl"], len(ranks))
         if info.get("flops"):
             info["gflops"] = info["flops"] / info["median_s"] / 1e9
             rate = rates.get(info["device"].split(":")[0])
@@ -51,9 +53,7 @@ def load_rows(report: dict) -> List[dict]:
 
 
 def order_key(row: dict):
-    names = list(IMPLEMENTATIONS)
-    rank = names.index(row["impl"]) if row["impl"] in names else len(names)
-    return rank, row.get("timed") == "meta-gradient", row["threads"], row["label"]
+    return row["rank"], row.get("timed") == "meta-gradient", row["threads"]
 
 
 def target_of(row: dict, group: List[dict]) -> Optional[dict]:
@@ -149,20 +149,20 @@ def format_report(report: dict) -> str:
 
 
 def speedups(report: dict, field: str) -> dict:
-    """{(implementation, order): [(value of field, time / fused time)]} over the W2 rows that
+    """{(rank, implementation, order): [(value of field, time / fused time)]} over the W2 rows that
     differ from W2 in `field` alone (the sweep's and core's; one thread, the CPU)."""
     times = {}
     for r in load_rows(report):
         w = workload(r)
         if (r["section"] in ("core", "T", "S") and r["device"] == "cpu" and r["timed"] == "meta-iteration"
                 and w.replace(**{field: getattr(W2, field), "first_order": False}) == W2):
-            times.setdefault((r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
+            times.setdefault((r["rank"], r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
+    base = {order: by_x for (_, impl, order), by_x in times.items() if impl == BASELINE}
     out = {}
-    for (impl, order), by_x in sorted(times.items()):
-        base = times.get((BASELINE, order), {})
-        points = [(x, by_x[x] / base[x]) for x in sorted(by_x) if x in base]
+    for (rank, impl, order), by_x in sorted(times.items()):
+        points = [(x, by_x[x] / base[order][x]) for x in sorted(by_x) if x in base.get(order, {})]
         if impl != BASELINE and points:
-            out[(impl, order)] = points
+            out[(rank, impl, order)] = points
     return out
 
 
@@ -173,8 +173,8 @@ def plot(report: dict, path: str) -> None:
     fig = Figure(figsize=(11, 4.5), constrained_layout=True)
     for ax, field in zip(fig.subplots(1, 2), ("T", "S")):
         lines = speedups(report, field)
-        for (impl, order), points in lines.items():
-            ax.plot(*zip(*points), marker="o", color=f"C{list(IMPLEMENTATIONS).index(impl)}",
+        for (rank, impl, order), points in lines.items():
+            ax.plot(*zip(*points), marker="o", color=f"C{rank}",
                     linestyle="-" if order == "2nd" else "--", label=f"{impl} / {BASELINE}, {order} order")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(xlabel=f"{field} (W2 otherwise)", ylabel=f"time / {BASELINE} time",

@@ -7,7 +7,8 @@ adds tasks/s and TFLOP/s against the GPU's float32 matmul rate (TF32 off) and th
 import pytest
 import torch
 
-from harness import IMPLEMENTATIONS, W2, time_implementation
+from harness import IMPLEMENTATIONS, time_implementation
+from workloads import W2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -13,7 +13,8 @@ second and first order except threads. One thread except in threads (see conftes
 import pytest
 import torch
 
-from harness import IMPLEMENTATIONS, W1, W2, time_implementation
+from harness import IMPLEMENTATIONS, time_implementation
+from workloads import W1, W2
 
 ORDERS = (False, True)
 SECTIONS = {

@@ -16,32 +16,33 @@ import pymaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness  # noqa: E402
 import report  # noqa: E402
+from workloads import W1, W2, meta_iteration_flops  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-AVAILABLE = [n for n in harness.IMPLEMENTATIONS if harness.skip_reason(n, harness.W1) is None]
+AVAILABLE = [n for n in harness.IMPLEMENTATIONS if harness.skip_reason(n, W1) is None]
 
 
 def tiny(**changes):
-    return harness.W2.replace(**dict(dict(sizes=(1, 8, 8, 1), K=4, Q=3, S=2, T=3), **changes))
+    return W2.replace(**dict(dict(sizes=(1, 8, 8, 1), K=4, Q=3, S=2, T=3), **changes))
 
 
 def test_flops_by_hand():
     # W1: P_w = 1*32 + 32*32 + 32*1 = 1088; 6 * 1088 * (3*5*4 + 4) = 417,792 per meta-iteration.
-    assert harness.meta_iteration_flops(harness.W1) == 417_792
-    assert harness.meta_iteration_flops(harness.W1.replace(first_order=True)) == 6 * 1088 * (5 * 4 + 4)
+    assert meta_iteration_flops(W1) == 417_792
+    assert meta_iteration_flops(W1.replace(first_order=True)) == 6 * 1088 * (5 * 4 + 4)
     # W2: P_w = 40 + 1600 + 40 = 1680; 25 tasks * 6 * 1680 * (3*5*10 + 10) = 40,320,000.
-    assert harness.meta_iteration_flops(harness.W2) == 40_320_000
+    assert meta_iteration_flops(W2) == 40_320_000
     # Unequal widths, biases ignored: P_w = 3*5 + 5*2 = 25; T=2, S=1, K=2, Q=3.
-    w = harness.W2.replace(sizes=(3, 5, 2), S=1, T=2, K=2, Q=3)
-    assert harness.meta_iteration_flops(w) == 2 * 6 * 25 * (3 * 2 + 3) == 2700
-    assert harness.meta_iteration_flops(w.replace(first_order=True)) == 2 * 6 * 25 * (2 + 3) == 1500
+    w = W2.replace(sizes=(3, 5, 2), S=1, T=2, K=2, Q=3)
+    assert meta_iteration_flops(w) == 2 * 6 * 25 * (3 * 2 + 3) == 2700
+    assert meta_iteration_flops(w.replace(first_order=True)) == 2 * 6 * 25 * (2 + 3) == 1500
 
 
 def test_labels_name_what_differs():
-    assert harness.W2.label() == "W2"
-    assert harness.W2.replace(S=1).label() == "W2 S=1"
-    assert harness.W2.replace(sizes=(1, 128, 128, 1), T=64).label() == "W2 w=128 T=64"
-    assert harness.W2.replace(T=64, first_order=True).test_id() == "W2-T64-1st"
+    assert W2.label() == "W2"
+    assert W2.replace(S=1).label() == "W2 S=1"
+    assert W2.replace(sizes=(1, 128, 128, 1), T=64).label() == "W2 w=128 T=64"
+    assert W2.replace(T=64, first_order=True).test_id() == "W2-T64-1st"
 
 
 @pytest.mark.parametrize("activation, loss", [("relu", "mse"), ("tanh", "l1")])
@@ -82,7 +83,7 @@ def test_a_wrong_meta_gradient_is_not_timed():
 
 
 def test_caps_skip_what_would_take_seconds(monkeypatch):
-    big = harness.W2.replace(T=4096)
+    big = W2.replace(T=4096)
     assert "over reference's 1 GFLOP cap" in harness.skip_reason("reference", big)
     assert harness.skip_reason("torchfunc", big) is None
     # Where the reference is over its cap, torch.func is the oracle.
@@ -101,12 +102,12 @@ def bench_entry(group, impl, median, config=None, **info):
                       timed="meta-iteration"), **info)
     if config:
         extra.update(config=dataclasses.asdict(config), workload=config.label(),
-                     order=config.order, flops=harness.meta_iteration_flops(config))
+                     order=config.order, flops=meta_iteration_flops(config))
     return dict(group=group, name=f"test[{impl}]", extra_info=extra, stats=dict(median=median))
 
 
 def fake_report():
-    w2, w2t = harness.W2, harness.W2.replace(T=64)
+    w2, w2t = W2, W2.replace(T=64)
     core, sweep = "core: W2 2nd order", "T: W2 T=64 2nd order"
     benchmarks = [
         bench_entry(core, "fused", 1e-3, w2, verified_against="reference", verify_error=3e-7),
@@ -142,9 +143,9 @@ def test_report_table_ratios_rates_and_targets():
 def test_report_speedups_read_w2_rows_against_the_fused_row():
     # torch.func at T=64, against fused at T=64; the reference at T=25 (core), against core's
     # fused row, not the threads section's of the same workload.
-    assert report.speedups(fake_report(), "T") == {("reference", "2nd"): [(25, 50.0)],
-                                                   ("torchfunc", "2nd"): [(64, 20.0)]}
-    assert report.speedups(fake_report(), "S") == {("reference", "2nd"): [(5, 50.0)]}
+    assert report.speedups(fake_report(), "T") == {(1, "reference", "2nd"): [(25, 50.0)],
+                                                   (2, "torchfunc", "2nd"): [(64, 20.0)]}
+    assert report.speedups(fake_report(), "S") == {(1, "reference", "2nd"): [(5, 50.0)]}
 
 
 def test_report_cli_writes_the_figure(tmp_path, capsys):
