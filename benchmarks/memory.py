@@ -87,7 +87,7 @@ def measure(name: str, S: int, iterations: int, timeout_s: float = 300) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="fused and reference at S=5, one iteration (a smoke pass)")
+                    help="fused at S=5, one iteration (a smoke pass)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows there")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return 0
     steps, iterations = ((5,), 1) if args.quick else ((1, 5, 10, 20, 50), 3)
-    names = ("fused", "reference") if args.quick else IMPLEMENTATIONS
+    names = ("fused",) if args.quick else IMPLEMENTATIONS
     rows = []
     print(f"peak memory above setup, W2 (T=25), {iterations} meta-iteration(s), fresh process per row")
     for name in names:
