@@ -1,7 +1,8 @@
 """The benchmark suite's own logic (benchmarks/): the flop count, every registered
 implementation agreeing with the reference and stepping alike, the check that keeps a wrong
-implementation from being timed, the caps, and the report script's table, targets and figure
-(on a pytest-benchmark JSON written here). The timings themselves are `pytest benchmarks`."""
+implementation from being timed, the caps, the memory script's fresh-process measurement, and
+the report script's table, targets and figure (on a pytest-benchmark JSON written here). The
+timings themselves are `pytest benchmarks`."""
 
 import dataclasses
 import json
@@ -15,6 +16,7 @@ import pymaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness  # noqa: E402
+import memory  # noqa: E402
 import report  # noqa: E402
 from workloads import W1, W2, meta_iteration_flops  # noqa: E402
 
@@ -154,6 +156,15 @@ def test_report_cli_writes_the_figure(tmp_path, capsys):
     assert report.main([str(path), "--plot", str(tmp_path / "bench.png")]) == 0
     assert "== targets" in capsys.readouterr().out
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_memory_sees_the_reference_keep_its_graphs():
+    # Fresh processes: the reference keeps every task's double-backward graph, well above
+    # setup; the fused op keeps none.
+    ref = memory.measure("reference", 5, 1)
+    assert ref["increase_mb"] > 1.0 and ref["peak_mb"] >= ref["baseline_mb"] > 0
+    if pymaml.fused_available():
+        assert 0 <= memory.measure("fused", 5, 1)["increase_mb"] < ref["increase_mb"]
 
 
 @pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
