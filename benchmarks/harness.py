@@ -128,7 +128,8 @@ def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
     impl, device = IMPLEMENTATIONS[name], torch.device(device)
     cap = impl.max_gflop.get(device.type, math.inf)
     if meta_iteration_flops(w) > cap * 1e9:
-        return f"{meta_iteration_flops(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s {cap:g} GFLOP cap"
+        return (f"{meta_iteration_flops(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
+                f"{cap:g} GFLOP cap")
     return impl.unavailable(device)
 
 

@@ -74,8 +74,8 @@ def child(name: str, S: int, iterations: int) -> dict:
 def measure(name: str, S: int, iterations: int, timeout_s: float = 300) -> dict:
     """Runs child() in a fresh Python process on the same pymaml as this one."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(pymaml.__file__)),
-                                                      env.get("PYTHONPATH")]))
+    here = os.path.dirname(os.path.dirname(pymaml.__file__))  # the child imports this pymaml
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, str(S),
                            str(iterations)], capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:

@@ -42,8 +42,8 @@ def measure(T: int, processes: int, threads: int, iterations: int, rounds: int,
             timeout_s: float = 600) -> list:
     """Runs one setting in fresh processes on this pymaml; rank 0's times per iteration."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(pymaml.__file__)),
-                                                      env.get("PYTHONPATH")]))
+    here = os.path.dirname(os.path.dirname(pymaml.__file__))  # the child imports this pymaml
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
             base = base or row  # speed-ups over one process on one thread
             row["speedup"] = base["median_s"] / row["median_s"]
             rows.append(row)
-            print(f"{'W2 T=' + str(T):10s} {processes:9d} {threads:12d} {row['median_s'] * 1e3:11.3f} ms "
+            print(f"{'W2 T=' + str(T):10s} {processes:9d} {threads:12d} "
+                  f"{row['median_s'] * 1e3:11.3f} ms "
                   f"{T / row['median_s']:10,.0f} {row['speedup']:7.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:

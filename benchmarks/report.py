@@ -59,8 +59,8 @@ def order_key(row: dict):
 def target_of(row: dict, group: List[dict]) -> Optional[dict]:
     """The target this row is held to, with its measured value, or None."""
     w, by = workload(row), {(r["impl"], r.get("timed"), r["threads"]): r for r in group}
-    if row["section"] == "core" and row["impl"] == BASELINE and row["timed"] == "meta-iteration" \
-            and w in TIME_TARGETS_S:
+    core_fused = row["section"] == "core" and row["impl"] == BASELINE
+    if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
         return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
                     value=row["median_s"], limit=TIME_TARGETS_S[w], kind="max")
     if row["section"] == "train" and row["workload"] == "W1" and row["impl"].endswith("chunked"):
@@ -69,7 +69,8 @@ def target_of(row: dict, group: List[dict]) -> Optional[dict]:
     one = by.get((row["impl"], row.get("timed"), 1))
     if row["section"] == "threads" and row["threads"] == 2 and one and w.T >= 25:
         return dict(what=f"fused {row['workload']}: 2 threads >= {THREADS_TARGET:g}x one",
-                    value=one["median_s"] / row["median_s"], limit=THREADS_TARGET, kind="min", unit="x")
+                    value=one["median_s"] / row["median_s"], limit=THREADS_TARGET, kind="min",
+                    unit="x")
     return cuda_target(row, w, by) if row["section"] == "cuda" and w.replace(T=W2.T) == W2 else None
 
 
@@ -111,9 +112,10 @@ def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
                  and r.get("timed") != "meta-gradient"), group[0])
     lines = [f"== {name}"]
     for r in group:
-        ratio = base["median_s"] / r["median_s"] if r["section"] == "threads" else r["median_s"] / base["median_s"]
+        threads = r["section"] == "threads"
+        ratio = base["median_s"] / r["median_s"] if threads else r["median_s"] / base["median_s"]
         cells = [f"{r['label']:26s}", f"thr {r['threads']}", f"{fmt_time(r['median_s']):>9s}",
-                 f"{ratio:7.2f}x" + ("/1thr" if r["section"] == "threads" else "     ")]
+                 f"{ratio:7.2f}x" + ("/1thr" if threads else "     ")]
         if r.get("gflops"):
             cells.append(f"{r['gflops']:8.2f} GFLOP/s {r['pct_matmul'] or 0:5.1f} %mm")
         if r["section"] == "cuda":
@@ -132,11 +134,13 @@ def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
 def format_report(report: dict) -> str:
     m = report["machine_info"]
     rates = ", ".join(f"{d} {v:.1f} GFLOP/s" for d, v in m.get("matmul_gflops", {}).items())
-    lines = [f"pymaml {m.get('pymaml_version')} on {m['cpu'].get('brand_raw')} ({m['cpu'].get('count')} "
-             f"cores), torch {m.get('torch_version')} ({m.get('torch_cpu_capability')}), {report['datetime']}",
-             f"float32 matmul rate (one thread on the CPU; TF32 off on a GPU): {rates or 'not measured'}",
-             f"ratio = time / the {BASELINE} API's time (threads: speed-up over one thread; train: "
-             "per iteration); %mm = GFLOP/s / matmul rate", ""]
+    lines = [f"pymaml {m.get('pymaml_version')} on {m['cpu'].get('brand_raw')} "
+             f"({m['cpu'].get('count')} cores), torch {m.get('torch_version')} "
+             f"({m.get('torch_cpu_capability')}), {report['datetime']}",
+             "float32 matmul rate (one thread on the CPU; TF32 off on a GPU): "
+             + (rates or "not measured"),
+             f"ratio = time / the {BASELINE} row's time (threads: speed-up over one thread; train: "
+             "time per iteration, ratio to the chunked path); %mm = GFLOP/s / matmul rate", ""]
     groups = {}
     for row in load_rows(report):
         groups.setdefault(row["group"], []).append(row)
@@ -154,7 +158,8 @@ def speedups(report: dict, field: str) -> dict:
     times = {}
     for r in load_rows(report):
         w = workload(r)
-        if (r["section"] in ("core", "T", "S") and r["device"] == "cpu" and r["timed"] == "meta-iteration"
+        if (r["section"] in ("core", "T", "S") and r["device"] == "cpu"
+                and r["timed"] == "meta-iteration"
                 and w.replace(**{field: getattr(W2, field), "first_order": False}) == W2):
             times.setdefault((r["rank"], r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
     base = {order: by_x for (_, impl, order), by_x in times.items() if impl == BASELINE}
@@ -175,7 +180,8 @@ def plot(report: dict, path: str) -> None:
         lines = speedups(report, field)
         for (rank, impl, order), points in lines.items():
             ax.plot(*zip(*points), marker="o", color=f"C{rank}",
-                    linestyle="-" if order == "2nd" else "--", label=f"{impl} / {BASELINE}, {order} order")
+                    linestyle="-" if order == "2nd" else "--",
+                    label=f"{impl} / {BASELINE}, {order} order")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(xlabel=f"{field} (W2 otherwise)", ylabel=f"time / {BASELINE} time",
                title=f"W2, scaling in {field}")

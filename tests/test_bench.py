@@ -63,7 +63,8 @@ def test_implementations_agree_and_step_alike(first_order, activation, loss):
         runner.step()
     assert not torch.equal(runners["reference"].params, params)
     for n, runner in runners.items():
-        torch.testing.assert_close(runner.params, runners["reference"].params, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(runner.params, runners["reference"].params, rtol=1e-5, atol=1e-6,
+                                   msg=n)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
@@ -90,7 +91,8 @@ def test_caps_skip_what_would_take_seconds(monkeypatch):
     assert harness.skip_reason("torchfunc", big) is None
     # Where the reference is over its cap, torch.func is the oracle.
     reference = harness.IMPLEMENTATIONS["reference"]
-    monkeypatch.setitem(harness.IMPLEMENTATIONS, "reference", reference._replace(max_gflop={"cpu": 0.0}))
+    monkeypatch.setitem(harness.IMPLEMENTATIONS, "reference",
+                        reference._replace(max_gflop={"cpu": 0.0}))
     w = tiny(T=2)
     try:
         assert harness.oracle(w)[0] == "torchfunc"
