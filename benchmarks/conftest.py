@@ -1,8 +1,9 @@
 """Benchmark settings: one thread unless a benchmark says otherwise (ratios between
 implementations are what we read; `pytest` alone never collects this folder: testpaths is
-tests/), and the facts the JSON's machine_info needs beside pytest-benchmark's own: the
-versions and the float32 matmul rate, the higher of the session's start and end (load from
-other processes can only lower it)."""
+tests/), and what the JSON needs beside pytest-benchmark's own: the versions (machine_info)
+and the float32 matmul rate (matmul_gflops, the higher of the session's start and end: load
+from other processes can only lower it; outside machine_info, which --benchmark-compare
+expects to be the same from run to run)."""
 
 import pytest
 import torch
@@ -32,5 +33,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         torch_version=torch.__version__, torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         default_threads=torch.get_num_threads(), pymaml_version=pymaml.__version__,
         fused_available=pymaml.fused_available(), cuda_compiled=pymaml.cuda_compiled(),
-        cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        matmul_gflops={d: max(START_RATES.get(d, 0.0), matmul_gflops(d)) for d in DEVICES})
+        cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["matmul_gflops"] = {d: max(START_RATES.get(d, 0.0), matmul_gflops(d)) for d in DEVICES}

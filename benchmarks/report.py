@@ -37,7 +37,7 @@ def load_rows(report: dict) -> List[dict]:
     """One dict per benchmark: its extra_info, with `median_s` (per meta-iteration: a train()
     call's median divided by its iterations), `gflops`, `pct_matmul`, `label`, and `rank`: the
     implementation's place in the order they first appear (the registry's, as the tests run)."""
-    rates = report["machine_info"].get("matmul_gflops", {})
+    rates = report.get("matmul_gflops", {})
     ranks, rows = {}, []
     for b in report["benchmarks"]:
         info = dict(b["extra_info"], group=b["group"], name=b["name"])
@@ -133,7 +133,7 @@ def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
 
 def format_report(report: dict) -> str:
     m = report["machine_info"]
-    rates = ", ".join(f"{d} {v:.1f} GFLOP/s" for d, v in m.get("matmul_gflops", {}).items())
+    rates = ", ".join(f"{d} {v:.1f} GFLOP/s" for d, v in report.get("matmul_gflops", {}).items())
     lines = [f"pymaml {m.get('pymaml_version')} on {m['cpu'].get('brand_raw')} "
              f"({m['cpu'].get('count')} cores), torch {m.get('torch_version')} "
              f"({m.get('torch_cpu_capability')}), {report['datetime']}",

@@ -125,8 +125,8 @@ def fake_report():
         bench_entry("cuda: W2 T=4096", "torchfunc", 10e-3, w2.replace(T=4096),
                     timed="meta-gradient", device="cuda"),
     ]
-    machine = dict(cpu=dict(brand_raw="CPU", count=2), matmul_gflops=dict(cpu=100.0, cuda=20_000.0))
-    return dict(machine_info=machine, datetime="now", benchmarks=benchmarks)
+    return dict(machine_info=dict(cpu=dict(brand_raw="CPU", count=2)), datetime="now",
+                benchmarks=benchmarks, matmul_gflops=dict(cpu=100.0, cuda=20_000.0))
 
 
 def test_report_table_ratios_rates_and_targets():
