@@ -117,7 +117,8 @@ def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
         cells = [f"{r['label']:26s}", f"thr {r['threads']}", f"{fmt_time(r['median_s']):>9s}",
                  f"{ratio:7.2f}x" + ("/1thr" if threads else "     ")]
         if r.get("gflops"):
-            cells.append(f"{r['gflops']:8.2f} GFLOP/s {r['pct_matmul'] or 0:5.1f} %mm")
+            pct = "-" if r["pct_matmul"] is None else f"{r['pct_matmul']:.1f}"
+            cells.append(f"{r['gflops']:8.2f} GFLOP/s {pct:>5s} %mm")
         if r["section"] == "cuda":
             cells.append(f"{r['config']['T'] / r['median_s']:10.4g} tasks/s")
         if "verify_error" in r:
