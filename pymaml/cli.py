@@ -5,7 +5,6 @@
     eval   the MAML paper's evaluation protocol on a saved model, as a table
     plot   figures of a saved model adapted to several tasks
     demo   a short run on the seed's task with the fused op and the autograd reference, timed
-    bench  the benchmark suite: fused vs reference vs torch.func, a table, PREFIX.json and PREFIX.png
     info   build facts: version, whether the fused op and its CUDA kernels are compiled in
 
 Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
@@ -217,39 +216,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from . import bench
-    # Fail before minutes of measuring, not after.
-    directory = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise ValueError(f"--out {args.out}: the directory {directory} does not exist or is not writable")
-    report = bench.run(quick=args.quick, sections=args.only, thread_counts=args.threads,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(bench.format_table(report))
-    json_path, png_path = bench.write_outputs(report, args.out)
-    print(f"wrote {json_path} and {png_path}")
-    return 0
-
-
-def _sections(text):
-    from .bench import SECTIONS
-    by_name = {s.lower(): s for s in SECTIONS}
-    chosen = []
-    for name in text.split(","):
-        if name.strip().lower() not in by_name:
-            raise argparse.ArgumentTypeError(f"unknown section {name.strip()!r}; choose from "
-                                             f"{','.join(SECTIONS)}")
-        chosen.append(by_name[name.strip().lower()])
-    return chosen
-
-
-def _thread_counts(text):
-    counts = _int_list(text)
-    if any(n < 1 for n in counts):
-        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
-    return counts
-
-
 def cmd_info(args) -> int:
     print(f"pymaml {__version__}")
     print(f"torch {torch.__version__} (CUDA: {torch.version.cuda})")
@@ -344,21 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--meta-batch-size", type=_count(1), default=16)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=cmd_demo)
-
-    from .bench import SECTIONS
-    b = sub.add_parser("bench", help="the benchmark suite: fused vs reference vs torch.func", **defaults,
-                       description="Times one meta-iteration (meta-gradient + optimizer step) of the "
-                                   "fused op, the autograd reference and torch.func side by side on "
-                                   "one thread; prints a table, writes PREFIX.json and PREFIX.png. "
-                                   "A full run takes several minutes.")
-    b.add_argument("--quick", action="store_true", help="a seconds-long smoke pass (small sizes, few rounds)")
-    b.add_argument("--out", metavar="PREFIX", default="pymaml-bench", help="output name prefix")
-    b.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="SECTIONS",
-                   help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
-    b.add_argument("--threads", type=_thread_counts, default=[1, 2], metavar="N,N",
-                   help="thread counts of the threads section; everything else runs on one thread "
-                        "(default: 1,2)")
-    b.set_defaults(run=cmd_bench)
 
     sub.add_parser("info", help="build facts").set_defaults(run=cmd_info)
     return parser

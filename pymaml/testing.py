@@ -7,6 +7,8 @@ import random
 import torch
 
 from . import functional as F
+from . import reference as _reference
+from ._layout import unflatten
 
 
 @dataclasses.dataclass
@@ -114,6 +116,46 @@ def backend_outputs(pb: Problem, backend: str) -> dict:
     adapted = F.adapt(p, pb.xs, pb.ys, backend=backend, **pb.hyper)
     (vjp,) = torch.autograd.grad(adapted, p, cot)
     return dict(loss=loss.detach(), meta_grad=meta_grad, adapted=adapted.detach(), adapt_vjp=vjp)
+
+
+def torch_func_maml(*, sizes, inner_lr, steps, activation, loss, first_order):
+    """MAML written once with torch.func, independently of pymaml.reference (the tests check the
+    oracle against it; the benchmarks time it). Returns (meta_loss, adapt):
+    meta_loss(params [P], xs, ys, xq, yq) -> the mean query loss after adaptation, to
+    differentiate with torch.func.grad (second order, or first order: the inner gradients
+    detached); adapt(params, xs, ys) -> [T, P]. Keyword arguments: a Problem's `hyper`."""
+    act = _reference.ACTIVATIONS[activation]
+    loss_fn = _reference.LOSSES[loss]
+
+    def net(flat, x):  # one task's MLP on flat parameters (vmap hides the task dimension)
+        layers = unflatten(flat, sizes)
+        for l, (W, b) in enumerate(layers):
+            x = torch.nn.functional.linear(x, W, b)
+            if l + 1 < len(layers):
+                x = act(x)
+        return x
+
+    def task_loss(flat, x, y):
+        return loss_fn(net(flat, x), y)
+
+    inner_grad = torch.func.grad(task_loss)
+
+    def adapt_one(flat, xs, ys):
+        for _ in range(steps):
+            g = inner_grad(flat, xs, ys)
+            flat = flat - inner_lr * (g.detach() if first_order else g)
+        return flat
+
+    def query_loss(flat, xs, ys, xq, yq):
+        return task_loss(adapt_one(flat, xs, ys), xq, yq)
+
+    def meta_loss(params, xs, ys, xq, yq):
+        return torch.vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq).mean()
+
+    def adapt(params, xs, ys):
+        return torch.vmap(adapt_one, in_dims=(None, 0, 0))(params, xs, ys)
+
+    return meta_loss, adapt
 
 
 def to_device(pb: Problem, device) -> Problem:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs (issue 5): builds pymaml with its CUDA kernels against
 # the installed CUDA torch, then runs the CUDA tests, the fused-vs-reference parity on the GPU
-# and the bench's cuda section (W2 at T = 1 .. 65536, fused vs torch.func vs the reference).
+# and the benchmarks' cuda section (W2 at T = 1 .. 65536, fused vs torch.func vs the reference)
+# with its report (tasks/s, GFLOP/s, the H100 targets).
 #
 #   bash scripts/gpu_check.sh            # about 10 minutes on an H100
 #   GPU_CHECK_FULL=1 bash scripts/gpu_check.sh    # also the whole pytest suite
 #
-# Logs, the bench's JSON / PNG and summary.txt (each step's exit status and time) go to $OUT
+# Logs, the benchmarks' JSON and summary.txt (each step's exit status and time) go to $OUT
 # if set, else ./gpu-check/. Every step runs even if an earlier one failed (except the build);
 # the exit status is non-zero if any failed.
 set -uo pipefail
@@ -57,7 +58,8 @@ assert pymaml.cuda_compiled(), 'pymaml._C was built without its CUDA kernels (se
 print('CUDA kernels compiled and a GPU present')"
 step test_cuda "$PY" -m pytest -v -rs -k cuda tests/  # test_cuda.py + every [cuda] case
 step parity "$PY" benchmarks/parity.py --device cuda
-step bench "$PY" -m pymaml bench --only cuda --out "$LOG/bench"
+step bench "$PY" -m pytest benchmarks/test_bench_cuda.py -q --benchmark-json="$LOG/bench.json"
+step bench_report "$PY" benchmarks/report.py "$LOG/bench.json"
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
   step test_all "$PY" -m pytest -q
 fi

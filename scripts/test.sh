@@ -13,8 +13,12 @@ cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build build/cmake -j2
 ctest --test-dir build/cmake --output-on-failure
 bash scripts/check_cuda.sh
-"$PY" -m pytest benchmarks -q --benchmark-disable
-# the benchmark command's quick pass: every section, small sizes, a table, JSON and PNG
+# the benchmarks' smoke pass: W1's rows, pymaml.train and a threads group briefly timed into a
+# JSON, the report's table and figure from it, the fresh-process scripts at their smallest
 bench_dir=$(mktemp -d)
 trap 'rm -rf "$bench_dir"' EXIT
-"$PY" -m pymaml bench --quick --out "$bench_dir/bench"
+"$PY" -m pytest benchmarks -q -k "core-W1 or layers-W1 or train-W1 or threads-W2-2nd" \
+  --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-json="$bench_dir/bench.json"
+"$PY" benchmarks/report.py "$bench_dir/bench.json" --plot "$bench_dir/bench.png" >/dev/null
+"$PY" benchmarks/memory.py --quick >/dev/null
+"$PY" benchmarks/processes.py --quick >/dev/null

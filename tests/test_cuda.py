@@ -5,8 +5,6 @@ kernels share (against the reference and the CPU op, gradcheck, opcheck, torch.c
 repeatability) run once per device in test_fused_vs_reference.py and test_op_registration.py
 (`pytest -k cuda`). The last tests run everywhere (the build facts and the fallback agree)."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -130,46 +128,3 @@ def test_without_cuda_kernels_auto_falls_back_to_the_reference():
     assert p.grad.device.type == "cuda"
     with pytest.raises(RuntimeError, match="without CUDA kernels"):
         F.maml_loss(pb.params, *pb.data, backend="fused", **pb.hyper)
-
-
-def test_bench_cuda_section_logic_on_the_cpu():
-    # The cuda section's bookkeeping (the reference skipped at large T with a note, tasks/s,
-    # TFLOP/s, the targets, its table), run on the CPU with tiny sizes: the GPU run only
-    # changes the device.
-    from pymaml import bench
-    w = bench.W2.replace(sizes=(1, 8, 8, 1), K=3, Q=2, S=1)
-    timing = dict(rounds=3, round_s=0.001, cell_budget_s=0.05, max_iter_s=10.0)
-    workloads = [w.replace(T=T) for T in (2, bench.CUDA_REFERENCE_MAX_T + 1)]
-    rows = bench._cuda_rows(workloads, timing, 1.0, lambda s: None, device="cpu")
-    by = {(r["config"]["T"], r["impl"]): r for r in rows}
-    big = bench.CUDA_REFERENCE_MAX_T + 1
-    assert by[(big, "reference")]["status"] == "skipped"
-    assert "not run above" in by[(big, "reference")]["note"]
-    names = [n for n in bench.IMPLEMENTATIONS if n != "fused" or pymaml.fused_available()]
-    for T in (2, big):
-        for name in names:
-            r = by[(T, name)]
-            if (T, name) == (big, "reference"):
-                continue
-            assert r["status"] == "ok", r
-            assert r["tasks_per_s"] == pytest.approx(T / r["median_s"])
-            assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
-    # The targets are read from W2 rows at the issue's T: none here (other sizes).
-    assert bench._cuda_targets(rows) == []
-    report = dict(results=rows, matmul={"cuda": {"gflops": 1000.0}}, machine={"cuda_device": "X"})
-    table = "\n".join(bench._format_cuda(report))
-    assert "tasks/s" in table and "TFLOP/s" in table and "not run above" in table
-
-
-def test_bench_cuda_targets():
-    from pymaml import bench
-    rows = []
-    for T, impl, median in ((4096, "fused", 1e-3), (4096, "torchfunc", 30e-3),
-                            (25, "fused", 40e-6)):
-        w = bench.W2.replace(T=T)
-        rows.append(dict(section="cuda", status="ok", impl=impl, config=dataclasses.asdict(w),
-                         median_s=median, pct_matmul=30.0))
-    targets = bench._cuda_targets(rows)
-    assert [t["passed"] for t in targets] == [True, True, True]
-    assert targets[0]["value"] == pytest.approx(30.0)
-    assert "30.0 %" in bench._fmt_target(targets[1])[1]

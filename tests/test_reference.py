@@ -2,46 +2,20 @@
 
 import pytest
 import torch
-from torch.func import grad, vmap
+from torch.func import grad_and_value
 
 from pymaml import reference
+from pymaml.testing import torch_func_maml
 from pymaml._layout import unflatten
 
 from conftest import random_problem
 
-LOSS_FNS = {"mse": torch.nn.functional.mse_loss, "l1": torch.nn.functional.l1_loss}
-
 
 def func_maml(pb):
-    """(mean query loss, meta-gradient, adapted params) the torch.func way: functional grads
-    of a flat-parameter network, vmapped over tasks."""
-    act = reference.ACTIVATIONS[pb.activation]
-    loss_fn = LOSS_FNS[pb.loss]
-
-    def net(flat, x):
-        layers = unflatten(flat, pb.sizes)
-        for l, (W, b) in enumerate(layers):
-            x = x @ W.T + b
-            if l + 1 < len(layers):
-                x = act(x)
-        return x
-
-    def task_loss(flat, x, y):
-        return loss_fn(net(flat, x), y)
-
-    def inner(flat, xs, ys):
-        for _ in range(pb.steps):
-            g = grad(task_loss)(flat, xs, ys)
-            flat = flat - pb.inner_lr * (g.detach() if pb.first_order else g)
-        return flat
-
-    def query_loss(flat, xs, ys, xq, yq):
-        return task_loss(inner(flat, xs, ys), xq, yq)
-
-    losses = vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(pb.params, *pb.data)
-    grads = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0))(pb.params, *pb.data)
-    adapted = vmap(inner, in_dims=(None, 0, 0))(pb.params, pb.xs, pb.ys)
-    return losses.mean(), grads.mean(0), adapted
+    """(mean query loss, meta-gradient, adapted params) the torch.func way."""
+    meta_loss, adapt = torch_func_maml(**pb.hyper)
+    grad, loss = grad_and_value(meta_loss)(pb.params, *pb.data)
+    return loss, grad, adapt(pb.params, pb.xs, pb.ys)
 
 
 @pytest.mark.parametrize("seed", range(12))

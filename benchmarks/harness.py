@@ -1,0 +1,242 @@
+"""What the benchmarks share: the registry of implementations timed side by side
+(IMPLEMENTATIONS: add a row there, every section gets it), the task data, the check against
+the oracle, the matmul yardstick and one pytest-benchmark row (the workloads, their flop count
+and the targets are in workloads.py, which the report reads without torch).
+
+An implementation runs one meta-iteration of a workload the way a user's training loop would:
+the meta-gradient of the meta-batch, then the outer optimizer's step (torch.optim, the
+trainer's SGD or Adam). Only pymaml's public API is used: pymaml.functional, pymaml.reference,
+torch.ops.pymaml.*, pymaml.testing.torch_func_maml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import pytest
+import torch
+
+import pymaml
+from pymaml import functional as F
+from pymaml import reference, tasks
+from pymaml.testing import relative_error, torch_func_maml
+from workloads import Workload, meta_iteration_flops
+
+# max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
+VERIFY_TOLERANCE = 1e-4
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+# ---- data and implementations ----
+
+def make_data(w: Workload, device="cpu", seed: int = 0):
+    """(batch (xs, ys, xq, yq), params [P]) for workload w, drawn from one seeded generator, so
+    that every implementation starts from the same weights on the same tasks."""
+    g = torch.Generator().manual_seed(seed)
+    params = F.init_params(list(w.sizes), generator=g, dtype=torch.float64,
+                           zero_bias=w.init == "seed").to(device=device, dtype=torch.float32)
+    family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
+    batch = family.sample(w.T, generator=g, device=device)
+    return tuple(batch), params
+
+
+def train_kwargs(w: Workload) -> dict:
+    """pymaml.train's keywords for workload w (meta_batch_size = T), quiet."""
+    return dict(task=w.task, algorithm="fomaml" if w.first_order else "maml", sizes=w.sizes,
+                activation=w.activation, loss=w.loss, inner_steps=w.S, inner_lr=w.inner_lr,
+                meta_batch_size=w.T, optimizer=w.optimizer, outer_lr=w.outer_lr, shots=w.K,
+                queries=w.Q, init=w.init, progress=False, log_every=0)
+
+
+def _fused(w, batch, params):
+    """The public API, as a user's loop calls it: pymaml.functional.maml_loss (argument checks,
+    the op, its autograd node), loss.backward()."""
+    def meta_grad():
+        p = params.detach().requires_grad_()
+        loss = F.maml_loss(p, *batch, backend="fused", **w.hyper)
+        return loss.detach(), torch.autograd.grad(loss, p)[0]
+
+    def backward():
+        F.maml_loss(params, *batch, backend="fused", **w.hyper).backward()
+    return meta_grad, backward
+
+
+def _fused_op(w, batch, params):
+    """The raw op: no argument checks, no autograd; the meta-gradient comes back with the loss."""
+    args = (list(w.sizes), w.inner_lr, w.S, w.activation, w.loss, w.first_order, True)
+
+    def meta_grad():
+        return torch.ops.pymaml.maml_loss(params.detach(), *batch, *args)
+    return meta_grad, None
+
+
+def _reference(w, batch, params):
+    """The seed's Python loop over tasks and inner steps, autograd with create_graph=True."""
+    def meta_grad():
+        p = params.detach().requires_grad_()
+        loss = reference.maml_loss(p, *batch, **w.hyper)
+        return loss.detach(), torch.autograd.grad(loss, p)[0]
+
+    def backward():
+        reference.maml_loss(params, *batch, **w.hyper).backward()
+    return meta_grad, backward
+
+
+def _torchfunc(w, batch, params):
+    """torch.func: grad through the unrolled inner loop, vmap over the tasks."""
+    grad_and_value = torch.func.grad_and_value(torch_func_maml(**w.hyper)[0])
+
+    def meta_grad():
+        grad, loss = grad_and_value(params.detach(), *batch)
+        return loss, grad
+    return meta_grad, None
+
+
+def _fused_unavailable(device: torch.device) -> Optional[str]:
+    if not pymaml.fused_available():
+        return "pymaml._C is not built"
+    if device.type == "cuda" and not pymaml.cuda_compiled():
+        return "pymaml._C was built without its CUDA kernels"
+    return None
+
+
+class Implementation(NamedTuple):
+    """make(w, batch, params) -> (meta_grad, backward): meta_grad() -> (loss, gradient) at the
+    current weights; backward() leaves the gradient in params.grad, or None to set it from
+    meta_grad(). max_gflop: per device type, the largest meta-iteration (GFLOP) it is timed on
+    (beyond it one call takes seconds); unavailable(device): why it cannot run, or None."""
+    make: Callable
+    max_gflop: Dict[str, float] = {}
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+
+
+# The rows of every table, in this order. "fused" is what ratios are read against.
+IMPLEMENTATIONS: Dict[str, Implementation] = {
+    "fused": Implementation(_fused, unavailable=_fused_unavailable),
+    "fused_op": Implementation(_fused_op, unavailable=_fused_unavailable),
+    "reference": Implementation(_reference, max_gflop={"cpu": 1.0, "cuda": 1.0}),
+    "torchfunc": Implementation(_torchfunc, max_gflop={"cpu": 10.0}),
+}
+
+
+def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
+    """Why implementation `name` is not timed on w here, or None."""
+    impl, device = IMPLEMENTATIONS[name], torch.device(device)
+    cap = impl.max_gflop.get(device.type, math.inf)
+    if meta_iteration_flops(w) > cap * 1e9:
+        return (f"{meta_iteration_flops(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
+                f"{cap:g} GFLOP cap")
+    return impl.unavailable(device)
+
+
+class Runner(NamedTuple):
+    """meta_grad() -> (loss, gradient), without stepping; step() one meta-iteration: the
+    meta-gradient then the optimizer's step; params: this runner's own copy of the weights."""
+    meta_grad: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
+    step: Callable[[], None]
+    params: torch.Tensor
+
+
+def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
+    """Implementation `name` on its own copy of the starting weights, with its own optimizer
+    (pymaml.train's: SGD or Adam with lr=outer_lr)."""
+    params = params0.detach().clone().requires_grad_()
+    opt = OPTIMIZERS[w.optimizer]([params], lr=w.outer_lr)
+    meta_grad, backward = IMPLEMENTATIONS[name].make(w, batch, params)
+
+    def step():
+        opt.zero_grad()
+        if backward is None:
+            params.grad = meta_grad()[1]
+        else:
+            backward()
+        opt.step()
+    return Runner(meta_grad, step, params)
+
+
+@functools.lru_cache(maxsize=None)
+def oracle(w: Workload, device="cpu") -> Tuple[str, torch.Tensor]:
+    """(name, meta-gradient at the starting weights) of the oracle for w: the reference, or
+    torch.func where the reference is over its cap."""
+    name = next(n for n in ("reference", "torchfunc") if skip_reason(n, w, device) is None)
+    batch, params = make_data(w, device)
+    return name, make_runner(name, w, batch, params).meta_grad()[1]
+
+
+def verify(name: str, w: Workload, grad: torch.Tensor, device="cpu") -> dict:
+    """Checks a meta-gradient at the starting weights against the oracle's."""
+    oracle_name, expected = oracle(w, device)
+    if oracle_name == name:
+        return dict(verified_against=None, verify_error=0.0)
+    err = relative_error(grad, expected)
+    if not err <= VERIFY_TOLERANCE:  # NaN fails too
+        raise AssertionError(f"{name}'s meta-gradient on {w.label()} ({w.order} order) differs from "
+                             f"{oracle_name}'s by {err:.3g} (tolerance {VERIFY_TOLERANCE:g}): not timed")
+    return dict(verified_against=oracle_name, verify_error=err)
+
+
+# ---- the yardstick ----
+
+def matmul_gflops(device="cpu", repeats: int = 11) -> float:
+    """The float32 matmul rate the machine reaches: torch.mm of n x n matrices (2·n³ flops; n =
+    512 on the CPU, 4096 on a GPU), the fastest of `repeats` calls (load from other processes
+    only slows a call down), one thread on the CPU, TF32 off on a GPU (the fused kernels use
+    plain FMAs). The rate the workloads' GFLOP/s are read against."""
+    device = torch.device(device)
+    n = 4096 if device.type == "cuda" else 512
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    before = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")
+    try:
+        a, b = torch.rand(2, n, n, generator=torch.Generator().manual_seed(n)).to(device)
+        out = torch.mm(a, b)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before[0])
+        torch.set_float32_matmul_precision(before[1])
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+# ---- one pytest-benchmark row ----
+
+def time_implementation(benchmark, section: str, w: Workload, name: str, *, device="cpu",
+                        grad_only: bool = False) -> Runner:
+    """Verifies implementation `name` on w against the oracle, then times one meta-iteration
+    (or, grad_only, the meta-gradient alone) with pytest-benchmark, in the group of w, with
+    what the report needs in extra_info. Skips (pytest.skip) what cannot or should not run."""
+    import pytest
+    reason = skip_reason(name, w, device)
+    if reason:
+        pytest.skip(reason)
+    batch, params = make_data(w, device)
+    runner = make_runner(name, w, batch, params)
+    check = verify(name, w, runner.meta_grad()[1], device)
+    flops = meta_iteration_flops(w)
+    benchmark.group = f"{section}: {w.label()} {w.order} order"
+    benchmark.extra_info.update(
+        section=section, workload=w.label(), order=w.order, impl=name, device=str(device),
+        threads=torch.get_num_threads(), timed="meta-gradient" if grad_only else "meta-iteration",
+        flops=flops, config=dataclasses.asdict(w), **check)
+    fn = runner.meta_grad if grad_only else runner.step
+    if torch.device(device).type == "cuda":  # kernels run asynchronously: a call ends when they do
+        timed = fn
+
+        def fn():
+            timed()
+            torch.cuda.synchronize()
+    benchmark(fn)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["gflops"] = flops / benchmark.stats.stats.median / 1e9
+    assert torch.isfinite(runner.params).all()
+    return runner

@@ -1,0 +1,213 @@
+"""The benchmark suite's JSON (pytest-benchmark's --benchmark-json) as the table users read and
+the speed-up figure: per group (a workload), each implementation's median time, its ratio to
+the public fused API's, GFLOP/s, % of the measured matmul rate, the meta-gradient check and the
+targets; the fused API's speed-up over the others against T and S (W2).
+
+    python -m pytest benchmarks --benchmark-json=bench.json
+    python benchmarks/report.py bench.json [--plot bench.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from workloads import (CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET, THREADS_TARGET,
+                       TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
+
+BASELINE = "fused"  # the ratio column reads every row against the public fused API
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def workload(row: dict) -> Optional[Workload]:
+    config = row.get("config")
+    return Workload(**dict(config, sizes=tuple(config["sizes"]))) if config else None
+
+
+def load_rows(report: dict) -> List[dict]:
+    """One dict per benchmark: its extra_info, with `median_s` (per meta-iteration: a train()
+    call's median divided by its iterations), `gflops`, `pct_matmul`, `label`, and `rank`: the
+    implementation's place in the order they first appear (the registry's, as the tests run)."""
+    rates = report.get("matmul_gflops", {})
+    ranks, rows = {}, []
+    for b in report["benchmarks"]:
+        info = dict(b["extra_info"], group=b["group"], name=b["name"])
+        info["median_s"] = b["stats"]["median"] / info.get("iterations", 1)
+        info["label"] = info["impl"] + (", no step" if info.get("timed") == "meta-gradient" else "")
+        info["rank"] = ranks.setdefault(info["impl"], len(ranks))
+        if info.get("flops"):
+            info["gflops"] = info["flops"] / info["median_s"] / 1e9
+            rate = rates.get(info["device"].split(":")[0])
+            info["pct_matmul"] = 100 * info["gflops"] / rate if rate else None
+        rows.append(info)
+    return rows
+
+
+def order_key(row: dict):
+    return row["rank"], row.get("timed") == "meta-gradient", row["threads"]
+
+
+def target_of(row: dict, group: List[dict]) -> Optional[dict]:
+    """The target this row is held to, with its measured value, or None."""
+    w, by = workload(row), {(r["impl"], r.get("timed"), r["threads"]): r for r in group}
+    core_fused = row["section"] == "core" and row["impl"] == BASELINE
+    if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
+        return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
+                    value=row["median_s"], limit=TIME_TARGETS_S[w], kind="max")
+    if row["section"] == "train" and row["workload"] == "W1" and row["impl"].endswith("chunked"):
+        return dict(what=f"W1 in pymaml.train <= {fmt_time(TRAIN_TARGET_S)}/iteration",
+                    value=row["median_s"], limit=TRAIN_TARGET_S, kind="max")
+    one = by.get((row["impl"], row.get("timed"), 1))
+    if row["section"] == "threads" and row["threads"] == 2 and one and w.T >= 25:
+        return dict(what=f"fused {row['workload']}: 2 threads >= {THREADS_TARGET:g}x one",
+                    value=one["median_s"] / row["median_s"], limit=THREADS_TARGET, kind="min",
+                    unit="x")
+    return cuda_target(row, w, by) if row["section"] == "cuda" and w.replace(T=W2.T) == W2 else None
+
+
+def cuda_target(row: dict, w: Workload, by: dict) -> Optional[dict]:
+    """The H100 targets of W2 on the GPU (fused rows only)."""
+    if row["impl"] != BASELINE:
+        return None
+    if w.T == CUDA_TIME_TARGET[0]:
+        return dict(what=f"fused W2 T={w.T} on CUDA <= {fmt_time(CUDA_TIME_TARGET[1])}",
+                    value=row["median_s"], limit=CUDA_TIME_TARGET[1], kind="max")
+    if w.T == CUDA_SPEEDUP_TARGET[0]:
+        tf = by.get(("torchfunc", row.get("timed"), row["threads"]))
+        return dict(what=f"fused W2 T={w.T} on CUDA >= {CUDA_SPEEDUP_TARGET[1]:g}x torch.func "
+                         f"and >= {CUDA_PCT_TARGET[1]:g} % of the matmul rate",
+                    value=tf["median_s"] / row["median_s"] if tf else None,
+                    limit=CUDA_SPEEDUP_TARGET[1], kind="min", unit="x",
+                    also=(row.get("pct_matmul"), CUDA_PCT_TARGET[1]))
+    return None
+
+
+def verdict(t: dict) -> str:
+    value, limit = t["value"], t["limit"]
+    if value is None:
+        return "n/a"
+    ok = value <= limit if t["kind"] == "max" else value >= limit
+    shown = f"{value:.2f}x" if t.get("unit") == "x" else fmt_time(value)
+    if "also" in t:
+        pct, least = t["also"]
+        ok = ok and pct is not None and pct >= least
+        shown += f", {pct or 0:.1f} %"
+    return f"{'pass' if ok else 'MISS'} ({shown})"
+
+
+def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
+    """One group's rows: median, ratio to the fused API (threads: speed-up over one thread;
+    train: to the chunked path), GFLOP/s, %mm, the check, the target."""
+    group = sorted(group, key=order_key)
+    base = next((r for r in group if r["impl"] == BASELINE and r["threads"] == 1
+                 and r.get("timed") != "meta-gradient"), group[0])
+    lines = [f"== {name}"]
+    for r in group:
+        threads = r["section"] == "threads"
+        ratio = base["median_s"] / r["median_s"] if threads else r["median_s"] / base["median_s"]
+        cells = [f"{r['label']:26s}", f"thr {r['threads']}", f"{fmt_time(r['median_s']):>9s}",
+                 f"{ratio:7.2f}x" + ("/1thr" if threads else "     ")]
+        if r.get("gflops"):
+            pct = "-" if r["pct_matmul"] is None else f"{r['pct_matmul']:.1f}"
+            cells.append(f"{r['gflops']:8.2f} GFLOP/s {pct:>5s} %mm")
+        if r["section"] == "cuda":
+            cells.append(f"{r['config']['T'] / r['median_s']:10.4g} tasks/s")
+        if "verify_error" in r:
+            against = r.get("verified_against")
+            cells.append(f"check {r['verify_error']:.0e} vs {against}" if against else "oracle")
+        t = target_of(r, group)
+        if t:
+            cells.append(f"target: {verdict(t)}")
+            targets.append(f"  {t['what']}: {verdict(t)}")
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def format_report(report: dict) -> str:
+    m = report["machine_info"]
+    rates = ", ".join(f"{d} {v:.1f} GFLOP/s" for d, v in report.get("matmul_gflops", {}).items())
+    lines = [f"pymaml {m.get('pymaml_version')} on {m['cpu'].get('brand_raw')} "
+             f"({m['cpu'].get('count')} cores), torch {m.get('torch_version')} "
+             f"({m.get('torch_cpu_capability')}), {report['datetime']}",
+             "float32 matmul rate (one thread on the CPU; TF32 off on a GPU): "
+             + (rates or "not measured"),
+             f"ratio = time / the {BASELINE} row's time (threads: speed-up over one thread; train: "
+             "time per iteration, ratio to the chunked path); %mm = GFLOP/s / matmul rate", ""]
+    groups = {}
+    for row in load_rows(report):
+        groups.setdefault(row["group"], []).append(row)
+    targets = []
+    for name, group in groups.items():
+        lines += group_lines(name, group, targets) + [""]
+    if targets:
+        lines += ["== targets"] + targets
+    return "\n".join(lines)
+
+
+def speedups(report: dict, field: str) -> dict:
+    """{(rank, implementation, order): [(value of field, time / fused time)]} over the W2 rows that
+    differ from W2 in `field` alone (the sweep's and core's; one thread, the CPU)."""
+    times = {}
+    for r in load_rows(report):
+        w = workload(r)
+        if (r["section"] in ("core", "T", "S") and r["device"] == "cpu"
+                and r["timed"] == "meta-iteration"
+                and w.replace(**{field: getattr(W2, field), "first_order": False}) == W2):
+            times.setdefault((r["rank"], r["impl"], r["order"]), {})[getattr(w, field)] = r["median_s"]
+    base = {order: by_x for (_, impl, order), by_x in times.items() if impl == BASELINE}
+    out = {}
+    for (rank, impl, order), by_x in sorted(times.items()):
+        points = [(x, by_x[x] / base[order][x]) for x in sorted(by_x) if x in base.get(order, {})]
+        if impl != BASELINE and points:
+            out[(rank, impl, order)] = points
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """The fused API's speed-up over each other implementation against T and against S (W2,
+    one thread), second order solid, first order dashed."""
+    from matplotlib.figure import Figure  # no pyplot: no display needed
+    fig = Figure(figsize=(11, 4.5), constrained_layout=True)
+    for ax, field in zip(fig.subplots(1, 2), ("T", "S")):
+        lines = speedups(report, field)
+        for (rank, impl, order), points in lines.items():
+            ax.plot(*zip(*points), marker="o", color=f"C{rank}",
+                    linestyle="-" if order == "2nd" else "--",
+                    label=f"{impl} / {BASELINE}, {order} order")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set(xlabel=f"{field} (W2 otherwise)", ylabel=f"time / {BASELINE} time",
+               title=f"W2, scaling in {field}")
+        if lines:
+            ax.set(xscale="log", yscale="log")
+            ax.legend(fontsize=8)
+    m = report["machine_info"]
+    fig.suptitle(f"pymaml {m.get('pymaml_version')}, {m['cpu'].get('brand_raw')}, "
+                 f"torch {m.get('torch_version')}, one thread", fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("json", help="pytest-benchmark's --benchmark-json output")
+    ap.add_argument("--plot", metavar="PNG", help="also write the speed-up figure there")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        report = json.load(f)
+    print(format_report(report))
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""pymaml.train per meta-iteration, end to end (sampling, the fused meta-gradient, the
+optimizer step, the loop), on W1 (the seed's experiment) and W2: one group per workload,
+the report divides each call's time by its iterations (extra_info["iterations"]).
+
+Two rows: "chunked", the named task family, which the trainer's fast path runs a chunk of
+iterations at a time in one C++ call; "per-iteration", the same family given as a plain
+sampler function, which the trainer runs one iteration at a time (maml_loss, torch.optim).
+"""
+
+import pytest
+import torch
+
+import pymaml
+from harness import train_kwargs
+from pymaml import tasks
+from workloads import W1, W2
+
+# iterations per timed train() call, the same on both paths (pytest-benchmark's own ratio
+# column then compares them): about a tenth of a second on the chunked path
+ITERATIONS = {"W1": 1_000, "W2": 100}
+PATHS = ("chunked", "per-iteration")
+
+
+@pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("w", [W1, W2], ids=["train-W1", "train-W2"])
+def test_train(benchmark, w, path):
+    kwargs = dict(train_kwargs(w), backend="fused")
+    iterations = ITERATIONS[w.base]
+    if path == "per-iteration":
+        family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
+        kwargs.update(task=lambda T, generator: tuple(family.sample(T, generator=generator)),
+                      shots=None, queries=None)
+    benchmark.group = f"train: {w.label()} {w.order} order, pymaml.train per iteration"
+    benchmark.extra_info.update(section="train", workload=w.label(), order=w.order,
+                                impl=f"pymaml.train {path}", device="cpu", threads=1,
+                                iterations=iterations)
+    run = benchmark.pedantic(pymaml.train, kwargs=dict(kwargs, iterations=iterations),
+                             rounds=3, warmup_rounds=1)
+    assert run.iterations == iterations and torch.isfinite(run.losses).all()

@@ -1,0 +1,92 @@
+"""The workloads, their flop count and the targets: plain data, without torch, so that
+report.py runs wherever the JSON is read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One benchmark setting: an MLP (sizes, activation), its loss, K support and Q query points
+    per task, S inner SGD steps at inner_lr, T tasks per meta-batch, the outer optimizer, and the
+    order of the meta-gradient. `base` names the workload it derives from ("W1", "W2"); `task`
+    and `init` say how the data and the starting weights are drawn."""
+    base: str
+    sizes: tuple
+    activation: str
+    loss: str
+    K: int
+    Q: int
+    S: int
+    T: int
+    inner_lr: float
+    optimizer: str
+    outer_lr: float
+    task: str
+    init: str
+    first_order: bool = False
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def order(self) -> str:
+        return "1st" if self.first_order else "2nd"
+
+    @property
+    def hyper(self) -> dict:
+        """The keyword arguments of pymaml.functional.maml_loss."""
+        return dict(sizes=list(self.sizes), inner_lr=self.inner_lr, steps=self.S,
+                    activation=self.activation, loss=self.loss, first_order=self.first_order)
+
+    def label(self) -> str:
+        """The base name and what differs from it, e.g. "W2 S=1", "W2 w=128 T=64"."""
+        base = BASES[self.base]
+        parts = [self.base]
+        if self.sizes != base.sizes:
+            parts.append(f"w={self.sizes[1]}" if len(set(self.sizes[1:-1])) == 1
+                         else "-".join(map(str, self.sizes)))
+        parts += [f"{f}={getattr(self, f)}" for f in ("K", "Q", "S", "T")
+                  if getattr(self, f) != getattr(base, f)]
+        return " ".join(parts)
+
+    def test_id(self) -> str:
+        """label() and order without spaces or '=', for pytest -k: "W2-S1-2nd"."""
+        return "-".join(self.label().replace("=", "").split() + [self.order])
+
+
+# W1, the seed: 1-32-32-1 ReLU, L1, K=Q=4, S=5, T=1, SGD (the seed's rates).
+W1 = Workload("W1", sizes=(1, 32, 32, 1), activation="relu", loss="l1", K=4, Q=4, S=5, T=1,
+              inner_lr=3e-2, optimizer="sgd", outer_lr=1e-2, task="seed-sine", init="seed")
+# W2, the MAML paper's sine regression: 1-40-40-1 ReLU, MSE, K=Q=10, S=5, T=25, Adam 1e-3.
+W2 = Workload("W2", sizes=(1, 40, 40, 1), activation="relu", loss="mse", K=10, Q=10, S=5, T=25,
+              inner_lr=1e-2, optimizer="adam", outer_lr=1e-3, task="sine", init="torch")
+BASES = {"W1": W1, "W2": W2}
+
+
+def meta_iteration_flops(w: Workload) -> int:
+    """The floating-point operations of one meta-iteration, counted in the weight matmuls only.
+
+    P_w = sum over layers of n_in * n_out (weights only: biases, activations, losses and the
+    optimizer step are ignored). Per task, a forward plus backward pass over N points costs
+    ≈ 6·N·P_w (2·N·P_w forward, 4·N·P_w backward: the input gradient and the weight gradient).
+    One meta-iteration does, per task: S inner steps on the K support points (S · 6·K·P_w),
+    the query pass (6·Q·P_w) and, second order only, S Hessian-vector products of ≈ 2 forward
+    + backward passes each (S · 12·K·P_w): T · 6·P_w · (3·S·K + Q) for second order and
+    T · 6·P_w · (S·K + Q) for first order."""
+    P_w = sum(n_in * n_out for n_in, n_out in zip(w.sizes[:-1], w.sizes[1:]))
+    support_passes = w.S * (1 if w.first_order else 3)
+    return w.T * 6 * P_w * (support_passes * w.K + w.Q)
+
+
+# ---- targets: what the fused implementation should reach (the report marks pass / MISS) ----
+
+TIME_TARGETS_S = {  # public fused API, second order, CPU, one thread: seconds per meta-iteration
+    W2: 0.60e-3, W2.replace(S=1): 0.15e-3, W2.replace(S=50): 6e-3}
+TRAIN_TARGET_S = 20e-6        # W1 end to end in pymaml.train, per iteration
+THREADS_TARGET = 1.7          # two threads vs one, fused, T >= 25
+MEMORY_TARGET_MB = 10.0       # fused peak at S=50 within this of S=5, W2
+CUDA_TIME_TARGET = (25, 50e-6)       # H100: W2 at T=25 <= 50 us per meta-gradient
+CUDA_SPEEDUP_TARGET = (4096, 20.0)   # ... at T=4096 >= 20x faster than torch.func
+CUDA_PCT_TARGET = (4096, 25.0)       # ... and >= 25 % of the float32 matmul rate (TF32 off)
