@@ -28,6 +28,7 @@ from workloads import Workload, meta_iteration_flops
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
 VERIFY_TOLERANCE = 1e-4
+# torch's fastest CPU steps (fused=True), as pymaml.train builds them.
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -96,6 +97,39 @@ def _torchfunc(w, batch, params):
     return meta_grad, None
 
 
+def _jax_runner(w, batch, params0) -> "Runner":
+    """JAX (benchmarks/jax_maml.py): jit of the whole step, meta-gradient and optax update, vmap
+    over the tasks; the data and weights moved to JAX once, outside the timing."""
+    import jax_maml
+    jax, jnp, _ = jax_maml.import_jax()
+    hyper = dict(activation=w.activation, loss=w.loss, inner_lr=w.inner_lr, steps=w.S,
+                 first_order=w.first_order)
+    step_fn, init = jax_maml.make_step(list(w.sizes), optimizer=w.optimizer,
+                                       outer_lr=w.outer_lr, **hyper)
+    data = [t.numpy() for t in batch]
+    flat = jnp.asarray(params0.detach().numpy())
+    state = [flat, init(flat)]
+
+    def meta_grad():
+        value, grad = jax_maml.meta_gradient(list(w.sizes), state[0], data, **hyper)
+        return torch.tensor(value), torch.from_numpy(grad.copy())
+
+    jax_data = [jnp.asarray(t) for t in data]
+
+    def step():
+        params, opt_state, value = step_fn(*state, *jax_data)
+        value.block_until_ready()  # JAX dispatches asynchronously: a step ends when it is done
+        state[:] = params, opt_state
+    return Runner(meta_grad, step, lambda: torch.from_numpy(jax.device_get(state[0]).copy()))
+
+
+def _jax_unavailable(device: torch.device) -> Optional[str]:
+    import jax_maml
+    if device.type != "cpu":
+        return "the JAX row runs on the CPU only"
+    return None if jax_maml.available() else "jax, jaxlib and optax are not installed"
+
+
 def _fused_unavailable(device: torch.device) -> Optional[str]:
     if not pymaml.fused_available():
         return "pymaml._C is not built"
@@ -107,11 +141,14 @@ def _fused_unavailable(device: torch.device) -> Optional[str]:
 class Implementation(NamedTuple):
     """make(w, batch, params) -> (meta_grad, backward): meta_grad() -> (loss, gradient) at the
     current weights; backward() leaves the gradient in params.grad, or None to set it from
-    meta_grad(). max_gflop: per device type, the largest meta-iteration (GFLOP) it is timed on
-    (beyond it one call takes seconds); unavailable(device): why it cannot run, or None."""
-    make: Callable
+    meta_grad(); stepped by torch.optim. Or runner(w, batch, params0) -> Runner, for an
+    implementation that steps its own optimizer. max_gflop: per device type, the largest
+    meta-iteration (GFLOP) it is timed on (beyond it one call takes seconds, or a compile
+    minutes); unavailable(device): why it cannot run, or None."""
+    make: Optional[Callable] = None
     max_gflop: Dict[str, float] = {}
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    runner: Optional[Callable] = None
 
 
 # The rows of every table, in this order. "fused" is what ratios are read against.
@@ -120,6 +157,8 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
     "fused_op": Implementation(_fused_op, unavailable=_fused_unavailable),
     "reference": Implementation(_reference, max_gflop={"cpu": 1.0, "cuda": 1.0}),
     "torchfunc": Implementation(_torchfunc, max_gflop={"cpu": 10.0}),
+    "jax": Implementation(runner=_jax_runner, max_gflop={"cpu": 10.0},
+                          unavailable=_jax_unavailable),
 }
 
 
@@ -135,18 +174,21 @@ def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
 
 class Runner(NamedTuple):
     """meta_grad() -> (loss, gradient), without stepping; step() one meta-iteration: the
-    meta-gradient then the optimizer's step; params: this runner's own copy of the weights."""
+    meta-gradient then the optimizer's step; weights() this runner's current weights [P]."""
     meta_grad: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
     step: Callable[[], None]
-    params: torch.Tensor
+    weights: Callable[[], torch.Tensor]
 
 
 def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
     """Implementation `name` on its own copy of the starting weights, with its own optimizer
     (pymaml.train's: SGD or Adam with lr=outer_lr)."""
+    impl = IMPLEMENTATIONS[name]
+    if impl.runner is not None:
+        return impl.runner(w, batch, params0)
     params = params0.detach().clone().requires_grad_()
-    opt = OPTIMIZERS[w.optimizer]([params], lr=w.outer_lr)
-    meta_grad, backward = IMPLEMENTATIONS[name].make(w, batch, params)
+    opt = OPTIMIZERS[w.optimizer]([params], lr=w.outer_lr, fused=True)
+    meta_grad, backward = impl.make(w, batch, params)
 
     def step():
         opt.zero_grad()
@@ -155,7 +197,7 @@ def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
         else:
             backward()
         opt.step()
-    return Runner(meta_grad, step, params)
+    return Runner(meta_grad, step, params.detach)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,5 +280,5 @@ def time_implementation(benchmark, section: str, w: Workload, name: str, *, devi
     benchmark(fn)
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["gflops"] = flops / benchmark.stats.stats.median / 1e9
-    assert torch.isfinite(runner.params).all()
+    assert torch.isfinite(runner.weights()).all()
     return runner

@@ -86,9 +86,10 @@ def make_step(sizes: Sequence[int], *, activation: str, loss: str, inner_lr: flo
 
 
 def meta_gradient(sizes, params, data, *, activation, loss, inner_lr, steps, first_order):
-    """JAX's meta-gradient (a numpy array) of numpy params [P] and data, for the check against
-    pymaml before timing."""
+    """(meta-loss, meta-gradient) as numpy values for params [P] and data, for the check
+    against pymaml before timing."""
     jax, jnp, _ = import_jax()
     meta_loss = _meta_loss(sizes, activation, loss, inner_lr, steps, first_order)
-    grad = jax.jit(jax.grad(meta_loss))(jnp.asarray(params), *(jnp.asarray(t) for t in data))
-    return jax.device_get(grad)
+    value, grad = jax.jit(jax.value_and_grad(meta_loss))(jnp.asarray(params),
+                                                          *(jnp.asarray(t) for t in data))
+    return jax.device_get(value), jax.device_get(grad)
