@@ -72,10 +72,6 @@ if _C is not None:
         # losses [n] and the count of iterations done; params and the state change in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
 
-    @torch.library.register_fake("pymaml::optimizer_step")
-    def _optimizer_step_fake(params, optimizer_state, grad, optimizer, optimizer_hyper):
-        return None  # in place only
-
     # ---- autograd ---------------------------------------------------------------------------
     # Gradients flow to params only; functional.py sends inputs with differentiable data to
     # the reference backend. Double backward is not supported by the fused ops.
