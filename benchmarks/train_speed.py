@@ -40,7 +40,7 @@ class Timer:
 
 def one_run(iterations, per_iteration):
     if per_iteration:
-        chunk_optimizer, T._chunk_optimizer = T._chunk_optimizer, lambda opt: None
+        chunk_spec, T._outer_optim.chunk_spec = T._outer_optim.chunk_spec, lambda opt: None
         timers = {"sampling": Timer(tasks.FunctionTasks, "sample"),
                   "op (maml_loss)": Timer(torch.ops.pymaml, "maml_loss"),
                   "optimizer step": Timer(torch.optim.SGD, "step")}
@@ -55,7 +55,7 @@ def one_run(iterations, per_iteration):
         for timer in timers.values():
             timer.restore()
         if per_iteration:
-            T._chunk_optimizer = chunk_optimizer
+            T._outer_optim.chunk_spec = chunk_spec
     assert run.iterations == iterations
     return total, run.wall_time, timers
 

@@ -25,6 +25,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../op_args.h"
 #include "meta_batch.h"
 
@@ -66,6 +70,24 @@ void check_state_tensor(const char* op, const char* what, const at::Tensor& t,
                     "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
+// Makes ATen's parallel regions opened by this thread run on it alone, while it lives (the
+// team size is a per-thread OpenMP setting: other threads are not affected). The fused
+// kernels open a region for any size; at 2 threads on a busy machine, waiting for the
+// region's second thread made a seed iteration about 10x slower (benchmarks/NOTES.md). Their
+// results do not depend on the split: they cut the parameters into cache-line units, so
+// every element takes the same vector or tail code whatever the thread count
+// (test_train_chunk_is_bitwise_over_threads checks it against torch.optim at 2 threads).
+class OneOpenMPThread {
+ public:
+#ifdef _OPENMP
+  OneOpenMPThread() : before_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneOpenMPThread() { omp_set_num_threads(before_); }
+
+ private:
+  int before_;
+#endif
+};
+
 // One step of torch.optim.SGD or Adam with fused=True, as its Python wrapper runs it for one
 // parameter tensor (torch/optim/sgd.py _fused_sgd, torch/optim/adam.py _fused_adam): the
 // same ATen kernel, on the same tensors, with the same arguments, in the same order.
@@ -90,6 +112,8 @@ class OuterStep {
   // params -= update(grad), the state updated in place. grad may be overwritten (the kernels
   // declare it mutable).
   void step(const at::Tensor& params, const at::Tensor& grad) {
+    // One thread (see OneOpenMPThread).
+    const OneOpenMPThread serial;
     const at::TensorList p(params), g(grad);
     const auto& h = hyper_;
     if (sgd_) {
