@@ -6,7 +6,10 @@ torch.optim's own fused=True step gives them. So it may take over exactly the op
 step() would run those kernels, one parameter tensor at a time: a chunked iteration is then
 bitwise a per-iteration one by construction, on any torch build, with no copy of torch's
 rounding to keep in sync. That is why pymaml.train builds its named optimizers ("sgd",
-"adam") with fused=True (see build_kwargs).
+"adam") with fused=True (see build_kwargs) in the runs that may take the fast path, and only
+there: on the CPU the fused kernels open a thread-parallel region even for a few thousand
+weights, which torch.optim's default steps do not, and on a busy machine at 2 threads that
+made a per-iteration Reptile run several times slower (benchmarks/NOTES.md).
 
 Interface (for pymaml.train; not public API):
     build_kwargs(kwargs) -> dict: the constructor arguments of a named optimizer;
@@ -26,9 +29,6 @@ import torch
 
 __all__ = ["ChunkSpec", "build_kwargs", "chunk_spec", "chunk_state"]
 
-# The kernel a named optimizer runs is chosen by these arguments; when the user passes any of
-# them, theirs wins (fused=True cannot be combined with foreach or differentiable).
-_IMPLEMENTATION_KEYS = ("fused", "foreach", "differentiable")
 
 # torch.optim classes train_chunk may step, with the op's name for them. AdamW only while it is
 # Adam's step with decoupled_weight_decay=True (as in torch 2.13), not a step of its own.
@@ -53,9 +53,10 @@ class ChunkSpec(NamedTuple):
 def build_kwargs(kwargs: Dict) -> Dict:
     """The keyword arguments (besides lr) pymaml.train builds "sgd" / "adam" with: the user's
     optimizer_kwargs plus fused=True, so that its per-iteration steps and train_chunk's run the
-    same kernel; unless the user chose the implementation (fused, foreach or differentiable):
-    their choice wins, and the fast path then applies only if it is fused=True."""
-    if any(k in kwargs for k in _IMPLEMENTATION_KEYS):
+    same kernel; unless the user chose the implementation (set fused, or foreach=True or
+    differentiable=True, which torch.optim refuses with fused=True): their choice wins, and
+    the fast path then applies only if it is fused=True."""
+    if "fused" in kwargs or kwargs.get("foreach") or kwargs.get("differentiable"):
         return dict(kwargs)
     return {"fused": True, **kwargs}
 

@@ -420,7 +420,12 @@ def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, devi
         torch.Generator().manual_seed(_distributed.task_seed(seed, rank))
     if group is not None:  # the same start everywhere, whatever `init` each process was given
         group.broadcast(params, "sharing rank 0's initial weights")
-    if config["optimizer"] in OPTIMIZERS:  # a named one: the kernel train_chunk shares
+    which = F._choose_backend(backend, params.detach(), sizes, inner_steps, ())
+    # Whether this run may take the fast path (see the module docstring): one process (the
+    # all-reduce sits between each iteration's meta-gradient and its optimizer step).
+    chunkable = (group is None and which == "fused" and device.type == "cpu"
+                 and algorithm in ("maml", "fomaml"))
+    if chunkable and config["optimizer"] in OPTIMIZERS:  # the kernel train_chunk shares
         optimizer_kwargs = _outer_optim.build_kwargs(optimizer_kwargs)
     opt = opt_cls([params], lr=config["outer_lr"], **optimizer_kwargs)
     losses = []
@@ -431,7 +436,6 @@ def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, devi
         if rank > 0:
             task_generator.set_state(saved["task_generators"][rank])
 
-    which = F._choose_backend(backend, params.detach(), sizes, inner_steps, ())
     meta_step = _meta_step_fn(algorithm, which, sizes=sizes, activation=activation, loss=loss,
                               inner_lr=inner_lr, inner_steps=inner_steps)
     config["backend"] = which
@@ -502,12 +506,7 @@ def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, devi
             raise diverged_weights(it)
         return value, stop_requested
 
-    # The fast path (see the module docstring), when this run can take it: one process (the
-    # all-reduce sits between each iteration's meta-gradient and its optimizer step).
-    fast = None
-    if (group is None and which == "fused" and device.type == "cpu"
-            and algorithm in ("maml", "fomaml") and start < iterations):
-        fast = _outer_optim.chunk_spec(opt)
+    fast = _outer_optim.chunk_spec(opt) if chunkable and start < iterations else None
     first_order = algorithm == "fomaml"
 
     def chunk(first, n, state) -> Optional[list]:

@@ -50,10 +50,3 @@ def test_an_old_checkpoint_resumes_bitwise_on_torch_optims_unfused_step(tmp_path
     # and the run stays on that step through later resumes
     assert torch.load(path, weights_only=True)["optimizer"]["param_groups"][0]["fused"] is None
 
-
-def test_a_new_run_writes_fused_optimizer_state(tmp_path):
-    path = tmp_path / "new.ckpt"
-    pymaml.train(iterations=3, optimizer="adam", checkpoint=path, **QUIET)
-    optimizer = torch.load(path, weights_only=True)["optimizer"]
-    assert optimizer["param_groups"][0]["fused"] is True
-    assert optimizer["state"][0]["step"].dtype == torch.float32

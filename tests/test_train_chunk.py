@@ -430,11 +430,27 @@ def test_a_user_optimizer_class_built_fused_takes_the_fast_path(chunk_calls):
     assert run.iterations == 20 and sum(chunk_calls) == 19  # after torch.optim's first step
 
 
+@pytest.mark.parametrize("kwargs,fused", [
+    (dict(), True), (dict(optimizer="adam"), True),
+    # runs that never take the fast path keep torch.optim's default step (no parallel region)
+    (dict(algorithm="reptile"), None), (dict(backend="reference"), None),
+    (dict(optimizer=torch.optim.SGD), None),
+], ids=["sgd", "adam", "reptile", "reference", "sgd-class"])
+def test_the_named_optimizers_are_fused_where_the_fast_path_may_run(tmp_path, kwargs, fused):
+    path = tmp_path / "run.ckpt"
+    pymaml.train(iterations=3, checkpoint=path, **QUIET, **kwargs)
+    optimizer = torch.load(path, weights_only=True)["optimizer"]
+    assert optimizer["param_groups"][0]["fused"] is fused
+    if kwargs.get("optimizer") == "adam":
+        assert optimizer["state"][0]["step"].dtype == torch.float32
+
+
 def test_the_named_optimizers_are_built_fused_unless_the_user_chooses():
     assert outer_optim.build_kwargs({}) == dict(fused=True)
     assert outer_optim.build_kwargs(dict(momentum=0.9)) == dict(fused=True, momentum=0.9)
     for choice in (dict(foreach=True), dict(fused=False), dict(differentiable=True)):
         assert outer_optim.build_kwargs(choice) == choice
+    assert outer_optim.build_kwargs(dict(foreach=False)) == dict(fused=True, foreach=False)
 
 
 def test_chunk_spec_accepts_exactly_the_fused_steps():
