@@ -276,7 +276,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
         network and its inner loop. meta_batch_size: tasks per meta-iteration.
     optimizer: "sgd", "adam" or a torch.optim.Optimizer class, built with lr=outer_lr and
-        optimizer_kwargs.
+        optimizer_kwargs ("sgd" / "adam" also with fused=True in runs that may take the fast
+        path, unless optimizer_kwargs set fused, foreach or differentiable).
     init: "seed" (W uniform in ±1/sqrt(fan_in), zero biases), "torch" (nn.Linear's default),
         or a MetaMLP / [P] tensor to start from (copied).
     backend: "fused", "reference" or "auto". device, dtype (torch.float32 | torch.float64).
