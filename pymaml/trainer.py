@@ -276,8 +276,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
         network and its inner loop. meta_batch_size: tasks per meta-iteration.
     optimizer: "sgd", "adam" or a torch.optim.Optimizer class, built with lr=outer_lr and
-        optimizer_kwargs ("sgd" / "adam" also with fused=True in runs that may take the fast
-        path, unless optimizer_kwargs set fused, foreach or differentiable).
+        optimizer_kwargs ("sgd" / "adam" also with fused=True for MAML / FO-MAML on the fused
+        CPU backend, unless optimizer_kwargs set fused, foreach or differentiable).
     init: "seed" (W uniform in ±1/sqrt(fan_in), zero biases), "torch" (nn.Linear's default),
         or a MetaMLP / [P] tensor to start from (copied).
     backend: "fused", "reference" or "auto". device, dtype (torch.float32 | torch.float64).
@@ -422,11 +422,10 @@ def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, devi
     if group is not None:  # the same start everywhere, whatever `init` each process was given
         group.broadcast(params, "sharing rank 0's initial weights")
     which = F._choose_backend(backend, params.detach(), sizes, inner_steps, ())
-    # Whether this run may take the fast path (see the module docstring): one process (the
-    # all-reduce sits between each iteration's meta-gradient and its optimizer step).
-    chunkable = (group is None and which == "fused" and device.type == "cpu"
-                 and algorithm in ("maml", "fomaml"))
-    if chunkable and config["optimizer"] in OPTIMIZERS:  # the kernel train_chunk shares
+    # Runs train_chunk can serve (see the module docstring) build "sgd" / "adam" with the
+    # kernel it shares, in any number of processes, so that a run's steps do not depend on it.
+    chunkable = which == "fused" and device.type == "cpu" and algorithm in ("maml", "fomaml")
+    if chunkable and config["optimizer"] in OPTIMIZERS:
         optimizer_kwargs = _outer_optim.build_kwargs(optimizer_kwargs)
     opt = opt_cls([params], lr=config["outer_lr"], **optimizer_kwargs)
     losses = []
@@ -507,7 +506,11 @@ def _train(group, config, family, opt_cls, optimizer_kwargs, init, backend, devi
             raise diverged_weights(it)
         return value, stop_requested
 
-    fast = _outer_optim.chunk_spec(opt) if chunkable and start < iterations else None
+    # The fast path in one process only (the all-reduce sits between each iteration's
+    # meta-gradient and its optimizer step).
+    fast = None
+    if group is None and chunkable and start < iterations:
+        fast = _outer_optim.chunk_spec(opt)
     first_order = algorithm == "fomaml"
 
     def chunk(first, n, state) -> Optional[list]:
