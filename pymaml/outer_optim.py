@@ -7,9 +7,10 @@ step() would run those kernels, one parameter tensor at a time: a chunked iterat
 bitwise a per-iteration one by construction, on any torch build, with no copy of torch's
 rounding to keep in sync. That is why pymaml.train builds its named optimizers ("sgd",
 "adam") with fused=True (see build_kwargs) in the runs train_chunk can serve (fused CPU
-backend, MAML / FO-MAML, in one process or several), and only there: on the CPU the fused kernels open a thread-parallel region even for a few thousand
-weights, which torch.optim's default steps do not, and on a busy machine at 2 threads that
-made a per-iteration Reptile run several times slower (benchmarks/NOTES.md).
+backend, MAML / FO-MAML, in one process or several), and only there: on the CPU the fused
+kernels open a thread-parallel region even for a few thousand weights, which torch.optim's
+default steps do not, and on a busy machine at 2 threads that made a per-iteration Reptile
+run several times slower (benchmarks/NOTES.md).
 
 Interface (for pymaml.train; not public API):
     build_kwargs(kwargs) -> dict: the constructor arguments of a named optimizer;
