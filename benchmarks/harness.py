@@ -257,7 +257,6 @@ def time_implementation(benchmark, section: str, w: Workload, name: str, *, devi
     """Verifies implementation `name` on w against the oracle, then times one meta-iteration
     (or, grad_only, the meta-gradient alone) with pytest-benchmark, in the group of w, with
     what the report needs in extra_info. Skips (pytest.skip) what cannot or should not run."""
-    import pytest
     reason = skip_reason(name, w, device)
     if reason:
         pytest.skip(reason)

@@ -29,13 +29,14 @@ TORCH_LIBRARY(pymaml, m) {
   // Training: n meta-iterations in one call (pymaml.train's fast path). Iteration i computes
   // the MAML / FO-MAML meta-loss and meta-gradient of meta-batch i (x_support[i]: [T, K, n_in],
   // ...; the chunk's tensors are [n, T, K, features]), exactly as maml_loss does, then applies
-  // one step of the outer optimizer in place to params and optimizer_state, bitwise as
-  // torch.optim's SGD / Adam on the CPU:
+  // one step of the outer optimizer in place to params and optimizer_state: ATen's fused
+  // kernel, as torch.optim.SGD / Adam(fused=True).step() runs it (so bitwise the same):
   //   optimizer "sgd":  optimizer_hyper = [lr, momentum, dampening, weight_decay, nesterov,
   //                     maximize]; optimizer_state = [] (momentum 0) or [momentum_buffer]
   //   optimizer "adam": optimizer_hyper = [lr, beta1, beta2, eps, weight_decay, amsgrad,
   //                     maximize, decoupled_weight_decay]; optimizer_state = [step, exp_avg,
-  //                     exp_avg_sq] (+ [max_exp_avg_sq] with amsgrad)
+  //                     exp_avg_sq] (+ [max_exp_avg_sq] with amsgrad); step a 0-d float32
+  //                     tensor; decoupled_weight_decay 1 runs AdamW's kernel
   // (flags as 0 / 1; the state as torch.optim keeps it after its first step). It stops at the
   // first non-finite meta-loss, before updating with it, or after an update that made a
   // weight non-finite. Returns (losses [n], done): done (0-d int64) iterations completed;
@@ -47,8 +48,4 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor y_support, Tensor x_query, Tensor y_query, int[] sizes, float inner_lr, int steps, "
       "str activation, str loss, bool first_order, str optimizer, float[] optimizer_hyper) "
       "-> (Tensor, Tensor)");
-  // One step of train_chunk's outer optimizer from a given gradient [P] (same arguments).
-  m.def(
-      "optimizer_step(Tensor(a!) params, Tensor(b!)[] optimizer_state, Tensor grad, "
-      "str optimizer, float[] optimizer_hyper) -> ()");
 }

@@ -77,10 +77,6 @@ if _C is not None:
         # losses [n] and the count of iterations done; params and the state change in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
 
-    @torch.library.register_fake("pymaml::optimizer_step")
-    def _optimizer_step_fake(params, optimizer_state, grad, optimizer, optimizer_hyper):
-        return None  # in place only
-
     if cuda_compiled():
         @torch.library.register_kernel("pymaml::reptile", "cuda")
         def _reptile_cuda(params, x_support, y_support, x_query, y_query, sizes, inner_lr,

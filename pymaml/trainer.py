@@ -30,11 +30,12 @@ from . import _ops
 from . import checkpoint as _checkpoint
 from . import config as _config
 from . import distributed as _distributed
+from . import fast_path
 from . import functional as F
+from . import outer_optim
 from . import progress as _progress
 from . import reference as _reference
 from .config import ALGORITHMS, DTYPES, OPTIMIZERS, RunConfig, RunOptions  # noqa: F401 (API)
-from .fast_path import FastPath
 from .model import MetaMLP
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "ALGORITHMS", "OPTIMIZERS"]
@@ -98,7 +99,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
         network and its inner loop. meta_batch_size: tasks per meta-iteration.
     optimizer: "sgd", "adam" or a torch.optim.Optimizer class, built with lr=outer_lr and
-        optimizer_kwargs.
+        optimizer_kwargs ("sgd" / "adam" with fused=True too where the chunked fast path can
+        serve the run, so that both paths step with the same kernel: pymaml.outer_optim).
     init: "seed" (W uniform in ±1/sqrt(fan_in), zero biases), "torch" (nn.Linear's default),
         or a MetaMLP / [P] tensor to start from (copied).
     backend: "fused", "reference" or "auto". device, dtype (torch.float32 | torch.float64).
@@ -220,19 +222,23 @@ class _Run:
             torch.Generator().manual_seed(_distributed.task_seed(config.seed, self.rank))
         if group is not None:  # the same start everywhere, whatever `init` each was given
             group.broadcast(self.params, "sharing rank 0's initial weights")
-        self.optimizer = options.optimizer_class([self.params], lr=config.outer_lr,
-                                                 **config.optimizer_kwargs)
+        self.backend = F._choose_backend(options.backend, self.params.detach(),
+                                         list(config.sizes), config.inner_steps, ())
+        servable = fast_path.servable(config, self.backend, options.device)
+        kwargs = config.optimizer_kwargs
+        if servable and config.optimizer in OPTIMIZERS:  # the kernel train_chunk steps with
+            kwargs = outer_optim.build_kwargs(kwargs)
+        self.optimizer = options.optimizer_class([self.params], lr=config.outer_lr, **kwargs)
         self.losses: List[float] = []
         self.start = 0
         if options.resume_from is not None:
             self._resume(options.resume_from)
-        self.backend = F._choose_backend(options.backend, self.params.detach(),
-                                         list(config.sizes), config.inner_steps, ())
         self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
         self.meta_step = _meta_step_fn(config, self.backend)
-        self.fast = None if self.start >= config.iterations else FastPath.for_run(
-            config, self.backend, options.device, processes, self.optimizer, options.family,
-            self.task_generator, options.dtype)
+        # One process only: the all-reduce sits between an iteration's gradient and its step.
+        self.fast = None if not servable or processes > 1 or self.start >= config.iterations \
+            else fast_path.FastPath.for_run(config, self.optimizer, options.family, self.task_generator,
+                                  options.dtype)
         self.fast_iterations = 0
 
     def _on_rank0(self, fn, what):

@@ -23,7 +23,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["
 
 
 def own_class(optimizer: str) -> type:
-    """pymaml.train's "sgd" / "adam" as a user's own subclass: the same steps, per iteration."""
+    """pymaml.train's "sgd" / "adam" as a user's own subclass: built with fused=True, the same
+    steps, per iteration."""
     base = config.OPTIMIZERS[optimizer]
     return type(f"Own{base.__name__}", (base,), {})
 
@@ -74,6 +75,7 @@ def test_fast_path_is_bitwise_the_per_iteration_path(tmp_path, dtype, algorithm,
     # the optimizers with state leave their first step to torch.optim, which makes it
     first = 0 if optimizer == "sgd" and not kwargs else 1
     assert fast.fast_iterations == 150 - first
+    kw["optimizer_kwargs"] = dict(kwargs, fused=True)
     slow = pymaml.train(checkpoint=tmp_path / "slow.ckpt", optimizer=own_class(optimizer), **kw)
     assert slow.fast_iterations == 0
     assert torch.equal(fast.losses, slow.losses)
@@ -176,11 +178,15 @@ def test_non_finite_weights_stop_both_paths_alike(dtype, scale, outer_lr):
 
 
 def test_an_overflowing_learning_rate_fails_both_paths_alike():
-    # float32 cannot hold lr = 1e39: torch.optim refuses it at its step, and so does training
-    # (the fast path leaves such settings to torch.optim).
+    # float32 cannot hold lr = 1e39: the fused kernel steps with an infinite rate on either
+    # path (torch.optim's fused step does not refuse it), and training stops at once.
+    errors = []
     for optimizer in ("sgd", own_class("sgd")):
-        with pytest.raises(RuntimeError, match="overflow"):
-            pymaml.train(iterations=5, optimizer=optimizer, outer_lr=1e39, **QUIET)
+        with pytest.raises(TrainingDiverged, match="optimizer step of iteration 1 made") as err:
+            pymaml.train(iterations=5, optimizer=optimizer, optimizer_kwargs=dict(fused=True),
+                         outer_lr=1e39, **QUIET)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
 
 
 class OwnSampling(tasks.SeedSine):
@@ -196,11 +202,33 @@ class OwnSampling(tasks.SeedSine):
     dict(task=lambda T, g: tasks.SeedSine().sample(T, generator=g)),
     dict(task=OwnSampling()),
     dict(optimizer=torch.optim.RMSprop),
-    dict(optimizer=own_class("sgd")),
+    dict(optimizer=torch.optim.Adam),
+    dict(optimizer=own_class("sgd"), optimizer_kwargs=dict(fused=True)),
     dict(optimizer_kwargs=dict(foreach=True)),
     dict(optimizer="adam", optimizer_kwargs=dict(foreach=True)),
-], ids=["reptile", "reference", "callable", "own-sampling", "rmsprop", "own-sgd", "sgd-foreach",
-        "adam-foreach"])
+    dict(optimizer_kwargs=dict(fused=False)),
+], ids=["reptile", "reference", "callable", "own-sampling", "rmsprop", "adam-class",
+        "own-sgd-fused", "sgd-foreach", "adam-foreach", "sgd-unfused"])
 def test_other_runs_take_the_per_iteration_path(kwargs):
     run = pymaml.train(**{"iterations": 20, **QUIET, **kwargs})
     assert run.iterations == 20 and run.fast_iterations == 0
+
+
+def test_a_torch_optim_class_built_fused_takes_the_fast_path():
+    run = pymaml.train(iterations=20, optimizer=torch.optim.AdamW,
+                       optimizer_kwargs=dict(fused=True), **QUIET)
+    assert run.iterations == 20 and run.fast_iterations == 19  # after torch.optim's first step
+
+
+@pytest.mark.parametrize("kwargs,fused", [
+    (dict(), True), (dict(optimizer="adam"), True),
+    # runs that never take the fast path keep torch.optim's default step (no parallel region)
+    (dict(backend="reference"), None), (dict(optimizer=torch.optim.SGD), None),
+], ids=["sgd", "adam", "reference", "sgd-class"])
+def test_the_named_optimizers_are_fused_where_the_fast_path_may_run(tmp_path, kwargs, fused):
+    path = tmp_path / "run.ckpt"
+    pymaml.train(iterations=3, checkpoint=path, **QUIET, **kwargs)
+    optimizer = torch.load(path, weights_only=True)["optimizer"]
+    assert optimizer["param_groups"][0]["fused"] is fused
+    if kwargs.get("optimizer") == "adam":
+        assert optimizer["state"][0]["step"].dtype == torch.float32

@@ -1,13 +1,17 @@
-// The fused training ops on the CPU: train_chunk runs many meta-iterations (meta-gradient and
+// The fused training op on the CPU: train_chunk runs many meta-iterations (meta-gradient and
 // outer optimizer step) in one call, so that a training run of small networks pays the
-// per-call cost of Python and the dispatcher once per chunk instead of once per iteration;
-// optimizer_step is its optimizer on its own (one step from a given gradient).
+// per-call cost of Python and the dispatcher once per chunk instead of once per iteration.
 //
 // Bitwise contract: iteration i of train_chunk gives the weights, loss and optimizer state
 // that pymaml.train's per-iteration path gives (maml_loss on the same meta-batch, then
-// torch.optim's step): the meta-gradient is MetaBatch::run, as in maml_loss, and the update
-// is OuterOptimizer (outer_optim.h), as torch.optim's.
+// torch.optim.SGD / Adam(fused=True).step()). It holds by construction, not by imitation:
+// the meta-gradient is MetaBatch::run, as in maml_loss, and the update is ATen's own fused
+// optimizer kernel, called with the arguments torch.optim's wrapper gives it (OuterStep).
 #include <ATen/Dispatch.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_fused_adam.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -15,13 +19,18 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../op_args.h"
 #include "meta_batch.h"
-#include "outer_optim.h"
 
 namespace pymaml::cpu {
 namespace {
@@ -44,6 +53,161 @@ int64_t check_chunk(const char* op, const char* x_name, const at::Tensor& x, con
   return check_batch(op, x_name, x.select(0, 0), y_name, y.select(0, 0), params, shape, T);
 }
 
+bool flag(const char* op, const char* name, double value) {
+  TORCH_CHECK_VALUE(value == 0.0 || value == 1.0, op, ": optimizer_hyper entry ", name,
+                    " is a flag and must be 0 or 1, got ", value);
+  return value == 1.0;
+}
+
+// The fused kernels index the state tensors as they index params: refuse any other layout
+// rather than let a kernel read out of bounds.
+void check_state_tensor(const char* op, const char* what, const at::Tensor& t,
+                        const at::Tensor& params) {
+  TORCH_CHECK_VALUE(t.device() == params.device() && t.scalar_type() == params.scalar_type() &&
+                        t.dim() == 1 && t.size(0) == params.size(0) && t.is_contiguous(),
+                    op, ": optimizer state ", what, " must be a contiguous [", params.size(0),
+                    "] tensor like params (", params.scalar_type(), ", ", params.device(),
+                    "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// Makes ATen's parallel regions opened by this thread run on it alone, while it lives (the
+// team size is a per-thread OpenMP setting: other threads are not affected). The fused
+// kernels open a region for any size; at 2 threads on a busy machine, waiting for the
+// region's second thread made a seed iteration about 10x slower (benchmarks/NOTES.md). Their
+// results do not depend on the split: they cut the parameters into cache-line units, so
+// every element takes the same vector or tail code whatever the thread count
+// (test_train_chunk_is_bitwise_over_threads checks it against torch.optim at 2 threads).
+class OneOpenMPThread {
+ public:
+#ifdef _OPENMP
+  OneOpenMPThread() : before_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneOpenMPThread() { omp_set_num_threads(before_); }
+
+ private:
+  int before_;
+#endif
+};
+
+// One step of torch.optim.SGD or Adam with fused=True, as its Python wrapper runs it for one
+// parameter tensor (torch/optim/sgd.py _fused_sgd, torch/optim/adam.py _fused_adam): the
+// same ATen kernel, on the same tensors, with the same arguments, in the same order.
+class OuterStep {
+ public:
+  // `hyper` and `state` as documented for train_chunk in csrc/ops.cpp.
+  OuterStep(const char* op, std::string_view name, c10::ArrayRef<double> hyper,
+            at::TensorList state, const at::Tensor& params)
+      : hyper_(hyper.vec()), state_(state.vec()) {
+    for (double h : hyper)
+      TORCH_CHECK_VALUE(std::isfinite(h), op, ": optimizer_hyper must be finite, got ", hyper);
+    if (name == "sgd") {
+      parse_sgd(op, params);
+    } else if (name == "adam") {
+      parse_adam(op, params);
+    } else {
+      TORCH_CHECK_VALUE(false, op, ": optimizer must be 'sgd' or 'adam', got '",
+                        std::string(name), "'");
+    }
+  }
+
+  // params -= update(grad), the state updated in place. grad may be overwritten (the kernels
+  // declare it mutable).
+  void step(const at::Tensor& params, const at::Tensor& grad) {
+    // One thread (see OneOpenMPThread).
+    const OneOpenMPThread serial;
+    const at::TensorList p(params), g(grad);
+    const auto& h = hyper_;
+    if (sgd_) {
+      // [lr, momentum, dampening, weight_decay, nesterov, maximize]. torch's wrapper passes
+      // is_first_step only while the buffers do not exist yet; here they always do.
+      const at::TensorList buffers = h[1] != 0 ? at::TensorList(state_) : at::TensorList();
+      at::_fused_sgd_(p, g, buffers, /*weight_decay=*/h[3], /*momentum=*/h[1], /*lr=*/h[0],
+                      /*dampening=*/h[2], /*nesterov=*/h[4] == 1, /*maximize=*/h[5] == 1,
+                      /*is_first_step=*/false, /*grad_scale=*/std::nullopt,
+                      /*found_inf=*/std::nullopt);
+      return;
+    }
+    // [lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay].
+    // The wrapper counts the step before the kernel, which reads the new count.
+    const at::TensorList steps(&state_[0], 1);
+    at::_foreach_add_(steps, 1);
+    const at::TensorList exp_avg(&state_[1], 1), exp_avg_sq(&state_[2], 1);
+    const at::TensorList max_exp_avg_sq = h[5] == 1 ? at::TensorList(&state_[3], 1)
+                                                    : at::TensorList();
+    // Adam(decoupled_weight_decay=True) (AdamW) runs the _fused_adamw_ kernel.
+    auto* kernel = h[7] == 1 ? static_cast<AdamKernel*>(&at::_fused_adamw_)
+                             : static_cast<AdamKernel*>(&at::_fused_adam_);
+    kernel(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, /*lr=*/h[0], /*beta1=*/h[1],
+           /*beta2=*/h[2], /*weight_decay=*/h[4], /*eps=*/h[3], /*amsgrad=*/h[5] == 1,
+           /*maximize=*/h[6] == 1, /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
+  }
+
+ private:
+  // at::_fused_adam_ and _fused_adamw_ (their float-lr overloads).
+  using AdamKernel = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                          at::TensorList, at::TensorList, double, double, double, double,
+                          double, bool, bool, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&);
+
+  void parse_sgd(const char* op, const at::Tensor& params) {
+    const auto& h = hyper_;
+    TORCH_CHECK_VALUE(h.size() == 6, op, ": optimizer 'sgd' takes optimizer_hyper = [lr, "
+                      "momentum, dampening, weight_decay, nesterov, maximize], got ", h);
+    sgd_ = true;
+    const bool nesterov = flag(op, "nesterov", h[4]);
+    flag(op, "maximize", h[5]);
+    TORCH_CHECK_VALUE(h[0] >= 0 && h[1] >= 0 && h[3] >= 0, op,
+                      ": lr, momentum and weight_decay must be >= 0, got ", h);
+    TORCH_CHECK_VALUE(!nesterov || (h[1] > 0 && h[2] == 0), op,
+                      ": Nesterov momentum requires a momentum and zero dampening");
+    const size_t want = h[1] != 0 ? 1 : 0;
+    TORCH_CHECK_VALUE(state_.size() == want, op, ": SGD ",
+                      want ? "with momentum takes optimizer_state = [momentum_buffer]"
+                           : "without momentum takes no optimizer_state",
+                      ", got ", state_.size(), " tensor(s)");
+    if (want) check_state_tensor(op, "momentum_buffer", state_[0], params);
+  }
+
+  void parse_adam(const char* op, const at::Tensor& params) {
+    const auto& h = hyper_;
+    TORCH_CHECK_VALUE(h.size() == 8, op, ": optimizer 'adam' takes optimizer_hyper = [lr, "
+                      "beta1, beta2, eps, weight_decay, amsgrad, maximize, "
+                      "decoupled_weight_decay], got ", h);
+    const bool amsgrad = flag(op, "amsgrad", h[5]);
+    flag(op, "maximize", h[6]);
+    flag(op, "decoupled_weight_decay", h[7]);
+    TORCH_CHECK_VALUE(0 <= h[1] && h[1] < 1 && 0 <= h[2] && h[2] < 1, op,
+                      ": Adam's betas must be in [0, 1), got ", h[1], ", ", h[2]);
+    TORCH_CHECK_VALUE(h[0] >= 0 && h[3] >= 0 && h[4] >= 0, op,
+                      ": lr, eps and weight_decay must be >= 0, got ", h);
+    const size_t want = amsgrad ? 4 : 3;
+    TORCH_CHECK_VALUE(state_.size() == want, op, ": Adam takes optimizer_state = [step, exp_avg, "
+                      "exp_avg_sq", amsgrad ? ", max_exp_avg_sq" : "", "], got ",
+                      state_.size(), " tensor(s)");
+    // The fused kernel reads the count as float32, as Adam(fused=True) keeps it.
+    const at::Tensor& step = state_[0];
+    TORCH_CHECK_VALUE(step.dim() == 0 && step.device() == params.device() &&
+                          step.scalar_type() == at::kFloat,
+                      op, ": Adam's step must be a 0-d float32 tensor on the device of params "
+                      "(as torch.optim.Adam(fused=True) keeps it), got ", step.scalar_type(),
+                      " ", step.sizes(), " on ", step.device());
+    const char* names[] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+    for (size_t i = 1; i < want; ++i) check_state_tensor(op, names[i], state_[i], params);
+  }
+
+  bool sgd_ = false;
+  std::vector<double> hyper_;
+  std::vector<at::Tensor> state_;
+};
+
+// True when every element of x[0, n) is finite. No early exit, so that it vectorises; NaN
+// fails the comparison.
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<T>::max());
+  return bad == 0;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> train_chunk(
@@ -60,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
   int64_t n = -1, T = -1;
   const int64_t K = check_chunk(op, "x_support", xs_in, "y_support", ys_in, params, c.shape, n, T);
   const int64_t Q = check_chunk(op, "x_query", xq_in, "y_query", yq_in, params, c.shape, n, T);
-  const OptimizerConfig oc = parse_optimizer(op, optimizer, optimizer_hyper, optimizer_state,
-                                             params);
+  OuterStep outer(op, optimizer, optimizer_hyper, optimizer_state, params);
   const at::Tensor xs = xs_in.contiguous(), ys = ys_in.contiguous(), xq = xq_in.contiguous(),
                    yq = yq_in.contiguous();
   const int64_t P = c.shape.num_params;
@@ -72,9 +235,9 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_train_chunk_cpu", [&] {
     // Everything the loop needs is allocated here, once.
     MetaBatch<scalar_t> batch(c, T, K, Q);
-    OuterOptimizer<scalar_t> outer(oc, optimizer_state, P);
-    std::vector<scalar_t> grad(static_cast<size_t>(P));
+    const at::Tensor grad = at::empty({P}, params.options());
     scalar_t* theta = params.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* out = losses.data_ptr<scalar_t>();
     const scalar_t* Xs = xs.data_ptr<scalar_t>();
     const scalar_t* Ys = ys.data_ptr<scalar_t>();
@@ -86,11 +249,10 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t value = batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq,
                                        Yq + i * nyq,
-                                       first_order ? Direction::FirstOrder : Direction::MAML,
-                                       grad.data());
+                                       first_order ? Direction::FirstOrder : Direction::MAML, g);
       out[i] = value;
       if (!std::isfinite(value)) break;  // before updating the weights with it
-      outer.step(theta, grad.data());
+      outer.step(params, grad);
       if (!all_finite(theta, P)) break;  // the update made a weight NaN or infinite
       ++done;
     }
@@ -98,35 +260,6 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
   return {losses, at::scalar_tensor(done, at::TensorOptions().dtype(at::kLong))};
 }
 
-void optimizer_step(const at::Tensor& params, at::TensorList optimizer_state,
-                    const at::Tensor& grad_in, std::string_view optimizer,
-                    c10::ArrayRef<double> optimizer_hyper) {
-  constexpr const char* op = "pymaml::optimizer_step";
-  TORCH_CHECK_TYPE(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
-                   op, ": params must be float32 or float64, got ", params.scalar_type());
-  TORCH_CHECK_VALUE(params.dim() == 1 && params.is_contiguous(), op,
-                    ": params must be a contiguous 1-D tensor [P] (updated in place), got ",
-                    params.sizes());
-  TORCH_CHECK_VALUE(grad_in.sizes() == params.sizes() &&
-                        grad_in.scalar_type() == params.scalar_type() &&
-                        grad_in.device() == params.device(),
-                    op, ": grad must be like params (", params.scalar_type(), " ",
-                    params.sizes(), "), got ", grad_in.scalar_type(), " ", grad_in.sizes());
-  const OptimizerConfig oc = parse_optimizer(op, optimizer, optimizer_hyper, optimizer_state,
-                                             params);
-  const int64_t P = params.size(0);
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_optimizer_step_cpu", [&] {
-    // The step uses its gradient as scratch: work on a copy, grad is an input.
-    const at::Tensor g = grad_in.contiguous();
-    std::vector<scalar_t> grad(g.data_ptr<scalar_t>(), g.data_ptr<scalar_t>() + P);
-    OuterOptimizer<scalar_t> outer(oc, optimizer_state, P);
-    outer.step(params.data_ptr<scalar_t>(), grad.data());
-  });
-}
-
-TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
-  m.impl("train_chunk", &train_chunk);
-  m.impl("optimizer_step", &optimizer_step);
-}
+TORCH_LIBRARY_IMPL(pymaml, CPU, m) { m.impl("train_chunk", &train_chunk); }
 
 }  // namespace pymaml::cpu
