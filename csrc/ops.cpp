@@ -27,8 +27,9 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss) "
       "-> (Tensor, Tensor)");
   // Training: n meta-iterations in one call (pymaml.train's fast path). Iteration i computes
-  // the MAML / FO-MAML meta-loss and meta-gradient of meta-batch i (x_support[i]: [T, K, n_in],
-  // ...; the chunk's tensors are [n, T, K, features]), exactly as maml_loss does, then applies
+  // the meta-loss and the optimizer's gradient of meta-batch i (x_support[i]: [T, K, n_in], ...;
+  // the chunk's tensors are [n, T, K, features]) for `algorithm`: "maml" / "fomaml" as maml_loss
+  // does with first_order false / true, "reptile" as the reptile op does; then applies
   // one step of the outer optimizer in place to params and optimizer_state: ATen's fused
   // kernel, as torch.optim.SGD / Adam(fused=True).step() runs it (so bitwise the same):
   //   optimizer "sgd":  optimizer_hyper = [lr, momentum, dampening, weight_decay, nesterov,
@@ -46,6 +47,6 @@ TORCH_LIBRARY(pymaml, m) {
   m.def(
       "train_chunk(Tensor(a!) params, Tensor(b!)[] optimizer_state, Tensor x_support, "
       "Tensor y_support, Tensor x_query, Tensor y_query, int[] sizes, float inner_lr, int steps, "
-      "str activation, str loss, bool first_order, str optimizer, float[] optimizer_hyper) "
+      "str activation, str loss, str algorithm, str optimizer, float[] optimizer_hyper) "
       "-> (Tensor, Tensor)");
 }

@@ -72,7 +72,7 @@ if _C is not None:
 
     @torch.library.register_fake("pymaml::train_chunk")
     def _train_chunk_fake(params, optimizer_state, x_support, y_support, x_query, y_query, sizes,
-                          inner_lr, steps, activation, loss, first_order, optimizer,
+                          inner_lr, steps, activation, loss, algorithm, optimizer,
                           optimizer_hyper):
         # losses [n] and the count of iterations done; params and the state change in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)

@@ -2,7 +2,7 @@
 
 At the seed's sizes an iteration is a few microseconds of arithmetic, and calling Python, the
 dispatcher and torch.optim once per iteration costs several times that. So on the fused CPU
-backend, for MAML / FO-MAML on a family that can draw many meta-batches at once
+backend, for MAML, FO-MAML and Reptile on a family that can draw many meta-batches at once
 (TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the trainer
 draws a chunk of iterations' tasks in one call and runs them in one torch.ops.pymaml.train_chunk
 call, which also applies the optimizer's steps to the real optimizer's state. Chunking changes
@@ -27,9 +27,9 @@ CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answe
 
 
 def servable(config: RunConfig, backend: str, device: torch.device) -> bool:
-    """Whether train_chunk can run this run's iterations: the fused backend on the CPU, MAML
-    or FO-MAML (the optimizer and the family decide the rest, as the run goes)."""
-    return backend == "fused" and device.type == "cpu" and config.algorithm in ("maml", "fomaml")
+    """Whether train_chunk can run this run's iterations: the fused backend on the CPU (the
+    optimizer and the family decide the rest, as the run goes)."""
+    return backend == "fused" and device.type == "cpu"
 
 
 class FastPath:
@@ -76,9 +76,12 @@ class FastPath:
                                         dtype=self.dtype, device=params.device)
         if batch is None:
             return None
+        xs, ys, xq, yq = batch
+        if c.algorithm == "reptile":  # its inner loop trains on support and query together
+            xs, ys = torch.cat([xs, xq], dim=2), torch.cat([ys, yq], dim=2)
         values, done = _ops.ops.train_chunk(
-            params.detach(), state, *batch, list(c.sizes), c.inner_lr, c.inner_steps, c.activation,
-            c.loss, c.algorithm == "fomaml", *self.spec)
+            params.detach(), state, xs, ys, xq, yq, list(c.sizes), c.inner_lr, c.inner_steps,
+            c.activation, c.loss, c.algorithm, *self.spec)
         seconds = time.perf_counter() - began
         self.size = CHUNK_MAX if seconds <= 0 else \
             max(1, min(CHUNK_MAX, int(CHUNK_SECONDS * n / seconds)))

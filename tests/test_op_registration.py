@@ -77,7 +77,8 @@ def sample_inputs(name, device):
             # the training ops update params and the optimizer state in place (declared mutable)
             chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
             for state, opt, opt_hyper in optimizer_samples(p.numel(), dtype, g, device):
-                samples.append((pb.params.clone(), state, *chunk, *hyper, pb.first_order, opt,
+                algorithm = "fomaml" if pb.first_order else "maml"
+                samples.append((pb.params.clone(), state, *chunk, *hyper, algorithm, opt,
                                 opt_hyper))
         else:
             raise ValueError(name)

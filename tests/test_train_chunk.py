@@ -39,6 +39,11 @@ SETTING_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" f
 FUSED = dict(fused=True)
 
 
+def algorithm(pb):
+    """train_chunk's algorithm for problem pb."""
+    return "fomaml" if pb.first_order else "maml"
+
+
 def op_args(opt, p):
     """(state, optimizer, hyper) for train_chunk, from a torch.optim optimizer that has stepped."""
     spec = outer_optim.chunk_spec(opt)
@@ -59,24 +64,30 @@ def chunk_problem(seed, dtype, n):
     return pb, data
 
 
-def reference_iterations(pb, data, opt, p, first, n):
-    """Iterations first .. first + n - 1 the per-iteration way: maml_loss, then opt.step()."""
+def reference_iterations(pb, data, opt, p, first, n, algo=None):
+    """Iterations first .. first + n - 1 the per-iteration way: maml_loss (or the reptile op),
+    then opt.step(). algo: "maml", "fomaml", "reptile" or None (the problem's order)."""
+    algo = algo or algorithm(pb)
     losses = []
+    hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss)
     for i in range(first, first + n):
-        loss, grad = ops.maml_loss(p.detach(), *(t[i] for t in data), pb.sizes, pb.inner_lr,
-                                   pb.steps, pb.activation, pb.loss, pb.first_order, True)
+        batch = [t[i] for t in data]
+        if algo == "reptile":
+            loss, grad = ops.reptile(p.detach(), *batch, *hyper)
+        else:
+            loss, grad = ops.maml_loss(p.detach(), *batch, *hyper, algo == "fomaml", True)
         losses.append(loss)
         p.grad = grad
         opt.step()
     return torch.stack(losses)
 
 
-def chunk_iterations(pb, data, opt, p, first, n):
+def chunk_iterations(pb, data, opt, p, first, n, algo=None):
     """Iterations first .. first + n - 1 in one train_chunk call: (losses, done)."""
     state, name, hyper = op_args(opt, p)
     return ops.train_chunk(p.detach(), state, *(t[first:first + n] for t in data), pb.sizes,
-                           pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order,
-                           name, hyper)
+                           pb.inner_lr, pb.steps, pb.activation, pb.loss,
+                           algo or algorithm(pb), name, hyper)
 
 
 def assert_same_optimizer(ours_opt, theirs_opt):
@@ -88,17 +99,18 @@ def assert_same_optimizer(ours_opt, theirs_opt):
         assert ours["state"][0][key].dtype == value.dtype, key
 
 
-def compare_chunks(cls, settings, dtype, seed, splits):
+def compare_chunks(cls, settings, dtype, seed, splits, algo=None):
     """torch.optim(fused=True) per iteration against train_chunk over meta-batches cut at
-    `splits` (the first iteration is torch.optim's in both: it makes the state)."""
+    `splits` (the first iteration is torch.optim's in both: it makes the state). algo: the
+    problem's own MAML order, or "reptile"."""
     n = splits[-1]
     pb, data = chunk_problem(seed, dtype, n)
     theirs, ours = pb.params.clone().requires_grad_(), pb.params.clone().requires_grad_()
     theirs_opt, ours_opt = cls([theirs], **settings, **FUSED), cls([ours], **settings, **FUSED)
-    expected = reference_iterations(pb, data, theirs_opt, theirs, 0, n)
-    reference_iterations(pb, data, ours_opt, ours, 0, 1)
+    expected = reference_iterations(pb, data, theirs_opt, theirs, 0, n, algo)
+    reference_iterations(pb, data, ours_opt, ours, 0, 1, algo)
     for first, end in zip([1] + splits[:-1], splits):
-        losses, done = chunk_iterations(pb, data, ours_opt, ours, first, end - first)
+        losses, done = chunk_iterations(pb, data, ours_opt, ours, first, end - first, algo)
         assert done.dtype == torch.int64 and done.item() == end - first
         assert losses.dtype == dtype
         differ = (losses != expected[first:end]).nonzero().flatten()
@@ -112,6 +124,14 @@ def compare_chunks(cls, settings, dtype, seed, splits):
 def test_train_chunk_is_maml_loss_then_torch_optim_fused(cls, settings, dtype):
     for seed in range(3):
         compare_chunks(cls, settings, dtype, seed, splits=[2, 9, 40, 120])
+
+
+@DTYPES
+@pytest.mark.parametrize("cls,settings", [SETTINGS[0], SETTINGS[3], SETTINGS[4], SETTINGS[7]],
+                         ids=[SETTING_IDS[i] for i in (0, 3, 4, 7)])
+def test_train_chunk_reptile_is_the_reptile_op_then_torch_optim_fused(cls, settings, dtype):
+    for seed in range(3):
+        compare_chunks(cls, settings, dtype, seed, splits=[2, 9, 40], algo="reptile")
 
 
 @pytest.mark.parametrize("cls,settings", [SETTINGS[3], SETTINGS[9]], ids=[SETTING_IDS[3], SETTING_IDS[9]])
@@ -174,7 +194,7 @@ def test_train_chunk_stops_after_an_update_that_makes_the_weights_non_finite(dty
     ours = pb.params.clone()
     huge = torch.finfo(dtype).max / 10
     losses, done = ops.train_chunk(ours, [], *data, pb.sizes, pb.inner_lr, pb.steps,
-                                   pb.activation, pb.loss, pb.first_order, "sgd",
+                                   pb.activation, pb.loss, algorithm(pb), "sgd",
                                    [huge, 0, 0, 0, 0, 0])
     assert done.item() == 0
     assert math.isfinite(losses[0].item())  # the loss was finite; its update was made
@@ -195,6 +215,7 @@ def test_train_chunk_stops_after_an_update_that_makes_the_weights_non_finite(dty
     (dict(optimizer="adam", hyper=[1e-3, 0.9, 0.999, 1e-8, 0, 0, 0, 0], state=["f64 step"]),
      "step must be a 0-d float32 tensor"),
     (dict(hyper=[1e-2, 0.9, 0, 0, 0, 0], state=["short"]), "momentum_buffer must be a contiguous"),
+    (dict(algorithm="anil"), "algorithm must be 'maml', 'fomaml' or 'reptile', got 'anil'"),
     (dict(x_support="3-d"), "x_support must be 4-D"),
     (dict(y_query="fewer"), "y_query holds 2 meta-batches, expected 3"),
 ])
@@ -212,7 +233,8 @@ def test_train_chunk_argument_errors(change, match):
         yq = yq[:2]
     with pytest.raises(ValueError, match=match):
         ops.train_chunk(pb.params.clone(), state, xs, ys, xq, yq, pb.sizes, pb.inner_lr, pb.steps,
-                        pb.activation, pb.loss, pb.first_order, change.get("optimizer", "sgd"),
+                        pb.activation, pb.loss, change.get("algorithm", algorithm(pb)),
+                        change.get("optimizer", "sgd"),
                         change.get("hyper", [1e-2, 0, 0, 0, 0, 0]))
 
 

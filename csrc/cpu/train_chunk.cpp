@@ -199,6 +199,16 @@ class OuterStep {
   std::vector<at::Tensor> state_;
 };
 
+// The gradient `algorithm` hands the optimizer.
+Direction parse_algorithm(const char* op, std::string_view algorithm) {
+  if (algorithm == "maml") return Direction::MAML;
+  if (algorithm == "fomaml") return Direction::FirstOrder;
+  TORCH_CHECK_VALUE(algorithm == "reptile", op,
+                    ": algorithm must be 'maml', 'fomaml' or 'reptile', got '",
+                    std::string(algorithm), "'");
+  return Direction::Reptile;
+}
+
 // True when every element of x[0, n) is finite. No early exit, so that it vectorises; NaN
 // fails the comparison.
 template <typename T>
@@ -214,10 +224,11 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     const at::Tensor& params, at::TensorList optimizer_state, const at::Tensor& xs_in,
     const at::Tensor& ys_in, const at::Tensor& xq_in, const at::Tensor& yq_in,
     c10::IntArrayRef sizes, double inner_lr, int64_t steps, std::string_view activation,
-    std::string_view loss, bool first_order, std::string_view optimizer,
+    std::string_view loss, std::string_view algorithm, std::string_view optimizer,
     c10::ArrayRef<double> optimizer_hyper) {
   constexpr const char* op = "pymaml::train_chunk";
   const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  const Direction direction = parse_algorithm(op, algorithm);
   check_params(op, params, c);
   TORCH_CHECK_VALUE(params.is_contiguous(), op,
                     ": params is updated in place and must be contiguous");
@@ -248,8 +259,7 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     const int64_t nxq = T * Q * c.shape.n[0], nyq = T * Q * c.shape.n_out();
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t value = batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq,
-                                       Yq + i * nyq,
-                                       first_order ? Direction::FirstOrder : Direction::MAML, g);
+                                       Yq + i * nyq, direction, g);
       out[i] = value;
       if (!std::isfinite(value)) break;  // before updating the weights with it
       outer.step(params, grad);
