@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 from workloads import (CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET, THREADS_TARGET,
+                       JAX_SPEEDUP_TARGETS, LAYER_TARGET,
                        TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
 
 BASELINE = "fused"  # the ratio column reads every row against the public fused API
@@ -63,7 +64,24 @@ def target_of(row: dict, group: List[dict]) -> Optional[dict]:
     if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
         return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
                     value=row["median_s"], limit=TIME_TARGETS_S[w], kind="max")
-    if row["section"] == "train" and row["workload"] == "W1" and row["impl"].endswith("chunked"):
+    fused = by.get((BASELINE, "meta-iteration", 1))
+    if row["section"] == "core" and fused and w in JAX_SPEEDUP_TARGETS and row["impl"] == "jax":
+        least = JAX_SPEEDUP_TARGETS[w]
+        return dict(what=f"fused {row['workload']} >= {least:g}x faster than JAX",
+                    value=row["median_s"] / fused["median_s"], limit=least, kind="min", unit="x")
+    if (row["section"] == "core" and fused and w == LAYER_TARGET[0]
+            and row["impl"] == "fused_op" and row.get("timed") == "meta-iteration"):
+        return dict(what=f"fused {row['workload']} <= {LAYER_TARGET[1]:g}x the raw op + step",
+                    value=fused["median_s"] / row["median_s"], limit=LAYER_TARGET[1],
+                    kind="max", unit="x")
+    if row["section"] == "train" and row["impl"] == "pymaml.train reptile chunked":
+        fomaml = by.get(("pymaml.train fomaml chunked", row.get("timed"), 1))
+        if fomaml:
+            return dict(what=f"Reptile in pymaml.train ({row['workload']}) <= FO-MAML",
+                        value=row["median_s"] / fomaml["median_s"], limit=1.0, kind="max",
+                        unit="x")
+    if row["section"] == "train" and row["workload"] == "W1" and row["impl"] in (
+            "pymaml.train chunked", "pymaml.train maml chunked"):  # older JSON: no algorithm
         return dict(what=f"W1 in pymaml.train <= {fmt_time(TRAIN_TARGET_S)}/iteration",
                     value=row["median_s"], limit=TRAIN_TARGET_S, kind="max")
     one = by.get((row["impl"], row.get("timed"), 1))

@@ -2,9 +2,10 @@
 optimizer step, the loop), on W1 (the seed's experiment) and W2: one group per workload,
 the report divides each call's time by its iterations (extra_info["iterations"]).
 
-Two rows: "chunked", the named task family, which the trainer's fast path runs a chunk of
-iterations at a time in one C++ call; "per-iteration", the same family given as a plain
-sampler function, which the trainer runs one iteration at a time (maml_loss, torch.optim).
+Rows per algorithm (MAML, FO-MAML and Reptile on W1; MAML on W2) and path: "chunked", the
+named task family, which the trainer's fast path runs a chunk of iterations at a time in one C++
+call; "per-iteration", the same family given as a plain sampler function, which the trainer
+runs one iteration at a time (one op call, torch.optim).
 """
 
 import pytest
@@ -21,19 +22,23 @@ ITERATIONS = {"W1": 1_000, "W2": 100}
 PATHS = ("chunked", "per-iteration")
 
 
+CASES = [pytest.param(w, algorithm, path, id=f"train-{w.base}-{algorithm}-{path}")
+         for w, algorithms in ((W1, ("maml", "fomaml", "reptile")), (W2, ("maml",)))
+         for algorithm in algorithms for path in PATHS]
+
+
 @pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("w", [W1, W2], ids=["train-W1", "train-W2"])
-def test_train(benchmark, w, path):
-    kwargs = dict(train_kwargs(w), backend="fused")
+@pytest.mark.parametrize("w, algorithm, path", CASES)
+def test_train(benchmark, w, algorithm, path):
+    kwargs = dict(train_kwargs(w), backend="fused", algorithm=algorithm)
     iterations = ITERATIONS[w.base]
     if path == "per-iteration":
         family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
         kwargs.update(task=lambda T, generator: tuple(family.sample(T, generator=generator)),
                       shots=None, queries=None)
-    benchmark.group = f"train: {w.label()} {w.order} order, pymaml.train per iteration"
+    benchmark.group = f"train: {w.label()}, pymaml.train per iteration"
     benchmark.extra_info.update(section="train", workload=w.label(), order=w.order,
-                                impl=f"pymaml.train {path}", device="cpu", threads=1,
+                                impl=f"pymaml.train {algorithm} {path}", device="cpu", threads=1,
                                 iterations=iterations)
     run = benchmark.pedantic(pymaml.train, kwargs=dict(kwargs, iterations=iterations),
                              rounds=3, warmup_rounds=1)

@@ -85,6 +85,8 @@ def meta_iteration_flops(w: Workload) -> int:
 TIME_TARGETS_S = {  # public fused API, second order, CPU, one thread: seconds per meta-iteration
     W2: 0.60e-3, W2.replace(S=1): 0.15e-3, W2.replace(S=50): 6e-3}
 TRAIN_TARGET_S = 20e-6        # W1 end to end in pymaml.train, per iteration
+JAX_SPEEDUP_TARGETS = {W1: 2.0, W2: 1.5}  # public API (2nd order) at least this much faster than JAX
+LAYER_TARGET = (W1, 1.3)      # W1: public API at most this times the raw op + the step
 THREADS_TARGET = 1.7          # two threads vs one, fused, T >= 25
 MEMORY_TARGET_MB = 10.0       # fused peak at S=50 within this of S=5, W2
 CUDA_TIME_TARGET = (25, 50e-6)       # H100: W2 at T=25 <= 50 us per meta-gradient
