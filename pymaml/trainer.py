@@ -128,7 +128,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     group = _distributed.Group.join(options.distributed, options.device,
                                     options.distributed_timeout)
     try:
-        return _Run(config, options, group).loop()
+        # The reference's meta-gradient needs autograd, whatever the caller's grad mode.
+        with _reference.autograd_on():
+            return _Run(config, options, group).loop()
     finally:
         if group is not None:
             group.close()
