@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from . import _io
 from . import _ops
 from . import distributed as _distributed
 from ._version import __version__
@@ -32,6 +33,7 @@ from .evaluate import EVAL_SEED, evaluate
 from .model import MetaMLP
 from .tasks import FAMILIES
 from .trainer import ALGORITHMS, DTYPES, TrainingDiverged, train
+from .config import OPTIMIZERS, check_optimizer_kwargs
 from . import functional as F
 from . import plots
 
@@ -63,6 +65,24 @@ def _count(minimum):
         return value
     parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
     return parse
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _threads(text):
+    """argparse type for --threads: 1 up to the CPUs this process may run on (torch crashes
+    on a huge count, and more threads than CPUs cannot run at once)."""
+    value = _count(1)(text)
+    cpus = _available_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs available to this "
+                                         f"process, got {value}")
+    return value
 
 
 def _int_list(text):
@@ -114,6 +134,7 @@ def cmd_train(args) -> int:
     if clash:
         raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
                          "file: choose another path")
+    _check_train_outputs(args, out)
     # Under torchrun, rank 0 writes the files, so its disk is the one to check.
     if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
             and not (args.resume or args.overwrite)):
@@ -161,6 +182,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+class _FlagError(ValueError):
+    """A flag's value found wrong after parsing: exit code 2, as argparse's own."""
+
+
+def _check_train_outputs(args, out) -> None:
+    """Before training: the flags' values train() would only find wrong later, and every file
+    train writes after the run (model, figures; train() checks the checkpoint) writable."""
+    optimizer = OPTIMIZERS.get(args.optimizer, args.optimizer)
+    try:
+        check_optimizer_kwargs(optimizer, dict(args.optimizer_arg), args.outer_lr,
+                               name="--optimizer-arg")
+    except ValueError as exc:
+        raise _FlagError(str(exc)) from None
+    if _distributed.env_rank() != 0:
+        return  # rank 0 writes the files
+    _io.check_writable(out["model"], "model file")
+    if not args.no_plots:
+        _io.check_writable(out["figure"], "figure")
+        _io.check_writable(out["loss_figure"], "figure")
+
+
 def _task_of(args, model) -> str:
     task = args.task or model.info.get("task") or "sine"
     if task not in FAMILIES:
@@ -184,7 +226,8 @@ def cmd_eval(args) -> int:
 def cmd_plot(args) -> int:
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
-    path = args.out or os.path.splitext(args.model)[0] + "-tasks.png"
+    path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
+                              "figure")
     maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
                                  num_tasks=args.tasks, steps=args.steps, seed=args.seed)
     print(f"{path}: {len(maes)} tasks, mean absolute error on a 100-point grid: "
@@ -291,7 +334,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--device", default="cpu", help="torch device")
     t.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter and data dtype")
     t.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the tasks")
-    t.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
+    t.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     t.add_argument("--log-every", type=_count(0), help="a log line every N iterations (0: none)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar (default: on when stderr is a terminal)")
@@ -326,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inner-lr", type=float, help="default: the model's")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")
     e.add_argument("--backend", choices=F.BACKENDS, default="auto", help="adaptation backend")
-    e.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
+    e.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     e.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("plot", help="figures of a saved model adapted to several tasks", **defaults)
@@ -366,17 +409,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+    except _FlagError as exc:
+        print(f"pymaml {args.command}{where}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError) as exc:
         # TrainingDiverged, missing or foreign files, bad settings: one line, no traceback.
         kind = "stopped" if isinstance(exc, TrainingDiverged) else "error"
-        where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
-        print(f"pymaml {args.command}{where}: {kind}: {exc}", file=sys.stderr)
+        print(f"pymaml {args.command}{where}: {kind}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"pymaml {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # never a traceback: a bug, said in one line
+        print(f"pymaml {args.command}{where}: internal error: {type(exc).__name__}: "
+              f"{_one_line(exc)} (a bug in pymaml: please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's may run to many), or its type."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f" ({text})" if text else "")
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

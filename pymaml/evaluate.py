@@ -98,7 +98,8 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
         grid_y = family.target(ids, grid_x)
         grid_x, grid_y = cast(grid_x), cast(grid_y)
     else:
-        batch = family.sample(num_tasks, generator=g, dtype=dtype, device=device)
+        batch = _tasks.checked(family).sample(num_tasks, generator=g, dtype=dtype,
+                                              device=device)
     mse, mse_ci, median, diverged, gmse, gmse_ci, gmae = [], [], [], [], [], [], []
     with torch.no_grad():
         for s in steps:

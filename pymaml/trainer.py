@@ -210,7 +210,8 @@ class _Run:
                              f"evenly, so use a multiple of {processes}")
         self.config = config = dataclasses.replace(config, processes=processes)
         self.local_batch = config.meta_batch_size // processes
-        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from)
+        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from,
+                                                   config)
         if options.checkpoint is not None:
             self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
                                                                    options.overwrite),

@@ -213,9 +213,27 @@ def test_train_setting_error(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def run_subprocess(*argv, cwd, timeout=120):
+    """`python -m pymaml argv...` in a new process that imports this tree's pymaml (the one
+    under test), whatever else is installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pymaml.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "pymaml", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_subprocess_imports_the_tree_under_test(tmp_path):
+    proc = run_subprocess("info", cwd=tmp_path)
+    code = "import pymaml, sys; sys.stdout.write(pymaml.__file__)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pymaml.__file__)))
+    where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert where.stdout == pymaml.__file__
+
+
 def test_subprocess_missing_file_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pymaml", "eval", "missing.pt"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_subprocess("eval", "missing.pt", cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing.pt" in proc.stderr

@@ -3,6 +3,8 @@ reach, MetaMLP.adapt, evaluate, train(backend="reference")), in every grad mode 
 torch.func.vmap: the inner loop needs gradients whatever the caller's mode, and the result
 carries a graph only when the caller's mode records one."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -50,7 +52,10 @@ def test_functional_api_in_every_grad_mode(route, mode):
     params, data, hyper, backend = route_problem(route)
     expect_loss = F.maml_loss(params, *data, **hyper, backend="reference")
     expect_adapted = F.adapt(params, *data[:2], **hyper, backend="reference")
-    with MODES[mode]():
+    # steps beyond the fused op's limit: the reference, said in a warning (class 5)
+    warns = pytest.warns(RuntimeWarning, match="beyond the fused op's limit") \
+        if route == "auto-steps" and pymaml.fused_available() else contextlib.nullcontext()
+    with MODES[mode](), warns:
         loss = F.maml_loss(params, *data, **hyper, backend=backend)
         adapted = F.adapt(params, *data[:2], **hyper, backend=backend)
     for got, want in ((loss, expect_loss), (adapted, expect_adapted)):
