@@ -141,12 +141,23 @@ def _io_error(exc: OSError, path: str, doing: str) -> OSError:
     return PathError(exc.errno, what)
 
 
+def fspath(path, what: str = "path") -> str:
+    """`path` as a str; TypeError naming `what` for anything that is not a file path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a file path (a str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{what} must be a non-empty file path, got {path!r}")
+    return path
+
+
 def check_writable(path, what: str = "output") -> str:
     """Before any work: `path` can be written (by atomic_save) now. Creates and removes a
     temporary file beside it (which finds read-only filesystems, permissions, a missing
     directory); raises PathError in words naming `what` and the path.
     Also removes the stale temporary files of earlier saves of `path`."""
-    path = os.fspath(path)
+    path = fspath(path, what)
     if os.path.isdir(path):
         raise PathError(errno.EISDIR, f"{what} {path} is a directory; give a file path")
     tmp = _temp_name(path)
@@ -231,7 +242,7 @@ def atomic_save(obj: Dict[str, Any], path) -> None:
     """torch.save to a temporary file beside `path`, sealed with its digest, flushed to disk,
     then renamed over `path`. On any failure the temporary file is removed and `path` is left
     as it was; OSErrors are raised in words (see _io_error)."""
-    path = os.fspath(path)
+    path = fspath(path)
     if os.path.isdir(path):
         raise PathError(errno.EISDIR, f"{path} is a directory; give a file path")
     remove_stale_temp_files(path)
@@ -326,18 +337,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_readable(path, what: str = "file") -> str:
-    """`path` names a regular file this process can read; otherwise FileNotFoundError /
-    IsADirectoryError / PermissionError / ValueError in words naming `what` and the path."""
-    path = os.fspath(path)
+def check_readable(path) -> str:
+    """`path` names a regular file this process can read; otherwise TypeError /
+    FileNotFoundError / IsADirectoryError / PermissionError / ValueError naming the path."""
+    path = fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+        raise IsADirectoryError(f"{path} is a directory, not a pymaml model or checkpoint file")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path}: no such file")
+        raise FileNotFoundError(f"no such file: {path}")
     if not os.path.isfile(path):
-        raise ValueError(f"{what} {path} is not a regular file")
+        raise ValueError(f"{path} is not a regular file (a pymaml model or checkpoint is one)")
     if not os.access(path, os.R_OK):
-        raise PermissionError(f"{what} {path}: permission denied (not readable)")
+        raise PermissionError(f"{path}: permission denied (the file is not readable)")
     return path
 
 

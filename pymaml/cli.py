@@ -22,6 +22,7 @@ import ast
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -409,6 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings as one line each, like the errors (Python's own format adds the source line).
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, category, *rest, **kw: print(
+        f"pymaml {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args) -> int:
+    """args.run(args), its errors in one line each: the command line never shows a traceback."""
     where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     try:
         return args.run(args)

@@ -223,6 +223,10 @@ def _init_name(init) -> str:
     if isinstance(init, str):
         return F._check_choice("init", init, INITS)
     if isinstance(init, (MetaMLP, torch.Tensor)):
+        weights = init.params if isinstance(init, MetaMLP) else init
+        if weights.is_floating_point() and not torch.isfinite(weights.detach()).all():
+            raise ValueError("init holds non-finite weights (NaN or infinite): training from "
+                             "them would stop at the first iteration")
         return "given"
     raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got "
                     f"{type(init).__name__}")

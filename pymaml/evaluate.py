@@ -81,6 +81,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     if not isinstance(steps, Sequence) or isinstance(steps, str):
         raise TypeError(f"steps must be a list of step counts such as [1, 5, 10], got {steps!r}")
     steps = list(steps)
+    F._check_device("the model's device", model.params.device)
     seed = F._check_seed(seed)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")

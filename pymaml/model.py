@@ -48,6 +48,8 @@ class MetaMLP(nn.Module):
         self.inner_lr = F._check_finite("inner_lr", inner_lr)
         self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
+        if device is not None:
+            device = F._check_device("device", device)
         if params is None:
             F._check_choice("init", init, INITS)
             params = F.init_params(self.sizes, generator=generator, dtype=dtype, device=device,

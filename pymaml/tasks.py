@@ -117,7 +117,12 @@ class FunctionTasks(TaskFamily):
         u = torch.rand(T, D + self.shots + self.queries, generator=generator, dtype=torch.float64)
         tasks = self.tasks_from_uniforms(u[:, :D])
         x = self._scale(u[:, D:]).unsqueeze(2)
-        return tasks, x, self.target(tasks, x)
+        y = self.target(tasks, x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.is_complex():
+            got = f"{y.dtype} {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"task family {self.name!r} ({type(self).__name__}).target must "
+                             f"return real y shaped like x, {list(x.shape)}; got {got}")
+        return tasks, x, y
 
     def split(self, x, y, *, dtype=torch.float32, device=None) -> TaskBatch:
         """The TaskBatch of draws x, y [..., K + Q, 1]: the first K points are the support set."""
