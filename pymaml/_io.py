@@ -123,7 +123,7 @@ class PathError(OSError, ValueError):
         return self.strerror or super().__str__()  # the words, without "[Errno N]"
 
 
-def _io_error(exc: OSError, path: str, doing: str) -> OSError:
+def io_error(exc: OSError, path: str, doing: str) -> OSError:
     """`exc` in words that name the file (and, for a full disk, the directory)."""
     directory = os.path.dirname(os.path.abspath(path))
     if exc.errno == errno.ENOSPC:
@@ -165,7 +165,7 @@ def check_writable(path, what: str = "output") -> str:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         os.unlink(tmp)
     except OSError as exc:
-        raise _io_error(exc, path, f"checking that {what} can be written:") from None
+        raise io_error(exc, path, f"checking that {what} can be written:") from None
     remove_stale_temp_files(path)
     return path
 
@@ -241,7 +241,7 @@ class _SealingWriter:
 def atomic_save(obj: Dict[str, Any], path) -> None:
     """torch.save to a temporary file beside `path`, sealed with its digest, flushed to disk,
     then renamed over `path`. On any failure the temporary file is removed and `path` is left
-    as it was; OSErrors are raised in words (see _io_error)."""
+    as it was; OSErrors are raised in words (see io_error)."""
     path = fspath(path)
     if os.path.isdir(path):
         raise PathError(errno.EISDIR, f"{path} is a directory; give a file path")
@@ -251,7 +251,7 @@ def atomic_save(obj: Dict[str, Any], path) -> None:
         # os.open with mode 0o666 leaves the permissions to the umask, as a plain open() would.
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise _io_error(exc, path, "writing") from None
+        raise io_error(exc, path, "writing") from None
     try:
         try:
             writer = _SealingWriter(fd)
@@ -267,7 +267,7 @@ def atomic_save(obj: Dict[str, Any], path) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise _io_error(exc, path, "writing") from None
+            raise io_error(exc, path, "writing") from None
         raise
 
 

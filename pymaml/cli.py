@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import math
 import os
 import sys
@@ -160,7 +161,12 @@ def cmd_train(args) -> int:
               f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
         return 130
     model = result.model
-    model.save(out["model"])
+    try:
+        model.save(out["model"])
+    except OSError as exc:  # e.g. the disk filled up during training
+        raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
+                                 f"{result.checkpoint}: once fixed, rerun with --resume to write "
+                                 "the model and figures") from None
     processes = result.config["processes"]
     spread = f", {processes} processes" if processes > 1 else ""
     print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
@@ -172,15 +178,26 @@ def cmd_train(args) -> int:
     if not args.no_plots:
         # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
         ids = [[math.pi]] if args.task == "seed-sine" else None
-        (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task, shots=args.shots,
-                                       task_ids=ids, seed=args.seed)
-        plots.plot_losses(result.losses, out["loss_figure"],
-                          title=f"{result.config['algorithm']} on {args.task}")
+        with _writing(out["figure"]):
+            (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task,
+                                           shots=args.shots, task_ids=ids, seed=args.seed)
+        with _writing(out["loss_figure"]):
+            plots.plot_losses(result.losses, out["loss_figure"],
+                              title=f"{result.config['algorithm']} on {args.task}")
         what = "a phase-pi task" if ids else "a random task"
         print(f"{out['figure']}: adapted on {model.info['shots'] or '?'} points of {what}, "
               f"mean absolute error {mae:.4f} on a 100-point grid;  {out['loss_figure']}: the loss curve")
     print(f"evaluate with: python -m pymaml eval {out['model']}")
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError while writing `path` (a figure), in words that name it (see _io)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _io.io_error(exc, path, "writing") from None
 
 
 class _FlagError(ValueError):
@@ -229,8 +246,9 @@ def cmd_plot(args) -> int:
     task = _task_of(args, model)
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
                               "figure")
-    maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
-                                 num_tasks=args.tasks, steps=args.steps, seed=args.seed)
+    with _writing(path):
+        maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
+                                     num_tasks=args.tasks, steps=args.steps, seed=args.seed)
     print(f"{path}: {len(maes)} tasks, mean absolute error on a 100-point grid: "
           + ", ".join(f"{m:.3f}" for m in maes))
     return 0

@@ -50,14 +50,17 @@ class MetaMLP(nn.Module):
         self.info = _io.plain("info", dict(info or {}))
         if device is not None:
             device = F._check_device("device", device)
-        if params is None:
-            F._check_choice("init", init, INITS)
-            params = F.init_params(self.sizes, generator=generator, dtype=dtype, device=device,
-                                   zero_bias=init == "seed")
-        else:
-            F._check_params(params, self.sizes, allow_batched=True)
-            params = params.detach().clone()
-        self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
+        # Normal tensors even when made under torch.inference_mode (say, by adapt there):
+        # inference tensors never record autograd, and the model may be trained later.
+        with torch.inference_mode(False):
+            if params is None:
+                F._check_choice("init", init, INITS)
+                params = F.init_params(self.sizes, generator=generator, dtype=dtype,
+                                       device=device, zero_bias=init == "seed")
+            else:
+                F._check_params(params, self.sizes, allow_batched=True)
+                params = params.detach().clone()
+            self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
 
     # ---- use ----------------------------------------------------------------------------------
 

@@ -409,3 +409,24 @@ def test_saving_a_model_removes_the_litter_of_its_earlier_saves(tmp_path):
     (tmp_path / name).write_bytes(b"x")
     pymaml.MetaMLP([1, 4, 1]).save(tmp_path / "m.pt")
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+
+
+def test_the_cli_keeps_the_run_when_the_model_cannot_be_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def full_disk(self, path):
+        raise _io.io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.fspath(path),
+                           "writing")
+    real_save = pymaml.MetaMLP.save
+    monkeypatch.setattr(pymaml.MetaMLP, "save", full_disk)
+    argv = ["train", "--iterations", "30", "--no-plots", "--no-progress"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert_one_line(err)
+    assert f"no space left on {tmp_path} (writing maml-sine.pt)" in err
+    assert "the trained weights are in the checkpoint maml-sine.ckpt" in err and "--resume" in err
+    assert "[Errno" not in err
+    monkeypatch.setattr(pymaml.MetaMLP, "save", real_save)
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert torch.equal(pymaml.load("maml-sine.pt").params, pymaml.load("maml-sine.ckpt").params)

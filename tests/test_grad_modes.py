@@ -163,3 +163,16 @@ def test_fused_under_vmap_says_what_to_do():
     with pytest.raises(RuntimeError, match="backend='reference' or 'auto'"):
         torch.func.vmap(lambda p: F.maml_loss(p, *data, **hyper, backend="fused"))(
             torch.stack([params, params]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_models_made_under_inference_mode_are_ordinary_modules(backend):
+    model = pymaml.MetaMLP([1, 8, 1], inner_steps=2)
+    x = torch.linspace(-3, 3, 5).unsqueeze(1)
+    with torch.inference_mode():
+        adapted = model.adapt(x, torch.sin(x), backend=backend)
+        fresh = pymaml.MetaMLP([1, 8, 1])
+    for m in (adapted, fresh):
+        assert not m.params.is_inference()
+        m(x).sum().backward()  # trainable afterwards, as any module made outside
+        assert m.params.grad is not None
