@@ -198,27 +198,33 @@ def check_batch(where: str, out, lead, *, dtype, device) -> TaskBatch:
     is four real tensors [*lead, points, features] (lead: (T,), or (n, T) for sample_many)
     whose support (and query) x and y hold as many points. ValueError / TypeError naming
     `where` (the family) and the tensor otherwise: more tasks than asked, complex numbers
-    (their imaginary part would be dropped), ... are refused, not trained on."""
+    (their imaginary part would be dropped), ... are refused, not trained on. (Called once
+    per meta-iteration for users' samplers: the checks are cheap ones, messages built only
+    on failure.)"""
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise ValueError(f"{where} must return (x_support, y_support, x_query, y_query), got "
                          f"{type(out).__name__}")
-    asked = ", ".join(f"{k}={v}" for k, v in zip("nT"[-len(lead):], lead))
+    n = len(lead)
     for field, t in zip(TaskBatch._fields, out):
-        if not isinstance(t, torch.Tensor) or t.dim() != len(lead) + 2 or tuple(t.shape[:len(lead)]) != tuple(lead):
+        if not isinstance(t, torch.Tensor) or t.dim() != n + 2 or t.shape[:n] != lead:
+            asked = ", ".join(f"{k}={v}" for k, v in zip("nT"[-n:], lead))
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{where} must return {field} as a tensor [{asked}, points, "
                              f"features] (the tasks asked for), got {got}")
-        if t.is_complex() or t.dtype == torch.bool:
+        if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
             raise TypeError(f"{where} returned {field} of dtype {t.dtype}: pymaml trains on "
                             "real numbers (a complex tensor's imaginary part would be dropped)")
-    for x, y in ((0, 1), (2, 3)):
-        if out[x].shape[len(lead)] != out[y].shape[len(lead)]:
-            raise ValueError(f"{where} returned {TaskBatch._fields[x]} and {TaskBatch._fields[y]} "
-                             f"with different numbers of points: {list(out[x].shape)} and "
-                             f"{list(out[y].shape)}")
-    device = torch.device("cpu") if device is None else torch.device(device)
-    return TaskBatch(*(t if t.dtype == dtype and t.device == device else
-                       t.to(device=device, dtype=dtype) for t in out))
+    xs, ys, xq, yq = out
+    if xs.shape[n] != ys.shape[n] or xq.shape[n] != yq.shape[n]:
+        x, y = ("x_support", "y_support") if xs.shape[n] != ys.shape[n] else ("x_query", "y_query")
+        shapes = {f: list(t.shape) for f, t in zip(TaskBatch._fields, out)}
+        raise ValueError(f"{where} returned {x} and {y} with different numbers of points: "
+                         f"{shapes[x]} and {shapes[y]}")
+    if not isinstance(device, torch.device):
+        device = torch.device("cpu" if device is None else device)
+    if all(t.dtype == dtype and t.device == device for t in out):
+        return out if type(out) is TaskBatch else TaskBatch(*out)
+    return TaskBatch(*(t.to(device=device, dtype=dtype) for t in out))
 
 
 class CallableTasks(TaskFamily):
