@@ -136,6 +136,8 @@ def io_error(exc: OSError, path: str, doing: str) -> OSError:
         what = f"permission denied: the directory {directory} is not writable ({doing} {path})"
     elif exc.errno == errno.ENOENT:
         what = f"the directory {directory} does not exist ({doing} {path})"
+    elif exc.errno == errno.ENOTDIR:
+        what = f"a part of {directory} is a file, not a directory ({doing} {path})"
     else:
         what = f"cannot write {path}: {exc.strerror or exc}"
     return PathError(exc.errno, what)

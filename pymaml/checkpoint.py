@@ -57,6 +57,9 @@ class Checkpoints:
         replaced unless asked (only the run it holds may write over it, or overwrite=True)."""
         if self.path is None:
             return
+        if resume_from is not None and not os.path.lexists(resume_from):
+            raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
+                                    "run to resume")
         _io.check_writable(self.path, "checkpoint")
         if self.path != resume_from and not overwrite and os.path.exists(self.path):
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
@@ -176,6 +179,10 @@ def _check_model(path: str, record, config: Dict[str, Any]) -> torch.Tensor:
     if model.sizes != list(config["sizes"]) or params.dim() != 1:
         raise _bad(path, "model", f"has sizes {model.sizes} and {list(params.shape)} weights; "
                                   f"the run's settings say sizes {list(config['sizes'])}")
+    for field in ("activation", "loss", "inner_lr", "inner_steps"):
+        if getattr(model, field) != config.get(field):
+            raise _bad(path, f"model.{field}", f"is {getattr(model, field)!r}; the run's settings "
+                                               f"say {config.get(field)!r}")
     if str(params.dtype).replace("torch.", "") != config["dtype"]:
         raise _bad(path, "model.params", f"are {params.dtype}; the run's settings say "
                                          f"{config['dtype']}")

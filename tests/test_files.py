@@ -183,6 +183,8 @@ BAD_FIELDS = [(_delete(f), f) for f in ("iteration", "losses", "model", "optimiz
     (_set("model.params", torch.full((1153,), float("inf"))), "model.params"),
     (_set("model.params", torch.zeros(1153, dtype=torch.float64)), "model.params"),
     (_set("model.activation", "gelu"), "model"),
+    (_set("model.loss", "mse"), "model.loss"),     # not the run's own settings
+    (_set("model.inner_steps", 2), "model.inner_steps"),
     (_set("generator", torch.zeros(7, dtype=torch.uint8)), "generator"),
     (_set("generator", [1, 2, 3]), "generator"),
     (_set("optimizer", {"state": {}}), "optimizer"),
@@ -430,3 +432,12 @@ def test_the_cli_keeps_the_run_when_the_model_cannot_be_written(tmp_path, monkey
     code, out, err = run_cli(capsys, *argv, "--resume")
     assert code == 0, err
     assert torch.equal(pymaml.load("maml-sine.pt").params, pymaml.load("maml-sine.ckpt").params)
+
+
+def test_resuming_a_checkpoint_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*none.ckpt: no such file, so there "
+                                                "is no run to resume"):
+        pymaml.train(**RUN, checkpoint=tmp_path / "none.ckpt", resume=True)
+    with pytest.raises(OSError, match="a part of .*m.pt is a file, not a directory"):
+        (tmp_path / "m.pt").write_bytes(b"")
+        pymaml.train(**RUN, checkpoint=tmp_path / "m.pt" / "run.ckpt")
