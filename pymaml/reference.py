@@ -22,6 +22,9 @@ from ._layout import unflatten
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+# Under torch.func transforms: F.mse_loss's double backward fails under forward mode (jvp,
+# jacfwd, hessian: "ZeroTensors are immutable", torch 2.13); the same mean written out does not.
+_TRANSFORM_LOSSES = {"mse": lambda a, y: (a - y).square().mean(), "l1": F.l1_loss}
 
 
 def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -41,7 +44,7 @@ def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
     gradient (create_graph=True); first order treats the gradients as constants.
     functional=True takes the gradients with torch.func.grad (under torch.func transforms,
     where weights cannot be made autograd leaves)."""
-    loss_fn = LOSSES[loss]
+    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
     inner_loss = lambda w: loss_fn(net(w, x, activation), y)
     for _ in range(steps):
         if functional:
@@ -126,7 +129,7 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     data = (x_support, y_support, x_query, y_query)
     functional = _under_transform((params, *data))
     keep_graph = _keeps_graph((params, *data), functional)
-    loss_fn = LOSSES[loss]
+    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
     with autograd_on():
         weights = _weights(params, sizes, functional)
         xs, ys, xq, yq = (_usable(t) for t in data)

@@ -176,3 +176,22 @@ def test_models_made_under_inference_mode_are_ordinary_modules(backend):
         assert not m.params.is_inference()
         m(x).sum().backward()  # trainable afterwards, as any module made outside
         assert m.params.grad is not None
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_forward_mode_transforms_hessian_jvp_jacfwd(loss):
+    params, data, hyper = problem()
+    hyper["loss"] = loss
+    f = lambda p: F.maml_loss(p, *data, **hyper)
+    H = torch.func.hessian(f)(params)
+    q = params.clone().requires_grad_()
+    (g,) = torch.autograd.grad(F.maml_loss(q, *data, **hyper, backend="reference"), q,
+                               create_graph=True)
+    rows = [torch.autograd.grad(g[i], q, retain_graph=True)[0] for i in range(g.numel())]
+    torch.testing.assert_close(H, torch.stack(rows), rtol=1e-8, atol=1e-10)
+    v = torch.linspace(-1, 1, params.numel(), dtype=params.dtype)
+    _, tangent = torch.func.jvp(f, (params,), (v,))
+    torch.testing.assert_close(tangent, g.detach() @ v, rtol=1e-10, atol=1e-12)
+    adapt = lambda p: F.adapt(p, *data[:2], **hyper)
+    torch.testing.assert_close(torch.func.jacfwd(adapt)(params), torch.func.jacrev(adapt)(params),
+                               rtol=1e-10, atol=1e-12)
