@@ -346,7 +346,7 @@ def check_readable(path) -> str:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory, not a pymaml model or checkpoint file")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a regular file (a pymaml model or checkpoint is one)")
     if not os.access(path, os.R_OK):

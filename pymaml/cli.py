@@ -142,7 +142,7 @@ def cmd_train(args) -> int:
             and not (args.resume or args.overwrite)):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
-    init = args.init if args.init in ("seed", "torch") else MetaMLP.load(args.init)
+    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init)
     result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
                    activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
                    inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
@@ -189,6 +189,14 @@ def cmd_train(args) -> int:
               f"mean absolute error {mae:.4f} on a 100-point grid;  {out['loss_figure']}: the loss curve")
     print(f"evaluate with: python -m pymaml eval {out['model']}")
     return 0
+
+
+def _load(flag: str, path: str) -> MetaMLP:
+    """The model a flag names, its errors prefixed with the flag."""
+    try:
+        return MetaMLP.load(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{flag} {exc}") from None  # the command line shows only the words
 
 
 @contextlib.contextmanager

@@ -188,6 +188,9 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
     (a number, a bool, a tuple of numbers), and the optimizer accepts them all; ValueError
     naming `name`, the keyword and what was expected."""
     cls = optimizer_class.__name__
+    if "lr" in kwargs:
+        raise ValueError(f"{name} lr={kwargs['lr']!r}: give the outer learning rate as outer_lr "
+                         "(--outer-lr)")
     try:
         accepted = inspect.signature(optimizer_class.__init__).parameters
     except (TypeError, ValueError):  # no signature to read: the constructor will say
