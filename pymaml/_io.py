@@ -1,19 +1,47 @@
 """Files pymaml writes: saved models and training checkpoints. Both are torch.save'd dicts of
 plain tensors and plain values (numbers, strings, lists, dicts), loadable with
-torch.load(weights_only=True); both are written atomically, so a crash or Ctrl-C during a
-save leaves the previous file whole."""
+torch.load(weights_only=True).
+
+What this module promises:
+- Writes are atomic (a temporary file beside the target, flushed to disk, then renamed over
+  it), so a crash, Ctrl-C, kill or full disk during a save leaves the previous file whole.
+- Every file carries a SHA-256 digest of all its other bytes, in the zip archive's comment
+  field (torch ignores it). Loading verifies it, and verifies the CRC-32 of every member of
+  the archive, which torch itself never checks; files written before the digest existed are
+  checked by their CRCs alone. A damaged file is refused with one line naming it.
+- Temporary files are named PATH.pymaml-tmp.HOST.PID.RANDOM.tmp; a later save of the same PATH,
+  or a run about to write it, removes those left by processes of this host that no longer
+  exist (a kill -9 mid-write). Those of live processes, and of other hosts sharing the
+  filesystem (whose processes this host cannot see), are left alone.
+- Errors name the file and say what is wrong in words ("is a directory", "no space left on
+  DIR", "is damaged", "is not a pymaml file"), as ValueError / OSError subclasses.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import numbers
 import os
+import re
+import socket
+import struct
 import uuid
-from typing import Any, Dict
+import zipfile
+from typing import Any, Dict, List
 
 import torch
 
 MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
+
+# The zip comment that seals a file: this prefix, then the hex SHA-256 of every byte before
+# the comment (the end-of-archive record included, with its comment length set).
+_DIGEST_PREFIX = b"pymaml-sha256:"
+_COMMENT_LEN = len(_DIGEST_PREFIX) + 64
+_EOCD = b"PK\x05\x06"  # the end-of-central-directory record: 22 bytes, then the comment
+_EOCD_LEN = 22
+_CHUNK = 1 << 20
 
 
 def plain(name: str, value):
@@ -35,37 +63,317 @@ def plain(name: str, value):
                     f"them (it is saved with the model), got {type(value).__name__}")
 
 
-def atomic_save(obj: Dict[str, Any], path) -> None:
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it."""
+# ---- temporary files --------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(path: str) -> str:
+    return f"{path}.pymaml-tmp.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number we cannot ask about): keep its file
+    return True
+
+
+def stale_temp_files(path) -> List[str]:
+    """The temporary files that saves of `path` by processes of this host, now gone, left
+    behind (also the previous version's PATH.PID.HEX.tmp names)."""
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.(?:pymaml-tmp\.(?P<host>[A-Za-z0-9_-]+)\."
+                         r"(?P<pid>\d+)|(?P<oldpid>\d+))\.[0-9a-f]{8}\.tmp$")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    stale = []
+    for name in names:
+        m = pattern.match(name)
+        if m is None or (m["host"] is not None and m["host"] != _HOST):
+            continue
+        pid = int(m["pid"] or m["oldpid"])
+        if pid != os.getpid() and not _pid_alive(pid):
+            stale.append(os.path.join(directory, name))
+    return stale
+
+
+def remove_stale_temp_files(path) -> None:
+    """Removes what stale_temp_files(path) lists (quietly: one may vanish meanwhile)."""
+    for name in stale_temp_files(path):
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+class PathError(OSError, ValueError):
+    """A path pymaml cannot write or read, said in words (an OSError with the errno, and a
+    ValueError as pymaml's other bad-argument errors)."""
+
+    def __str__(self):
+        return self.strerror or super().__str__()  # the words, without "[Errno N]"
+
+
+def io_error(exc: OSError, path: str, doing: str) -> OSError:
+    """`exc` in words that name the file (and, for a full disk, the directory)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if exc.errno == errno.ENOSPC:
+        what = f"no space left on {directory} ({doing} {path})"
+    elif exc.errno == errno.EDQUOT:
+        what = f"disk quota exceeded on {directory} ({doing} {path})"
+    elif exc.errno == errno.EROFS:
+        what = f"{directory} is on a read-only filesystem ({doing} {path})"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        what = f"permission denied: the directory {directory} is not writable ({doing} {path})"
+    elif exc.errno == errno.ENOENT:
+        what = f"the directory {directory} does not exist ({doing} {path})"
+    elif exc.errno == errno.ENOTDIR:
+        what = f"a part of {directory} is a file, not a directory ({doing} {path})"
+    else:
+        what = f"cannot write {path}: {exc.strerror or exc}"
+    return PathError(exc.errno, what)
+
+
+def fspath(path, what: str = "path") -> str:
+    """`path` as a str; TypeError naming `what` for anything that is not a file path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a file path (a str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{what} must be a non-empty file path, got {path!r}")
+    return path
+
+
+def check_writable(path, what: str = "output") -> str:
+    """Before any work: `path` can be written (by atomic_save) now. Creates and removes a
+    temporary file beside it (which finds read-only filesystems, permissions, a missing
+    directory); raises PathError in words naming `what` and the path.
+    Also removes the stale temporary files of earlier saves of `path`."""
+    path = fspath(path, what)
+    if os.path.isdir(path):
+        raise PathError(errno.EISDIR, f"{what} {path} is a directory; give a file path")
+    tmp = _temp_name(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.unlink(tmp)
+    except OSError as exc:
+        raise io_error(exc, path, f"checking that {what} can be written:") from None
+    remove_stale_temp_files(path)
+    return path
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def check_space(path, needed: int, what: str = "output") -> None:
+    """Before any work: the filesystem of `path` has `needed` bytes free (an estimate of the
+    file); OSError "no space left on DIR" otherwise. Filesystems that report no size pass."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        return
+    if st.f_blocks == 0:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise PathError(errno.ENOSPC, f"no space left on {directory}: the {what} {path} will "
+                                    f"need about {_megabytes(needed)}, {_megabytes(free)} free")
+
+
+class _SealingWriter:
+    """What torch.save writes to. Each write goes to the file whole and unbuffered, so a full
+    disk raises OSError(ENOSPC) at the write that meets it (through a buffered file torch
+    sees a short write and reports an "enforce fail" instead); and is hashed on the way, all
+    but the last two bytes (the archive's comment length, which `seal` sets), so sealing
+    reads nothing back."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.held = b""  # the last two bytes written so far, not hashed yet
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        rest = view
+        while rest:
+            rest = rest[os.write(self.fd, rest):]
+        if n >= 2:
+            self.digest.update(self.held)
+            self.digest.update(view[:-2])
+            self.held = bytes(view[-2:])
+        else:
+            joined = self.held + bytes(view)
+            self.digest.update(joined[:-2])
+            self.held = joined[-2:]
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def seal(self) -> None:
+        """Appends the digest comment to the archive torch.save has just written."""
+        eocd = os.pread(self.fd, _EOCD_LEN, os.lseek(self.fd, 0, os.SEEK_END) - _EOCD_LEN)
+        if eocd[:4] != _EOCD or self.held != b"\0\0":  # torch.save always ends so: never here
+            raise RuntimeError("torch.save wrote an archive pymaml cannot seal")
+        length = struct.pack("<H", _COMMENT_LEN)
+        self.digest.update(length)
+        self.write_all(length, at_end_minus=2)
+        self.write_all(_DIGEST_PREFIX + self.digest.hexdigest().encode())
+
+    def write_all(self, data: bytes, at_end_minus: int = 0) -> None:
+        os.lseek(self.fd, -at_end_minus, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+def atomic_save(obj: Dict[str, Any], path) -> None:
+    """torch.save to a temporary file beside `path`, sealed with its digest, flushed to disk,
+    then renamed over `path`. On any failure the temporary file is removed and `path` is left
+    as it was; OSErrors are raised in words (see io_error)."""
+    path = fspath(path)
+    if os.path.isdir(path):
+        raise PathError(errno.EISDIR, f"{path} is a directory; give a file path")
+    remove_stale_temp_files(path)
+    tmp = _temp_name(path)
     try:
         # os.open with mode 0o666 leaves the permissions to the umask, as a plain open() would.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise OSError(f"cannot write {path}: {exc.strerror}") from None
+        raise io_error(exc, path, "writing") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            writer = _SealingWriter(fd)
+            torch.save(obj, writer)
+            writer.seal()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise io_error(exc, path, "writing") from None
         raise
 
 
-def load_file(path, map_location="cpu") -> Dict[str, Any]:
-    """A file written by pymaml, read with weights_only=True. Raises FileNotFoundError for a
-    missing file and ValueError for anything that is not a pymaml model or checkpoint."""
-    path = os.fspath(path)
+# ---- reading ------------------------------------------------------------------------------------
+
+class DamagedFile(ValueError):
+    """A pymaml file whose bytes changed after it was written (its digest or a CRC fails)."""
+
+
+def _digest_of(f, length: int) -> bytes:
+    """The hex SHA-256 of the first `length` bytes of binary file `f`."""
+    f.seek(0)
+    digest = hashlib.sha256()
+    while length > 0:
+        block = f.read(min(_CHUNK, length))
+        if not block:
+            break
+        digest.update(block)
+        length -= len(block)
+    return digest.hexdigest().encode()
+
+
+def _verify_seal(path: str) -> bool:
+    """Whether the file is sealed, after checking that its seal holds (else DamagedFile).
+    False for an archive that ends as torch.save ends one (no comment: an earlier pymaml's
+    file, or a foreign one), which the CRCs then check; ValueError for a file that is no
+    archive. The archive's end record is found as zip readers find it, the last signature
+    within the maximal comment's reach of the end."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (_EOCD_LEN + 0xFFFF + _COMMENT_LEN)))
+        tail = f.read()
+        at = tail.rfind(_EOCD)
+        if at < 0 or at + _EOCD_LEN > len(tail):
+            if re.search(rb"sha256:[0-9a-f]{64}$", tail[-_COMMENT_LEN:]):
+                raise DamagedFile(f"{path} is damaged: its archive's end record is broken")
+            raise ValueError(f"{path} is not a pymaml file, or is cut short (it does not end "
+                             "as the zip archives pymaml writes do)")
+        comment_len = struct.unpack("<H", tail[at + _EOCD_LEN - 2:at + _EOCD_LEN])[0]
+        comment = tail[at + _EOCD_LEN:]
+        if comment_len == 0 and not comment:
+            return False
+        if comment_len != _COMMENT_LEN or len(comment) != _COMMENT_LEN \
+                or not comment.startswith(_DIGEST_PREFIX):
+            raise DamagedFile(f"{path} is damaged, or was not written by pymaml: its archive "
+                              "ends with bytes other than pymaml's digest record")
+        if _digest_of(f, size - _COMMENT_LEN) != comment[len(_DIGEST_PREFIX):]:
+            raise DamagedFile(f"{path} is damaged: its contents do not match the SHA-256 digest "
+                              "pymaml wrote into it (changed or corrupted since)")
+    return True
+
+
+def _verify_crcs(path: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
+            struct.error, RuntimeError) as exc:
+        raise DamagedFile(f"{path} is damaged: its archive structure is broken "
+                          f"({_first_line(exc)})") from None
+    if bad is not None:
+        raise DamagedFile(f"{path} is damaged: the archive member {bad} fails its CRC check")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_readable(path) -> str:
+    """`path` names a regular file this process can read; otherwise TypeError /
+    FileNotFoundError / IsADirectoryError / PermissionError / ValueError naming the path."""
+    path = fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a pymaml model or checkpoint file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise ValueError(f"{path} is not a regular file (a pymaml model or checkpoint is one)")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: permission denied (the file is not readable)")
+    return path
+
+
+def load_file(path, map_location="cpu") -> Dict[str, Any]:
+    """A file written by pymaml, verified (digest or CRCs) and read with weights_only=True.
+    Raises FileNotFoundError / IsADirectoryError / PermissionError for paths that name no
+    readable file, DamagedFile (a ValueError) for a damaged one and ValueError for anything
+    that is not a pymaml model or checkpoint."""
+    path = check_readable(path)
+    if not _verify_seal(path):  # written before the digest existed: the archive's own CRCs
+        _verify_crcs(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a foreign file can make the unpickler raise almost anything
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a readable pymaml file ({first_line})") from None
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            # weights_only refused a Python object: never load it (torch's own message
+            # suggests weights_only=False, which would run the file's code).
+            raise ValueError(f"{path} is not a pymaml file: it holds Python objects other "
+                             "than tensors and plain values, which pymaml files never do; it "
+                             "was not loaded") from None
+        raise ValueError(f"{path} could not be read as a pymaml file (damaged, or not written "
+                         f"by pymaml: {_first_line(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise ValueError(f"{path} is not a pymaml model or checkpoint (no pymaml format tag)")
     return obj
+

@@ -1,24 +1,40 @@
 """Training checkpoints: what one holds, where it may be written, and how a run resumes from it.
 
 A checkpoint is a file of plain tensors and values (loadable with weights_only=True, written
-atomically by pymaml._io): the run's settings (RunConfig.to_dict, plus the backend and
-device it ran on), the iteration, the weights, the optimizer's state_dict, the task
-generator's state and the loss history; in a distributed run, every process's task stream.
-With those, a resumed run draws the same tasks and ends with bitwise the same weights as one
-that was never stopped (same backend, device and thread count)."""
+atomically and sealed with a digest by pymaml._io): the run's settings (RunConfig.to_dict,
+plus the backend and device it ran on), the iteration, the weights, the optimizer's
+state_dict, the task generator's state and the loss history; in a distributed run, every
+process's task stream. With those, a resumed run draws the same tasks and ends with bitwise
+the same weights as one that was never stopped (same backend, device and thread count).
+
+Every field is checked when a checkpoint is read (`check`): a file missing one, or holding a
+value no run writes (a negative iteration, a loss history of another length than the
+iteration, weights of another size than the settings give...), is refused with one line
+naming the file and the field, before anything is loaded from it."""
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import _io
+from ._layout import num_params
 from ._version import __version__
 from .config import RunConfig
+from .model import MetaMLP
 
 FORMAT_VERSION = 1
+_OVERHEAD_BYTES = 64 * 1024  # archive records, pickles and the generator state: ~10 KB measured
+
+
+def estimated_size(config: RunConfig) -> int:
+    """Bytes of the run's last checkpoint, about and on the high side: the weights and up to
+    three optimizer buffers of their size, 8 bytes of loss history per iteration."""
+    element = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    return num_params(list(config.sizes)) * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
 
 
 class Checkpoints:
@@ -26,34 +42,49 @@ class Checkpoints:
     run's state yet (it does once written, or when the run resumed from it), which the
     messages of a stopped run mention."""
 
-    def __init__(self, path: Optional[str], resume_from: Optional[str]):
+    def __init__(self, path: Optional[str], resume_from: Optional[str],
+                 config: Optional[RunConfig] = None):
         self.path = path
+        self.config = config
         self.holds_this_run = path is not None and path == resume_from
+        self.iteration: Optional[int] = None  # of the last checkpoint this run wrote
 
     def check_writable(self, resume_from: Optional[str], overwrite: bool) -> None:
-        """Before the first iteration: the directory must be writable, and saved training
-        state is never replaced unless asked (only the run it holds may write over it, or
-        overwrite=True)."""
+        """Before the first iteration: the path can be written (not a directory, in an
+        existing writable directory, with room for the run's last checkpoint; stale
+        temporary files of earlier runs removed), and saved training state is never
+        replaced unless asked (only the run it holds may write over it, or overwrite=True)."""
         if self.path is None:
             return
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise ValueError(f"checkpoint {self.path}: the directory {directory} does not exist "
-                             "or is not writable")
+        if resume_from is not None and not os.path.lexists(resume_from):
+            raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
+                                    "run to resume")
+        _io.check_writable(self.path, "checkpoint")
         if self.path != resume_from and not overwrite and os.path.exists(self.path):
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")
+        if self.config is not None:
+            _io.check_space(self.path, estimated_size(self.config), "checkpoint")
 
     def save(self, state: Dict[str, Any], write: bool = True) -> None:
-        """Writes `state` (when `write`: in a distributed run, rank 0 writes for all)."""
+        """Writes `state` (when `write`: in a distributed run, rank 0 writes for all). A failed
+        write leaves the previous checkpoint whole, and its message says which one is left."""
         if write:
-            _io.atomic_save(state, self.path)
+            try:
+                _io.atomic_save(state, self.path)
+            except OSError as exc:
+                raise _io.PathError(exc.errno, f"{exc.strerror or exc} at iteration "
+                                         f"{state['iteration']}{self.kept()}") from None
         self.holds_this_run = True
+        self.iteration = state["iteration"]
 
     def kept(self) -> str:
         """The end of a stopped run's message: which checkpoint is left to resume from."""
-        return f"; the last checkpoint, {self.path}, is kept" if self.holds_this_run else ""
+        if not self.holds_this_run:
+            return ""
+        at = f" (at iteration {self.iteration})" if self.iteration is not None else ""
+        return f"; the last checkpoint, {self.path}, is kept{at}"
 
 
 def state(settings: Dict[str, Any], iteration: int, model, optimizer: torch.optim.Optimizer,
@@ -66,14 +97,141 @@ def state(settings: Dict[str, Any], iteration: int, model, optimizer: torch.opti
                 losses=torch.tensor(losses, dtype=torch.float64))
 
 
+class BadCheckpoint(ValueError):
+    """A checkpoint missing a field or holding a value no run writes."""
+
+
+def _bad(path: str, field: str, problem: str) -> BadCheckpoint:
+    return BadCheckpoint(f"checkpoint {path}: field {field!r} {problem}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check(path: str, saved: Dict[str, Any]) -> None:
+    """Refuses (BadCheckpoint, naming the file and the field) a checkpoint `saved`, read from
+    `path`, that misses a field or holds a value no pymaml run writes."""
+    for field in ("format_version", "config", "iteration", "model", "optimizer", "generator",
+                  "losses"):
+        if field not in saved:
+            raise _bad(path, field, "is missing")
+    version = saved["format_version"]
+    if not _is_int(version) or version < 1:
+        raise _bad(path, "format_version", f"is {version!r}, expected an int >= 1")
+    if version > FORMAT_VERSION:
+        raise _bad(path, "format_version", f"is {version}: written by a newer pymaml (this is "
+                                           f"{__version__}, which reads up to {FORMAT_VERSION})")
+    config = _check_config(path, saved["config"])
+    iteration = saved["iteration"]
+    if not _is_int(iteration) or not 0 <= iteration <= config["iterations"]:
+        raise _bad(path, "iteration", f"is {iteration!r}, expected an int from 0 to the run's "
+                                      f"iterations ({config['iterations']})")
+    losses = saved["losses"]
+    if not (isinstance(losses, torch.Tensor) and losses.dtype == torch.float64
+            and losses.dim() == 1):
+        raise _bad(path, "losses", "is not a float64 vector (the loss history)")
+    if losses.numel() != iteration:
+        raise _bad(path, "losses", f"holds {losses.numel()} losses for {iteration} iterations")
+    if not torch.isfinite(losses).all():
+        raise _bad(path, "losses", "holds a non-finite loss (a run stops before recording one)")
+    params = _check_model(path, saved["model"], config)
+    _check_optimizer(path, saved["optimizer"], params)
+    _check_generator(path, "generator", saved["generator"])
+    processes = config.get("processes", 1)
+    if processes > 1:
+        streams = saved.get("task_generators")
+        if not isinstance(streams, (list, tuple)) or len(streams) != processes:
+            raise _bad(path, "task_generators", f"must hold the task streams of the run's "
+                                                f"{processes} processes")
+        for rank, s in enumerate(streams):
+            _check_generator(path, f"task_generators[{rank}]", s)
+
+
+def _check_config(path: str, config) -> Dict[str, Any]:
+    if not isinstance(config, dict):
+        raise _bad(path, "config", f"is a {type(config).__name__}, not the run's settings")
+    for key in RunConfig.__dataclass_fields__:
+        if key not in config and key != "processes":  # older checkpoints: one process
+            raise _bad(path, f"config.{key}", "is missing")
+    if not _is_int(config["iterations"]) or config["iterations"] < 0:
+        raise _bad(path, "config.iterations", f"is {config['iterations']!r}, expected an int >= 0")
+    processes = config.get("processes", 1)
+    if not _is_int(processes) or processes < 1:
+        raise _bad(path, "config.processes", f"is {processes!r}, expected an int >= 1")
+    sizes = config["sizes"]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or not all(
+            _is_int(n) and n >= 1 for n in sizes):
+        raise _bad(path, "config.sizes", f"is {sizes!r}, expected layer widths like [1, 40, 1]")
+    if config["dtype"] not in ("float32", "float64"):
+        raise _bad(path, "config.dtype", f"is {config['dtype']!r}, expected 'float32' or 'float64'")
+    return config
+
+
+def _check_model(path: str, record, config: Dict[str, Any]) -> torch.Tensor:
+    """The checkpoint's weights, after checking its model record against its settings."""
+    try:
+        model = MetaMLP.from_dict(record)
+    except ValueError as exc:
+        raise _bad(path, "model", f"is not a valid model: {exc}") from None
+    params = model.params.detach()
+    if model.sizes != list(config["sizes"]) or params.dim() != 1:
+        raise _bad(path, "model", f"has sizes {model.sizes} and {list(params.shape)} weights; "
+                                  f"the run's settings say sizes {list(config['sizes'])}")
+    for field in ("activation", "loss", "inner_lr", "inner_steps"):
+        if getattr(model, field) != config.get(field):
+            raise _bad(path, f"model.{field}", f"is {getattr(model, field)!r}; the run's settings "
+                                               f"say {config.get(field)!r}")
+    if str(params.dtype).replace("torch.", "") != config["dtype"]:
+        raise _bad(path, "model.params", f"are {params.dtype}; the run's settings say "
+                                         f"{config['dtype']}")
+    if not torch.isfinite(params).all():
+        raise _bad(path, "model.params", "hold non-finite weights (a run stops before "
+                                         "writing any)")
+    return params
+
+
+def _check_optimizer(path: str, saved, params: torch.Tensor) -> None:
+    """The optimizer's state_dict: one parameter group, and per-parameter buffers shaped
+    like the weights (scalars such as Adam's step count aside). Their values are not
+    checked: a run may legitimately write an infinite one (Adam's second moment of an
+    overflowing gradient, which leaves the weights finite)."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)):
+        raise _bad(path, "optimizer", "is not an optimizer state_dict (state, param_groups)")
+    groups = saved["param_groups"]
+    if len(groups) != 1 or not isinstance(groups[0], dict) or groups[0].get("params") != [0]:
+        raise _bad(path, "optimizer.param_groups", "must be the one group of the run's weights")
+    for index, buffers in saved["state"].items():
+        if index != 0 or not isinstance(buffers, dict):
+            raise _bad(path, "optimizer.state", "must hold the state of the run's weights only")
+        for name, t in buffers.items():
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue  # step counts and other scalars: torch.optim checks them
+            if t.shape != params.shape:
+                raise _bad(path, f"optimizer.state.{name}", f"has shape {list(t.shape)}; the "
+                           f"weights have {list(params.shape)}")
+
+
+def _check_generator(path: str, field: str, value) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise _bad(path, field, "is not a random generator state (a uint8 tensor)")
+    try:
+        torch.Generator().set_state(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise _bad(path, field, f"is not a valid CPU generator state ({value.numel()} bytes)"
+                   ) from None
+
+
 def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
             optimizer: torch.optim.Optimizer, generator: torch.Generator,
             device: torch.device) -> Tuple[int, List[float]]:
     """Loads checkpoint `saved` (read from `path`) into model, optimizer and generator, after
-    checking that it was written by this run; returns (iteration, loss history)."""
+    checking its fields and that it was written by this run; returns (iteration, losses)."""
     if saved["format"] != _io.CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
                          "to start a new run from its weights")
+    check(path, saved)
     differ = config.differences(saved["config"])
     if differ:
         raise ValueError(f"checkpoint {path} was written by a different run: " + "; ".join(differ))
@@ -86,8 +244,11 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     if iteration > config.iterations:
         raise ValueError(f"checkpoint {path} is at iteration {iteration}, past iterations="
                          f"{config.iterations}")
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise _bad(path, "optimizer", f"does not fit the run's optimizer ({exc})") from None
     with torch.no_grad():
         model.params.copy_(saved["model"]["params"].to(device))
-    optimizer.load_state_dict(saved["optimizer"])
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()

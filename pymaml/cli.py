@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import math
 import os
 import sys
+import warnings
 
 import torch
 
+from . import _io
 from . import _ops
 from . import distributed as _distributed
 from ._version import __version__
@@ -31,6 +34,7 @@ from .evaluate import EVAL_SEED, evaluate
 from .model import MetaMLP
 from .tasks import FAMILIES
 from .trainer import ALGORITHMS, DTYPES, TrainingDiverged, train
+from .config import OPTIMIZERS, check_optimizer_kwargs
 from . import functional as F
 from . import plots
 
@@ -62,6 +66,24 @@ def _count(minimum):
         return value
     parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
     return parse
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _threads(text):
+    """argparse type for --threads: 1 up to the CPUs this process may run on (torch crashes
+    on a huge count, and more threads than CPUs cannot run at once)."""
+    value = _count(1)(text)
+    cpus = _available_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs available to this "
+                                         f"process, got {value}")
+    return value
 
 
 def _int_list(text):
@@ -113,12 +135,13 @@ def cmd_train(args) -> int:
     if clash:
         raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
                          "file: choose another path")
+    _check_train_outputs(args, out)
     # Under torchrun, rank 0 writes the files, so its disk is the one to check.
     if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
             and not (args.resume or args.overwrite)):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
-    init = args.init if args.init in ("seed", "torch") else MetaMLP.load(args.init)
+    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init)
     result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
                    activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
                    inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
@@ -137,7 +160,12 @@ def cmd_train(args) -> int:
               f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
         return 130
     model = result.model
-    model.save(out["model"])
+    try:
+        model.save(out["model"])
+    except OSError as exc:  # e.g. the disk filled up during training
+        raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
+                                 f"{result.checkpoint}: once fixed, rerun with --resume to write "
+                                 "the model and figures") from None
     processes = result.config["processes"]
     spread = f", {processes} processes" if processes > 1 else ""
     print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
@@ -149,15 +177,55 @@ def cmd_train(args) -> int:
     if not args.no_plots:
         # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
         ids = [[math.pi]] if args.task == "seed-sine" else None
-        (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task, shots=args.shots,
-                                       task_ids=ids, seed=args.seed)
-        plots.plot_losses(result.losses, out["loss_figure"],
-                          title=f"{result.config['algorithm']} on {args.task}")
+        with _writing(out["figure"]):
+            (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task,
+                                           shots=args.shots, task_ids=ids, seed=args.seed)
+        with _writing(out["loss_figure"]):
+            plots.plot_losses(result.losses, out["loss_figure"],
+                              title=f"{result.config['algorithm']} on {args.task}")
         what = "a phase-pi task" if ids else "a random task"
         print(f"{out['figure']}: adapted on {model.info['shots'] or '?'} points of {what}, "
               f"mean absolute error {mae:.4f} on a 100-point grid;  {out['loss_figure']}: the loss curve")
     print(f"evaluate with: python -m pymaml eval {out['model']}")
     return 0
+
+
+def _load(flag: str, path: str) -> MetaMLP:
+    """The model a flag names, its errors prefixed with the flag."""
+    try:
+        return MetaMLP.load(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{flag} {exc}") from None  # the command line shows only the words
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError while writing `path` (a figure), in words that name it (see _io)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _io.io_error(exc, path, "writing") from None
+
+
+class _FlagError(ValueError):
+    """A flag's value found wrong after parsing: exit code 2, as argparse's own."""
+
+
+def _check_train_outputs(args, out) -> None:
+    """Before training: the flags' values train() would only find wrong later, and every file
+    train writes after the run (model, figures; train() checks the checkpoint) writable."""
+    optimizer = OPTIMIZERS.get(args.optimizer, args.optimizer)
+    try:
+        check_optimizer_kwargs(optimizer, dict(args.optimizer_arg), args.outer_lr,
+                               name="--optimizer-arg")
+    except ValueError as exc:
+        raise _FlagError(str(exc)) from None
+    if _distributed.env_rank() != 0:
+        return  # rank 0 writes the files
+    _io.check_writable(out["model"], "model file")
+    if not args.no_plots:
+        _io.check_writable(out["figure"], "figure")
+        _io.check_writable(out["loss_figure"], "figure")
 
 
 def _task_of(args, model) -> str:
@@ -183,9 +251,11 @@ def cmd_eval(args) -> int:
 def cmd_plot(args) -> int:
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
-    path = args.out or os.path.splitext(args.model)[0] + "-tasks.png"
-    maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
-                                 num_tasks=args.tasks, steps=args.steps, seed=args.seed)
+    path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
+                              "figure")
+    with _writing(path):
+        maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
+                                     num_tasks=args.tasks, steps=args.steps, seed=args.seed)
     print(f"{path}: {len(maes)} tasks, mean absolute error on a 100-point grid: "
           + ", ".join(f"{m:.3f}" for m in maes))
     return 0
@@ -257,7 +327,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--device", default="cpu", help="torch device")
     t.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter and data dtype")
     t.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the tasks")
-    t.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
+    t.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     t.add_argument("--log-every", type=_count(0), help="a log line every N iterations (0: none)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the progress bar (default: on when stderr is a terminal)")
@@ -292,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inner-lr", type=float, help="default: the model's")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")
     e.add_argument("--backend", choices=F.BACKENDS, default="auto", help="adaptation backend")
-    e.add_argument("--threads", type=_count(1), help="CPU threads (default: torch's)")
+    e.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     e.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("plot", help="figures of a saved model adapted to several tasks", **defaults)
@@ -317,17 +387,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings as one line each, like the errors (Python's own format adds the source line).
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, category, *rest, **kw: print(
+        f"pymaml {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args) -> int:
+    """args.run(args), its errors in one line each: the command line never shows a traceback."""
+    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+    except _FlagError as exc:
+        print(f"pymaml {args.command}{where}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, MemoryError) as exc:
         # TrainingDiverged, missing or foreign files, bad settings: one line, no traceback.
         kind = "stopped" if isinstance(exc, TrainingDiverged) else "error"
-        where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
-        print(f"pymaml {args.command}{where}: {kind}: {exc}", file=sys.stderr)
+        print(f"pymaml {args.command}{where}: {kind}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"pymaml {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # never a traceback: a bug, said in one line
+        print(f"pymaml {args.command}{where}: internal error: {type(exc).__name__}: "
+              f"{_one_line(exc)} (a bug in pymaml: please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's may run to many), or its type."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f" ({text})" if text else "")
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ two, raising one clear error for the first bad argument."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -112,14 +115,15 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
     optimizer_class, optimizer_name = _optimizer_class(optimizer)
     outer_lr = _positive_real("outer_lr", outer_lr)
     optimizer_kwargs = _optimizer_kwargs(optimizer_kwargs)
-    family = _tasks.get_family(task, shots=shots, queries=queries)
+    check_optimizer_kwargs(optimizer_class, optimizer_kwargs, outer_lr)
+    family = _tasks.checked(_tasks.get_family(task, shots=shots, queries=queries))
     for what, n, want in (("input", family.n_in, sizes[0]), ("output", family.n_out, sizes[-1])):
         if n is not None and n != want:
             raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is "
                              f"{list(sizes)}")
     if dtype not in DTYPES.values():
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    device = _usable_device(device)
+    device = F._check_device("device", device)
     seed = F._check_seed(seed)
     if log_every is not None:
         log_every = F._check_int("log_every", log_every, 0)
@@ -174,17 +178,47 @@ def _optimizer_kwargs(kwargs) -> Dict[str, Any]:
     return kwargs
 
 
-def _usable_device(device) -> torch.device:
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_lr: float,
+                           name: str = "optimizer_kwargs") -> None:
+    """Before the run: each keyword is one the optimizer takes, of the kind its default is
+    (a number, a bool, a tuple of numbers), and the optimizer accepts them all; ValueError
+    naming `name`, the keyword and what was expected."""
+    cls = optimizer_class.__name__
+    if "lr" in kwargs:
+        raise ValueError(f"{name} lr={kwargs['lr']!r}: give the outer learning rate as outer_lr "
+                         "(--outer-lr)")
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device like 'cpu' or 'cuda', got "
-                         f"{device!r}") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
-        raise ValueError(f"device {str(device)!r} is not usable here: {exc}") from None
-    return device
+        accepted = inspect.signature(optimizer_class.__init__).parameters
+    except (TypeError, ValueError):  # no signature to read: the constructor will say
+        accepted = {}
+    open_ended = not accepted or any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+    takes = ", ".join(k for k in accepted if k not in ("self", "params", "lr"))
+    for key, value in kwargs.items():
+        if key not in accepted:
+            if open_ended:
+                continue
+            raise ValueError(f"{name} {key}={value!r}: {cls} takes no argument {key!r} (it "
+                             f"takes {takes})")
+        default = accepted[key].default
+        if _is_number(default) and not (_is_number(value) and math.isfinite(value)):
+            raise ValueError(f"{name} {key}={value!r}: {key} must be a finite number for "
+                             f"{cls} (default {default}), and {value!r} is not a number")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{name} {key}={value!r}: {key} must be True or False for {cls}")
+        if isinstance(default, tuple) and all(map(_is_number, default)) and not (
+                isinstance(value, (tuple, list)) and len(value) == len(default)
+                and all(_is_number(v) and math.isfinite(v) for v in value)):
+            raise ValueError(f"{name} {key}={value!r}: {key} must be {len(default)} numbers "
+                             f"for {cls}, such as {default}")
+    try:  # the optimizer's own checks (ranges such as 0 <= momentum), on a stand-in weight
+        optimizer_class([torch.zeros(1, requires_grad=True)], lr=outer_lr, **kwargs)
+    except Exception as exc:  # a user's optimizer class may raise anything
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name} {kwargs}: {cls} refuses them: {text}") from None
 
 
 def _init_name(init) -> str:
@@ -192,6 +226,10 @@ def _init_name(init) -> str:
     if isinstance(init, str):
         return F._check_choice("init", init, INITS)
     if isinstance(init, (MetaMLP, torch.Tensor)):
+        weights = init.params if isinstance(init, MetaMLP) else init
+        if weights.is_floating_point() and not torch.isfinite(weights.detach()).all():
+            raise ValueError("init holds non-finite weights (NaN or infinite): training from "
+                             "them would stop at the first iteration")
         return "given"
     raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got "
                     f"{type(init).__name__}")

@@ -81,6 +81,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     if not isinstance(steps, Sequence) or isinstance(steps, str):
         raise TypeError(f"steps must be a list of step counts such as [1, 5, 10], got {steps!r}")
     steps = list(steps)
+    F._check_device("the model's device", model.params.device)
     seed = F._check_seed(seed)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
@@ -98,7 +99,8 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
         grid_y = family.target(ids, grid_x)
         grid_x, grid_y = cast(grid_x), cast(grid_y)
     else:
-        batch = family.sample(num_tasks, generator=g, dtype=dtype, device=device)
+        batch = _tasks.checked(family).sample(num_tasks, generator=g, dtype=dtype,
+                                              device=device)
     mse, mse_ci, median, diverged, gmse, gmse_ci, gmae = [], [], [], [], [], [], []
     with torch.no_grad():
         for s in steps:

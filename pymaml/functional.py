@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -66,6 +67,33 @@ def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     return int(seed)
+
+
+def _check_device(name: str, device) -> torch.device:
+    """`device` as a torch.device on which tensors can be made here; ValueError naming `name`
+    and saying why not (the meta device holds no data, a CUDA device needs CUDA)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device like 'cpu' or 'cuda', got "
+                         f"{device!r}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name} 'meta' is not supported: meta tensors hold no numbers to "
+                         "train or adapt; use 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"{name} {str(device)!r} is not usable here: this torch build "
+                             f"({torch.__version__}) has no CUDA support")
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{name} {str(device)!r} is not usable here: this machine has "
+                             f"{count} CUDA device(s) visible to torch")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. a device type this build lacks
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name} {str(device)!r} is not usable here: {text}") from None
+    return device
 
 
 def _check_params(params, sizes, allow_batched=False) -> None:
@@ -184,6 +212,13 @@ def _choose_backend(backend, params, sizes, steps, data) -> str:
     if backend == "fused":
         raise RuntimeError(f"backend='fused' cannot serve this call: {reason}; "
                            "use backend='reference' or 'auto'")
+    if _ops.available() and steps > _ops._C.max_steps:
+        # Not silently: the reference's Python loop may not end in any useful time.
+        warnings.warn(f"backend='auto': steps={steps} is beyond the fused op's limit of "
+                      f"{_ops._C.max_steps}, so the autograd reference runs it, a Python loop "
+                      f"of {steps} inner steps per task (second order: a graph that grows with "
+                      "every step), far slower than the fused op; pass backend='reference' to "
+                      "choose it knowingly, or use fewer steps", RuntimeWarning, stacklevel=3)
     return "reference"
 
 

@@ -48,14 +48,19 @@ class MetaMLP(nn.Module):
         self.inner_lr = F._check_finite("inner_lr", inner_lr)
         self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
-        if params is None:
-            F._check_choice("init", init, INITS)
-            params = F.init_params(self.sizes, generator=generator, dtype=dtype, device=device,
-                                   zero_bias=init == "seed")
-        else:
-            F._check_params(params, self.sizes, allow_batched=True)
-            params = params.detach().clone()
-        self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
+        if device is not None:
+            device = F._check_device("device", device)
+        # Normal tensors even when made under torch.inference_mode (say, by adapt there):
+        # inference tensors never record autograd, and the model may be trained later.
+        with torch.inference_mode(False):
+            if params is None:
+                F._check_choice("init", init, INITS)
+                params = F.init_params(self.sizes, generator=generator, dtype=dtype,
+                                       device=device, zero_bias=init == "seed")
+            else:
+                F._check_params(params, self.sizes, allow_batched=True)
+                params = params.detach().clone()
+            self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
 
     # ---- use ----------------------------------------------------------------------------------
 
@@ -123,11 +128,25 @@ class MetaMLP(nn.Module):
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], *, device=None) -> "MetaMLP":
+        """The model of a record written by to_dict; ValueError naming the field that is
+        missing or holds what a model cannot have."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the model record is a {type(d).__name__}, not a dict")
+        for field in ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params"):
+            if field not in d:
+                raise ValueError(f"field {field!r} of the model record is missing")
+        params = d["params"]
+        if not isinstance(params, torch.Tensor):
+            raise ValueError(f"field 'params' of the model record is a {type(params).__name__}, "
+                             "not a tensor")
+        if "info" in d and not isinstance(d["info"], (dict, type(None))):
+            raise ValueError(f"field 'info' of the model record is a {type(d['info']).__name__}, "
+                             "not a dict")
         try:
-            return cls(d["sizes"], d["activation"], params=d["params"].to(device), loss=d["loss"],
+            return cls(d["sizes"], d["activation"], params=params.to(device), loss=d["loss"],
                        inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"))
-        except (KeyError, AttributeError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a valid pymaml model record ({type(exc).__name__}: {exc})") from None
+        except (TypeError, ValueError) as exc:  # the argument checks name the field
+            raise ValueError(f"the model record holds an invalid value: {exc}") from None
 
     def save(self, path) -> None:
         """Writes the model atomically with torch.save: plain tensors and metadata only, so
@@ -136,13 +155,16 @@ class MetaMLP(nn.Module):
 
     @classmethod
     def load(cls, path, *, device=None) -> "MetaMLP":
-        """A model saved by `save`, or the model inside a training checkpoint."""
+        """A model saved by `save`, or the model inside a training checkpoint (whose fields
+        are all checked: a damaged checkpoint is refused, not half used)."""
+        device = F._check_device("device", device) if device is not None else None
         d = _io.load_file(path)
-        record = d.get("model") if d["format"] == _io.CHECKPOINT_FORMAT else d
+        if d["format"] == _io.CHECKPOINT_FORMAT:
+            from . import checkpoint  # imported here: checkpoint -> config -> model
+            checkpoint.check(path, d)
+            return cls.from_dict(d["model"], device=device)
         try:
-            if not isinstance(record, dict):
-                raise ValueError("the checkpoint holds no model record")
-            return cls.from_dict(record, device=device)
+            return cls.from_dict(d, device=device)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 

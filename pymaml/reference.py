@@ -3,6 +3,12 @@ tasks and inner steps, torch.autograd.grad with create_graph=True). It is the or
 fused result is checked against, so it stays simple and obviously right; it is also the
 fallback backend (any device, dtype, depth, double backward, gradients to the data).
 
+It serves every grad mode: the inner loop needs gradients whatever the caller's mode, so it
+runs with autograd on (outside torch.inference_mode too), and the result carries a graph only
+when the caller's mode records one and an input requires grad, as a torch op's would. Under
+torch.func transforms (vmap, grad, ...) the inner gradients are taken with torch.func.grad,
+which composes with them, instead of torch.autograd.grad.
+
 Arguments are those of pymaml.functional (already validated there)."""
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from ._layout import unflatten
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+# Under torch.func transforms: F.mse_loss's double backward fails under forward mode (jvp,
+# jacfwd, hessian: "ZeroTensors are immutable", torch 2.13); the same mean written out does not.
+_TRANSFORM_LOSSES = {"mse": lambda a, y: (a - y).square().mean(), "l1": F.l1_loss}
 
 
 def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -29,39 +38,86 @@ def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.
     return x
 
 
-def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order):
+def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
+               functional=False):
     """`steps` SGD steps on (x, y) from `weights`. Second order keeps the graph of every
-    gradient (create_graph=True); first order treats the gradients as constants."""
-    loss_fn = LOSSES[loss]
+    gradient (create_graph=True); first order treats the gradients as constants.
+    functional=True takes the gradients with torch.func.grad (under torch.func transforms,
+    where weights cannot be made autograd leaves)."""
+    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
+    inner_loss = lambda w: loss_fn(net(w, x, activation), y)
     for _ in range(steps):
-        inner = loss_fn(net(weights, x, activation), y)
-        grads = torch.autograd.grad(inner, weights, create_graph=not first_order)
+        if functional:
+            grads = torch.func.grad(inner_loss)(weights)
+            if first_order:
+                grads = [g.detach() for g in grads]
+        else:
+            grads = torch.autograd.grad(inner_loss(weights), weights,
+                                        create_graph=not first_order)
         weights = [w - inner_lr * g for w, g in zip(weights, grads)]
     return weights
 
 
-def _leaf_weights(params: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
-    # The inner loop needs a graph even when the caller's params do not require grad.
-    if not params.requires_grad:
+def _under_transform(tensors) -> bool:
+    # Tensors that a torch.func transform (vmap, grad, jacrev...) has wrapped.
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(wrapped(t) for t in tensors)
+
+
+class autograd_on:
+    """Autograd on, whatever the caller's mode: torch.no_grad and torch.inference_mode both
+    turn it off, and enable_grad alone does not leave inference mode. (A class, not a
+    generator: the reference enters it once per call.)"""
+
+    def __enter__(self):
+        self._modes = [torch.enable_grad()]
+        if torch.is_inference_mode_enabled():
+            self._modes.insert(0, torch.inference_mode(False))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        return False
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    # Tensors made under torch.inference_mode cannot be saved for backward: a normal copy.
+    return t.clone() if t.is_inference() else t
+
+
+def _weights(params: torch.Tensor, sizes: Sequence[int], functional: bool) -> List[torch.Tensor]:
+    # The inner loop needs a graph even when the caller's params do not require grad (not
+    # under a transform: torch.func.grad makes its own).
+    params = _usable(params)
+    if not functional and not params.requires_grad:
         params = params.detach().requires_grad_()
     return [t for layer in unflatten(params, sizes) for t in layer]
 
 
-def _keeps_graph(*tensors) -> bool:
+def _keeps_graph(tensors, functional: bool) -> bool:
     # Whether the caller's autograd graph should reach the result (as any torch op would).
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # Under a transform requires_grad reads False even where autograd records (vmap over
+    # params that require grad), and torch.func.grad made no leaves: the graph is the
+    # caller's alone, so only the caller's grad mode decides.
+    return torch.is_grad_enabled() and (functional or any(t.requires_grad for t in tensors))
 
 
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
           loss="mse", first_order=False):
     """[T, P]: the adapted parameters of every task."""
-    keep_graph = _keeps_graph(params, x_support, y_support)
-    with torch.enable_grad():
-        weights = _leaf_weights(params, sizes)
+    functional = _under_transform((params, x_support, y_support))
+    keep_graph = _keeps_graph((params, x_support, y_support), functional)
+    with autograd_on():
+        weights = _weights(params, sizes, functional)
+        xs, ys = _usable(x_support), _usable(y_support)
         adapted = []
-        for t in range(x_support.shape[0]):
-            w = inner_loop(weights, x_support[t], y_support[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order)
+        for t in range(xs.shape[0]):
+            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
+                           activation=activation, loss=loss, first_order=first_order,
+                           functional=functional)
             adapted.append(torch.cat([p.reshape(-1) for p in w]))
         out = torch.stack(adapted)
     return out if keep_graph else out.detach()
@@ -70,14 +126,18 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
               activation="relu", loss="mse", first_order=False):
     """Scalar: the mean over tasks of the query loss after adaptation."""
-    keep_graph = _keeps_graph(params, x_support, y_support, x_query, y_query)
-    loss_fn = LOSSES[loss]
-    with torch.enable_grad():
-        weights = _leaf_weights(params, sizes)
+    data = (x_support, y_support, x_query, y_query)
+    functional = _under_transform((params, *data))
+    keep_graph = _keeps_graph((params, *data), functional)
+    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
+    with autograd_on():
+        weights = _weights(params, sizes, functional)
+        xs, ys, xq, yq = (_usable(t) for t in data)
         losses = []
-        for t in range(x_support.shape[0]):
-            w = inner_loop(weights, x_support[t], y_support[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order)
-            losses.append(loss_fn(net(w, x_query[t], activation), y_query[t]))
+        for t in range(xs.shape[0]):
+            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
+                           activation=activation, loss=loss, first_order=first_order,
+                           functional=functional)
+            losses.append(loss_fn(net(w, xq[t], activation), yq[t]))
         out = torch.stack(losses).mean()
     return out if keep_graph else out.detach()

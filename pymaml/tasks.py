@@ -29,7 +29,7 @@ import torch
 from .functional import _check_int
 
 __all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
-           "FAMILIES", "get_family"]
+           "CheckedTasks", "FAMILIES", "get_family", "checked", "check_batch"]
 
 
 class TaskBatch(NamedTuple):
@@ -117,7 +117,12 @@ class FunctionTasks(TaskFamily):
         u = torch.rand(T, D + self.shots + self.queries, generator=generator, dtype=torch.float64)
         tasks = self.tasks_from_uniforms(u[:, :D])
         x = self._scale(u[:, D:]).unsqueeze(2)
-        return tasks, x, self.target(tasks, x)
+        y = self.target(tasks, x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.is_complex():
+            got = f"{y.dtype} {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"task family {self.name!r} ({type(self).__name__}).target must "
+                             f"return real y shaped like x, {list(x.shape)}; got {got}")
+        return tasks, x, y
 
     def split(self, x, y, *, dtype=torch.float32, device=None) -> TaskBatch:
         """The TaskBatch of draws x, y [..., K + Q, 1]: the first K points are the support set."""
@@ -188,8 +193,42 @@ class Sine(FunctionTasks):
         return amplitude * torch.sin(x - phase)
 
 
+def check_batch(where: str, out, lead, *, dtype, device) -> TaskBatch:
+    """A sampler's output `out` as a TaskBatch of `dtype` on `device`, after checking that it
+    is four real tensors [*lead, points, features] (lead: (T,), or (n, T) for sample_many)
+    whose support (and query) x and y hold as many points. ValueError / TypeError naming
+    `where` (the family) and the tensor otherwise: more tasks than asked, complex numbers
+    (their imaginary part would be dropped), ... are refused, not trained on. (Called once
+    per meta-iteration for users' samplers: the checks are cheap ones, messages built only
+    on failure.)"""
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise ValueError(f"{where} must return (x_support, y_support, x_query, y_query), got "
+                         f"{type(out).__name__}")
+    n = len(lead)
+    for field, t in zip(TaskBatch._fields, out):
+        if not isinstance(t, torch.Tensor) or t.dim() != n + 2 or t.shape[:n] != lead:
+            asked = ", ".join(f"{k}={v}" for k, v in zip("nT"[-n:], lead))
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{where} must return {field} as a tensor [{asked}, points, "
+                             f"features] (the tasks asked for), got {got}")
+        if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"{where} returned {field} of dtype {t.dtype}: pymaml trains on "
+                            "real numbers (a complex tensor's imaginary part would be dropped)")
+    xs, ys, xq, yq = out
+    if xs.shape[n] != ys.shape[n] or xq.shape[n] != yq.shape[n]:
+        x, y = ("x_support", "y_support") if xs.shape[n] != ys.shape[n] else ("x_query", "y_query")
+        shapes = {f: list(t.shape) for f, t in zip(TaskBatch._fields, out)}
+        raise ValueError(f"{where} returned {x} and {y} with different numbers of points: "
+                         f"{shapes[x]} and {shapes[y]}")
+    if not isinstance(device, torch.device):
+        device = torch.device("cpu" if device is None else device)
+    if all(t.dtype == dtype and t.device == device for t in out):
+        return out if type(out) is TaskBatch else TaskBatch(*out)
+    return TaskBatch(*(t.to(device=device, dtype=dtype) for t in out))
+
+
 class CallableTasks(TaskFamily):
-    """Wraps a user's sampler `fn(T, generator) -> (xs, ys, xq, yq)` (any float dtype, any
+    """Wraps a user's sampler `fn(T, generator) -> (xs, ys, xq, yq)` (any real dtype, any
     device: the result is cast and moved), checking what it returns."""
 
     def __init__(self, fn: Callable, name: Optional[str] = None):
@@ -200,20 +239,52 @@ class CallableTasks(TaskFamily):
 
     def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
         T = _check_int("T", T, 1)
-        out = self.fn(T, generator)
-        where = f"task {self.name!r} (a callable fn(T, generator))"
-        if not isinstance(out, (tuple, list)) or len(out) != 4:
-            raise ValueError(f"{where} must return (x_support, y_support, x_query, y_query), "
-                             f"got {type(out).__name__}")
-        for field, t in zip(TaskBatch._fields, out):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != T:
-                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{where} must return {field} as a tensor [T={T}, points, "
-                                 f"features], got {got}")
-        return TaskBatch(*(t.to(device=device, dtype=dtype) for t in out))
+        return check_batch(f"task {self.name!r} (a callable fn(T, generator))",
+                           self.fn(T, generator), (T,), dtype=dtype, device=device)
 
     def __repr__(self):
         return f"CallableTasks({self.name})"
+
+
+class CheckedTasks(TaskFamily):
+    """A user's TaskFamily, with what its sample / sample_many return checked (check_batch)
+    on every call; its other attributes are the family's own."""
+
+    def __init__(self, family: TaskFamily):
+        self.family = family
+
+    # TaskFamily's class attributes would shadow the family's own: forwarded explicitly.
+    name = property(lambda self: self.family.name)
+    n_in = property(lambda self: self.family.n_in)
+    n_out = property(lambda self: self.family.n_out)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["family"], name)
+
+    @property
+    def _where(self) -> str:
+        return f"task family {self.family.name!r} ({type(self.family).__name__})"
+
+    def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
+        out = self.family.sample(T, generator=generator, dtype=dtype, device=device)
+        return check_batch(f"{self._where}.sample", out, (T,), dtype=dtype, device=device)
+
+    def sample_many(self, n, T, *, generator, dtype=torch.float32, device=None):
+        out = self.family.sample_many(n, T, generator=generator, dtype=dtype, device=device)
+        if out is None:
+            return None
+        return check_batch(f"{self._where}.sample_many", out, (n, T), dtype=dtype, device=device)
+
+    def __repr__(self):
+        return f"CheckedTasks({self.family!r})"
+
+
+def checked(family: TaskFamily) -> TaskFamily:
+    """`family`, its outputs checked on every draw unless it is one of pymaml's own (whose
+    shapes and dtypes are right by construction) or already checks them."""
+    if type(family) in (SeedSine, Sine, CallableTasks, CheckedTasks):
+        return family
+    return CheckedTasks(family)
 
 
 FAMILIES = {SeedSine.name: SeedSine, Sine.name: Sine}

@@ -130,7 +130,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     group = _distributed.Group.join(options.distributed, options.device,
                                     options.distributed_timeout)
     try:
-        return _Run(config, options, group).loop()
+        # The reference's meta-gradient needs autograd, whatever the caller's grad mode.
+        with _reference.autograd_on():
+            return _Run(config, options, group).loop()
     finally:
         if group is not None:
             group.close()
@@ -209,7 +211,8 @@ class _Run:
                              f"evenly, so use a multiple of {processes}")
         self.config = config = dataclasses.replace(config, processes=processes)
         self.local_batch = config.meta_batch_size // processes
-        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from)
+        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from,
+                                                   config)
         if options.checkpoint is not None:
             self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
                                                                    options.overwrite),

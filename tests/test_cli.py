@@ -199,7 +199,7 @@ def test_train_init_missing_file(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(capsys, *TRAIN, "--init", "missing.pt")
     assert code == 1
     assert_one_line(err)
-    assert "missing.pt" in err
+    assert "--init missing.pt: no such file" in err
     assert os.listdir(tmp_path) == []
 
 
@@ -213,9 +213,27 @@ def test_train_setting_error(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def run_subprocess(*argv, cwd, timeout=120):
+    """`python -m pymaml argv...` in a new process that imports this tree's pymaml (the one
+    under test), whatever else is installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pymaml.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "pymaml", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_subprocess_imports_the_tree_under_test(tmp_path):
+    proc = run_subprocess("info", cwd=tmp_path)
+    code = "import pymaml, sys; sys.stdout.write(pymaml.__file__)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pymaml.__file__)))
+    where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert where.stdout == pymaml.__file__
+
+
 def test_subprocess_missing_file_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pymaml", "eval", "missing.pt"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_subprocess("eval", "missing.pt", cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing.pt" in proc.stderr
@@ -239,3 +257,91 @@ def test_eval_of_a_model_trained_on_a_custom_task_asks_for_task(tmp_path, monkey
     assert "trained on task 'my-lines'" in err and "pass --task" in err
     code, out, err = run_cli(capsys, "eval", "m.pt", "--tasks", "10", "--task", "sine")
     assert code == 0
+
+
+# ---- every failure in words, one line, before the work ------------------------------------------
+
+def test_threads_beyond_the_cpus_are_refused(tmp_path, monkeypatch, capsys):
+    from pymaml import cli
+    monkeypatch.chdir(tmp_path)
+    cpus = cli._available_cpus()
+    for command in ("train", "eval"):
+        argv = [command] + (["m.pt"] if command == "eval" else []) + ["--threads", str(cpus + 1)]
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2
+        assert_one_line(err)
+        assert f"--threads: must be at most {cpus}, the CPUs available to this process" in err
+    code, out, err = run_cli(capsys, "train", "--threads", str(10**12))
+    assert code == 2 and "must be at most" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg,words", [
+    ("momentum=abc", "--optimizer-arg momentum='abc': momentum must be a finite number for SGD "
+                     "(default 0), and 'abc' is not a number"),
+    ("momentum=", "momentum must be a finite number"),
+    ("betas=(0.9,0.99)", "SGD takes no argument 'betas'"),
+    ("momentum=-2", "SGD refuses them: Invalid momentum value"),
+    ("lr=0.1", "--optimizer-arg lr=0.1: give the outer learning rate as outer_lr (--outer-lr)"),
+])
+def test_bad_optimizer_args_exit_2_in_words(arg, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *TRAIN, "--optimizer-arg", arg)
+    assert code == 2
+    assert_one_line(err)
+    assert words in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "plot"])
+def test_a_directory_as_the_model_says_so(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.pt").mkdir()
+    code, out, err = run_cli(capsys, command, "run.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert "run.pt is a directory" in err and "no such file" not in err
+
+
+EVIL = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+torch.save({"format": "pymaml.MetaMLP", "x": Payload()}, sys.argv[1])
+"""
+
+
+def test_a_malicious_pickle_is_not_loaded_and_not_a_pymaml_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-c", EVIL, "evil.pt", "pwned"], check=True, timeout=120)
+    assert (tmp_path / "evil.pt").is_file() and not (tmp_path / "pwned").exists()
+    for argv in (["eval", "evil.pt"], ["plot", "evil.pt"], [*TRAIN, "--init", "evil.pt"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 1
+        assert_one_line(err)
+        assert "evil.pt is not a pymaml file" in err and "weights_only" not in err
+    proc = run_subprocess("eval", "evil.pt", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "not a pymaml file" in proc.stderr and "weights_only" not in proc.stderr
+    assert not (tmp_path / "pwned").exists()  # the payload never ran
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(model_here, monkeypatch, capsys):
+    from pymaml import cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("something pymaml did not expect")
+    monkeypatch.setattr(cli, "evaluate", broken)
+    code, out, err = run_cli(capsys, "eval", "maml-sine.pt")
+    assert code == 1
+    assert_one_line(err)
+    assert err.startswith("pymaml eval: internal error: KeyError:")
+
+
+@pytest.mark.skipif(not pymaml.fused_available(), reason="the warning is the fused op's limit")
+def test_warnings_are_one_line_each(model_here, capsys):
+    code, out, err = run_cli(capsys, "eval", "maml-sine.pt", "--tasks", "2", "--steps", "101")
+    assert code == 0
+    lines = err.splitlines()
+    assert lines and all(line.startswith("pymaml eval: warning: ") for line in lines), err

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument, on every backend and at the raw op."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -193,3 +195,47 @@ def test_auto_serves_torch_func_with_the_reference():
     torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda p: F.maml_loss(p, *pb.data, backend="fused", **pb.hyper))(pb.params)
+
+
+# ---- devices ---------------------------------------------------------------------------------
+
+def test_the_meta_device_is_not_supported():
+    with pytest.raises(ValueError, match="device 'meta' is not supported"):
+        pymaml.train(iterations=1, device="meta", progress=False, log_every=0)
+    with pytest.raises(ValueError, match="device 'meta' is not supported"):
+        pymaml.MetaMLP([1, 4, 1], device="meta")
+    with pytest.raises(ValueError, match="the model's device 'meta' is not supported"):
+        pymaml.evaluate(pymaml.MetaMLP([1, 4, 1]).to("meta"), "sine", num_tasks=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_says_so(tmp_path):
+    pymaml.MetaMLP([1, 4, 1]).save(tmp_path / "m.pt")
+    for call in (lambda: pymaml.load(tmp_path / "m.pt", device="cuda"),
+                 lambda: pymaml.train(iterations=1, device="cuda:1", progress=False, log_every=0)):
+        with pytest.raises(ValueError, match="device 'cuda(:1)?' is not usable here: this "
+                                             "(torch build .* has no CUDA support|machine has 0 "
+                                             "CUDA device)"):
+            call()
+
+
+def test_paths_must_be_paths(tmp_path):
+    with pytest.raises(TypeError, match="path must be a file path"):
+        pymaml.load(None)
+    with pytest.raises(TypeError, match="path must be a file path"):
+        pymaml.MetaMLP([1, 4, 1]).save(3)
+
+
+# ---- backend="auto" beyond the fused op's limits -------------------------------------------------
+
+@requires_fused
+@pytest.mark.parametrize("fn", [F.maml_loss, F.adapt], ids=["maml_loss", "adapt"])
+def test_auto_warns_when_steps_send_it_to_the_reference(fn):
+    limit = pymaml._ops._C.max_steps
+    with pytest.warns(RuntimeWarning, match=f"steps={limit + 1} is beyond the fused op's limit "
+                                            f"of {limit}.*backend='reference'"):
+        call(fn, "auto", steps=limit + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for, or within the fused op's reach: no warning
+        call(fn, "reference", steps=limit + 1)
+        call(fn, "auto", steps=limit)

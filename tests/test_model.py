@@ -293,3 +293,43 @@ def test_batched_model_has_no_sequential():
     x, y = task_data(T=2)
     with pytest.raises(ValueError):
         make_model().adapt(x, y).to_sequential()
+
+
+# ---- a model file missing a field, or holding what no model has ---------------------------------
+
+def _without(field):
+    def change(d):
+        del d[field]
+    return change
+
+
+BAD_RECORDS = [(_without(f), f"field '{f}' of the model record is missing")
+               for f in ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params")] + [
+    (lambda d: d.update(params=[0.0] * P), "field 'params' of the model record is a list"),
+    (lambda d: d.update(info=[1, 2]), "field 'info' of the model record is a list"),
+    (lambda d: d.update(inner_steps=-1), "inner_steps must be an int >= 0"),
+    (lambda d: d.update(inner_lr=float("nan")), "inner_lr must be a finite number"),
+    (lambda d: d.update(activation="gelu"), "activation must be one of"),
+    (lambda d: d.update(sizes=[1, 0, 1]), "sizes must hold positive integers"),
+    (lambda d: d.update(params=torch.zeros(P, dtype=torch.int64)), "params must be a "
+                                                                   "floating-point tensor"),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_RECORDS, ids=[w.split(" ")[1] if w.startswith("field")
+                                                            else w.split(" ")[0] for _, w in BAD_RECORDS])
+def test_a_model_file_with_a_bad_field_is_refused_naming_file_and_field(tmp_path, change, words):
+    d = make_model().to_dict()
+    change(d)
+    path = tmp_path / "bad.pt"
+    _io.atomic_save(d, path)
+    with pytest.raises((ValueError, TypeError), match=f"bad.pt: .*{words}") as err:
+        pymaml.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_made_under_no_grad_saves_and_loads(tmp_path):
+    with torch.no_grad():
+        model = make_model()
+        model.save(tmp_path / "m.pt")
+    assert torch.equal(pymaml.load(tmp_path / "m.pt").params, model.params)

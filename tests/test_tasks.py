@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import pymaml
 from pymaml import tasks
 
 
@@ -137,3 +138,65 @@ def test_sample_many_declines_when_a_subclass_draws_its_own_way():
     assert torch.equal(g.get_state(), before)  # nothing drawn
     assert tasks.TaskFamily().sample_many(5, 2, generator=g) is None
     assert tasks.get_family(lambda T, g: None).sample_many(5, 2, generator=g) is None
+
+
+# ---- a user's family: what it draws is checked, not trained on blindly ----------------------
+
+class _Family(tasks.TaskFamily):
+    """A user's family whose draws `change` spoils."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def sample(self, T, *, generator, dtype=torch.float32, device=None):
+        return self.change(T, tasks.SeedSine().sample(T, generator=generator, dtype=dtype,
+                                                      device=device))
+
+
+SPOILED = {
+    "more tasks": (lambda T, b: tasks.SeedSine().sample(T + 1, generator=gen()), ValueError,
+                   r"x_support as a tensor \[T=\d+, points, features\] \(the tasks asked for\)"),
+    "fewer tasks": (lambda T, b: tasks.TaskBatch(*(t[:0] for t in b)), ValueError, "tasks asked for"),
+    "complex": (lambda T, b: tasks.TaskBatch(*(t.to(torch.complex64) for t in b)), TypeError,
+                "complex64: pymaml trains on real numbers"),
+    "points differ": (lambda T, b: b._replace(y_query=b.y_query[:, :2]), ValueError,
+                      "x_query and y_query with different numbers of points"),
+    "three tensors": (lambda T, b: tuple(b)[:3], ValueError, "must return \\(x_support"),
+}
+
+
+@pytest.mark.parametrize("spoil", SPOILED)
+def test_a_user_familys_bad_draws_are_refused_by_train_and_evaluate(spoil):
+    change, error, words = SPOILED[spoil]
+    family = _Family(change)
+    with pytest.raises(error, match=f"task family 'custom' \\(_Family\\).sample.*{words}"):
+        pymaml.train(family, iterations=2, meta_batch_size=2, progress=False, log_every=0)
+    with pytest.raises(error, match=words):
+        pymaml.evaluate(pymaml.MetaMLP([1, 8, 1]), family, num_tasks=4)
+
+
+def test_a_user_family_in_another_dtype_is_cast():
+    family = _Family(lambda T, b: tasks.TaskBatch(*(t.double() for t in b)))
+    run = pymaml.train(family, iterations=3, meta_batch_size=2, progress=False, log_every=0)
+    plain = pymaml.train(tasks.SeedSine(), iterations=3, meta_batch_size=2, progress=False,
+                         log_every=0)
+    assert run.model.params.dtype == torch.float32
+    assert torch.equal(run.losses, plain.losses)
+
+
+def test_a_callable_sampler_returning_complex_numbers_is_refused():
+    sampler = lambda T, g: tuple(torch.ones(T, 4, 1, dtype=torch.complex64) for _ in range(4))
+    with pytest.raises(TypeError, match="x_support of dtype torch.complex64"):
+        pymaml.train(sampler, iterations=2, progress=False, log_every=0)
+
+
+def test_a_function_family_whose_target_is_misshapen_is_refused():
+    class TwoOutputs(tasks.SeedSine):
+        def target(self, ids, x):
+            return torch.sin(x).repeat(1, 1, 2)
+
+    for draw in (lambda f: f.sample(3, generator=gen()),
+                 lambda f: f.sample_many(4, 3, generator=gen())):
+        with pytest.raises(ValueError, match=r"\(TwoOutputs\).target must return real y shaped "
+                                             r"like x"):
+            draw(TwoOutputs())

@@ -233,7 +233,7 @@ def test_numpy_settings_are_saved_as_plain_values(tmp_path):
 
 
 def test_checkpoint_directory_is_checked_before_training(tmp_path):
-    with pytest.raises(ValueError, match="does not exist or is not writable"):
+    with pytest.raises(ValueError, match="the directory .*missing does not exist"):
         pymaml.train(iterations=5, checkpoint=tmp_path / "missing" / "run.ckpt", **QUIET)
 
 
@@ -260,3 +260,35 @@ def test_an_ignored_sigint_stays_ignored():
 def test_more_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         pymaml.train(**{"iterations": 1, **QUIET, **kwargs})
+
+
+@pytest.mark.parametrize("optimizer,kwargs,match", [
+    ("sgd", {"momentum": "abc"}, "momentum='abc': momentum must be a finite number .*'abc' is "
+                                 "not a number"),
+    ("sgd", {"momentum": float("nan")}, "momentum must be a finite number"),
+    ("sgd", {"betas": (0.9, 0.99)}, "SGD takes no argument 'betas' \\(it takes momentum"),
+    ("sgd", {"nesterov": "yes"}, "nesterov must be True or False"),
+    ("adam", {"betas": (0.9,)}, "betas must be 2 numbers for Adam"),
+    ("adam", {"betas": (0.9, 2.0)}, "Adam refuses them: Invalid beta parameter"),
+    ("sgd", {"momentum": -1}, "SGD refuses them: Invalid momentum value"),
+])
+def test_optimizer_kwargs_are_checked_before_training(optimizer, kwargs, match):
+    with pytest.raises(ValueError, match=f"optimizer_kwargs .*{match}"):
+        pymaml.train(iterations=1, optimizer=optimizer, optimizer_kwargs=kwargs, **QUIET)
+
+
+def test_non_finite_initial_weights_are_refused():
+    bad = F.init_params([1, 32, 32, 1])
+    bad[3] = float("nan")
+    for init in (bad, pymaml.MetaMLP([1, 32, 32, 1], params=bad)):
+        with pytest.raises(ValueError, match="init holds non-finite weights"):
+            pymaml.train(iterations=1, init=init, **QUIET)
+
+
+@requires_fused
+def test_auto_says_when_inner_steps_beyond_the_fused_limit_send_it_to_the_reference():
+    limit = pymaml._ops._C.max_steps
+    with pytest.warns(RuntimeWarning, match=f"steps={limit + 1} is beyond the fused op's limit "
+                                            f"of {limit}"):
+        run = pymaml.train(iterations=1, sizes=[1, 4, 1], inner_steps=limit + 1, **QUIET)
+    assert run.config["backend"] == "reference"
