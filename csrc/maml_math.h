@@ -432,29 +432,37 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
 
 // Inner loop (docs/design.md §1.2): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
 // from theta^0 = w.theta0. Leaves theta^1..theta^S and the tapes of theta^0..theta^{S-1} in w.
+// Step k reads the K points from point k * batch_stride of Xs / Ys: 0 gives every step the same
+// batch, K a batch of its own per step (docs/design.md §8.4).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
-                                   int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w) {
+                                   int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
+                                   int64_t batch_stride = 0) {
   const int64_t E = s.num_ext;
   for (int64_t k = 0; k < steps; ++k) {
     const T* cur = w.theta(k, s);
     T* next = w.thetas + k * E;
-    loss_and_grad<T, A, L, LA>(s, cur, Xs, Ys, K, w.tape(k), w.tmp);
+    const T* X = Xs + k * batch_stride * s.n[0];
+    const T* Y = Ys + k * batch_stride * s.n_out();
+    loss_and_grad<T, A, L, LA>(s, cur, X, Y, K, w.tape(k), w.tmp);
     LA::each(E, [&](int64_t p) { next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p]; });
   }
 }
 
 // Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
 // g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs the thetas and tapes
-// of `inner_loop`. Each pass over g also forms the next step's direction.
+// of `inner_loop` (and its batch_stride: step k's Hessian is that of step k's batch). Each
+// pass over g also forms the next step's direction.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
-                                  InnerLR<T> lr, const TaskWorkspace<T>& w) {
+                                  InnerLR<T> lr, const TaskWorkspace<T>& w,
+                                  int64_t batch_stride = 0) {
   const int64_t E = s.num_ext;
   if (steps == 0) return;
   LA::each(E, [&](int64_t p) { w.tmp[p] = lr.at(int(steps - 1), p) * w.g[p]; });
   for (int64_t k = steps - 1; k >= 0; --k) {
-    hvp<T, A, L, LA>(s, w.theta(k, s), Xs, K, w.tape(k), w.rtape, w.tmp, w.hv);
+    hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0], K, w.tape(k), w.rtape,
+                     w.tmp, w.hv);
     if (k > 0) {
       LA::each(E, [&](int64_t p) {
         w.g[p] -= w.hv[p];
@@ -469,7 +477,8 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int
 // ---------------------------------------------------------------------------------------------
 // Whole-task entry points, shared by every backend.
 
-// Both take theta^0 extended in w.theta0 (see expand_params), shared by the tasks of a batch.
+// Both take theta^0 extended in w.theta0 (see expand_params), shared by the tasks of a batch,
+// and the support batches as inner_loop does (batch_stride).
 
 // MAML / FO-MAML on one task: runs the inner loop on the support set, returns the query loss
 // at theta^S and, if `need_grad`, leaves this task's meta-gradient dLq(theta^S)/dtheta in
@@ -478,8 +487,9 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
                                const T* Xq, const T* Yq, int64_t Q, int64_t steps, InnerLR<T> lr,
-                               bool first_order, bool need_grad, const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w);
+                               bool first_order, bool need_grad, const TaskWorkspace<T>& w,
+                               int64_t batch_stride = 0) {
+  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   const T* adapted = w.theta(steps, s);
   const Tape<T> query = w.tape(steps);
   if (!need_grad) {
@@ -487,7 +497,7 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
     return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
   const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
-  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w);
+  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
   return query_loss;
 }
 
@@ -496,10 +506,10 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
                                        int64_t steps, InnerLR<T> lr, const T* grad,
-                                       const TaskWorkspace<T>& w) {
-  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w);
+                                       const TaskWorkspace<T>& w, int64_t batch_stride = 0) {
+  inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   expand_params<T, LA>(s, grad, w.g);
-  walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w);
+  walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
 }
 
 }  // namespace pymaml

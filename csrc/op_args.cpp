@@ -83,6 +83,24 @@ int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, con
   return x.size(1);
 }
 
+int64_t check_support(const char* op, const at::Tensor& xs, const at::Tensor& ys,
+                      const at::Tensor& params, const OpConfig& config, bool allow_per_step,
+                      int64_t& T, bool& per_step) {
+  per_step = xs.dim() == 4;
+  if (!per_step)
+    return check_batch(op, "x_support", xs, "y_support", ys, params, config.shape, T);
+  TORCH_CHECK_VALUE(allow_per_step, op, ": x_support [T, steps, K, features] (a batch per inner "
+                    "step) runs on the CPU kernels only, got shape ", xs.sizes());
+  TORCH_CHECK_VALUE(ys.dim() == 4, op, ": y_support must be 4-D [T, steps, K, features] like "
+                    "x_support, got shape ", ys.sizes());
+  TORCH_CHECK_VALUE(config.steps >= 1 && xs.size(1) == config.steps && ys.size(1) == config.steps,
+                    op, ": x_support and y_support [T, steps, K, features] hold one batch per "
+                    "inner step (steps = ", config.steps, ", at least 1), got ", xs.sizes(),
+                    " and ", ys.sizes());
+  return check_batch(op, "x_support", xs.select(1, 0), "y_support", ys.select(1, 0), params,
+                     config.shape, T);
+}
+
 void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& params,
                       int64_t T, int64_t P) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == T && grad.size(1) == P, op,
@@ -97,11 +115,17 @@ void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& 
 OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                      std::string_view activation, std::string_view loss,
                      const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
-                     const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& grad) {
+                     const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& grad,
+                     bool allow_per_step) {
   OpArgs a;
   a.config = parse_config(op, sizes, inner_lr, steps, activation, loss);
   check_params(op, params, a.config);
-  a.K = check_batch(op, "x_support", xs, "y_support", ys, params, a.config.shape, a.T);
+  bool per_step = false;
+  a.K = check_support(op, xs, ys, params, a.config, allow_per_step, a.T, per_step);
+  if (per_step) {
+    a.batch_stride = a.K;
+    a.support_batches = steps;
+  }
   if (xq.defined()) {
     a.Q = check_batch(op, "x_query", xq, "y_query", yq, params, a.config.shape, a.T);
     a.xq = xq.contiguous();

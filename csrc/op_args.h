@@ -35,6 +35,13 @@ int64_t check_batch(const char* op, const char* x_name, const at::Tensor& x, con
                     const at::Tensor& y, const at::Tensor& params, const MlpShape& shape,
                     int64_t& T);
 
+// The support set: x_support [T, K, n_in], y_support [T, K, n_out], every inner step's batch;
+// or, when `allow_per_step`, [T, steps, K, features]: a batch of its own per inner step
+// (docs/design.md §8.4; steps >= 1). Returns K; sets `per_step`.
+int64_t check_support(const char* op, const at::Tensor& xs, const at::Tensor& ys,
+                      const at::Tensor& params, const OpConfig& config, bool allow_per_step,
+                      int64_t& T, bool& per_step);
+
 // grad: [T, P], the dtype and device of params (adapt_backward's cotangent).
 void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& params,
                       int64_t T, int64_t P);
@@ -44,16 +51,19 @@ void check_adapt_grad(const char* op, const at::Tensor& grad, const at::Tensor& 
 struct OpArgs {
   OpConfig config;
   int64_t T = -1, K = 0, Q = 0;
+  // Per-step support batches: step k reads points [k * batch_stride, + K) of a task's support
+  // (0: one batch for every step), which holds support_batches * K points.
+  int64_t batch_stride = 0, support_batches = 1;
   at::Tensor params, xs, ys, xq, yq, grad;
 };
 
 // Checks an op's arguments: adapt passes (params, xs, ys); maml_loss also the query batch
 // (xq, yq); adapt_backward the cotangent grad. An undefined tensor is an argument the op does
-// not have.
+// not have. allow_per_step: the kernels take a support batch per inner step (check_support).
 OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                      std::string_view activation, std::string_view loss,
                      const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
                      const at::Tensor& xq = at::Tensor(), const at::Tensor& yq = at::Tensor(),
-                     const at::Tensor& grad = at::Tensor());
+                     const at::Tensor& grad = at::Tensor(), bool allow_per_step = false);
 
 }  // namespace pymaml

@@ -216,7 +216,7 @@ def test_train_chunk_stops_after_an_update_that_makes_the_weights_non_finite(dty
      "step must be a 0-d float32 tensor"),
     (dict(hyper=[1e-2, 0.9, 0, 0, 0, 0], state=["short"]), "momentum_buffer must be a contiguous"),
     (dict(algorithm="anil"), "algorithm must be 'maml', 'fomaml' or 'reptile', got 'anil'"),
-    (dict(x_support="3-d"), "x_support must be 4-D"),
+    (dict(x_support="3-d"), r"x_support must be \[n, T, K, features\]"),
     (dict(y_query="fewer"), "y_query holds 2 meta-batches, expected 3"),
 ])
 def test_train_chunk_argument_errors(change, match):

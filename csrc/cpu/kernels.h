@@ -10,16 +10,19 @@ namespace pymaml::cpu {
 enum class Isa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
 
 // maml_math.h's whole-task entry points for run-time activation and loss (theta^0, extended,
-// in w.theta0).
+// in w.theta0; batch_stride as in inner_loop).
 template <typename T>
 struct TaskKernels {
   T (*maml_task)(Activation, Loss, const MlpShape&, const T* Xs, const T* Ys, int64_t K,
                  const T* Xq, const T* Yq, int64_t Q, int64_t steps, InnerLR<T> lr,
-                 bool first_order, bool need_grad, const TaskWorkspace<T>& w);
+                 bool first_order, bool need_grad, const TaskWorkspace<T>& w,
+                 int64_t batch_stride);
   void (*inner_loop)(Activation, Loss, const MlpShape&, const T* Xs, const T* Ys, int64_t K,
-                     int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w);
+                     int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
+                     int64_t batch_stride);
   void (*adapt_vjp_task)(Activation, Loss, const MlpShape&, const T* Xs, const T* Ys, int64_t K,
-                         int64_t steps, InnerLR<T> lr, const T* grad, const TaskWorkspace<T>& w);
+                         int64_t steps, InnerLR<T> lr, const T* grad, const TaskWorkspace<T>& w,
+                         int64_t batch_stride);
 };
 
 // The widest instruction set both compiled in and supported by this CPU.

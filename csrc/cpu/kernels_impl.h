@@ -10,31 +10,32 @@ namespace pymaml::cpu::PYMAML_ISA {
 template <typename T>
 T maml_task(Activation act, Loss loss, const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
             const T* Xq, const T* Yq, int64_t Q, int64_t steps, InnerLR<T> lr, bool first_order,
-            bool need_grad, const TaskWorkspace<T>& w) {
+            bool need_grad, const TaskWorkspace<T>& w, int64_t batch_stride) {
   T value = T(0);
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
     value = pymaml::maml_task<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
-        s, Xs, Ys, K, Xq, Yq, Q, steps, lr, first_order, need_grad, w);
+        s, Xs, Ys, K, Xq, Yq, Q, steps, lr, first_order, need_grad, w, batch_stride);
   });
   return value;
 }
 
 template <typename T>
 void inner_loop(Activation act, Loss loss, const MlpShape& s, const T* Xs, const T* Ys,
-                int64_t K, int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w) {
+                int64_t K, int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
+                int64_t batch_stride) {
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
-    pymaml::inner_loop<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(s, Xs, Ys, K,
-                                                                              steps, lr, w);
+    pymaml::inner_loop<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
+        s, Xs, Ys, K, steps, lr, w, batch_stride);
   });
 }
 
 template <typename T>
 void adapt_vjp_task(Activation act, Loss loss, const MlpShape& s, const T* Xs, const T* Ys,
                     int64_t K, int64_t steps, InnerLR<T> lr, const T* grad,
-                    const TaskWorkspace<T>& w) {
+                    const TaskWorkspace<T>& w, int64_t batch_stride) {
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
     pymaml::adapt_vjp_task<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
-        s, Xs, Ys, K, steps, lr, grad, w);
+        s, Xs, Ys, K, steps, lr, grad, w, batch_stride);
   });
 }
 

@@ -100,7 +100,7 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
                  std::string_view activation, std::string_view loss, bool /*first_order*/) {
   constexpr const char* op = "pymaml::adapt";
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in);
+                                 ys_in, at::Tensor(), at::Tensor(), at::Tensor(), true);
   const OpConfig& c = a.config;
   const int64_t T = a.T, K = a.K;
   const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys;
@@ -113,7 +113,8 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
     const scalar_t* Y = ys.data_ptr<scalar_t>();
     scalar_t* adapted = out.data_ptr<scalar_t>();
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
-    const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
+    const int64_t points = a.support_batches * K;  // a task's support points
+    const int64_t nx = points * c.shape.n[0], ny = points * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
     std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
     expand_params(c.shape, theta, theta0.data());
@@ -121,7 +122,8 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
     for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
       auto w = carve_workspace(base, c.shape, steps, K);
       w.theta0 = theta0.data();
-      kern.inner_loop(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr, w);
+      kern.inner_loop(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr, w,
+                      a.batch_stride);
       std::copy_n(w.theta(steps, c.shape), P, adapted + t * P);
     });
   });
@@ -134,7 +136,7 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
                           std::string_view activation, std::string_view loss) {
   constexpr const char* op = "pymaml::adapt_backward";
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, at::Tensor(), at::Tensor(), grad_in);
+                                 ys_in, at::Tensor(), at::Tensor(), grad_in, true);
   const OpConfig& c = a.config;
   const int64_t T = a.T, K = a.K;
   const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &grad = a.grad;
@@ -150,7 +152,8 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
     const scalar_t* G = grad.data_ptr<scalar_t>();
     scalar_t* acc = partial.data_ptr<scalar_t>();
     const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
-    const int64_t nx = K * c.shape.n[0], ny = K * c.shape.n_out();
+    const int64_t points = a.support_batches * K;  // a task's support points
+    const int64_t nx = points * c.shape.n[0], ny = points * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
     std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
     expand_params(c.shape, theta, theta0.data());
@@ -159,7 +162,7 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
       auto w = carve_workspace(base, c.shape, steps, K);
       w.theta0 = theta0.data();
       kern.adapt_vjp_task(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr,
-                          G + t * P, w);
+                          G + t * P, w, a.batch_stride);
       scalar_t* dst = acc + b * P;
       for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
     });
@@ -169,8 +172,9 @@ at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in
 }
 
 template <typename scalar_t>
-MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q)
-    : config_(config), T_(T), K_(K), Q_(Q) {
+MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q,
+                               int64_t batch_stride)
+    : config_(config), T_(T), K_(K), Q_(Q), batch_stride_(batch_stride) {
   const int64_t P = config.shape.num_params;
   blocks_ = num_blocks(T, P);
   worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q));
@@ -197,7 +201,8 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   std::fill(losses_.begin(), losses_.end(), scalar_t(0));
   if (need_grad) std::fill(partial_.begin(), partial_.end(), scalar_t(0));
   const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
-  const int64_t nxs = K * c.shape.n[0], nys = K * c.shape.n_out();
+  const int64_t support = (batch_stride_ ? steps : 1) * K;  // a task's support points
+  const int64_t nxs = support * c.shape.n[0], nys = support * c.shape.n_out();
   const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
   const int64_t points = std::max(K, Q);
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
@@ -210,7 +215,7 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
     for (int64_t t = first; t < last; ++t) {
       losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
                                    Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
-                                   need_grad && !reptile, w);
+                                   need_grad && !reptile, w, batch_stride_);
       if (!need_grad) continue;
       // Reptile sums the adapted weights theta_t^S, the others the meta-gradients.
       const scalar_t* task = reptile ? w.theta(steps, c.shape) : w.g;
@@ -244,14 +249,14 @@ std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
                                              bool need_grad) {
   constexpr const char* op = "pymaml::maml_loss";
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, xq_in, yq_in);
+                                 ys_in, xq_in, yq_in, at::Tensor(), true);
   const OpConfig& c = a.config;
   const int64_t T = a.T, K = a.K, Q = a.Q;
   const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &xq = a.xq, &yq = a.yq;
   at::Tensor meta_grad = at::empty({need_grad ? c.shape.num_params : 0}, params.options());
   at::Tensor mean_loss = at::empty({}, params.options());
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
-    MetaBatch<scalar_t> batch(c, T, K, Q);
+    MetaBatch<scalar_t> batch(c, T, K, Q, a.batch_stride);
     *mean_loss.data_ptr<scalar_t>() = batch.run(
         params.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
         xq.data_ptr<scalar_t>(), yq.data_ptr<scalar_t>(),
@@ -268,12 +273,12 @@ std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params_in, const at
                                            std::string_view activation, std::string_view loss) {
   constexpr const char* op = "pymaml::reptile";
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, xq_in, yq_in);
+                                 ys_in, xq_in, yq_in, at::Tensor(), true);
   const OpConfig& c = a.config;
   at::Tensor direction = at::empty({c.shape.num_params}, a.params.options());
   at::Tensor mean_loss = at::empty({}, a.params.options());
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_reptile_cpu", [&] {
-    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q);
+    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride);
     *mean_loss.data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.xs.data_ptr<scalar_t>(), a.ys.data_ptr<scalar_t>(),
         a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(), Direction::Reptile,

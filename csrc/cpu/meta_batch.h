@@ -20,8 +20,9 @@ template <typename scalar_t>
 class MetaBatch {
  public:
   // A meta-batch of T tasks with K support and Q query points each, for the network and inner
-  // loop of `config` (already checked by parse_config).
-  MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q);
+  // loop of `config` (already checked by parse_config). batch_stride K: a support batch of its
+  // own per inner step (xs [T, steps, K, n_in]); 0: one for every step (OpArgs).
+  MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q, int64_t batch_stride = 0);
 
   // Mean query loss over the tasks after adaptation (on xs, ys). If `grad` is not null, also
   // writes the mean over tasks of `direction` [P] there. Buffers are contiguous: theta [P],
@@ -34,7 +35,7 @@ class MetaBatch {
 
  private:
   OpConfig config_;
-  int64_t T_, K_, Q_;
+  int64_t T_, K_, Q_, batch_stride_;
   int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
   int64_t worker_size_;          // scratch elements per worker
   std::vector<scalar_t> partial_;  // [blocks, P] per-block meta-gradient sums

@@ -35,22 +35,18 @@
 namespace pymaml::cpu {
 namespace {
 
-// x: [n, T, K, n_in], y: [n, T, K, n_out] (n meta-batches of T tasks). Checks them as a
-// chunk (same n for every tensor, n >= 1), then the first meta-batch as maml_loss checks its
-// batch; returns K. `n` and `T` are set by the first chunk checked (when < 0).
-int64_t check_chunk(const char* op, const char* x_name, const at::Tensor& x, const char* y_name,
-                    const at::Tensor& y, const at::Tensor& params, const MlpShape& shape,
-                    int64_t& n, int64_t& T) {
+// The chunk's leading dimension: x and y hold n meta-batches (n >= 1, the same n for every
+// tensor; the first tensor checked sets `n`).
+void check_chunk_length(const char* op, const char* x_name, const at::Tensor& x,
+                        const char* y_name, const at::Tensor& y, int64_t& n) {
   for (const auto& [name, t] : {std::pair{x_name, &x}, std::pair{y_name, &y}}) {
-    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name,
-                      " must be 4-D [n, T, K, features] (n meta-batches), got shape ",
-                      t->sizes());
+    TORCH_CHECK_VALUE(t->dim() >= 4, op, ": ", name,
+                      " must be [n, T, K, features] (n meta-batches), got shape ", t->sizes());
     if (n < 0) n = t->size(0);
     TORCH_CHECK_VALUE(t->size(0) == n, op, ": ", name, " holds ", t->size(0),
                       " meta-batches, expected ", n, " like x_support");
   }
   TORCH_CHECK_VALUE(n >= 1, op, ": the chunk needs at least one meta-batch, got ", x.sizes());
-  return check_batch(op, x_name, x.select(0, 0), y_name, y.select(0, 0), params, shape, T);
 }
 
 bool flag(const char* op, const char* name, double value) {
@@ -232,9 +228,19 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
   check_params(op, params, c);
   TORCH_CHECK_VALUE(params.is_contiguous(), op,
                     ": params is updated in place and must be contiguous");
+  // Each meta-batch as maml_loss checks its own: the support [T, K, n_in] or, a batch per inner
+  // step, [T, steps, K, n_in]; the query [T, Q, n_in].
   int64_t n = -1, T = -1;
-  const int64_t K = check_chunk(op, "x_support", xs_in, "y_support", ys_in, params, c.shape, n, T);
-  const int64_t Q = check_chunk(op, "x_query", xq_in, "y_query", yq_in, params, c.shape, n, T);
+  bool per_step = false;
+  check_chunk_length(op, "x_support", xs_in, "y_support", ys_in, n);
+  check_chunk_length(op, "x_query", xq_in, "y_query", yq_in, n);
+  const int64_t K = check_support(op, xs_in.select(0, 0), ys_in.select(0, 0), params, c, true, T,
+                                  per_step);
+  TORCH_CHECK_VALUE(xq_in.dim() == 4 && yq_in.dim() == 4, op, ": x_query and y_query must be 4-D "
+                    "[n, T, Q, features], got ", xq_in.sizes(), " and ", yq_in.sizes());
+  const int64_t Q = check_batch(op, "x_query", xq_in.select(0, 0), "y_query", yq_in.select(0, 0),
+                                params, c.shape, T);
+  const int64_t support = (per_step ? steps : 1) * K;  // a task's support points
   OuterStep outer(op, optimizer, optimizer_hyper, optimizer_state, params);
   const at::Tensor xs = xs_in.contiguous(), ys = ys_in.contiguous(), xq = xq_in.contiguous(),
                    yq = yq_in.contiguous();
@@ -245,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
 
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_train_chunk_cpu", [&] {
     // Everything the loop needs is allocated here, once.
-    MetaBatch<scalar_t> batch(c, T, K, Q);
+    MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0);
     const at::Tensor grad = at::empty({P}, params.options());
     scalar_t* theta = params.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
@@ -255,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     const scalar_t* Xq = xq.data_ptr<scalar_t>();
     const scalar_t* Yq = yq.data_ptr<scalar_t>();
     // Elements per meta-batch of each tensor.
-    const int64_t nxs = T * K * c.shape.n[0], nys = T * K * c.shape.n_out();
+    const int64_t nxs = T * support * c.shape.n[0], nys = T * support * c.shape.n_out();
     const int64_t nxq = T * Q * c.shape.n[0], nyq = T * Q * c.shape.n_out();
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t value = batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq,
