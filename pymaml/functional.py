@@ -108,8 +108,9 @@ def _check_params(params, sizes, allow_batched=False) -> None:
                          f"got shape {list(params.shape)}")
 
 
-def _check_data(params, sizes, **named) -> int:
-    """Checks [T, K, features] data tensors against params; returns T."""
+def _check_data(params, sizes, steps=None, **named) -> int:
+    """Checks [T, K, features] data tensors against params; returns T. With `steps` given,
+    x_support and y_support may be [T, steps, K, features] instead: a batch per inner step."""
     T = None
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -119,6 +120,11 @@ def _check_data(params, sizes, **named) -> int:
         if t.device != params.device:
             raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
         features = sizes[0] if name.startswith("x") else sizes[-1]
+        if steps is not None and name.endswith("_support") and t.dim() == 4:
+            if steps < 1 or t.shape[1] != steps:
+                raise ValueError(f"{name} [T, steps, K, {features}] holds a batch per inner step "
+                                 f"(steps = {steps}, at least 1), got shape {list(t.shape)}")
+            t = t[:, 0]
         if t.dim() != 3 or t.shape[2] != features:
             raise ValueError(f"{name} must be [T, K, {features}], got shape {list(t.shape)}")
         if t.shape[1] < 1:
@@ -132,9 +138,10 @@ def _check_data(params, sizes, **named) -> int:
         raise ValueError(f"the meta-batch needs at least one task, got {T}")
     names = list(named)
     for x_name, y_name in zip(names[0::2], names[1::2]):
-        if named[x_name].shape[1] != named[y_name].shape[1]:
+        x, y = named[x_name], named[y_name]
+        if x.dim() != y.dim() or x.shape[1:-1] != y.shape[1:-1]:
             raise ValueError(f"{x_name} and {y_name} must have the same number of points, got "
-                             f"{list(named[x_name].shape)} and {list(named[y_name].shape)}")
+                             f"{list(x.shape)} and {list(y.shape)}")
     return T
 
 
@@ -205,6 +212,8 @@ def _choose_backend(backend, params, sizes, steps, data) -> str:
     reason = _fused_unsupported(params, sizes, steps)
     if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in data):
         reason = "the fused op differentiates params only, and a data tensor requires grad"
+    if reason is None and data and data[0].dim() == 4 and params.device.type != "cpu":
+        reason = "a support batch per inner step runs on the CPU kernels only"
     if reason is None and _under_torch_func((params, *data)):
         reason = "the fused op does not support torch.func transforms (grad, vmap)"
     if reason is None:
@@ -275,7 +284,9 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
           loss="mse", first_order=False, backend="auto") -> torch.Tensor:
     """[T, P]: every task's parameters after `steps` SGD steps with rate `inner_lr` on its
     support set, starting from params [P]. Differentiable in params (second order, or with each
-    step's Jacobian taken as the identity when first_order=True)."""
+    step's Jacobian taken as the identity when first_order=True). The support set is
+    x_support [T, K, n_in], y_support [T, K, n_out] for every step, or [T, steps, K, ...]: a
+    batch of its own per inner step (CPU or reference backend)."""
     if _direct_to_fused(backend, params, (x_support, y_support), inner_lr, steps, first_order):
         try:
             return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
@@ -284,8 +295,8 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
             pass  # the checked path below words the error, or serves the call otherwise
     sizes = _check_sizes(sizes)
     _check_params(params, sizes)
-    _check_data(params, sizes, x_support=x_support, y_support=y_support)
     _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    _check_data(params, sizes, steps, x_support=x_support, y_support=y_support)
     which = _choose_backend(backend, params, sizes, steps, (x_support, y_support))
     if which == "reference":
         return _reference.adapt(params, x_support, y_support, sizes=sizes, inner_lr=inner_lr,
@@ -297,9 +308,10 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
 
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
               activation="relu", loss="mse", first_order=False, backend="auto") -> torch.Tensor:
-    """Scalar: the mean over the T tasks of the query loss after adapting on the support set.
-    `.backward()` leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in
-    params.grad, ready for any torch.optim optimizer."""
+    """Scalar: the mean over the T tasks of the query loss after adapting on the support set
+    (as in adapt: [T, K, ...], or a batch per inner step [T, steps, K, ...]). `.backward()`
+    leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in params.grad, ready
+    for any torch.optim optimizer."""
     data = (x_support, y_support, x_query, y_query)
     if _direct_to_fused(backend, params, data, inner_lr, steps, first_order):
         try:
@@ -310,9 +322,9 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
             pass  # the checked path below words the error, or serves the call otherwise
     sizes = _check_sizes(sizes)
     _check_params(params, sizes)
-    _check_data(params, sizes, x_support=x_support, y_support=y_support,
-                x_query=x_query, y_query=y_query)
     _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    _check_data(params, sizes, steps, x_support=x_support, y_support=y_support,
+                x_query=x_query, y_query=y_query)
     which = _choose_backend(backend, params, sizes, steps, data)
     if which == "reference":
         return _reference.maml_loss(params, *data, sizes=sizes, inner_lr=inner_lr, steps=steps,

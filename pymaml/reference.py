@@ -40,19 +40,22 @@ def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.
 
 def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
                functional=False):
-    """`steps` SGD steps on (x, y) from `weights`. Second order keeps the graph of every
+    """`steps` SGD steps on (x, y) [K, n] from `weights` (or x, y [steps, K, n]: a batch per
+    step). Second order keeps the graph of every
     gradient (create_graph=True); first order treats the gradients as constants.
     functional=True takes the gradients with torch.func.grad (under torch.func transforms,
     where weights cannot be made autograd leaves)."""
     loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
-    inner_loss = lambda w: loss_fn(net(w, x, activation), y)
-    for _ in range(steps):
+    per_step = x.dim() == 3  # x [steps, K, n_in]: step k trains on batch k
+    inner_loss = lambda w, k: loss_fn(net(w, x[k] if per_step else x, activation),
+                                      y[k] if per_step else y)
+    for k in range(steps):
         if functional:
-            grads = torch.func.grad(inner_loss)(weights)
+            grads = torch.func.grad(inner_loss)(weights, k)
             if first_order:
                 grads = [g.detach() for g in grads]
         else:
-            grads = torch.autograd.grad(inner_loss(weights), weights,
+            grads = torch.autograd.grad(inner_loss(weights, k), weights,
                                         create_graph=not first_order)
         weights = [w - inner_lr * g for w, g in zip(weights, grads)]
     return weights
