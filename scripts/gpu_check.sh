@@ -7,7 +7,7 @@
 #   machine     -         nvidia-smi, torch, nvcc, which tools and pytest plugins are there
 #   build       240 s     pip install --no-build-isolation --no-deps -v -e . with MAX_JOBS =
 #                         every core (a failed build ends the script)
-#   image       30 s      pymaml.cuda_compiled(); the sm_90 machine code in pymaml/_C*.so
+#   image       30 s      pymaml.cuda_compiled(); sm_90 machine code and PTX in pymaml/_C*.so
 #                         (cuobjdump --list-elf --list-ptx, and scripts/fatbin_images.py)
 #   smoke       45 s      CUDA_LAUNCH_BLOCKING=1 scripts/cuda_smoke.py: tiny W2 in float32
 #                         (shared memory) and float64 (global), the two 48 KB-window sizes,

@@ -94,8 +94,9 @@ for m in ('pytest', 'pytest_timeout', 'pytest_benchmark', 'jax'):
   pack
 }
 
-# The CUDA kernels are in pymaml._C and the sm_90 machine code in the binary (cuobjdump where
-# the toolkit has it, and scripts/fatbin_images.py, which needs nothing), then pymaml's info.
+# The CUDA kernels are in pymaml._C and the sm_90 machine code and PTX in the binary
+# (cuobjdump where the toolkit has it, and scripts/fatbin_images.py, which needs nothing), then
+# pymaml's info.
 check_image() {
   set -e
   "$PY" -c "import pymaml
@@ -107,7 +108,9 @@ print('pymaml', pymaml.__version__, 'with its CUDA kernels')"
     cuobjdump --list-elf --list-ptx "$so" | tee "$LOG/images.txt"
     grep -q "sm_90" "$LOG/images.txt" || { echo "cuobjdump: no sm_90 image in $so"; exit 1; }
   fi
-  "$PY" scripts/fatbin_images.py "$so" --require sm_90:elf
+  # sm_90 code, and its PTX: torch adds +PTX to the newest visible GPU's architecture, as
+  # setup.py's default does where none is visible.
+  "$PY" scripts/fatbin_images.py "$so" --require sm_90:elf --require sm_90:ptx
   "$PY" -m pymaml info
 }
 export -f check_image
