@@ -89,8 +89,8 @@ def main():
         except Exception:  # report every case, then fail
             os.environ.pop("PYMAML_CUDA_WORKSPACE", None)
             line, ok = "ERROR\n" + traceback.format_exc(), False
-        print(f"{'ok  ' if ok else 'FAIL'} {name:22s} {line}  ({time.perf_counter() - start:.2f} s)",
-              flush=True)
+        took = time.perf_counter() - start
+        print(f"{'ok  ' if ok else 'FAIL'} {name:22s} {line}  ({took:.2f} s)", flush=True)
         if not ok:
             failed.append(name)
     for dtype, e in worst.items():

@@ -8,7 +8,6 @@ repeatability) run once per device in test_fused_vs_reference.py and test_op_reg
 import ctypes
 import os
 import subprocess
-import sys
 import tarfile
 import time
 
