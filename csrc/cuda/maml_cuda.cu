@@ -78,8 +78,8 @@ struct KernelFacts {
   int optin = 0;                // opt-in dynamic shared memory per block, bytes
   size_t static_smem = 0;       // the kernel's static shared memory, bytes
   size_t total_memory = 0;      // the device's global memory, bytes
-  size_t allowed_dynamic = 0;   // its MaxDynamicSharedMemorySize so far (the runtime's
-                                // default is kDefaultSharedLimit - static_smem)
+  size_t allowed_dynamic = 0;   // the MaxDynamicSharedMemorySize set here so far (0: none;
+                                // the first opt-in always sets it, whatever the default)
 };
 
 std::mutex facts_mutex;
@@ -107,7 +107,6 @@ cudaError_t kernel_facts(const void* kernel, KernelFacts* out) {
     if (err == cudaSuccess) err = cudaMemGetInfo(&free_memory, &f.total_memory);
     if (err != cudaSuccess) return err;
     f.static_smem = attr.sharedSizeBytes;
-    f.allowed_dynamic = size_t(attr.maxDynamicSharedSizeBytes);
     it = cache.emplace(key, f).first;
   }
   *out = it->second;
