@@ -54,7 +54,7 @@ if command -v compute-sanitizer >/dev/null; then
     [ $tool = synccheck ] && limit=45
     step $tool $limit 15 compute-sanitizer --tool $tool --error-exitcode 3 \
       "$PY" scripts/cuda_sanitize_run.py
-    if grep -q "Device not supported" "$LOG/$tool.log"; then
+    if grep -qs "Device not supported" "$LOG/$tool.log"; then
       note "$tool: compute-sanitizer refused this device (seen on gVisor machines): no check"
     fi
   done
