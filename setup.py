@@ -3,8 +3,8 @@
 The CPU kernels are always built. The CUDA kernels (csrc/cuda/: the kernel layer *.cu and its
 torch binding *.cpp) are added only when the installed torch has CUDA and nvcc is found (set
 PYMAML_NO_CUDA=1 to skip them). TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it,
-torch builds for the GPUs it sees, and for 9.0 (H100) when it sees none. Build against the
-torch already installed, without build isolation:
+torch builds for the GPUs it sees, and for 9.0 (H100) plus PTX (for newer GPUs) when it sees
+none. Build against the torch already installed, without build isolation:
 
     pip install --no-build-isolation -e .
 """
@@ -38,7 +38,10 @@ def extension():
     )
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to detect: torch would otherwise compile for every architecture it knows.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        # 9.0 (H100/H200) machine code plus its PTX, which the driver compiles at first load
+        # for a GPU this build was not compiled for (newer than sm_90), instead of failing
+        # with "no kernel image is available".
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
     # No fast-math anywhere (nor nvcc's --use_fast_math): it breaks parity with the reference.
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     macros = [("PYMAML_VERSION", '"%s"' % read_version())]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compile checks of the CUDA sources, for machines without a GPU (scripts/test.sh runs it):
 #   1. the torch-free kernel layer (csrc/cuda/*.cu) with nvcc for sm_90 (H100) and sm_80
-#      (A100), every warning an error;
+#      (A100), every warning an error; sm_90 with the flags torch's BuildExtension gives for
+#      setup.py's default without a GPU, TORCH_CUDA_ARCH_LIST=9.0+PTX, and the object must then
+#      carry both the sm_90 machine code and the compute_90 PTX (scripts/fatbin_images.py);
 #   2. the torch binding (csrc/cuda/*.cpp) with the host compiler against the installed torch's
 #      headers (it uses device-generic c10 APIs only, so a CPU-only torch will do), -Werror;
 #   3. a link of both with the argument checks into a shared library with no undefined
@@ -29,10 +31,17 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS
 
-# 1. the kernel layer, both architectures at once (one per core)
+# 1. the kernel layer, both architectures at once (one per core). sm_90: torch's own flags for
+# setup.py's no-GPU default (sm_90 code + compute_90 PTX), falling back to the same by hand if
+# torch's private helper moves.
+read -r -a sm90_flags < <(TORCH_CUDA_ARCH_LIST=9.0+PTX "$PY" -c "
+from torch.utils.cpp_extension import _get_cuda_arch_flags
+print(' '.join(_get_cuda_arch_flags()))" 2>/dev/null ||
+  echo "-gencode=arch=compute_90,code=compute_90 -gencode=arch=compute_90,code=sm_90")
 pids=()
 for arch in sm_90 sm_80; do
-  "$NVCC" -std=c++17 -O3 -arch=$arch -Werror all-warnings -Xcompiler -Wall,-Wextra,-fPIC \
+  if [ $arch = sm_90 ]; then flags=("${sm90_flags[@]}"); else flags=(-arch=$arch); fi
+  "$NVCC" -std=c++17 -O3 "${flags[@]}" -Werror all-warnings -Xcompiler -Wall,-Wextra,-fPIC \
     -c csrc/cuda/maml_cuda.cu -o "$tmp/maml_cuda_$arch.o" &
   pids+=($!)
 done
@@ -51,6 +60,8 @@ for src in csrc/cuda/maml_cuda_ops.cpp csrc/op_args.cpp; do
     -o "$tmp/$(basename "$src" .cpp).o"
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+echo "check_cuda: sm_90 flags: ${sm90_flags[*]}; images in the object:"
+"$PY" scripts/fatbin_images.py "$tmp/maml_cuda_sm_90.o" --require sm_90:elf --require sm_90:ptx
 
 # 3. link (no undefined symbols) and register the kernels
 "$CXX" -shared -o "$tmp/libpymaml_cuda_check.so" "$tmp/maml_cuda_sm_90.o" "$tmp/maml_cuda_ops.o" \
@@ -67,5 +78,5 @@ torch.ops.load_library(sys.argv[1])
 for op in ("adapt", "adapt_backward", "maml_loss"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymaml::{op}", "CUDA"), op
 PYEOF
-echo "check_cuda: kernel layer (sm_90, sm_80), binding, link and registration OK" \
+echo "check_cuda: kernel layer (sm_90 + PTX, sm_80), binding, link and registration OK" \
   "($((SECONDS - start)) s)"

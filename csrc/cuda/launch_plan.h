@@ -20,6 +20,9 @@ enum class Op : int { MamlLoss = 0, Adapt = 1, AdaptBackward = 2 };
 constexpr int kMaxThreads = 256;                      // per block (task_kernel's launch bounds)
 constexpr int64_t kMaxChunks = 1024;                  // task chunks of the reduction, at most
 constexpr int64_t kPartialBudget = int64_t(1) << 24;  // elements of all partial sums, at most
+// Static plus dynamic shared memory a block may use unless its kernel opts in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize); the same on every GPU since Volta.
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
 
 // One call's network, inner loop and sizes, as checked by op_args (parse_config, check_batch).
 struct Problem {
@@ -41,6 +44,7 @@ struct LaunchPlan {
   int64_t width = 0;          // elements of one chunk's partial sum (0: the op has none)
   int64_t block_elems = 0;    // workspace per block, elements: theta^0 extended + TaskWorkspace
   size_t shared_bytes = 0;    // dynamic shared memory per block; 0: the workspace is in scratch
+  bool smem_optin = false;    // the kernel must opt in to shared_bytes first (place_workspace)
   int64_t scratch_elems = 0;  // global workspace (grid * block_elems), 0 in shared memory
   int64_t partial_elems = 0;  // chunks * width
   std::string error;          // not empty: this call cannot run here, and what to reduce
@@ -72,6 +76,27 @@ inline LaunchPlan plan_sizes(Op op, const Problem& pb, bool need_grad) {
                        std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(1, p.width))});
   p.partial_elems = p.chunks * p.width;
   p.block_elems = s.num_ext + task_workspace_size(s, pb.steps, points);
+  return p;
+}
+
+// Where a block's workspace goes, and whether its kernel must opt in to more shared memory.
+struct Placement {
+  bool shared = false;  // in dynamic shared memory (else a global scratch slice)
+  bool optin = false;   // shared, and static + dynamic bytes exceed kDefaultSharedLimit
+};
+
+// workspace_bytes: the dynamic shared memory the workspace needs; static_bytes: the kernel's
+// own static shared memory (cudaFuncGetAttributes' sharedSizeBytes, which differs per kernel);
+// optin_limit: the device's cudaDevAttrMaxSharedMemoryPerBlockOptin. A block gets static +
+// dynamic bytes, so both the fit and the opt-in are decided on the sum: deciding the opt-in on
+// the dynamic bytes alone leaves a window of static_bytes just under 48 KB where the launch
+// fails with "invalid argument" (issue 16).
+inline Placement place_workspace(size_t workspace_bytes, size_t static_bytes,
+                                 size_t optin_limit, bool force_global) {
+  Placement p;
+  const size_t total = workspace_bytes + static_bytes;
+  p.shared = !force_global && total <= optin_limit;
+  p.optin = p.shared && total > kDefaultSharedLimit;
   return p;
 }
 

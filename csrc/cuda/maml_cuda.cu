@@ -20,7 +20,6 @@ namespace pymaml::cuda {
 namespace {
 
 constexpr size_t kScratchBudget = size_t(1) << 30;    // bytes of global workspace, at most
-constexpr size_t kDefaultSharedLimit = 48 * 1024;     // dynamic shared memory without opt-in
 constexpr int kReduceThreads = 256;
 
 // Dynamic shared memory of every kernel here: one raw byte array (its type cannot depend on
@@ -79,7 +78,8 @@ struct KernelFacts {
   int optin = 0;                // opt-in dynamic shared memory per block, bytes
   size_t static_smem = 0;       // the kernel's static shared memory, bytes
   size_t total_memory = 0;      // the device's global memory, bytes
-  size_t allowed_dynamic = kDefaultSharedLimit;  // its MaxDynamicSharedMemorySize so far
+  size_t allowed_dynamic = 0;   // the MaxDynamicSharedMemorySize set here so far (0: none;
+                                // the first opt-in always sets it, whatever the default)
 };
 
 std::mutex facts_mutex;
@@ -133,6 +133,13 @@ bool force_global_workspace() {
   return env && std::strcmp(env, "global") == 0;
 }
 
+// Clears a pending CUDA error left by an earlier call elsewhere in the process (another
+// library's failed launch, say), so that the cudaGetLastError() after a pymaml launch reports
+// that launch's own error, not someone else's as pymaml's (issue 16). Called before every
+// launch and before the plan's device queries. A sticky error (a fault that broke the
+// context) cannot be cleared: every later call reports it, whoever made it.
+inline void clear_stale_error() { (void)cudaGetLastError(); }
+
 std::string mb(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f MB", bytes / (1024.0 * 1024.0));
@@ -145,10 +152,11 @@ cudaError_t launch_tasks(const Problem& pb, const LaunchPlan& plan, const Kernel
   cudaError_t err = cudaSuccess;
   dispatch_act_loss(pb.activation, pb.loss, [&](auto a, auto l) {
     auto kernel = &task_kernel<T, decltype(a)::value, decltype(l)::value, OP>;
-    if (plan.shared_bytes > kDefaultSharedLimit) {
+    if (plan.smem_optin) {  // decided by plan_launch on static + dynamic bytes
       err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), plan.shared_bytes);
       if (err != cudaSuccess) return;
     }
+    clear_stale_error();
     kernel<<<plan.grid, plan.threads, plan.shared_bytes, stream>>>(args);
     err = cudaGetLastError();
   });
@@ -159,6 +167,7 @@ template <typename T>
 cudaError_t launch_reduce(const LaunchPlan& plan, const T* partial, T scale, T* out,
                           int64_t n_out, T* last, cudaStream_t stream) {
   const int64_t blocks = (plan.width + kReduceThreads - 1) / kReduceThreads;
+  clear_stale_error();
   reduce_chunks<T><<<unsigned(blocks), kReduceThreads, 0, stream>>>(partial, plan.chunks,
                                                                      plan.width, scale, out,
                                                                      n_out, last);
@@ -188,13 +197,18 @@ cudaError_t plan_launch(Op op, const Problem& pb, bool need_grad, LaunchPlan* pl
     return too_big("the 2^31 elements a CUDA block can index");
 
   const void* kernel = task_kernel_for<T>(op, pb.activation, pb.loss);
+  clear_stale_error();
   KernelFacts facts;
   cudaError_t err = kernel_facts(kernel, &facts);
   if (err != cudaSuccess) return err;
 
-  if (bytes + double(facts.static_smem) <= double(facts.optin) && !force_global_workspace()) {
+  // bytes < 2^31 * 8 here (checked above), exact in a double and a size_t.
+  const Placement where = place_workspace(size_t(bytes), facts.static_smem, size_t(facts.optin),
+                                          force_global_workspace());
+  if (where.shared) {
     // The fast path: the whole workspace in shared memory, one block per chunk.
     p.shared_bytes = size_t(bytes);
+    p.smem_optin = where.optin;
     p.grid = int(p.chunks);
   } else {
     // The workspace in global memory: one slice per block, as many blocks as can be resident
