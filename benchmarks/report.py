@@ -74,10 +74,12 @@ def target_of(row: dict, group: List[dict]) -> Optional[dict]:
         return dict(what=f"fused {row['workload']} <= {LAYER_TARGET[1]:g}x the raw op + step",
                     value=fused["median_s"] / row["median_s"], limit=LAYER_TARGET[1],
                     kind="max", unit="x")
-    if row["section"] == "train" and row["impl"] == "pymaml.train reptile chunked":
+    if row["section"] == "train" and row["impl"].startswith("pymaml.train reptile") \
+            and row["impl"].endswith(" chunked"):
         fomaml = by.get(("pymaml.train fomaml chunked", row.get("timed"), 1))
         if fomaml:
-            return dict(what=f"Reptile in pymaml.train ({row['workload']}) <= FO-MAML",
+            kind = row["impl"].split()[1]
+            return dict(what=f"Reptile ({kind}) in pymaml.train ({row['workload']}) <= FO-MAML",
                         value=row["median_s"] / fomaml["median_s"], limit=1.0, kind="max",
                         unit="x")
     if row["section"] == "train" and row["workload"] == "W1" and row["impl"] in (

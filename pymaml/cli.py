@@ -144,6 +144,7 @@ def cmd_train(args) -> int:
     init = args.init if args.init in ("seed", "torch") else _load("--init", args.init)
     result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
                    activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
+                   inner_batch=args.inner_batch,
                    inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
                    iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
                    optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
@@ -315,6 +316,8 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--loss", choices=F.LOSSES, default="l1", help="inner and query loss")
     t.add_argument("--inner-steps", type=_count(0), default=5, help="SGD steps per task")
     t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
+    t.add_argument("--inner-batch", type=_count(1), metavar="N",
+                   help="points per inner step, a minibatch of its own each (default: all)")
     t.add_argument("--meta-batch-size", type=_count(1), default=1, help="tasks per meta-iteration")
     t.add_argument("--iterations", type=_count(1), default=275_000, help="meta-iterations")
     t.add_argument("--optimizer", type=_optimizer, default="sgd",

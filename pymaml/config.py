@@ -52,6 +52,7 @@ class RunConfig:
     seed: int
     iterations: int
     processes: int = 1  # of a distributed run: a checkpoint resumes under as many
+    inner_batch: Optional[int] = None  # points per inner step (tasks.per_step_batches)
 
     def to_dict(self) -> Dict[str, Any]:
         """The settings as plain values (what a checkpoint stores)."""
@@ -102,7 +103,7 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
                          meta_batch_size, iterations, optimizer, outer_lr, optimizer_kwargs,
                          shots, queries, init, backend, device, dtype, seed, log_every,
                          progress, checkpoint, checkpoint_every, resume, overwrite, distributed,
-                         distributed_timeout) -> Tuple[RunConfig, RunOptions]:
+                         distributed_timeout, inner_batch) -> Tuple[RunConfig, RunOptions]:
     """pymaml.train's arguments (see its docstring), checked in the order of its signature."""
     F._check_choice("algorithm", algorithm, ALGORITHMS)
     sizes = tuple(F._check_sizes(sizes))
@@ -133,6 +134,16 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
         raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
     distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
     checkpoint, resume_from = _checkpoint_paths(checkpoint, resume)
+    if inner_batch is not None:
+        inner_batch = F._check_int("inner_batch", inner_batch, 1)
+        if inner_steps < 1:
+            raise ValueError("inner_batch gives each inner step a batch of its own: it needs "
+                             f"inner_steps >= 1, got {inner_steps}")
+        shots, queries = getattr(family, "shots", None), getattr(family, "queries", None)
+        points = shots if algorithm != "reptile" else shots and queries and shots + queries
+        if points and inner_batch > points:  # a family of unknown size: at its first draw
+            raise ValueError(f"inner_batch={inner_batch} is more than the {points} points a "
+                             f"task's inner loop has")
 
     config = RunConfig(
         task=family.name, algorithm=algorithm, sizes=sizes, activation=activation, loss=loss,
@@ -140,7 +151,7 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
         optimizer=optimizer_name, outer_lr=outer_lr, optimizer_kwargs=optimizer_kwargs,
         shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
         init=init_name, dtype=str(dtype).replace("torch.", ""), seed=seed,
-        iterations=iterations)
+        iterations=iterations, inner_batch=inner_batch)
     options = RunOptions(
         family=family, optimizer_class=optimizer_class, init=init, dtype=dtype,
         device=_distributed.local_device(device), backend=backend, log_every=log_every,

@@ -307,3 +307,16 @@ def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = No
     if isinstance(task, type) and issubclass(task, TaskFamily):
         raise TypeError(f"task must be a TaskFamily instance: pass {task.__name__}(), not the class")
     return CallableTasks(task)
+
+
+def per_step_batches(x: torch.Tensor, steps: int, size: int, name: str = "inner_batch"):
+    """x [..., N, features] cut into `steps` batches of `size` points, [..., steps, size,
+    features]: step k takes points k * size, k * size + 1, ... (mod N), cycling through the N
+    points as epochs over a task's data do. The points of a task are drawn independently, so
+    consecutive slices are random minibatches, with no draw of their own (which keeps a
+    chunk of iterations bitwise the iterations one by one)."""
+    n = x.shape[-2]
+    if size > n:
+        raise ValueError(f"{name}={size} is more than the {n} points a task's inner loop has")
+    index = (torch.arange(steps)[:, None] * size + torch.arange(size)) % n
+    return x[..., index.to(x.device), :]

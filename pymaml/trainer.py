@@ -35,6 +35,7 @@ from . import functional as F
 from . import outer_optim
 from . import progress as _progress
 from . import reference as _reference
+from . import tasks as _tasks
 from .config import ALGORITHMS, DTYPES, OPTIMIZERS, RunConfig, RunOptions  # noqa: F401 (API)
 from .model import MetaMLP
 
@@ -88,7 +89,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           log_every: Optional[int] = None, progress: Optional[bool] = None,
           checkpoint=None, checkpoint_every: int = 10_000, resume=False,
           overwrite: bool = False, distributed: Optional[bool] = None,
-          distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S) -> TrainResult:
+          distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S,
+          inner_batch: Optional[int] = None) -> TrainResult:
     """Meta-trains an MLP and returns a TrainResult (model, loss history, wall time).
 
     task: "seed-sine", "sine", a pymaml.tasks.TaskFamily, or a callable
@@ -98,6 +100,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         toward the mean adapted weights; inner loop on support and query together).
     sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
         network and its inner loop. meta_batch_size: tasks per meta-iteration.
+    inner_batch: None (every inner step trains on all of the task's inner-loop points), or
+        the points of each step's minibatch, as in Reptile's paper: step k takes the next
+        inner_batch points, cycling through them (pymaml.tasks.per_step_batches).
     optimizer: "sgd", "adam" or a torch.optim.Optimizer class, built with lr=outer_lr and
         optimizer_kwargs ("sgd" / "adam" with fused=True too where the chunked fast path can
         serve the run, so that both paths step with the same kernel: pymaml.outer_optim).
@@ -145,16 +150,24 @@ def _meta_step_fn(config: RunConfig, backend: str):
     c, sizes = config, list(config.sizes)
     hyper = dict(sizes=sizes, inner_lr=c.inner_lr, steps=c.inner_steps,
                  activation=c.activation, loss=c.loss)
+    def inner_data(x, y):  # the inner loop's points: all of them, or a minibatch per step
+        if c.inner_batch is None:
+            return x, y
+        return tuple(_tasks.per_step_batches(t, c.inner_steps, c.inner_batch) for t in (x, y))
+
     if c.algorithm in ("maml", "fomaml"):
         first_order = c.algorithm == "fomaml"
         if backend == "fused":
             def step(params, batch):
-                return _ops.ops.maml_loss(params, *batch, sizes, c.inner_lr, c.inner_steps,
-                                          c.activation, c.loss, first_order, True)
+                return _ops.ops.maml_loss(params, *inner_data(batch.x_support, batch.y_support),
+                                          batch.x_query, batch.y_query, sizes, c.inner_lr,
+                                          c.inner_steps, c.activation, c.loss, first_order, True)
         else:
             def step(params, batch):
                 params = params.requires_grad_()
-                value = _reference.maml_loss(params, *batch, first_order=first_order, **hyper)
+                value = _reference.maml_loss(params, *inner_data(batch.x_support, batch.y_support),
+                                             batch.x_query, batch.y_query,
+                                             first_order=first_order, **hyper)
                 (grad,) = torch.autograd.grad(value, params)
                 return value.detach(), grad
         return step
@@ -164,8 +177,8 @@ def _meta_step_fn(config: RunConfig, backend: str):
     loss_fn = _reference.LOSSES[c.loss]
 
     def step(params, batch):
-        x = torch.cat([batch.x_support, batch.x_query], dim=1)
-        y = torch.cat([batch.y_support, batch.y_query], dim=1)
+        x, y = inner_data(torch.cat([batch.x_support, batch.x_query], dim=1),
+                          torch.cat([batch.y_support, batch.y_query], dim=1))
         if backend == "fused":
             return _ops.ops.reptile(params, x, y, batch.x_query, batch.y_query, sizes,
                                     c.inner_lr, c.inner_steps, c.activation, c.loss)

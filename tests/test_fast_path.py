@@ -61,7 +61,7 @@ def assert_same_checkpoint(a, b):
 
 
 @DTYPES
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "reptile-minibatches"])
 @pytest.mark.parametrize("optimizer,kwargs", [
     ("sgd", {}), ("sgd", dict(momentum=0.9, nesterov=True)),
     ("adam", {}), ("adam", dict(amsgrad=True, weight_decay=1e-3)),
@@ -69,8 +69,10 @@ def assert_same_checkpoint(a, b):
 def test_fast_path_is_bitwise_the_per_iteration_path(tmp_path, dtype, algorithm, optimizer,
                                                      kwargs):
     kw = dict(iterations=150, meta_batch_size=2, optimizer_kwargs=kwargs,
-              outer_lr=1e-3 if optimizer == "adam" else 1e-2, algorithm=algorithm, dtype=dtype,
-              checkpoint_every=60, **QUIET)
+              outer_lr=1e-3 if optimizer == "adam" else 1e-2, algorithm=algorithm.split("-")[0],
+              dtype=dtype, checkpoint_every=60, **QUIET)
+    if algorithm == "reptile-minibatches":  # 3 points a step, cycling through 8
+        kw["inner_batch"] = 3
     fast = pymaml.train(checkpoint=tmp_path / "fast.ckpt", optimizer=optimizer, **kw)
     # the optimizers with state leave their first step to torch.optim, which makes it
     first = 0 if optimizer == "sgd" and not kwargs else 1

@@ -292,3 +292,51 @@ def test_auto_says_when_inner_steps_beyond_the_fused_limit_send_it_to_the_refere
                                             f"of {limit}"):
         run = pymaml.train(iterations=1, sizes=[1, 4, 1], inner_steps=limit + 1, **QUIET)
     assert run.config["backend"] == "reference"
+
+
+def test_inner_batch_gives_each_step_the_next_points(monkeypatch):
+    # Step k of the inner loop trains on points k * B .. k * B + B - 1 (mod N) of the task.
+    x = torch.arange(8.0).reshape(1, 8, 1)
+    batches = tasks.per_step_batches(x, 3, 3)
+    assert batches.shape == (1, 3, 3, 1)
+    assert batches.flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0]
+    with pytest.raises(ValueError, match="inner_batch=9 is more than the 8 points"):
+        tasks.per_step_batches(x, 3, 9)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_inner_batch_trains_as_the_functional_api_with_per_step_batches(algorithm):
+    # One iteration of SGD with lr 1: the weights move by exactly the meta-batch's gradient,
+    # which the functional API gives for the same per-step batches.
+    seen = []
+
+    def sampler(T, generator):
+        batch = tasks.SeedSine().sample(T, generator=generator)
+        seen.append(batch)
+        return tuple(batch)
+
+    run = pymaml.train(sampler, algorithm=algorithm, inner_batch=2, iterations=1, outer_lr=1.0,
+                       loss="mse", inner_steps=3, **QUIET)
+    start = pymaml.train(sampler, iterations=0, **QUIET).model.params.detach()
+    xs, ys, xq, yq = seen[0]
+    if algorithm == "reptile":
+        xs, ys = torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
+    xs, ys = (tasks.per_step_batches(t, 3, 2) for t in (xs, ys))
+    hyper = dict(sizes=[1, 32, 32, 1], inner_lr=3e-2, steps=3, loss="mse", backend="reference")
+    if algorithm == "reptile":
+        step = start - F.adapt(start, xs, ys, **hyper).mean(0)
+    else:
+        p = start.clone().requires_grad_()
+        F.maml_loss(p, xs, ys, xq, yq, **hyper).backward()
+        step = p.grad
+    torch.testing.assert_close(start - run.model.params.detach(), step, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(inner_batch=0), "inner_batch must be"),
+    (dict(inner_batch=2, inner_steps=0), "inner_batch .* needs inner_steps >= 1"),
+    (dict(inner_batch=5), "inner_batch=5 is more than the 4 points"),
+])
+def test_bad_inner_batch_is_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pymaml.train(iterations=3, **QUIET, **kwargs)
