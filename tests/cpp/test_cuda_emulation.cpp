@@ -33,6 +33,7 @@
 #include "cuda/task_block.h"
 #include "dispatch.h"
 #include "emulated_block.h"
+#include "expect.h"
 
 namespace {
 
@@ -44,16 +45,6 @@ using pymaml::cuda::Problem;
 using pymaml::cuda::emu::BlockScope;
 using pymaml::cuda::emu::EmulatedBlockLinalg;
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    if (failures <= 40) std::printf("FAIL: %s\n", what.c_str());
-  }
-}
 
 constexpr int64_t kGuard = 37;  // sentinel elements after every buffer the kernels write
 

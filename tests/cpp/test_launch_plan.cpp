@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cuda/launch_plan.h"
+#include "expect.h"
 
 namespace {
 
@@ -27,17 +28,6 @@ using pymaml::cuda::Op;
 using pymaml::cuda::place_workspace;
 using pymaml::cuda::Placement;
 using pymaml::cuda::Problem;
-
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
 
 std::string describe(size_t dyn, size_t stat, size_t optin, bool force) {
   return "dynamic " + std::to_string(dyn) + " static " + std::to_string(stat) + " optin limit " +
