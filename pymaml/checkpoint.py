@@ -14,6 +14,7 @@ naming the file and the field, before anything is loaded from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -151,9 +152,11 @@ def check(path: str, saved: Dict[str, Any]) -> None:
 def _check_config(path: str, config) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise _bad(path, "config", f"is a {type(config).__name__}, not the run's settings")
-    for key in RunConfig.__dataclass_fields__:
-        if key not in config and key != "processes":  # older checkpoints: one process
-            raise _bad(path, f"config.{key}", "is missing")
+    for field in dataclasses.fields(RunConfig):
+        # Settings with a default came later (processes, inner_batch): an older checkpoint
+        # has none, and ran with the default.
+        if field.name not in config and field.default is dataclasses.MISSING:
+            raise _bad(path, f"config.{field.name}", "is missing")
     if not _is_int(config["iterations"]) or config["iterations"] < 0:
         raise _bad(path, "config.iterations", f"is {config['iterations']!r}, expected an int >= 0")
     processes = config.get("processes", 1)

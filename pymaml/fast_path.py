@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _ops, outer_optim, tasks
+from . import _ops, meta_step, outer_optim
 from .config import RunConfig
 
 CHUNK_FIRST = 16       # iterations of the first train_chunk call, timed to size the next ones
@@ -76,13 +76,9 @@ class FastPath:
                                         dtype=self.dtype, device=params.device)
         if batch is None:
             return None
-        xs, ys, xq, yq = batch
-        if c.algorithm == "reptile":  # its inner loop trains on support and query together
-            xs, ys = torch.cat([xs, xq], dim=2), torch.cat([ys, yq], dim=2)
-        if c.inner_batch is not None:  # as the per-iteration path cuts them (trainer.py)
-            xs, ys = (tasks.per_step_batches(t, c.inner_steps, c.inner_batch) for t in (xs, ys))
+        xs, ys = meta_step.inner_data(c, *batch)  # the points the per-iteration path takes
         values, done = _ops.ops.train_chunk(
-            params.detach(), state, xs, ys, xq, yq, list(c.sizes), c.inner_lr, c.inner_steps,
+            params.detach(), state, xs, ys, batch.x_query, batch.y_query, list(c.sizes), c.inner_lr, c.inner_steps,
             c.activation, c.loss, c.algorithm, *self.spec)
         seconds = time.perf_counter() - began
         self.size = CHUNK_MAX if seconds <= 0 else \

@@ -4,6 +4,7 @@ A run is a loop (_Run.loop): sample a meta-batch of tasks, ask the functional co
 meta-gradient of the whole batch (one fused op call on the fused backend, no autograd graph),
 hand it to the outer torch.optim optimizer, log, checkpoint. Around it:
   config.py      the run's settings, checked once (RunConfig: what a checkpoint stores)
+  meta_step.py   one iteration's gradient for the optimizer, per algorithm and backend
   fast_path.py   many iterations per C++ call where the run allows it, bitwise the same
   checkpoint.py  what a checkpoint holds, and resuming from one
   progress.py    the progress bar, log lines, and Ctrl-C as a request to stop
@@ -26,16 +27,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _io
-from . import _ops
 from . import checkpoint as _checkpoint
 from . import config as _config
 from . import distributed as _distributed
-from . import fast_path
+from . import fast_path, meta_step
 from . import functional as F
 from . import outer_optim
 from . import progress as _progress
 from . import reference as _reference
-from . import tasks as _tasks
 from .config import ALGORITHMS, DTYPES, OPTIMIZERS, RunConfig, RunOptions  # noqa: F401 (API)
 from .model import MetaMLP
 
@@ -143,53 +142,6 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
             group.close()
 
 
-def _meta_step_fn(config: RunConfig, backend: str):
-    """fn(params [P] detached, TaskBatch) -> (meta-loss 0-d, gradient [P] for the optimizer).
-    The arguments were checked once; the fused backend calls the op directly (no autograd
-    wrapper, no per-call Python checks beyond the op's own)."""
-    c, sizes = config, list(config.sizes)
-    hyper = dict(sizes=sizes, inner_lr=c.inner_lr, steps=c.inner_steps,
-                 activation=c.activation, loss=c.loss)
-    def inner_data(x, y):  # the inner loop's points: all of them, or a minibatch per step
-        if c.inner_batch is None:
-            return x, y
-        return tuple(_tasks.per_step_batches(t, c.inner_steps, c.inner_batch) for t in (x, y))
-
-    if c.algorithm in ("maml", "fomaml"):
-        first_order = c.algorithm == "fomaml"
-        if backend == "fused":
-            def step(params, batch):
-                return _ops.ops.maml_loss(params, *inner_data(batch.x_support, batch.y_support),
-                                          batch.x_query, batch.y_query, sizes, c.inner_lr,
-                                          c.inner_steps, c.activation, c.loss, first_order, True)
-        else:
-            def step(params, batch):
-                params = params.requires_grad_()
-                value = _reference.maml_loss(params, *inner_data(batch.x_support, batch.y_support),
-                                             batch.x_query, batch.y_query,
-                                             first_order=first_order, **hyper)
-                (grad,) = torch.autograd.grad(value, params)
-                return value.detach(), grad
-        return step
-
-    # Reptile: the inner loop trains on support and query together; the update direction is
-    # params - mean over tasks of the adapted params, fed to the optimizer as a gradient.
-    loss_fn = _reference.LOSSES[c.loss]
-
-    def step(params, batch):
-        x, y = inner_data(torch.cat([batch.x_support, batch.x_query], dim=1),
-                          torch.cat([batch.y_support, batch.y_query], dim=1))
-        if backend == "fused":
-            return _ops.ops.reptile(params, x, y, batch.x_query, batch.y_query, sizes,
-                                    c.inner_lr, c.inner_steps, c.activation, c.loss)
-        with torch.no_grad():
-            adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
-            predicted = F.mlp_forward(adapted, batch.x_query, sizes=sizes,
-                                      activation=c.activation)
-            return loss_fn(predicted, batch.y_query), params - adapted.mean(0)
-    return step
-
-
 def _initial_model(config: RunConfig, options: RunOptions,
                    generator: torch.Generator) -> MetaMLP:
     c, init = config, options.init
@@ -250,7 +202,7 @@ class _Run:
         if options.resume_from is not None:
             self._resume(options.resume_from)
         self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
-        self.meta_step = _meta_step_fn(config, self.backend)
+        self.meta_step = meta_step.for_run(config, self.backend)
         # One process only: the all-reduce sits between an iteration's gradient and its step.
         self.fast = None if not servable or processes > 1 or self.start >= config.iterations \
             else fast_path.FastPath.for_run(config, self.optimizer, options.family, self.task_generator,
