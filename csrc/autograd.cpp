@@ -10,6 +10,7 @@
 // silently wrong.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -59,7 +60,9 @@ struct AdaptFunction : torch::autograd::Function<AdaptFunction> {
                                              c10::string_view, c10::string_view, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
     Tensor out = op.call(params, xs, ys, sizes, inner_lr, steps, activation, loss, first_order);
-    ctx->save_for_backward({params, xs, ys});
+    // Data made under torch.inference_mode cannot be saved for backward: a normal copy.
+    const auto savable = [](const Tensor& t) { return t.is_inference() ? t.clone() : t; };
+    ctx->save_for_backward({params, savable(xs), savable(ys)});
     save_hyper(ctx, sizes, inner_lr, steps, activation, loss);
     ctx->saved_data["first_order"] = first_order;
     return out;
@@ -146,11 +149,60 @@ std::tuple<Tensor, Tensor> maml_loss_autograd(const Tensor& params, const Tensor
   return {out[0], out[1]};
 }
 
+// reptile: a direction, not a derivative. Its outputs come back without a gradient function
+// (so a backward through them says they do not require grad, rather than warning that autograd
+// is not implemented and leaving params.grad empty).
+std::tuple<Tensor, Tensor> reptile_autograd(const Tensor& params, const Tensor& xs,
+                                            const Tensor& ys, const Tensor& xq, const Tensor& yq,
+                                            c10::IntArrayRef sizes, double inner_lr,
+                                            int64_t steps, c10::string_view activation,
+                                            c10::string_view loss) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pymaml::reptile", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                            const Tensor&, const Tensor&, c10::IntArrayRef,
+                                            double, int64_t, c10::string_view,
+                                            c10::string_view)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation, loss);
+}
+
+// train_chunk updates params and the optimizer state in place: it refuses params that autograd
+// tracks, and bumps the version counters, so that a graph which saved them before the update
+// fails its backward as after any in-place op instead of using the new values.
+std::tuple<Tensor, Tensor> train_chunk_autograd(
+    const Tensor& params, at::TensorList state, const Tensor& xs, const Tensor& ys,
+    const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+    c10::string_view activation, c10::string_view loss, c10::string_view algorithm,
+    c10::string_view optimizer, c10::ArrayRef<double> hyper) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pymaml::train_chunk", "")
+          .typed<std::tuple<Tensor, Tensor>(
+              const Tensor&, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
+              const Tensor&, c10::IntArrayRef, double, int64_t, c10::string_view,
+              c10::string_view, c10::string_view, c10::string_view, c10::ArrayRef<double>)>();
+  TORCH_CHECK_VALUE(!params.requires_grad(), "pymaml::train_chunk: params is updated in place "
+                    "and must not require grad (pass params.detach())");
+  std::tuple<Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(params, state, xs, ys, xq, yq, sizes, inner_lr, steps, activation, loss,
+                  algorithm, optimizer, hyper);
+  }
+  torch::autograd::impl::bump_version(params);
+  for (const Tensor& t : state) torch::autograd::impl::bump_version(t);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("adapt", &adapt_autograd);
   m.impl("maml_loss", &maml_loss_autograd);
+  m.impl("reptile", &reptile_autograd);
+  m.impl("train_chunk", &train_chunk_autograd);
 }
 
 }  // namespace pymaml

@@ -188,18 +188,22 @@ def _under_torch_func(tensors) -> bool:
     return wrapped is not None and any(wrapped(t) for t in tensors)
 
 
-def _direct_to_fused(backend, params, data, inner_lr, steps, first_order) -> bool:
+def _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, loss,
+                     first_order) -> bool:
     """Whether a call may go straight to the fused op, which checks every argument itself (in
     C++, csrc/op_args.cpp): the hot path of a user's loop, a few microseconds. Only the
     conditions the op cannot see are checked here. Any error the op raises sends the call
     down the checked path, which words it in pymaml's terms or picks the reference backend
     (steps or widths over the op's limits, half precision, ...): see _choose_backend."""
     return ((backend == "auto" or backend == "fused") and _ops.available()
-            # the dispatcher would take a bool for a number and a number for a bool
-            and type(inner_lr) is not bool and type(steps) is not bool
-            and (first_order is True or first_order is False)
+            # The dispatcher converts more than pymaml accepts (a bool for a number and back, a
+            # tensor for a number, bytes for a string): only the plain types go straight on.
+            and isinstance(inner_lr, (float, int)) and type(inner_lr) is not bool
+            and type(steps) is int and (first_order is True or first_order is False)
+            and type(sizes) in (list, tuple) and all(type(n) is int for n in sizes)
+            and type(activation) is str and type(loss) is str
             and not torch.compiler.is_compiling()  # the checked path traces without breaks
-            and isinstance(params, torch.Tensor)
+            and isinstance(params, torch.Tensor) and params.device.type in ("cpu", "cuda")
             and all(isinstance(t, torch.Tensor) for t in data)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
             and not _under_torch_func((params, *data)))
@@ -287,7 +291,8 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     step's Jacobian taken as the identity when first_order=True). The support set is
     x_support [T, K, n_in], y_support [T, K, n_out] for every step, or [T, steps, K, ...]: a
     batch of its own per inner step (CPU or reference backend)."""
-    if _direct_to_fused(backend, params, (x_support, y_support), inner_lr, steps, first_order):
+    if _direct_to_fused(backend, params, (x_support, y_support), sizes, inner_lr, steps,
+                        activation, loss, first_order):
         try:
             return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
                                   activation, loss, first_order)
@@ -313,7 +318,8 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in params.grad, ready
     for any torch.optim optimizer."""
     data = (x_support, y_support, x_query, y_query)
-    if _direct_to_fused(backend, params, data, inner_lr, steps, first_order):
+    if _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, loss,
+                        first_order):
         try:
             need_grad = torch.is_grad_enabled() and params.requires_grad
             return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,

@@ -142,6 +142,19 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
             group.close()
 
 
+def _backend(config: RunConfig, options: RunOptions, params: torch.Tensor) -> str:
+    """The backend that serves the run: options.backend, or under "auto" the fused op where it
+    can (a batch per inner step, inner_batch, runs on the CPU kernels or the reference)."""
+    backend = F._choose_backend(options.backend, params.detach(), list(config.sizes),
+                                config.inner_steps, ())
+    if backend == "fused" and config.inner_batch is not None and params.device.type != "cpu":
+        if options.backend == "fused":
+            raise ValueError(f"inner_batch (a batch per inner step) runs on the CPU kernels or "
+                             f"backend='reference', not on {params.device.type}")
+        return "reference"
+    return backend
+
+
 def _initial_model(config: RunConfig, options: RunOptions,
                    generator: torch.Generator) -> MetaMLP:
     c, init = config, options.init
@@ -190,8 +203,7 @@ class _Run:
             torch.Generator().manual_seed(_distributed.task_seed(config.seed, self.rank))
         if group is not None:  # the same start everywhere, whatever `init` each was given
             group.broadcast(self.params, "sharing rank 0's initial weights")
-        self.backend = F._choose_backend(options.backend, self.params.detach(),
-                                         list(config.sizes), config.inner_steps, ())
+        self.backend = _backend(config, options, self.params)
         servable = fast_path.servable(config, self.backend, options.device)
         kwargs = config.optimizer_kwargs
         if servable and config.optimizer in OPTIMIZERS:  # the kernel train_chunk steps with

@@ -48,6 +48,7 @@ def test_loss_and_gradients_are_the_functional_apis(dtype):
         assert torch.equal(grads_in_layout(model), params.grad), f"seed {seed}"
 
 
+@requires_fused
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_reference_backend_agrees(dtype):
     for seed in range(10):
