@@ -1,7 +1,7 @@
 """Loads the compiled core (pymaml._C, which registers torch.ops.pymaml.* with their kernels
 and, in C++, their autograd) and attaches the fake (meta) kernels, so the ops work under
-torch.compile and pass torch.library.opcheck. Importing pymaml never fails because the extension is missing: the
-reason is kept and reported when the fused path is asked for."""
+torch.compile and pass torch.library.opcheck. Importing pymaml never fails because the
+extension is missing: the reason is kept and reported when the fused path is asked for."""
 
 from __future__ import annotations
 
