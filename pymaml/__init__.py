@@ -4,7 +4,8 @@ The fused op runs the whole inner loop and the exact meta-gradient of a meta-bat
 in one C++ call; `pymaml.reference` is the pure-autograd oracle it is checked against.
 `pymaml.train` meta-trains on a task family (`pymaml.tasks`) and returns a `MetaMLP`, whose
 `adapt` is test-time adaptation; `pymaml.evaluate` runs the MAML paper's protocol;
-`pymaml.MAML` wraps an nn.Sequential MLP; `pymaml.distributed` is how train() spreads a meta-batch over torch.distributed processes."""
+`pymaml.MAML` wraps an nn.Sequential MLP; `pymaml.distributed` is how train() spreads a
+meta-batch over torch.distributed processes."""
 
 from . import distributed, functional, nn, reference, tasks
 from ._ops import available as fused_available, cuda_compiled
