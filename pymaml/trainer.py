@@ -205,10 +205,7 @@ class _Run:
             group.broadcast(self.params, "sharing rank 0's initial weights")
         self.backend = _backend(config, options, self.params)
         servable = fast_path.servable(config, self.backend, options.device)
-        kwargs = config.optimizer_kwargs
-        if servable and config.optimizer in OPTIMIZERS:  # the kernel train_chunk steps with
-            kwargs = outer_optim.build_kwargs(kwargs)
-        self.optimizer = options.optimizer_class([self.params], lr=config.outer_lr, **kwargs)
+        self.optimizer = self._optimizer(servable)
         self.losses: List[float] = []
         self.start = 0
         if options.resume_from is not None:
@@ -216,10 +213,19 @@ class _Run:
         self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
         self.meta_step = meta_step.for_run(config, self.backend)
         # One process only: the all-reduce sits between an iteration's gradient and its step.
-        self.fast = None if not servable or processes > 1 or self.start >= config.iterations \
-            else fast_path.FastPath.for_run(config, self.optimizer, options.family, self.task_generator,
-                                  options.dtype)
+        self.fast = None
+        if servable and processes == 1 and self.start < config.iterations:
+            self.fast = fast_path.FastPath.for_run(config, self.optimizer, options.family,
+                                                   self.task_generator, options.dtype)
         self.fast_iterations = 0
+
+    def _optimizer(self, servable: bool) -> torch.optim.Optimizer:
+        """The outer optimizer; "sgd" / "adam" with the fused kernel train_chunk steps with,
+        where it may serve the run (pymaml.outer_optim)."""
+        kwargs = self.config.optimizer_kwargs
+        if servable and self.config.optimizer in OPTIMIZERS:
+            kwargs = outer_optim.build_kwargs(kwargs)
+        return self.options.optimizer_class([self.params], lr=self.config.outer_lr, **kwargs)
 
     def _on_rank0(self, fn, what):
         """fn() on rank 0 (whose disk holds the checkpoint), its outcome (an error too) handed
