@@ -24,6 +24,22 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 
+// Op `name` typed as Sig, its schema's C++ signature, for a redispatch below autograd.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using AdaptSig = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef, double,
+                        int64_t, c10::string_view, c10::string_view, bool);
+using AdaptBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                c10::IntArrayRef, double, int64_t, c10::string_view,
+                                c10::string_view);
+using MamlLossSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, const Tensor&, c10::IntArrayRef,
+                                               double, int64_t, c10::string_view,
+                                               c10::string_view, bool, bool);
+
 void refuse_double_backward(const char* op) {
   TORCH_CHECK(!at::GradMode::is_enabled(), op,
               ": double backward (create_graph=True) is not supported by the fused op; use "
@@ -53,11 +69,7 @@ struct AdaptFunction : torch::autograd::Function<AdaptFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& xs,
                         const Tensor& ys, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                         c10::string_view activation, c10::string_view loss, bool first_order) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("pymaml::adapt", "")
-                               .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                             c10::IntArrayRef, double, int64_t,
-                                             c10::string_view, c10::string_view, bool)>();
+    static const auto op = find_op<AdaptSig>("pymaml::adapt");
     at::AutoDispatchBelowADInplaceOrView below;
     Tensor out = op.call(params, xs, ys, sizes, inner_lr, steps, activation, loss, first_order);
     // Data made under torch.inference_mode cannot be saved for backward: a normal copy.
@@ -76,11 +88,7 @@ struct AdaptFunction : torch::autograd::Function<AdaptFunction> {
     if (ctx->saved_data["first_order"].toBool()) {
       grad_params = grads[0].sum(0);
     } else {
-      static const auto op = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("pymaml::adapt_backward", "")
-                                 .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                               const Tensor&, c10::IntArrayRef, double, int64_t,
-                                               c10::string_view, c10::string_view)>();
+      static const auto op = find_op<AdaptBackwardSig>("pymaml::adapt_backward");
       const auto saved = ctx->get_saved_variables();
       const auto& d = ctx->saved_data;
       const std::vector<int64_t> sizes = d.at("sizes").toIntVector();
@@ -101,13 +109,7 @@ struct MamlLossFunction : torch::autograd::Function<MamlLossFunction> {
                                c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                                c10::string_view activation, c10::string_view loss,
                                bool first_order, bool need_grad) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("pymaml::maml_loss", "")
-            .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                              const Tensor&, const Tensor&, c10::IntArrayRef,
-                                              double, int64_t, c10::string_view,
-                                              c10::string_view, bool, bool)>();
+    static const auto op = find_op<MamlLossSig>("pymaml::maml_loss");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [value, meta_grad] = op.call(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation,
                                       loss, first_order, need_grad);
@@ -157,13 +159,7 @@ std::tuple<Tensor, Tensor> reptile_autograd(const Tensor& params, const Tensor& 
                                             c10::IntArrayRef sizes, double inner_lr,
                                             int64_t steps, c10::string_view activation,
                                             c10::string_view loss) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pymaml::reptile", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                            const Tensor&, const Tensor&, c10::IntArrayRef,
-                                            double, int64_t, c10::string_view,
-                                            c10::string_view)>();
+  static const auto op = find_op<decltype(reptile_autograd)>("pymaml::reptile");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation, loss);
 }
@@ -176,13 +172,7 @@ std::tuple<Tensor, Tensor> train_chunk_autograd(
     const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
     c10::string_view activation, c10::string_view loss, c10::string_view algorithm,
     c10::string_view optimizer, c10::ArrayRef<double> hyper) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pymaml::train_chunk", "")
-          .typed<std::tuple<Tensor, Tensor>(
-              const Tensor&, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
-              const Tensor&, c10::IntArrayRef, double, int64_t, c10::string_view,
-              c10::string_view, c10::string_view, c10::string_view, c10::ArrayRef<double>)>();
+  static const auto op = find_op<decltype(train_chunk_autograd)>("pymaml::train_chunk");
   TORCH_CHECK_VALUE(!params.requires_grad(), "pymaml::train_chunk: params is updated in place "
                     "and must not require grad (pass params.detach())");
   std::tuple<Tensor, Tensor> out;

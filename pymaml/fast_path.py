@@ -26,9 +26,9 @@ CHUNK_MAX = 1000       # iterations per call, at most
 CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answer within it
 
 
-def servable(config: RunConfig, backend: str, device: torch.device) -> bool:
-    """Whether train_chunk can run this run's iterations: the fused backend on the CPU (the
-    optimizer and the family decide the rest, as the run goes)."""
+def servable(backend: str, device: torch.device) -> bool:
+    """Whether train_chunk can run a run's iterations: the fused backend on the CPU, for every
+    algorithm (the optimizer and the family decide the rest, as the run goes)."""
     return backend == "fused" and device.type == "cpu"
 
 

@@ -204,7 +204,7 @@ class _Run:
         if group is not None:  # the same start everywhere, whatever `init` each was given
             group.broadcast(self.params, "sharing rank 0's initial weights")
         self.backend = _backend(config, options, self.params)
-        servable = fast_path.servable(config, self.backend, options.device)
+        servable = fast_path.servable(self.backend, options.device)
         self.optimizer = self._optimizer(servable)
         self.losses: List[float] = []
         self.start = 0
