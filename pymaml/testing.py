@@ -158,6 +158,104 @@ def torch_func_maml(*, sizes, inner_lr, steps, activation, loss, first_order):
     return meta_loss, adapt
 
 
+def _func_sequential(sizes, activation) -> torch.nn.Sequential:
+    # The MLP as nn.Linear layers on the meta device (shapes and names, no numbers: building it
+    # draws nothing from the global generator); torch.func.functional_call supplies the weights.
+    act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[activation]
+    layers = []
+    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [act()] if l else []
+        layers.append(torch.nn.Linear(n_in, n_out, device="meta"))
+    return torch.nn.Sequential(*layers)
+
+
+def _func_adapted_names(names, adapt_layers) -> set:
+    """The parameter names of the layers that move in the inner loop (all for None); the
+    oracle's own reading of the contract: indices in [-L, L), no repeats, not empty."""
+    depth = len(names) // 2
+    if adapt_layers is None:
+        return set(names)
+    layers = [l + depth if l < 0 else l for l in adapt_layers]
+    if not layers or any(not 0 <= l < depth for l in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"adapt_layers {adapt_layers!r} for {depth} layers")
+    return {names[2 * l + i] for l in layers for i in (0, 1)}
+
+
+def torch_func_learned_maml(*, sizes, inner_lr, steps, activation, loss, first_order,
+                            adapt_layers=None):
+    """MAML with learned inner rates and frozen layers, written with torch.func
+    (functional_call on an nn.Sequential, grad, vmap) independently of pymaml.reference and of
+    pymaml's flat-layout helpers: the second oracle the reference is checked by.
+
+    inner_lr: a number, or a tensor broadcastable to [steps, P] (step k updates entry p with
+    rate [k, p]); adapt_layers: None (every layer) or linear layer indices: the other layers
+    are not updated at all (their rates are not read). first_order treats the inner gradients
+    as constants; the update still depends on the rates.
+
+    Returns (meta_loss, adapt): meta_loss(params [P], xs, ys, xq, yq, rates=None) -> the mean
+    query loss, to differentiate with torch.func.grad (argnums=(0, 5) for the rates too);
+    adapt(params, xs, ys, rates=None) -> [T, P]. rates, when given, replaces inner_lr. The
+    support data may be [T, steps, K, n]: a batch per inner step."""
+    model = _func_sequential(sizes, activation)
+    spec = [(name, p.shape) for name, p in model.named_parameters()]  # [W0, b0, W1, b1, ...]
+    names = [name for name, _ in spec]
+    moving_names = _func_adapted_names(names, adapt_layers)
+    loss_fn = {"mse": lambda a, y: (a - y).square().mean(), "l1": lambda a, y: (a - y).abs().mean()}[loss]
+
+    def split(flat):  # flat [P] -> {name: tensor of the layer's shape}
+        out, off = {}, 0
+        for name, shape in spec:
+            n = shape.numel()
+            out[name] = flat[off:off + n].reshape(shape)
+            off += n
+        return out
+
+    def task_loss(moving, fixed, x, y):
+        return loss_fn(torch.func.functional_call(model, {**fixed, **moving}, (x,)), y)
+
+    inner_grad = torch.func.grad(task_loss)  # in the moving tensors only
+
+    def adapt_one(flat, alpha, xs, ys):  # one task: flat [P], alpha [steps, P], xs [(steps,) K, n]
+        tensors = split(flat)
+        moving = {n: t for n, t in tensors.items() if n in moving_names}
+        fixed = {n: t for n, t in tensors.items() if n not in moving_names}
+        for k in range(steps):
+            x, y = (xs[k], ys[k]) if xs.dim() == 3 else (xs, ys)
+            grads, rate = inner_grad(moving, fixed, x, y), split(alpha[k])
+            moving = {n: w - rate[n] * (grads[n].detach() if first_order else grads[n])
+                      for n, w in moving.items()}
+        adapted = {**fixed, **moving}
+        return torch.cat([adapted[n].reshape(-1) for n in names])
+
+    def rates_of(params, rates):
+        rates = inner_lr if rates is None else rates
+        shape = (steps, params.shape[-1])
+        if isinstance(rates, torch.Tensor):
+            return torch.broadcast_to(rates, shape)
+        return params.new_full(shape, float(rates))
+
+    def query_loss(flat, alpha, xs, ys, xq, yq):
+        return task_loss(split(adapt_one(flat, alpha, xs, ys)), {}, xq, yq)
+
+    def meta_loss(params, xs, ys, xq, yq, rates=None):
+        per_task = torch.vmap(query_loss, in_dims=(None, None, 0, 0, 0, 0))
+        return per_task(params, rates_of(params, rates), xs, ys, xq, yq).mean()
+
+    def adapt(params, xs, ys, rates=None):
+        return torch.vmap(adapt_one, in_dims=(None, None, 0, 0))(params, rates_of(params, rates), xs, ys)
+
+    return meta_loss, adapt
+
+
+def torch_func_learned_grads(params, xs, ys, xq, yq, *, rates, **hyper):
+    """(meta-loss, its gradient in params, in rates) by torch_func_learned_maml: rates a tensor
+    broadcastable to [steps, P]; hyper the keywords of maml_loss but inner_lr and backend."""
+    meta_loss, _ = torch_func_learned_maml(inner_lr=None, **hyper)
+    (g_params, g_rates), value = torch.func.grad_and_value(meta_loss, argnums=(0, 5))(
+        params, xs, ys, xq, yq, rates)
+    return value, g_params, g_rates
+
+
 def to_device(pb: Problem, device) -> Problem:
     """The same problem with its tensors on `device`."""
     moved = {f: getattr(pb, f).to(device) for f in ("params", "xs", "ys", "xq", "yq")}
