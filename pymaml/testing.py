@@ -3,6 +3,7 @@ by benchmarks/parity.py)."""
 
 import dataclasses
 import random
+from typing import Optional
 
 import torch
 
@@ -254,6 +255,144 @@ def torch_func_learned_grads(params, xs, ys, xq, yq, *, rates, **hyper):
     (g_params, g_rates), value = torch.func.grad_and_value(meta_loss, argnums=(0, 5))(
         params, xs, ys, xq, yq, rates)
     return value, g_params, g_rates
+
+
+# The shapes a tensor inner_lr comes in (design.md §8.1): "number" is a plain float, "per-layer"
+# one rate per weight / bias tensor and step ([steps, 2L]) expanded by F.per_layer_rates.
+RATE_SHAPES = ("number", "[]", "[P]", "[steps,1]", "[1,P]", "[steps,P]", "per-layer")
+
+
+@dataclasses.dataclass
+class LearnedProblem:
+    """A random problem with learned rates and frozen layers: `rates` is the number or the
+    tensor the outer optimizer would learn (shape `shape`, per-layer: [steps, 2L])."""
+    pb: Problem
+    rates: object
+    shape: str
+    adapt_layers: Optional[list]
+
+    def inner_lr(self, rates, expand=None):
+        """`rates` as inner_lr takes it: per-layer ones expanded by `expand` (default:
+        pymaml.functional.per_layer_rates)."""
+        if self.shape != "per-layer":
+            return rates
+        return (expand or F.per_layer_rates)(rates, self.pb.sizes)
+
+    def hyper(self, **changes) -> dict:
+        """maml_loss's keywords but inner_lr."""
+        hyper = dict(self.pb.hyper, adapt_layers=self.adapt_layers)
+        del hyper["inner_lr"]
+        return dict(hyper, **changes)
+
+    def describe(self) -> str:
+        return (f"rates {self.shape}, adapt_layers {self.adapt_layers}, sizes {self.pb.sizes}, "
+                f"steps {self.pb.steps}, {self.pb.activation}/{self.pb.loss}, "
+                f"{'1st' if self.pb.first_order else '2nd'} order, support "
+                f"{list(self.pb.xs.shape)}")
+
+
+def layer_choices(depth: int) -> list:
+    """adapt_layers worth testing on `depth` layers: all, the head (ANIL), the first, a
+    non-contiguous pair, every layer listed by negative index."""
+    choices = [None, [-1], [0], list(range(-depth, 0))]
+    return choices + ([[0, 2]] if depth >= 3 else [])
+
+
+def _random_rates(rng, g, shape, pb) -> object:
+    # Around pb.inner_lr (0.5x to 1.5x), an entry negative one time in six (Meta-SGD learns
+    # directions too).
+    sign = lambda: -1.0 if rng.random() < 1 / 6 else 1.0
+    if shape == "number":
+        return sign() * pb.inner_lr
+    S, P, L = pb.steps, pb.params.numel(), len(pb.sizes) - 1
+    dims = {"[]": (), "[P]": (P,), "[steps,1]": (S, 1), "[1,P]": (1, P), "[steps,P]": (S, P),
+            "per-layer": (S, 2 * L)}[shape]
+    scale = torch.rand(dims, generator=g, dtype=torch.float64) + 0.5
+    signs = torch.where(torch.rand(dims, generator=g, dtype=torch.float64) < 1 / 6, -1.0, 1.0)
+    return (pb.inner_lr * scale * signs).to(pb.params.dtype).requires_grad_()
+
+
+def random_learned_problem(seed, dtype, **bounds) -> LearnedProblem:
+    """random_problem(seed) with rates of shape RATE_SHAPES[seed % 7], a random choice of
+    adapt_layers (layer_choices, or a random subset in random order, some indices negative)
+    and, one time in four, a support batch per inner step."""
+    pb = random_problem(seed, dtype, **bounds)
+    rng, g = random.Random(f"learned-{seed}"), torch.Generator().manual_seed(seed + 1)
+    depth = len(pb.sizes) - 1
+    subset = rng.sample(range(depth), rng.randint(1, depth))
+    subset = [l - depth if rng.random() < 0.5 else l for l in subset]
+    layers = rng.choice(layer_choices(depth) + [subset])
+    if rng.random() < 0.25:
+        pb.steps = max(pb.steps, 1)
+        T, K = pb.xs.shape[:2]
+        rand = lambda n: torch.randn(T, pb.steps, K, n, generator=g, dtype=torch.float64)
+        pb.xs, pb.ys = rand(pb.sizes[0]).to(dtype), rand(pb.sizes[-1]).to(dtype)
+    shape = RATE_SHAPES[seed % len(RATE_SHAPES)]
+    return LearnedProblem(pb, _random_rates(rng, g, shape, pb), shape, layers)
+
+
+def _cotangent(lp: LearnedProblem) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    T, P = lp.pb.xs.shape[0], lp.pb.params.numel()
+    return torch.randn(T, P, generator=g, dtype=torch.float64).to(lp.pb.params.dtype)
+
+
+def learned_outputs(lp: LearnedProblem, backend: str) -> dict:
+    """Through the public API on `backend`: the meta-loss, its gradient in params and in the
+    rates, the adapted parameters and adapt's vector-Jacobian product in params and rates
+    (rate entries absent for a number rate)."""
+    pb, tensor_rates = lp.pb, isinstance(lp.rates, torch.Tensor)
+    p = pb.params.detach().clone().requires_grad_()
+    r = lp.rates.detach().clone().requires_grad_() if tensor_rates else lp.rates
+    leaves = [p, r] if tensor_rates else [p]
+    hyper = lp.hyper(backend=backend)
+    loss = F.maml_loss(p, *pb.data, inner_lr=lp.inner_lr(r), **hyper)
+    grads = torch.autograd.grad(loss, leaves)
+    adapted = F.adapt(p, pb.xs, pb.ys, inner_lr=lp.inner_lr(r), **hyper)
+    vjps = torch.autograd.grad(adapted, leaves, _cotangent(lp))
+    return _named(loss, grads, adapted, vjps)
+
+
+def _named(loss, grads, adapted, vjps) -> dict:
+    out = dict(loss=loss.detach(), grad_params=grads[0], adapted=adapted.detach(),
+               vjp_params=vjps[0])
+    if len(grads) > 1:
+        out.update(grad_rates=grads[1], vjp_rates=vjps[1])
+    return out
+
+
+def per_tensor_expand(rates: torch.Tensor, sizes) -> torch.Tensor:
+    """[..., 2L] -> [..., P], each weight / bias entry taking its tensor's rate: the oracle's
+    own expansion (repeat_interleave), beside pymaml.functional.per_layer_rates."""
+    counts = [n for i, o in zip(sizes[:-1], sizes[1:]) for n in (i * o, o)]
+    return torch.repeat_interleave(rates, torch.tensor(counts), dim=-1)
+
+
+def learned_oracle_outputs(lp: LearnedProblem) -> dict:
+    """learned_outputs' quantities by torch_func_learned_maml (torch.func.grad and vjp)."""
+    pb = lp.pb
+    meta_loss, adapt = torch_func_learned_maml(inner_lr=lp.rates, **lp.hyper())
+    expand = lambda r: lp.inner_lr(r, per_tensor_expand)
+    if isinstance(lp.rates, torch.Tensor):
+        args, argnums = (pb.params, lp.rates.detach()), (0, 1)
+        loss_of = lambda p, r: meta_loss(p, *pb.data, expand(r))
+        adapt_of = lambda p, r: adapt(p, pb.xs, pb.ys, expand(r))
+    else:
+        args, argnums = (pb.params,), (0,)
+        loss_of = lambda p: meta_loss(p, *pb.data)
+        adapt_of = lambda p: adapt(p, pb.xs, pb.ys)
+    grads, loss = torch.func.grad_and_value(loss_of, argnums=argnums)(*args)
+    adapted, vjp_fn = torch.func.vjp(adapt_of, *args)
+    return _named(loss, grads, adapted, vjp_fn(_cotangent(lp)))
+
+
+def max_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(max |expected|, tiny): relative to the quantity's own
+    scale (zero exactly where expected is all zero), the learned-rate tests' measure."""
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0,
+                torch.finfo(expected.dtype).tiny)
+    return (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
 
 
 def to_device(pb: Problem, device) -> Problem:
