@@ -15,19 +15,20 @@ naming the file and the field, before anything is loaded from it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _io
+from . import _io, _rates
 from ._layout import num_params
 from ._version import __version__
 from .config import RunConfig
 from .model import MetaMLP
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; 2: learned inner rates, adapt_layers
 _OVERHEAD_BYTES = 64 * 1024  # archive records, pickles and the generator state: ~10 KB measured
 
 
@@ -35,7 +36,11 @@ def estimated_size(config: RunConfig) -> int:
     """Bytes of the run's last checkpoint, about and on the high side: the weights and up to
     three optimizer buffers of their size, 8 bytes of loss history per iteration."""
     element = torch.finfo(getattr(torch, config.dtype)).bits // 8
-    return num_params(list(config.sizes)) * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
+    weights = num_params(list(config.sizes))
+    if config.learn_inner_lr is not None:
+        weights += math.prod(_rates.shape(config.learn_inner_lr, config.sizes,
+                                          config.inner_steps))
+    return weights * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
 
 
 class Checkpoints:
@@ -90,8 +95,11 @@ class Checkpoints:
 
 def state(settings: Dict[str, Any], iteration: int, model, optimizer: torch.optim.Optimizer,
           generator: torch.Generator, losses: List[float]) -> Dict[str, Any]:
-    """A checkpoint of a run at `iteration` (its settings dict, as TrainResult.config)."""
-    return dict(format=_io.CHECKPOINT_FORMAT, format_version=FORMAT_VERSION,
+    """A checkpoint of a run at `iteration` (its settings dict, as TrainResult.config). Runs
+    with learned rates or frozen layers write format_version 2 (which earlier versions
+    refuse); the others 1, as earlier versions did."""
+    plain = settings.get("learn_inner_lr") is None and settings.get("adapt_layers") is None
+    return dict(format=_io.CHECKPOINT_FORMAT, format_version=1 if plain else 2,
                 pymaml_version=__version__, config=settings, iteration=iteration,
                 model=model.to_dict(), optimizer=optimizer.state_dict(),
                 generator=generator.get_state(),
@@ -136,8 +144,8 @@ def check(path: str, saved: Dict[str, Any]) -> None:
         raise _bad(path, "losses", f"holds {losses.numel()} losses for {iteration} iterations")
     if not torch.isfinite(losses).all():
         raise _bad(path, "losses", "holds a non-finite loss (a run stops before recording one)")
-    params = _check_model(path, saved["model"], config)
-    _check_optimizer(path, saved["optimizer"], params)
+    weights = _check_model(path, saved["model"], config)
+    _check_optimizer(path, saved["optimizer"], weights)
     _check_generator(path, "generator", saved["generator"])
     processes = config.get("processes", 1)
     if processes > 1:
@@ -171,8 +179,9 @@ def _check_config(path: str, config) -> Dict[str, Any]:
     return config
 
 
-def _check_model(path: str, record, config: Dict[str, Any]) -> torch.Tensor:
-    """The checkpoint's weights, after checking its model record against its settings."""
+def _check_model(path: str, record, config: Dict[str, Any]) -> List[torch.Tensor]:
+    """The checkpoint's weights (params, and the learned rates of a run that learns them),
+    after checking its model record against its settings."""
     try:
         model = MetaMLP.from_dict(record)
     except ValueError as exc:
@@ -181,7 +190,8 @@ def _check_model(path: str, record, config: Dict[str, Any]) -> torch.Tensor:
     if model.sizes != list(config["sizes"]) or params.dim() != 1:
         raise _bad(path, "model", f"has sizes {model.sizes} and {list(params.shape)} weights; "
                                   f"the run's settings say sizes {list(config['sizes'])}")
-    for field in ("activation", "loss", "inner_lr", "inner_steps"):
+    for field in ("activation", "loss", "inner_lr", "inner_steps", "learn_inner_lr",
+                  "adapt_layers"):
         if getattr(model, field) != config.get(field):
             raise _bad(path, f"model.{field}", f"is {getattr(model, field)!r}; the run's settings "
                                                f"say {config.get(field)!r}")
@@ -191,29 +201,35 @@ def _check_model(path: str, record, config: Dict[str, Any]) -> torch.Tensor:
     if not torch.isfinite(params).all():
         raise _bad(path, "model.params", "hold non-finite weights (a run stops before "
                                          "writing any)")
-    return params
+    # (the learned rates' shape and finiteness: MetaMLP.from_dict checked them)
+    return [params] if model.learned_lr is None else [params, model.learned_lr.detach()]
 
 
-def _check_optimizer(path: str, saved, params: torch.Tensor) -> None:
-    """The optimizer's state_dict: one parameter group, and per-parameter buffers shaped
-    like the weights (scalars such as Adam's step count aside). Their values are not
-    checked: a run may legitimately write an infinite one (Adam's second moment of an
-    overflowing gradient, which leaves the weights finite)."""
+def _check_optimizer(path: str, saved, weights: List[torch.Tensor]) -> None:
+    """The optimizer's state_dict: one parameter group over the run's weights (params, and
+    the learned rates), and per-parameter buffers shaped like them (scalars such as Adam's
+    step count aside). Their values are not checked: a run may legitimately write an
+    infinite one (Adam's second moment of an overflowing gradient, which leaves the weights
+    finite)."""
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)):
         raise _bad(path, "optimizer", "is not an optimizer state_dict (state, param_groups)")
     groups = saved["param_groups"]
-    if len(groups) != 1 or not isinstance(groups[0], dict) or groups[0].get("params") != [0]:
-        raise _bad(path, "optimizer.param_groups", "must be the one group of the run's weights")
+    indices = list(range(len(weights)))
+    if len(groups) != 1 or not isinstance(groups[0], dict) or groups[0].get("params") != indices:
+        what = "weights" if len(weights) == 1 else "weights and learned rates"
+        raise _bad(path, "optimizer.param_groups", f"must be the one group of the run's {what}")
+    names = ("", ".rates")  # the buffers of params, of the learned rates
     for index, buffers in saved["state"].items():
-        if index != 0 or not isinstance(buffers, dict):
+        if index not in indices or not isinstance(buffers, dict):
             raise _bad(path, "optimizer.state", "must hold the state of the run's weights only")
         for name, t in buffers.items():
             if not isinstance(t, torch.Tensor) or t.dim() == 0:
                 continue  # step counts and other scalars: torch.optim checks them
-            if t.shape != params.shape:
-                raise _bad(path, f"optimizer.state.{name}", f"has shape {list(t.shape)}; the "
-                           f"weights have {list(params.shape)}")
+            if t.shape != weights[index].shape:
+                what = "weights" if index == 0 else "learned rates"
+                raise _bad(path, f"optimizer.state{names[index]}.{name}", f"has shape "
+                           f"{list(t.shape)}; the {what} have {list(weights[index].shape)}")
 
 
 def _check_generator(path: str, field: str, value) -> None:
@@ -253,5 +269,7 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
         raise _bad(path, "optimizer", f"does not fit the run's optimizer ({exc})") from None
     with torch.no_grad():
         model.params.copy_(saved["model"]["params"].to(device))
+        if model.learned_lr is not None:
+            model.learned_lr.copy_(saved["model"]["learned_lr"].to(device))
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()

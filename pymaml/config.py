@@ -19,12 +19,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _io
+from . import _rates
 from . import distributed as _distributed
 from . import functional as F
 from . import tasks as _tasks
 from .model import INITS, MetaMLP
 
-ALGORITHMS = ("maml", "fomaml", "reptile")
+# metasgd: MAML learning one inner rate per parameter (learn_inner_lr="per-parameter");
+# anil: MAML adapting the head only (adapt_layers=[-1]).
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -53,10 +56,23 @@ class RunConfig:
     iterations: int
     processes: int = 1  # of a distributed run: a checkpoint resumes under as many
     inner_batch: Optional[int] = None  # points per inner step (tasks.per_step_batches)
+    learn_inner_lr: Optional[str] = None  # the learned rates' mode (_rates.MODES), resolved
+    adapt_layers: Optional[Tuple[int, ...]] = None  # sorted non-negative indices; None: all
+
+    @property
+    def first_order(self) -> bool:
+        return self.algorithm == "fomaml"
+
+    @property
+    def plain(self) -> bool:
+        """Whether the inner loop is plain MAML's: one fixed rate, every layer adapting
+        (what the chunked fast path and the raw ops serve)."""
+        return self.learn_inner_lr is None and self.adapt_layers is None
 
     def to_dict(self) -> Dict[str, Any]:
         """The settings as plain values (what a checkpoint stores)."""
-        return dict(dataclasses.asdict(self), sizes=list(self.sizes))
+        layers = None if self.adapt_layers is None else list(self.adapt_layers)
+        return dict(dataclasses.asdict(self), sizes=list(self.sizes), adapt_layers=layers)
 
     def differences(self, saved: Dict[str, Any]) -> List[str]:
         """The settings (all but iterations, which may grow, and processes) in which a
@@ -103,7 +119,8 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
                          meta_batch_size, iterations, optimizer, outer_lr, optimizer_kwargs,
                          shots, queries, init, backend, device, dtype, seed, log_every,
                          progress, checkpoint, checkpoint_every, resume, overwrite, distributed,
-                         distributed_timeout, inner_batch) -> Tuple[RunConfig, RunOptions]:
+                         distributed_timeout, inner_batch, learn_inner_lr,
+                         adapt_layers) -> Tuple[RunConfig, RunOptions]:
     """pymaml.train's arguments (see its docstring), checked in the order of its signature."""
     F._check_choice("algorithm", algorithm, ALGORITHMS)
     sizes = tuple(F._check_sizes(sizes))
@@ -144,6 +161,8 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
         if points and inner_batch > points:  # a family of unknown size: at its first draw
             raise ValueError(f"inner_batch={inner_batch} is more than the {points} points a "
                              f"task's inner loop has")
+    learn_inner_lr, adapt_layers = _inner_loop_options(algorithm, learn_inner_lr, adapt_layers,
+                                                       sizes, inner_steps)
 
     config = RunConfig(
         task=family.name, algorithm=algorithm, sizes=sizes, activation=activation, loss=loss,
@@ -151,7 +170,8 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
         optimizer=optimizer_name, outer_lr=outer_lr, optimizer_kwargs=optimizer_kwargs,
         shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
         init=init_name, dtype=str(dtype).replace("torch.", ""), seed=seed,
-        iterations=iterations, inner_batch=inner_batch)
+        iterations=iterations, inner_batch=inner_batch, learn_inner_lr=learn_inner_lr,
+        adapt_layers=adapt_layers)
     options = RunOptions(
         family=family, optimizer_class=optimizer_class, init=init, dtype=dtype,
         device=_distributed.local_device(device), backend=backend, log_every=log_every,
@@ -159,6 +179,36 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
         resume_from=resume_from, overwrite=overwrite, distributed=distributed,
         distributed_timeout=distributed_timeout)
     return config, options
+
+
+def _inner_loop_options(algorithm, learn_inner_lr, adapt_layers, sizes,
+                        inner_steps) -> Tuple[Optional[str], Optional[Tuple[int, ...]]]:
+    """(the learned rates' mode, the adapted layers) the run uses: the arguments, checked,
+    with what "metasgd" (per-parameter rates) and "anil" (the head only) stand for."""
+    _rates.check_mode("learn_inner_lr", learn_inner_lr)
+    depth = len(sizes) - 1
+    adapt_layers = _rates.check_layers("adapt_layers", adapt_layers, depth)
+    if algorithm == "metasgd":
+        if learn_inner_lr not in (None, "per-parameter"):
+            raise ValueError(f"algorithm='metasgd' learns one inner rate per parameter; "
+                             f"learn_inner_lr={learn_inner_lr!r} asks for another kind: use "
+                             f"algorithm='maml' with it")
+        learn_inner_lr = "per-parameter"
+    if algorithm == "anil":
+        if adapt_layers not in (None, (depth - 1,)):
+            raise ValueError(f"algorithm='anil' adapts the head only; adapt_layers="
+                             f"{list(adapt_layers)} asks for other layers: use algorithm='maml' "
+                             "with them")
+        adapt_layers = (depth - 1,)
+    if learn_inner_lr is not None:
+        if algorithm == "reptile":
+            raise ValueError("learn_inner_lr: Reptile cannot learn inner rates (its outer "
+                             "update is no gradient of the rates); use algorithm='maml', "
+                             "'fomaml' or 'metasgd'")
+        if inner_steps < 1:
+            raise ValueError(f"learn_inner_lr needs inner_steps >= 1 (with no inner step there "
+                             f"is no rate to learn), got {inner_steps}")
+    return learn_inner_lr, adapt_layers
 
 
 def _positive_real(name, value) -> float:

@@ -26,10 +26,24 @@ CHUNK_MAX = 1000       # iterations per call, at most
 CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answer within it
 
 
-def servable(backend: str, device: torch.device) -> bool:
-    """Whether train_chunk can run a run's iterations: the fused backend on the CPU, for every
-    algorithm (the optimizer and the family decide the rest, as the run goes)."""
-    return backend == "fused" and device.type == "cpu"
+def servable(backend: str, device: torch.device, config: Optional[RunConfig] = None) -> bool:
+    """Whether train_chunk can run a run's iterations: the fused backend on the CPU, for
+    MAML, FO-MAML and Reptile with a fixed inner rate and every layer adapting (`unserved`;
+    the optimizer and the family decide the rest, as the run goes)."""
+    return backend == "fused" and device.type == "cpu" and (
+        config is None or unserved(config) is None)
+
+
+def unserved(config: RunConfig) -> Optional[str]:
+    """Why train_chunk cannot run `config`'s iterations at all, or None. The hook for
+    extending the chunked op: it takes one scalar inner rate and adapts every layer, so
+    learned rates (Meta-SGD, LSLR, ...) and frozen layers (ANIL, adapt_layers) go the
+    per-iteration way, through the functional API, until it learns them."""
+    if config.learn_inner_lr is not None:
+        return f"train_chunk takes one fixed inner rate, not learned ones ({config.learn_inner_lr})"
+    if config.adapt_layers is not None:
+        return "train_chunk adapts every layer (adapt_layers is set)"
+    return None
 
 
 class FastPath:

@@ -1,7 +1,8 @@
 """MetaMLP: a meta-learned MLP and its test-time adaptation, a thin object over the
 functional API. It holds the flat parameters, the architecture and the adaptation settings it
-was meta-trained with (loss, inner learning rate, inner steps), so `model.adapt(x, y)` does
-what training did to each task."""
+was meta-trained with (loss, inner learning rate, inner steps; learned inner rates and the
+layers that adapt, when training chose them), so `model.adapt(x, y)` does what training did
+to each task."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from . import _io
+from . import _io, _rates
 from . import functional as F
 from . import nn as _pnn
 from ._version import __version__
@@ -18,6 +19,7 @@ from ._version import __version__
 __all__ = ["MetaMLP", "load"]
 
 INITS = ("seed", "torch")
+FORMAT_VERSION = 2  # the newest model record this version reads (2: learned rates, layers)
 
 
 class MetaMLP(nn.Module):
@@ -29,6 +31,13 @@ class MetaMLP(nn.Module):
         activation: "relu" or "tanh".
         params: initial parameters [P] (copied); or None to initialise with `init`.
         loss, inner_lr, inner_steps: how `adapt` fits a task (the meta-training settings).
+        learn_inner_lr: None, or the mode of learned inner rates ("per-step",
+            "per-parameter", "per-layer-step", "per-parameter-step": pymaml.train's
+            argument): the model then holds them in `learned_lr`, an nn.Parameter of the
+            mode's shape ([steps, 1], [P], [steps, 2 * layers], [steps, P]), which `adapt`
+            uses instead of inner_lr (inner_lr is where they started).
+        learned_lr: the learned rates (copied); default: every one inner_lr.
+        adapt_layers: None (every layer adapts) or the linear layers that do ([-1]: the head).
         init: "torch" (nn.Linear's default) or "seed" (the same weights, zero biases).
         info: plain metadata saved with the model (the trainer records the task, algorithm...).
 
@@ -40,7 +49,8 @@ class MetaMLP(nn.Module):
                  loss: str = "mse", inner_lr: float = 0.01, inner_steps: int = 1,
                  init: str = "torch", generator: Optional[torch.Generator] = None,
                  dtype: torch.dtype = torch.float32, device=None,
-                 info: Optional[Dict[str, Any]] = None):
+                 info: Optional[Dict[str, Any]] = None, learn_inner_lr: Optional[str] = None,
+                 learned_lr: Optional[torch.Tensor] = None, adapt_layers=None):
         super().__init__()
         self.sizes = F._check_sizes(sizes)
         self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
@@ -48,6 +58,12 @@ class MetaMLP(nn.Module):
         self.inner_lr = F._check_finite("inner_lr", inner_lr)
         self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
+        self.learn_inner_lr = _rates.check_mode("learn_inner_lr", learn_inner_lr)
+        layers = _rates.check_layers("adapt_layers", adapt_layers, len(self.sizes) - 1)
+        self.adapt_layers = None if layers is None else list(layers)
+        if learned_lr is not None and learn_inner_lr is None:
+            raise ValueError("learned_lr needs learn_inner_lr, the mode its shape follows "
+                             f"({', '.join(_rates.MODES)})")
         if device is not None:
             device = F._check_device("device", device)
         # Normal tensors even when made under torch.inference_mode (say, by adapt there):
@@ -61,6 +77,29 @@ class MetaMLP(nn.Module):
                 F._check_params(params, self.sizes, allow_batched=True)
                 params = params.detach().clone()
             self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
+            self.learned_lr = self._learned(learned_lr)
+
+    def _learned(self, rates: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+        """The learned rates as a Parameter beside params (same dtype and device), or None."""
+        if self.learn_inner_lr is None:
+            return None
+        p = self.params
+        if rates is None:
+            rates = _rates.initial(self.learn_inner_lr, self.sizes, self.inner_steps,
+                                   self.inner_lr, dtype=p.dtype, device=p.device)
+        _rates.check_stored("learned_lr", rates, self.learn_inner_lr, self.sizes,
+                            self.inner_steps)
+        rates = rates.detach().to(dtype=p.dtype, device=p.device).clone()
+        return nn.Parameter(rates, requires_grad=p.dim() == 1)
+
+    def rates(self, steps: Optional[int] = None):
+        """The inner rate(s) `adapt` uses for `steps` steps (default: the training setting):
+        inner_lr, or the learned rates as pymaml.functional takes them (broadcastable to
+        [steps, P]; beyond the steps they were learned for, the last step's rates)."""
+        steps = self.inner_steps if steps is None else steps
+        if self.learned_lr is None or type(steps) is not int or steps <= 0:
+            return self.inner_lr  # (a bad `steps`: pymaml.functional.adapt words the error)
+        return _rates.for_steps(self.learned_lr, self.learn_inner_lr, self.sizes, steps)
 
     # ---- use ----------------------------------------------------------------------------------
 
@@ -74,11 +113,13 @@ class MetaMLP(nn.Module):
         return self.params.shape[0] if self.params.dim() == 2 else None
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
-              inner_lr: Optional[float] = None, backend: str = "auto") -> "MetaMLP":
+              inner_lr=None, backend: str = "auto") -> "MetaMLP":
         """Test-time adaptation: a new model after `steps` SGD steps (default: the training
         setting) on the examples x [K, n_in], y [K, n_out]; or, for x [T, K, n_in], a model
-        holding T adapted parameter sets. The result is detached from this model; for
-        gradients through adaptation use pymaml.functional.adapt."""
+        holding T adapted parameter sets. The rate is the learned rates if the model has
+        them (`rates`), else inner_lr; `inner_lr` (a number, or a tensor broadcastable to
+        [steps, P]) replaces it. Only the adapt_layers move. The result is detached from this
+        model; for gradients through adaptation use pymaml.functional.adapt."""
         if self.num_tasks is not None:
             raise ValueError("this model is already adapted to several tasks; adapt the model "
                              "it came from")
@@ -91,16 +132,19 @@ class MetaMLP(nn.Module):
                              f"{list(x.shape)} and {list(y.shape)}")
         single = x.dim() == 2
         xs, ys = (x.unsqueeze(0), y.unsqueeze(0)) if single else (x, y)
+        steps = self.inner_steps if steps is None else steps
         with torch.no_grad():
-            adapted = F.adapt(self.params.detach(), xs, ys, sizes=self.sizes,
-                              inner_lr=self.inner_lr if inner_lr is None else inner_lr,
-                              steps=self.inner_steps if steps is None else steps,
-                              activation=self.activation, loss=self.loss, backend=backend)
+            rate = self.rates(steps) if inner_lr is None else inner_lr
+            adapted = F.adapt(self.params.detach(), xs, ys, sizes=self.sizes, inner_lr=rate,
+                              steps=steps, activation=self.activation, loss=self.loss,
+                              adapt_layers=self.adapt_layers, backend=backend)
         return self._like(adapted[0] if single else adapted)
 
     def _like(self, params: torch.Tensor) -> "MetaMLP":
         return MetaMLP(self.sizes, self.activation, params=params, loss=self.loss,
-                       inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=self.info)
+                       inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=self.info,
+                       learn_inner_lr=self.learn_inner_lr, learned_lr=self.learned_lr,
+                       adapt_layers=self.adapt_layers)
 
     # ---- conversion -----------------------------------------------------------------------------
 
@@ -120,11 +164,19 @@ class MetaMLP(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        """The model as plain tensors and values (what `save` writes)."""
-        return dict(format=_io.MODEL_FORMAT, format_version=1, pymaml_version=__version__,
-                    sizes=list(self.sizes), activation=self.activation, loss=self.loss,
-                    inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=dict(self.info),
-                    params=self.params.detach().cpu().clone())
+        """The model as plain tensors and values (what `save` writes). A model with learned
+        rates or frozen layers is format_version 2, with the fields learn_inner_lr,
+        learned_lr and adapt_layers; others stay version 1, as earlier versions wrote them."""
+        d = dict(format=_io.MODEL_FORMAT, format_version=1, pymaml_version=__version__,
+                 sizes=list(self.sizes), activation=self.activation, loss=self.loss,
+                 inner_lr=self.inner_lr, inner_steps=self.inner_steps, info=dict(self.info),
+                 params=self.params.detach().cpu().clone())
+        if self.learn_inner_lr is not None or self.adapt_layers is not None:
+            learned = self.learned_lr
+            d.update(format_version=2, learn_inner_lr=self.learn_inner_lr,
+                     learned_lr=None if learned is None else learned.detach().cpu().clone(),
+                     adapt_layers=self.adapt_layers)
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], *, device=None) -> "MetaMLP":
@@ -142,9 +194,21 @@ class MetaMLP(nn.Module):
         if "info" in d and not isinstance(d["info"], (dict, type(None))):
             raise ValueError(f"field 'info' of the model record is a {type(d['info']).__name__}, "
                              "not a dict")
-        try:
+        version = d.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"field 'format_version' of the model record is {version!r}: "
+                             f"written by a newer pymaml (this is {__version__}, which reads "
+                             f"up to {FORMAT_VERSION})")
+        learned = d.get("learned_lr")
+        if learned is not None and not isinstance(learned, torch.Tensor):
+            raise ValueError(f"field 'learned_lr' of the model record is a "
+                             f"{type(learned).__name__}, not a tensor")
+        try:  # version 1 records have none of the last three fields: their defaults
             return cls(d["sizes"], d["activation"], params=params.to(device), loss=d["loss"],
-                       inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"))
+                       inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"),
+                       learn_inner_lr=d.get("learn_inner_lr"),
+                       learned_lr=None if learned is None else learned.to(device),
+                       adapt_layers=d.get("adapt_layers"))
         except (TypeError, ValueError) as exc:  # the argument checks name the field
             raise ValueError(f"the model record holds an invalid value: {exc}") from None
 
@@ -170,8 +234,13 @@ class MetaMLP(nn.Module):
 
     def extra_repr(self) -> str:
         batch = f", tasks={self.num_tasks}" if self.num_tasks is not None else ""
+        more = ""
+        if self.learn_inner_lr is not None:
+            more += f", learn_inner_lr={self.learn_inner_lr!r}"
+        if self.adapt_layers is not None:
+            more += f", adapt_layers={self.adapt_layers}"
         return (f"sizes={self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
-                f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}, "
+                f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}{more}, "
                 f"dtype={self.params.dtype}{batch}")
 
 

@@ -1,4 +1,4 @@
-"""pymaml.train: meta-training with MAML, FO-MAML or Reptile on a task family.
+"""pymaml.train: meta-training with MAML, FO-MAML, Reptile, Meta-SGD or ANIL on a task family.
 
 A run is a loop (_Run.loop): sample a meta-batch of tasks, ask the functional core for the
 meta-gradient of the whole batch (one fused op call on the fused backend, no autograd graph),
@@ -89,16 +89,29 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           checkpoint=None, checkpoint_every: int = 10_000, resume=False,
           overwrite: bool = False, distributed: Optional[bool] = None,
           distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S,
-          inner_batch: Optional[int] = None) -> TrainResult:
+          inner_batch: Optional[int] = None, learn_inner_lr: Optional[str] = None,
+          adapt_layers=None) -> TrainResult:
     """Meta-trains an MLP and returns a TrainResult (model, loss history, wall time).
 
     task: "seed-sine", "sine", a pymaml.tasks.TaskFamily, or a callable
         fn(T, generator) -> (x_support, y_support, x_query, y_query) of [T, points, features];
         shots / queries set the named families' support / query sizes.
-    algorithm: "maml" (exact second order), "fomaml" (first order) or "reptile" (outer update
-        toward the mean adapted weights; inner loop on support and query together).
+    algorithm: "maml" (exact second order), "fomaml" (first order), "reptile" (outer update
+        toward the mean adapted weights; inner loop on support and query together),
+        "metasgd" (MAML learning one inner rate per parameter: learn_inner_lr=
+        "per-parameter") or "anil" (MAML adapting the head only: adapt_layers=[-1]).
     sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
         network and its inner loop. meta_batch_size: tasks per meta-iteration.
+    learn_inner_lr: None (the inner rate is inner_lr throughout), or the inner rates to learn
+        with the weights, each starting at inner_lr, stepped by the same outer optimizer:
+        "per-step" (one per inner step), "per-parameter" (one per weight entry, Meta-SGD),
+        "per-layer-step" (one per weight matrix and bias vector per step, MAML++'s LSLR) or
+        "per-parameter-step". With "maml", "fomaml" (first-order rate gradients) or "anil";
+        the model holds them (MetaMLP.learned_lr) and adapts with them.
+    adapt_layers: None (every layer adapts in the inner loop) or the indices of the linear
+        layers that do ([-1]: the head); the meta-gradient still reaches every layer (for
+        Reptile, only these layers move). Runs with learned rates or adapt_layers take the
+        per-iteration path, through pymaml.functional.
     inner_batch: None (every inner step trains on all of the task's inner-loop points), or
         the points of each step's minibatch, as in Reptile's paper: step k takes the next
         inner_batch points, cycling through them (pymaml.tasks.per_step_batches).
@@ -159,7 +172,8 @@ def _initial_model(config: RunConfig, options: RunOptions,
                    generator: torch.Generator) -> MetaMLP:
     c, init = config, options.init
     settings = dict(loss=c.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
-                    info=dict(task=c.task, algorithm=c.algorithm, shots=c.shots))
+                    info=dict(task=c.task, algorithm=c.algorithm, shots=c.shots),
+                    learn_inner_lr=c.learn_inner_lr, adapt_layers=c.adapt_layers)
     if isinstance(init, str):
         # Drawn on the CPU from the run's generator, then moved: the same start on every device.
         model = MetaMLP(c.sizes, c.activation, init=init, generator=generator,
@@ -172,8 +186,14 @@ def _initial_model(config: RunConfig, options: RunOptions,
                          f"{init.activation!r}, but training asks for {list(c.sizes)} and "
                          f"{c.activation!r}")
     F._check_params(start, list(c.sizes))
-    return MetaMLP(c.sizes, c.activation, **settings,
-                   params=start.detach().to(device=options.device, dtype=options.dtype))
+    # A model that learned rates of this run's kind goes on from them (else: inner_lr).
+    rates = getattr(init, "learned_lr", None)
+    if getattr(init, "learn_inner_lr", None) != c.learn_inner_lr or getattr(
+            init, "inner_steps", None) != c.inner_steps:
+        rates = None
+    model = MetaMLP(c.sizes, c.activation, **settings, learned_lr=rates,
+                    params=start.detach().to(device=options.device, dtype=options.dtype))
+    return model
 
 
 class _Run:
@@ -198,13 +218,16 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = _initial_model(config, options, self.generator)
         self.params = self.model.params
+        # What the outer optimizer steps: the weights, and the inner rates a run learns.
+        self.weights = [p for p in (self.params, self.model.learned_lr) if p is not None]
         # Rank 0 draws its tasks from the run's generator, the others from their own streams.
         self.task_generator = self.generator if self.rank == 0 else \
             torch.Generator().manual_seed(_distributed.task_seed(config.seed, self.rank))
         if group is not None:  # the same start everywhere, whatever `init` each was given
-            group.broadcast(self.params, "sharing rank 0's initial weights")
+            for w in self.weights:
+                group.broadcast(w, "sharing rank 0's initial weights")
         self.backend = _backend(config, options, self.params)
-        servable = fast_path.servable(self.backend, options.device)
+        servable = fast_path.servable(self.backend, options.device, config)
         self.optimizer = self._optimizer(servable)
         self.losses: List[float] = []
         self.start = 0
@@ -225,7 +248,7 @@ class _Run:
         kwargs = self.config.optimizer_kwargs
         if servable and self.config.optimizer in OPTIMIZERS:
             kwargs = outer_optim.build_kwargs(kwargs)
-        return self.options.optimizer_class([self.params], lr=self.config.outer_lr, **kwargs)
+        return self.options.optimizer_class(self.weights, lr=self.config.outer_lr, **kwargs)
 
     def _on_rank0(self, fn, what):
         """fn() on rank 0 (whose disk holds the checkpoint), its outcome (an error too) handed
@@ -261,7 +284,8 @@ class _Run:
             else:
                 self._save(total)
         wall_time = time.perf_counter() - began
-        self.params.grad = None
+        for w in self.weights:
+            w.grad = None
         self.model.info["iterations"] = len(self.losses)
         return TrainResult(model=self.model, losses=torch.tensor(self.losses, dtype=torch.float64),
                            wall_time=wall_time, iterations=len(self.losses), status=status,
@@ -285,22 +309,26 @@ class _Run:
         after it (Ctrl-C here, or in a distributed run, in any process)."""
         batch = self.options.family.sample(self.local_batch, generator=self.task_generator,
                                            dtype=self.options.dtype, device=self.options.device)
-        value, grad = self.meta_step(self.params.detach(), batch)
+        value, grads = self.meta_step([w.detach() for w in self.weights], batch)
         stop = interrupt.requested
         if self.group is not None:
-            # One all-reduce: the mean gradient, the mean meta-loss (the global meta-batch's:
+            # One all-reduce: the mean gradients, the mean meta-loss (the global meta-batch's:
             # the shares are equal) and whether any process was asked to stop, so that all
             # stop after the same iteration.
-            flag = grad.new_full((1,), float(stop))
-            buf = torch.cat([grad.reshape(-1), value.reshape(1).to(grad.dtype), flag])
+            flag = grads[0].new_full((1,), float(stop))
+            buf = torch.cat([g.reshape(-1) for g in grads]
+                            + [value.reshape(1).to(flag.dtype), flag])
             buf = self.group.all_reduce_mean(buf, f"the all-reduce of iteration {it}")
-            grad, value, stop = buf[:-2], buf[-2], bool(buf[-1] > 0)
+            grads = [g.view_as(w) for g, w in
+                     zip(buf[:-2].split([w.numel() for w in self.weights]), self.weights)]
+            value, stop = buf[-2], bool(buf[-1] > 0)
         value = value.item()
         if not math.isfinite(value):
             raise self._diverged(it, value)
-        self.params.grad = grad
+        for w, g in zip(self.weights, grads):
+            w.grad = g
         self.optimizer.step()
-        if not torch.isfinite(self.params).all():
+        if not all(torch.isfinite(w).all() for w in self.weights):
             raise self._diverged(it, value)
         return value, stop
 
