@@ -64,6 +64,21 @@ def check_stored(name: str, rates, mode: str, sizes, steps: int) -> None:
         raise ValueError(f"{name} holds non-finite rates (NaN or infinite)")
 
 
+def check_tensor(name: str, rate, steps: int, P: int, dtype: torch.dtype) -> None:
+    """A rate tensor a user gives: floating point of `dtype`, broadcastable to [steps, P]
+    ([], [P], [steps, 1], [steps, P]); else TypeError / ValueError naming `name`."""
+    if not rate.is_floating_point() or rate.dtype != dtype:
+        raise TypeError(f"{name} as a tensor must have the weights' dtype ({dtype}), got "
+                        f"{rate.dtype}")
+    try:
+        fits = rate.dim() <= 2 and torch.broadcast_shapes(rate.shape, (steps, P)) == (steps, P)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
+                         f"[], [{P}], [{steps}, 1] or [{steps}, {P}]; got {list(rate.shape)}")
+
+
 def for_steps(rates: torch.Tensor, mode: str, sizes, steps: int) -> torch.Tensor:
     """The stored rates as the functional API takes them (broadcastable to [steps, P]),
     differentiably. Adapting for more steps than the rates were learned for reuses the last

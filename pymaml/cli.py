@@ -28,6 +28,7 @@ import torch
 
 from . import _io
 from . import _ops
+from . import _rates
 from . import distributed as _distributed
 from ._version import __version__
 from .evaluate import EVAL_SEED, evaluate
@@ -117,10 +118,13 @@ def _key_value(text):
 def _outputs(args):
     if args.out:
         prefix = args.out
-    elif args.task == "seed-sine":
-        prefix = f"{args.algorithm}-sine"  # the seed's figure is maml-sine.png
     else:
-        prefix = f"{args.algorithm}-{args.task}-{args.shots or FAMILIES[args.task]().shots}shot"
+        # A run learning its rates is named after them too: maml-per-layer-step-sine...
+        method = args.algorithm + (f"-{args.learn_inner_lr}" if args.learn_inner_lr else "")
+        if args.task == "seed-sine":
+            prefix = f"{method}-sine"  # the seed's figure is maml-sine.png
+        else:
+            prefix = f"{method}-{args.task}-{args.shots or FAMILIES[args.task]().shots}shot"
     return dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
                 checkpoint=args.checkpoint or prefix + ".ckpt")
 
@@ -153,7 +157,8 @@ def cmd_train(args) -> int:
                    progress=args.progress, checkpoint=out["checkpoint"],
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
                    overwrite=args.overwrite, distributed=args.distributed,
-                   distributed_timeout=args.dist_timeout)
+                   distributed_timeout=args.dist_timeout, learn_inner_lr=args.learn_inner_lr,
+                   adapt_layers=args.adapt_layers)
     if result.rank != 0:  # the other processes of a distributed run hold the same model
         return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
@@ -310,7 +315,9 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--task", choices=list(FAMILIES), default="seed-sine", help="task family")
     t.add_argument("--shots", type=_count(1), help="support points per task (default: the task's)")
     t.add_argument("--queries", type=_count(1), help="query points per task (default: = shots)")
-    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml", help="meta-learning algorithm")
+    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
+                   help="meta-learning algorithm (metasgd: per-parameter learned inner rates; "
+                        "anil: only the head adapts)")
     t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
     t.add_argument("--activation", choices=F.ACTIVATIONS, default="relu", help="hidden activation")
     t.add_argument("--loss", choices=F.LOSSES, default="l1", help="inner and query loss")
@@ -318,6 +325,12 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
     t.add_argument("--inner-batch", type=_count(1), metavar="N",
                    help="points per inner step, a minibatch of its own each (default: all)")
+    t.add_argument("--learn-inner-lr", choices=_rates.MODES, metavar="MODE",
+                   help="learn the inner rates with the weights, starting at --inner-lr: "
+                        + ", ".join(_rates.MODES) + " (metasgd: per-parameter)")
+    t.add_argument("--adapt-layers", type=_int_list, metavar="I,J",
+                   help="the linear layers that adapt in the inner loop, e.g. -1 for the head "
+                        "(anil); default: all")
     t.add_argument("--meta-batch-size", type=_count(1), default=1, help="tasks per meta-iteration")
     t.add_argument("--iterations", type=_count(1), default=275_000, help="meta-iterations")
     t.add_argument("--optimizer", type=_optimizer, default="sgd",
@@ -362,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=_count(1), help="support = held-out points per task (default: the task's)")
     e.add_argument("--steps", type=_int_list, default=[1, 5, 10], help="adaptation steps, e.g. 0,1,5,10")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
-    e.add_argument("--inner-lr", type=float, help="default: the model's")
+    e.add_argument("--inner-lr", type=float,
+                   help="one inner rate for every step (default: the model's learned rates, or "
+                        "its inner lr)")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")
     e.add_argument("--backend", choices=F.BACKENDS, default="auto", help="adaptation backend")
     e.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")

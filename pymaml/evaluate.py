@@ -5,17 +5,19 @@ of steps asked (1, 5, 10 by default), then measure the MSE on K held-out points 
 task; report the mean over tasks and the 95 % confidence interval 1.96 * std / sqrt(num_tasks)
 (the population std, as the MAML code computes it). For task families with a known target
 function (pymaml.tasks.FunctionTasks) also the MSE and mean absolute error on a dense grid of
-`grid_points` inputs over the input range.
+`grid_points` inputs over the input range. A model with learned inner rates adapts with
+them (and only its adapt_layers move), and the table summarises the rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _rates
 from . import functional as F
 from . import tasks as _tasks
 from .model import MetaMLP
@@ -30,7 +32,10 @@ class EvalResult:
     """Per number of adaptation steps (`steps[i]`): the mean over tasks and the 95 % interval
     of the held-out-point MSE, its median over tasks (robust to the few tasks whose inner SGD
     may diverge at a large step size; a NaN counts as +inf), the number of tasks whose MSE is
-    not finite, and (None for families without a target function) the grid MSE and grid MAE."""
+    not finite, and (None for families without a target function) the grid MSE and grid MAE.
+    For a model with learned inner rates that adapted with them: their mode and summary,
+    rows of (label, mean, min, max) per weight matrix / bias vector and per step
+    (pymaml._rates.summary); adapt_layers: the layers that adapted (None: all)."""
     task: str
     shots: int
     num_tasks: int
@@ -44,10 +49,17 @@ class EvalResult:
     grid_mse_ci95: Optional[List[float]]
     grid_mae: Optional[List[float]]
     grid_points: int
+    learn_inner_lr: Optional[str] = None
+    rate_summary: Optional[List[Tuple[str, float, float, float]]] = None
+    adapt_layers: Optional[List[int]] = None
 
     def table(self) -> str:
-        lines = [f"{self.num_tasks} held-out '{self.task}' tasks, {self.shots}-shot, inner lr "
-                 f"{self.inner_lr:g}; mean ± 1.96·std/√{self.num_tasks}"]
+        rate = f"inner lr {self.inner_lr:g}" if self.learn_inner_lr is None else \
+            f"learned inner rates ({self.learn_inner_lr})"
+        if self.adapt_layers is not None:
+            rate += f", adapting layer(s) {', '.join(map(str, self.adapt_layers))} only"
+        lines = [f"{self.num_tasks} held-out '{self.task}' tasks, {self.shots}-shot, {rate}; "
+                 f"mean ± 1.96·std/√{self.num_tasks}"]
         head = f"{'steps':>5}  {'MSE on ' + str(self.shots) + ' held-out points':>28}  {'median':>8}"
         if self.grid_mse is not None:
             head += f"  {'grid MSE (' + str(self.grid_points) + ' points)':>24}  {'grid MAE':>8}"
@@ -61,6 +73,13 @@ class EvalResult:
             if n:
                 lines.append(f"after {s} steps the MSE of {n} of the {self.num_tasks} tasks is not "
                              "finite (the inner SGD diverged): try a smaller inner lr")
+        if self.rate_summary:
+            beyond = "; steps beyond those learned reuse the last step's" \
+                if _rates.per_step(self.learn_inner_lr) else ""
+            lines.append(f"learned inner rates ({self.learn_inner_lr}{beyond}):")
+            lines.append(f"{'':>16}  {'mean':>10}  {'min':>10}  {'max':>10}")
+            lines += [f"{label:>16}  {mean:>10.4g}  {low:>10.4g}  {high:>10.4g}"
+                      for label, mean, low, high in self.rate_summary]
         return "\n".join(lines)
 
 
@@ -75,7 +94,8 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
              backend: str = "auto") -> EvalResult:
     """Evaluates `model` (a MetaMLP) on held-out tasks of `task` (a name, TaskFamily or
     sampler, as in train) with `shots` support and `shots` held-out points per task (default:
-    the family's shots). Adaptation uses the model's loss and inner lr (or `inner_lr`)."""
+    the family's shots). Adaptation uses the model's loss, its learned inner rates if it has
+    them, else its inner lr (`inner_lr`, a number, replaces either), and its adapt_layers."""
     if not isinstance(model, MetaMLP) or model.num_tasks is not None:
         raise TypeError(f"model must be a (not yet adapted) pymaml MetaMLP, got {type(model).__name__}")
     if not isinstance(steps, Sequence) or isinstance(steps, str):
@@ -86,6 +106,8 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
     num_tasks = F._check_int("num_tasks", num_tasks, 2)
+    if inner_lr is not None:
+        inner_lr = F._check_finite("inner_lr", inner_lr)
     grid_points = F._check_int("grid_points", grid_points, 2)
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
@@ -119,8 +141,15 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
                 gmse_ci.append(ci)
                 gmae.append(err.abs().mean().item())
     grid = grid_y is not None
+    learned = model.learned_lr is not None and inner_lr is None  # adapted with them
     return EvalResult(task=family.name, shots=batch.x_support.shape[1], num_tasks=num_tasks,
                       inner_lr=model.inner_lr if inner_lr is None else float(inner_lr),
-                      steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median, diverged=diverged, grid_mse=gmse if grid else None,
+                      steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median,
+                      diverged=diverged, grid_mse=gmse if grid else None,
                       grid_mse_ci95=gmse_ci if grid else None, grid_mae=gmae if grid else None,
-                      grid_points=grid_points)
+                      grid_points=grid_points,
+                      learn_inner_lr=model.learn_inner_lr if learned else None,
+                      rate_summary=_rates.summary(model.learned_lr, model.learn_inner_lr,
+                                                  model.sizes, model.adapt_layers)
+                      if learned else None,
+                      adapt_layers=model.adapt_layers)

@@ -7,7 +7,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ._layout import flatten, unflatten
+from . import _rates
+from ._layout import flatten, num_params, unflatten
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -79,21 +80,40 @@ class MAML(nn.Module):
     layer. Calling the wrapper returns pymaml.functional.maml_loss of the model's current
     weights (MAML, or FO-MAML with first_order=True); its .backward() leaves the meta-gradient
     in the model's own parameters' .grad. The wrapper holds no weights of its own: the model's
-    parameters are the only copy (`maml.parameters()` are the model's).
+    parameters are the only copy (`maml.parameters()` are the model's, and inner_lr when it
+    is an nn.Parameter).
+
+    inner_lr: a number, or a tensor of the model's dtype broadcastable to [steps, P] ([],
+    [P]: Meta-SGD, [steps, 1], [steps, P]); an nn.Parameter is learned with the weights:
+
+        maml = pymaml.MAML(model, inner_lr=nn.Parameter(torch.full([P], 0.01)), steps=1)
+        opt = torch.optim.Adam(maml.parameters())   # the model's weights and the rates
+
+    adapt_layers: None (every Linear adapts in the inner loop) or the indices of the Linear
+    layers that do ([-1]: the head, ANIL); the meta-gradient still reaches every layer.
     """
 
-    def __init__(self, model: nn.Sequential, *, inner_lr: float, steps: int, loss: str = "mse",
-                 first_order: bool = False, backend: str = "auto"):
+    def __init__(self, model: nn.Sequential, *, inner_lr, steps: int, loss: str = "mse",
+                 first_order: bool = False, backend: str = "auto", adapt_layers=None):
         super().__init__()
         from . import functional as F
 
         linears, self.sizes, self.activation = architecture(model)
         dtype = linears[0].weight.dtype
-        F._check_hyper(inner_lr, steps, self.activation, loss, first_order, dtype)
+        learned = isinstance(inner_lr, torch.Tensor)
+        F._check_hyper(0.0 if learned else inner_lr, steps, self.activation, loss, first_order,
+                       dtype)
+        if learned:
+            _rates.check_tensor("inner_lr", inner_lr, steps, num_params(self.sizes), dtype)
         F._check_choice("backend", backend, F.BACKENDS)
+        layers = _rates.check_layers("adapt_layers", adapt_layers, len(linears))
         self.module = model
-        self.inner_lr, self.steps, self.loss = float(inner_lr), int(steps), loss
+        # A tensor is kept as given (an nn.Parameter is registered, so the user's optimizer
+        # over maml.parameters() learns it; a plain tensor gets its gradient in its .grad).
+        self.inner_lr = inner_lr if learned else float(inner_lr)
+        self.steps, self.loss = int(steps), loss
         self.first_order, self.backend = first_order, backend
+        self.adapt_layers = None if layers is None else list(layers)
         self._linears = linears  # a plain list: the modules are registered under self.module
 
     def flat_params(self) -> torch.Tensor:
@@ -107,11 +127,13 @@ class MAML(nn.Module):
         return maml_loss(self.flat_params(), x_support, y_support, x_query, y_query,
                          sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
                          activation=self.activation, loss=self.loss,
-                         first_order=self.first_order, backend=self.backend)
+                         first_order=self.first_order, adapt_layers=self.adapt_layers,
+                         backend=self.backend)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps=None, inner_lr=None):
         """Test-time adaptation: the model after `steps` SGD steps (default: the wrapper's) on
         x [K, n_in], y [K, n_out], as a new nn.Sequential; for x [T, K, n_in], a list of T.
+        The wrapper's inner_lr (a tensor of its rates too) and adapt_layers apply.
         The copies are detached (for gradients through adaptation, use
         pymaml.functional.adapt)."""
         from .functional import adapt
@@ -126,6 +148,7 @@ class MAML(nn.Module):
             adapted = adapt(self.flat_params(), x, y, sizes=self.sizes,
                             inner_lr=self.inner_lr if inner_lr is None else inner_lr,
                             steps=self.steps if steps is None else steps,
-                            activation=self.activation, loss=self.loss, backend=self.backend)
+                            activation=self.activation, loss=self.loss,
+                            adapt_layers=self.adapt_layers, backend=self.backend)
         models = [to_sequential(p, self.sizes, self.activation) for p in adapted]
         return models[0] if one else models
