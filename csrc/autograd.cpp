@@ -151,6 +151,109 @@ std::tuple<Tensor, Tensor> maml_loss_autograd(const Tensor& params, const Tensor
   return {out[0], out[1]};
 }
 
+// The learned-rate forms: gradients to params and rates (docs/design.md §8.1).
+using AdaptRatesSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             c10::IntArrayRef, int64_t, c10::string_view, c10::string_view, bool,
+                             c10::IntArrayRef);
+using AdaptRatesBackwardSig = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
+    int64_t, c10::string_view, c10::string_view, bool, c10::IntArrayRef, bool);
+using MamlLossRatesSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    c10::IntArrayRef, int64_t, c10::string_view, c10::string_view, bool, c10::IntArrayRef, bool,
+    bool);
+
+struct AdaptRatesFunction : torch::autograd::Function<AdaptRatesFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& rates,
+                        const Tensor& xs, const Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
+                        c10::string_view activation, c10::string_view loss, bool first_order,
+                        c10::IntArrayRef adapt_layers) {
+    static const auto op = find_op<AdaptRatesSig>("pymaml::adapt_rates");
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = op.call(params, rates, xs, ys, sizes, steps, activation, loss, first_order,
+                         adapt_layers);
+    const auto savable = [](const Tensor& t) { return t.is_inference() ? t.clone() : t; };
+    ctx->save_for_backward({savable(params), savable(rates), savable(xs), savable(ys)});
+    save_hyper(ctx, sizes, 0.0, steps, activation, loss);
+    ctx->saved_data["first_order"] = first_order;
+    ctx->saved_data["adapt_layers"] = adapt_layers.vec();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::adapt_rates";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 2, 3);
+    static const auto op = find_op<AdaptRatesBackwardSig>("pymaml::adapt_rates_backward");
+    const auto saved = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    const std::vector<int64_t> sizes = d.at("sizes").toIntVector();
+    const std::vector<int64_t> layers = d.at("adapt_layers").toIntVector();
+    auto [grad_params, grad_rates] = op.call(
+        grads[0], saved[0], saved[1], saved[2], saved[3], sizes, d.at("steps").toInt(),
+        d.at("activation").toStringRef(), d.at("loss").toStringRef(),
+        d.at("first_order").toBool(), layers, ctx->needs_input_grad(1));
+    variable_list out(10);
+    out[0] = grad_params;
+    if (ctx->needs_input_grad(1)) out[1] = grad_rates;
+    return out;
+  }
+};
+
+// The meta-gradients come from the forward sweep, as in maml_loss; the backward scales them.
+struct MamlLossRatesFunction : torch::autograd::Function<MamlLossRatesFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& rates,
+                               const Tensor& xs, const Tensor& ys, const Tensor& xq,
+                               const Tensor& yq, c10::IntArrayRef sizes, int64_t steps,
+                               c10::string_view activation, c10::string_view loss,
+                               bool first_order, c10::IntArrayRef adapt_layers, bool need_grad,
+                               bool need_rate_grad) {
+    static const auto op = find_op<MamlLossRatesSig>("pymaml::maml_loss_rates");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [value, meta_grad, rate_grad] = op.call(params, rates, xs, ys, xq, yq, sizes, steps,
+                                                 activation, loss, first_order, adapt_layers,
+                                                 need_grad, need_rate_grad);
+    ctx->save_for_backward({meta_grad, rate_grad});
+    ctx->mark_non_differentiable({meta_grad, rate_grad});
+    return {value, meta_grad, rate_grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::maml_loss_rates";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 2, 5);
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(saved[0].sym_numel() != 0 || !ctx->needs_input_grad(0), name,
+                " was called with need_grad=False, so it has no meta-gradient to give");
+    TORCH_CHECK(saved[1].sym_numel() != 0 || !ctx->needs_input_grad(1), name,
+                " was called with need_rate_grad=False (or need_grad=False), so it has no "
+                "gradient for the rates to give");
+    variable_list out(14);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(saved[0]);
+    if (ctx->needs_input_grad(1)) out[1] = grads[0].mul(saved[1]);
+    return out;
+  }
+};
+
+Tensor adapt_rates_autograd(const Tensor& params, const Tensor& rates, const Tensor& xs,
+                            const Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
+                            c10::string_view activation, c10::string_view loss,
+                            bool first_order, c10::IntArrayRef adapt_layers) {
+  return AdaptRatesFunction::apply(params, rates, xs, ys, sizes, steps, activation, loss,
+                                   first_order, adapt_layers);
+}
+
+std::tuple<Tensor, Tensor, Tensor> maml_loss_rates_autograd(
+    const Tensor& params, const Tensor& rates, const Tensor& xs, const Tensor& ys,
+    const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes, int64_t steps,
+    c10::string_view activation, c10::string_view loss, bool first_order,
+    c10::IntArrayRef adapt_layers, bool need_grad, bool need_rate_grad) {
+  auto out = MamlLossRatesFunction::apply(params, rates, xs, ys, xq, yq, sizes, steps,
+                                          activation, loss, first_order, adapt_layers, need_grad,
+                                          need_rate_grad);
+  return {out[0], out[1], out[2]};
+}
+
 // reptile: a direction, not a derivative. Its outputs come back without a gradient function
 // (so a backward through them says they do not require grad, rather than warning that autograd
 // is not implemented and leaving params.grad empty).
@@ -193,6 +296,8 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("maml_loss", &maml_loss_autograd);
   m.impl("reptile", &reptile_autograd);
   m.impl("train_chunk", &train_chunk_autograd);
+  m.impl("adapt_rates", &adapt_rates_autograd);
+  m.impl("maml_loss_rates", &maml_loss_rates_autograd);
 }
 
 }  // namespace pymaml

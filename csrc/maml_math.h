@@ -239,11 +239,11 @@ PYMAML_HOST_DEVICE inline const T* layer_input(const Tape<T>& tp, const MlpShape
 }
 
 // Forward (docs/design.md §1.1): Z_l = A_{l-1} W_l^T + b_l, A_l = sigma(Z_l), last layer linear.
-// theta is extended.
+// theta is extended. Starts at layer `first` (the tape already holds the layers below it).
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                                const Tape<T>& tp) {
-  for (int l = 0; l < s.depth; ++l) {
+                                const Tape<T>& tp, int first = 0) {
+  for (int l = first; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
     T* out = layer_of(tp.act, s, K, l);
@@ -290,18 +290,19 @@ PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
 }
 
 // Backprop (docs/design.md §2.1) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
-// D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the full (extended) gradient
-// to dtheta.
+// D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the (extended) gradient of
+// layers `last`..depth-1 to dtheta and stops there (the layers below are frozen: §8.1);
+// dtheta's entries of the layers below are left as they were.
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                                 const Tape<T>& tp, T* dtheta) {
-  for (int l = s.depth - 1; l >= 0; --l) {
+                                 const Tape<T>& tp, T* dtheta, int last = 0) {
+  for (int l = s.depth - 1; l >= last; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
     const T* G = layer_of(tp.grad, s, K, l);
     weight_grad<T, LA>(s, l, K, G, in, dtheta, Init::Zero);
     column_sums<T, LA>(K, no, G, dtheta + s.b_off[l]);
-    if (l == 0) break;
+    if (l == last) break;
     T* D = layer_of(tp.pre, s, K, l - 1);
     T* Gin = layer_of(tp.grad, s, K, l - 1);
     LA::gemm(K, ni, no, G, no, int64_t(1), theta + s.w_off[l], ni, D, ni, Init::Zero,
@@ -311,30 +312,37 @@ PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, 
 }
 
 // Loss, gradient and tape at theta on one batch: one forward and one backward pass.
+// `first`: the forward starts there (the tape holds the layers below); `last`: the backward
+// stops there (the gradient of the layers below is not written).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X, const T* Y,
-                                   int64_t K, const Tape<T>& tp, T* dtheta) {
-  forward<T, A, LA>(s, theta, X, K, tp);
+                                   int64_t K, const Tape<T>& tp, T* dtheta, int first = 0,
+                                   int last = 0) {
+  forward<T, A, LA>(s, theta, X, K, tp, first);
   const T value = loss_and_seed<T, L, LA>(s, Y, K, tp);
-  backward<T, A, LA>(s, theta, X, K, tp, dtheta);
+  backward<T, A, LA>(s, theta, X, K, tp, dtheta, last);
   return value;
 }
 
 // Hessian-vector product Hv of the loss at theta along v (both extended), by forward-over-
 // reverse differentiation of backprop (docs/design.md §2.2). The tape must hold the forward and
-// backward of `loss_and_grad` at the same theta and batch.
+// backward of `loss_and_grad` at the same theta and batch, the backward down to layer `l0`.
+// v must be zero on the layers below l0 (frozen, §8.1): then R A_l = 0 below l0, so the
+// R-forward starts at l0, and below it the R-backward is a plain backprop of R G (which still
+// reaches layer 0: the frozen layers' entries of Hv carry the meta-gradient into them).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                            const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv) {
+                            const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
+                            int l0 = 0) {
   // R-forward: R Z_l = A_{l-1} V_l^T + v_l + R A_{l-1} W_l^T;  R A_l = sigma'(Z_l) R Z_l.
-  for (int l = 0; l < s.depth; ++l) {
+  for (int l = l0; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
     const T* out = layer_of(tp.act, s, K, l);
     T* r_out = layer_of(rt.r_act, s, K, l);
     LA::gemm(K, no, ni, in, ni, int64_t(1), v + s.t_off[l], no, r_out, no, Init::Bias,
              v + s.b_off[l]);
-    if (l > 0)  // R A_0 = 0
+    if (l > l0)  // R A_{l0 - 1} = 0
       LA::gemm(K, no, ni, layer_of(rt.r_act, s, K, l - 1), ni, int64_t(1), theta + s.t_off[l],
                no, r_out, no, Init::Accumulate, (const T*)nullptr);
     if (l + 1 < s.depth)
@@ -359,32 +367,81 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
     weight_grad<T, LA>(s, l, K, RG, in, Hv, Init::Zero);
     column_sums<T, LA>(K, no, RG, Hv + s.b_off[l]);
     if (l == 0) break;
+    const bool moving_in = l - 1 >= l0;  // R A_{l-1} != 0, and the tape has G_l, D_{l-1}
     const T* r_in = layer_of(rt.r_act, s, K, l - 1);
-    weight_grad<T, LA>(s, l, K, G, r_in, Hv, Init::Accumulate);
+    if (moving_in) weight_grad<T, LA>(s, l, K, G, r_in, Hv, Init::Accumulate);
     T* RGin = layer_of(rt.r_grad, s, K, l - 1);
     LA::gemm(K, ni, no, RG, no, int64_t(1), theta + s.w_off[l], ni, RGin, ni, Init::Zero,
              (const T*)nullptr);
-    LA::gemm(K, ni, no, G, no, int64_t(1), v + s.w_off[l], ni, RGin, ni, Init::Accumulate,
-             (const T*)nullptr);
+    if (l >= l0)  // V_l = 0 below l0
+      LA::gemm(K, ni, no, G, no, int64_t(1), v + s.w_off[l], ni, RGin, ni, Init::Accumulate,
+               (const T*)nullptr);
     const T* act_in = layer_of(tp.act, s, K, l - 1);
     const T* D = layer_of(tp.pre, s, K, l - 1);
-    LA::each(K * ni, [&](int64_t e) {
-      const T a = act_in[e];
-      RGin[e] = RGin[e] * Act<A>::d1(a);
-      if (Act<A>::kHasCurvature) RGin[e] += Act<A>::curv(D[e], a, r_in[e]);
-    });
+    if (Act<A>::kHasCurvature && moving_in) {
+      LA::each(K * ni, [&](int64_t e) {
+        const T a = act_in[e];
+        RGin[e] = RGin[e] * Act<A>::d1(a);
+        RGin[e] += Act<A>::curv(D[e], a, r_in[e]);
+      });
+    } else {
+      LA::each(K * ni, [&](int64_t e) { RGin[e] = RGin[e] * Act<A>::d1(act_in[e]); });
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// One task's inner loop and meta-gradient walk. The inner learning rate is applied through
-// `InnerLR` so that learned rates (per step and per parameter, Meta-SGD) change only this type
-// (an index p >= P is a transposed copy: it maps back to its weight's own index).
+// One task's inner loop and meta-gradient walk, with the inner rule of docs/design.md §8.1:
+// a rate per step and per parameter, alpha[k, p], and frozen layers that do not move.
+
+// The inner rule. `rates` (if not null) holds the rates extended like theta ([R, E], row k at
+// k * step_stride: step_stride 0 shares one row among the steps); null means `value` for every
+// step and parameter. Layer l is frozen when bit l of `frozen` is set; `first_adapted` is the
+// lowest layer that moves (the forward below it is the same at every step, the inner backward
+// stops at it). The rates of frozen layers are never read.
 template <typename T>
 struct InnerLR {
-  T value;  // scalar rate for every step and parameter
-  PYMAML_HOST_DEVICE T at(int /*step*/, int64_t /*param*/) const { return value; }
+  T value;  // the rate of every step and parameter when `rates` is null
+  const T* rates = nullptr;
+  int64_t step_stride = 0;
+  uint32_t frozen = 0;
+  int first_adapted = 0;
+  PYMAML_HOST_DEVICE bool moves(int l) const { return !((frozen >> l) & 1u); }
 };
+
+// Calls f(first, count, moves) for each piece of the extended vector that holds layer l's
+// parameters: [W_l, b_l], then W_l^T if the layer has a copy.
+template <typename F>
+PYMAML_HOST_DEVICE void layer_pieces(const MlpShape& s, int l, F&& f) {
+  f(s.w_off[l], s.out(l) * (s.in(l) + 1));
+  if (s.has_copy(l)) f(s.t_off[l], s.out(l) * s.in(l));
+}
+
+// out[p] = in[p] - rate_k[p] * grad[p] (SGD step k: sign -1) or out[p] = rate_k[p] * in[p]
+// (the walk's direction: sign 0; grad unused) over the whole extended vector; on frozen layers
+// out = in (step) or 0 (direction), without reading their grad or rate.
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void apply_rates(const MlpShape& s, const InnerLR<T>& lr, int64_t k,
+                                    bool step, const T* in, const T* grad, T* out) {
+  auto moving = [&](int64_t p0, int64_t n) {
+    if (lr.rates) {
+      const T* r = lr.rates + k * lr.step_stride;
+      if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i] - r[p0 + i] * grad[p0 + i]; });
+      else LA::each(n, [&](int64_t i) { out[p0 + i] = r[p0 + i] * in[p0 + i]; });
+    } else {
+      const T v = lr.value;
+      if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i] - v * grad[p0 + i]; });
+      else LA::each(n, [&](int64_t i) { out[p0 + i] = v * in[p0 + i]; });
+    }
+  };
+  if (!lr.frozen) return moving(0, s.num_ext);
+  for (int l = 0; l < s.depth; ++l)
+    layer_pieces(s, l, [&](int64_t p0, int64_t n) {
+      if (lr.moves(l)) moving(p0, n);
+      else if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i]; });
+      else LA::each(n, [&](int64_t i) { out[p0 + i] = T(0); });
+    });
+}
 
 // Per-task scratch, sized by `task_workspace_size` (elements of T). The inner loop keeps the
 // tape of every step, so the walk back never recomputes a forward or backward pass.
@@ -398,6 +455,12 @@ struct TaskWorkspace {
   T* tapes;      // [S + 1, 3, B]: the tape at each theta^k (k < S) and the query pass (S)
   int64_t tape_stride;  // B = max_points * sum_width
   RTape<T> rtape;       // [2, B]
+  // With keep_grads: [S, E], the inner gradient of every step (the rates' gradient needs
+  // them in the walk); null: each step's gradient goes to tmp.
+  T* grads = nullptr;
+  // Set by the caller to get the rates' gradient: [R, P] (R rows as InnerLR's rates; the
+  // caller zeroes it), - sum_k g_{k+1}[p] grad_k[p] per row (§8.1).
+  T* rate_grad = nullptr;
   PYMAML_HOST_DEVICE const T* theta(int64_t k, const MlpShape& s) const {
     return k == 0 ? theta0 : thetas + (k - 1) * s.num_ext;
   }
@@ -405,17 +468,22 @@ struct TaskWorkspace {
     T* base = tapes + 3 * k * tape_stride;
     return Tape<T>{base, base + tape_stride, base + 2 * tape_stride};
   }
+  PYMAML_HOST_DEVICE T* grad(int64_t k, const MlpShape& s) const {
+    return grads ? grads + k * s.num_ext : tmp;
+  }
 };
 
 inline PYMAML_HOST_DEVICE int64_t task_workspace_size(const MlpShape& s, int64_t steps,
-                                                      int64_t max_points) {
+                                                      int64_t max_points,
+                                                      bool keep_grads = false) {
   const int64_t B = max_points * s.sum_width;
-  return (steps + 3) * s.num_ext + (3 * (steps + 1) + 2) * B;
+  return (steps + 3 + (keep_grads ? steps : 0)) * s.num_ext + (3 * (steps + 1) + 2) * B;
 }
 
 template <typename T>
 PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, int64_t steps,
-                                                     int64_t max_points) {
+                                                     int64_t max_points,
+                                                     bool keep_grads = false) {
   TaskWorkspace<T> w;
   const int64_t E = s.num_ext, B = max_points * s.sum_width;
   w.theta0 = nullptr;
@@ -427,58 +495,83 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
   w.tape_stride = B;
   w.rtape.r_act = w.tapes + 3 * (steps + 1) * B;
   w.rtape.r_grad = w.rtape.r_act + B;
+  if (keep_grads) w.grads = w.rtape.r_grad + B;
   return w;
 }
 
-// Inner loop (docs/design.md §1.2): theta^{k+1} = theta^k - lr_k * grad Ls(theta^k), k = 0..S-1,
-// from theta^0 = w.theta0. Leaves theta^1..theta^S and the tapes of theta^0..theta^{S-1} in w.
-// Step k reads the K points from point k * batch_stride of Xs / Ys: 0 gives every step the same
-// batch, K a batch of its own per step (docs/design.md §8.4).
+// Inner loop (docs/design.md §1.2): theta^{k+1} = theta^k - alpha_k * grad Ls(theta^k),
+// k = 0..S-1, from theta^0 = w.theta0. Leaves theta^1..theta^S and the tapes of
+// theta^0..theta^{S-1} in w. Step k reads the K points from point k * batch_stride of Xs / Ys:
+// 0 gives every step the same batch, K a batch of its own per step (docs/design.md §8.4).
+// Frozen layers below lr.first_adapted: their activations are computed at step 0 and copied
+// (same batch) and their gradient is never formed (§8.1).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
                                    int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
                                    int64_t batch_stride = 0) {
-  const int64_t E = s.num_ext;
+  const int l0 = lr.first_adapted;
+  const int64_t frozen_acts = K * s.out_off[l0];  // layers 0..l0-1 of a tape's act
   for (int64_t k = 0; k < steps; ++k) {
     const T* cur = w.theta(k, s);
-    T* next = w.thetas + k * E;
-    const T* X = Xs + k * batch_stride * s.n[0];
-    const T* Y = Ys + k * batch_stride * s.n_out();
-    loss_and_grad<T, A, L, LA>(s, cur, X, Y, K, w.tape(k), w.tmp);
-    LA::each(E, [&](int64_t p) { next[p] = cur[p] - lr.at(int(k), p) * w.tmp[p]; });
+    const Tape<T> tape = w.tape(k);
+    int first = 0;
+    if (k > 0 && batch_stride == 0 && l0 > 0) {
+      const T* acts0 = w.tape(0).act;
+      LA::each(frozen_acts, [&](int64_t e) { tape.act[e] = acts0[e]; });
+      first = l0;
+    }
+    T* grad = w.grad(k, s);
+    loss_and_grad<T, A, L, LA>(s, cur, Xs + k * batch_stride * s.n[0],
+                               Ys + k * batch_stride * s.n_out(), K, tape, grad, first, l0);
+    apply_rates<T, LA>(s, lr, k, true, cur, grad, w.thetas + k * s.num_ext);
   }
 }
 
-// Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for k = S-1..0,
-// g <- g - H_s(theta^k) (lr_k * g). Leaves dLoss/dtheta^0 in w.g. Needs the thetas and tapes
-// of `inner_loop` (and its batch_stride: step k's Hessian is that of step k's batch). Each
-// pass over g also forms the next step's direction.
+// The rates' gradient of step k (§8.1): rate_grad[row k] -= g[p] * grad_k[p] over the moving
+// layers' flat entries, g = g_{k+1} (the walk's g before step k).
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void add_rate_grad(const MlpShape& s, const InnerLR<T>& lr, int64_t k,
+                                      const T* g, const T* grad_k, T* rate_grad) {
+  T* row = rate_grad + (lr.step_stride ? k * s.num_params : 0);
+  for (int l = 0; l < s.depth; ++l) {
+    if (!lr.moves(l)) continue;
+    const int64_t p0 = s.w_off[l];
+    LA::each(s.out(l) * (s.in(l) + 1), [&](int64_t i) { row[p0 + i] -= g[p0 + i] * grad_k[p0 + i]; });
+  }
+}
+
+// Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for
+// k = S-1..0, g <- g - H_s(theta^k) (alpha_k * g). Leaves dLoss/dtheta^0 in w.g, and the rates'
+// gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop` (and its
+// batch_stride: step k's Hessian is that of step k's batch).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
                                   InnerLR<T> lr, const TaskWorkspace<T>& w,
                                   int64_t batch_stride = 0) {
   const int64_t E = s.num_ext;
-  if (steps == 0) return;
-  LA::each(E, [&](int64_t p) { w.tmp[p] = lr.at(int(steps - 1), p) * w.g[p]; });
   for (int64_t k = steps - 1; k >= 0; --k) {
+    if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
+    apply_rates<T, LA>(s, lr, k, false, w.g, (const T*)nullptr, w.tmp);
     hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0], K, w.tape(k), w.rtape,
-                     w.tmp, w.hv);
-    if (k > 0) {
-      LA::each(E, [&](int64_t p) {
-        w.g[p] -= w.hv[p];
-        w.tmp[p] = lr.at(int(k - 1), p) * w.g[p];
-      });
-    } else {
-      LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
-    }
+                     w.tmp, w.hv, lr.first_adapted);
+    LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
+}
+
+// First order: every g_{k+1} is the gradient at theta^S itself (w.g).
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void first_order_rate_grad(const MlpShape& s, int64_t steps,
+                                              const InnerLR<T>& lr, const TaskWorkspace<T>& w) {
+  for (int64_t k = steps - 1; k >= 0; --k)
+    add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Whole-task entry points, shared by every backend.
 
 // Both take theta^0 extended in w.theta0 (see expand_params), shared by the tasks of a batch,
-// and the support batches as inner_loop does (batch_stride).
+// and the support batches as inner_loop does (batch_stride). The rates' gradient needs a
+// workspace carved with keep_grads and w.rate_grad set.
 
 // MAML / FO-MAML on one task: runs the inner loop on the support set, returns the query loss
 // at theta^S and, if `need_grad`, leaves this task's meta-gradient dLq(theta^S)/dtheta in
@@ -498,18 +591,21 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
   }
   const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
   if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
+  else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
   return query_loss;
 }
 
-// Vector-Jacobian product of one task's adaptation (second order): given grad = dOut/dtheta^S
-// [P], leaves dOut/dtheta^0 in w.g[0, P).
+// Vector-Jacobian product of one task's adaptation: given grad = dOut/dtheta^S [P], leaves
+// dOut/dtheta^0 in w.g[0, P) (first order: grad itself) and the rates' gradient as maml_task.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
                                        int64_t steps, InnerLR<T> lr, const T* grad,
-                                       const TaskWorkspace<T>& w, int64_t batch_stride = 0) {
+                                       const TaskWorkspace<T>& w, int64_t batch_stride = 0,
+                                       bool first_order = false) {
   inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   expand_params<T, LA>(s, grad, w.g);
-  walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
+  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
+  else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
 }
 
 }  // namespace pymaml

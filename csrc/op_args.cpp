@@ -141,4 +141,36 @@ OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, in
   return a;
 }
 
+void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
+                     c10::IntArrayRef adapt_layers) {
+  OpConfig& c = a.config;
+  const int64_t depth = c.shape.depth, P = c.shape.num_params;
+  TORCH_CHECK_VALUE(!adapt_layers.empty(), op, ": adapt_layers must name at least one layer");
+  uint32_t moving = 0;
+  for (int64_t l : adapt_layers) {
+    TORCH_CHECK_VALUE(l >= -depth && l < depth, op, ": adapt_layers entries must be in [",
+                      -depth, ", ", depth, ") for ", depth, " layers, got ", adapt_layers);
+    const int64_t layer = l < 0 ? l + depth : l;
+    TORCH_CHECK_VALUE(!((moving >> layer) & 1u), op, ": adapt_layers names layer ", layer,
+                      " twice, got ", adapt_layers);
+    moving |= 1u << layer;
+  }
+  c.frozen = ~moving & ((1u << depth) - 1u);
+  while (!((moving >> c.first_adapted) & 1u)) ++c.first_adapted;
+
+  TORCH_CHECK_TYPE(rates.scalar_type() == a.params.scalar_type(), op,
+                   ": rates must have the dtype of params (", a.params.scalar_type(), "), got ",
+                   rates.scalar_type());
+  TORCH_CHECK_VALUE(rates.device() == a.params.device(), op,
+                    ": rates must be on the device of params (", a.params.device(), "), got ",
+                    rates.device());
+  const bool rows_ok =
+      rates.dim() == 2 && (rates.size(0) == 1 || (rates.size(0) == c.steps && c.steps > 1));
+  TORCH_CHECK_VALUE(rows_ok && rates.size(1) == P, op, ": rates must be [1, ", P, "] or [steps, ",
+                    P, "] = [", c.steps, ", ", P, "], got ", rates.sizes());
+  TORCH_CHECK_VALUE(rates.isfinite().all().item<bool>(), op, ": rates must be finite");
+  c.rate_rows = rates.size(0);
+  a.rates = rates.contiguous();
+}
+
 }  // namespace pymaml

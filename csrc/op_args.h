@@ -18,6 +18,10 @@ struct OpConfig {
   Loss loss;
   int64_t steps;
   double inner_lr;
+  // The inner rule of the *_rates ops (docs/design.md §8.1); the other ops keep the defaults.
+  uint32_t frozen = 0;      // bit l: linear layer l does not move in the inner loop
+  int first_adapted = 0;    // the lowest layer that moves
+  int64_t rate_rows = 0;    // rows R of the rates tensor [R, P]; 0: the scalar inner_lr
 };
 
 constexpr int64_t kMaxSteps = 100;
@@ -54,7 +58,7 @@ struct OpArgs {
   // Per-step support batches: step k reads points [k * batch_stride, + K) of a task's support
   // (0: one batch for every step), which holds support_batches * K points.
   int64_t batch_stride = 0, support_batches = 1;
-  at::Tensor params, xs, ys, xq, yq, grad;
+  at::Tensor params, xs, ys, xq, yq, grad, rates;
 };
 
 // Checks an op's arguments: adapt passes (params, xs, ys); maml_loss also the query batch
@@ -65,5 +69,12 @@ OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, in
                      const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
                      const at::Tensor& xq = at::Tensor(), const at::Tensor& yq = at::Tensor(),
                      const at::Tensor& grad = at::Tensor(), bool allow_per_step = false);
+
+// The *_rates ops' extra arguments, into `a` (after check_op_args): rates [R, P] with R = 1
+// (every step) or steps, the dtype and device of params, finite; adapt_layers the distinct
+// linear layers that move in the inner loop (negative indices count from the last), at least
+// one.
+void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
+                     c10::IntArrayRef adapt_layers);
 
 }  // namespace pymaml

@@ -26,6 +26,25 @@ TORCH_LIBRARY(pymaml, m) {
       "reptile(Tensor params, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss) "
       "-> (Tensor, Tensor)");
+  // Learned inner rates and frozen layers (docs/design.md §8.1): adapt, adapt_backward and
+  // maml_loss with rates [R, P] (R = 1: every step; R = steps: a row per step) in place of
+  // inner_lr, and adapt_layers, the linear layers that move in the inner loop (distinct,
+  // negative indices count from the last; the others keep their weights, and their rates are
+  // not read). adapt_rates_backward returns (d params [P], d rates [R, P], or an empty tensor
+  // without need_rate_grad), first order if asked; maml_loss_rates returns (loss, meta-gradient
+  // [P] or empty, rates' gradient [R, P] or empty).
+  m.def(
+      "adapt_rates(Tensor params, Tensor rates, Tensor x_support, Tensor y_support, int[] sizes, "
+      "int steps, str activation, str loss, bool first_order, int[] adapt_layers) -> Tensor");
+  m.def(
+      "adapt_rates_backward(Tensor grad, Tensor params, Tensor rates, Tensor x_support, "
+      "Tensor y_support, int[] sizes, int steps, str activation, str loss, bool first_order, "
+      "int[] adapt_layers, bool need_rate_grad) -> (Tensor, Tensor)");
+  m.def(
+      "maml_loss_rates(Tensor params, Tensor rates, Tensor x_support, Tensor y_support, "
+      "Tensor x_query, Tensor y_query, int[] sizes, int steps, str activation, str loss, "
+      "bool first_order, int[] adapt_layers, bool need_grad, bool need_rate_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   // Training: n meta-iterations in one call (pymaml.train's fast path). Iteration i computes
   // the meta-loss and the optimizer's gradient of meta-batch i (x_support[i]: [T, K, n_in], ...;
   // the chunk's tensors are [n, T, K, features]) for `algorithm`: "maml" / "fomaml" as maml_loss

@@ -65,6 +65,24 @@ if _C is not None:
         width = params.shape[0] if need_grad else 0
         return params.new_empty(()), params.new_empty((width,))
 
+    @torch.library.register_fake("pymaml::adapt_rates")
+    def _adapt_rates_fake(params, rates, x_support, y_support, sizes, steps, activation, loss,
+                          first_order, adapt_layers):
+        return params.new_empty((x_support.shape[0], params.shape[0]))
+
+    @torch.library.register_fake("pymaml::adapt_rates_backward")
+    def _adapt_rates_backward_fake(grad, params, rates, x_support, y_support, sizes, steps,
+                                   activation, loss, first_order, adapt_layers, need_rate_grad):
+        return params.new_empty(params.shape), params.new_empty(rates.shape if need_rate_grad else (0,))
+
+    @torch.library.register_fake("pymaml::maml_loss_rates")
+    def _maml_loss_rates_fake(params, rates, x_support, y_support, x_query, y_query, sizes,
+                              steps, activation, loss, first_order, adapt_layers, need_grad,
+                              need_rate_grad):
+        width = params.shape[0] if need_grad else 0
+        rate_shape = rates.shape if need_grad and need_rate_grad else (0,)
+        return params.new_empty(()), params.new_empty((width,)), params.new_empty(rate_shape)
+
     @torch.library.register_fake("pymaml::reptile")
     def _reptile_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
                       activation, loss):

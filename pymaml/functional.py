@@ -24,7 +24,7 @@ from . import _ops
 from . import reference as _reference
 from ._layout import num_params, unflatten
 
-__all__ = ["init_params", "mlp_forward", "adapt", "maml_loss", "num_params"]
+__all__ = ["init_params", "mlp_forward", "adapt", "maml_loss", "num_params", "per_layer_rates"]
 
 ACTIVATIONS = ("relu", "tanh")
 LOSSES = ("mse", "l1")
@@ -164,6 +164,63 @@ def _check_hyper(inner_lr, steps, activation, loss, first_order, dtype) -> None:
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
 
 
+def _check_rates(inner_lr, params, sizes, steps) -> Optional[torch.Tensor]:
+    """A tensor inner_lr, checked (broadcastable to [steps, P], params' dtype and device,
+    finite); None for a number (checked by _check_hyper)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return None
+    P = num_params(sizes)
+    if inner_lr.dtype != params.dtype:
+        raise TypeError(f"inner_lr must have the dtype of params ({params.dtype}), got {inner_lr.dtype}")
+    if inner_lr.device != params.device:
+        raise ValueError(f"inner_lr must be on the device of params ({params.device}), got {inner_lr.device}")
+    try:
+        fits = inner_lr.dim() <= 2 and torch.broadcast_shapes(inner_lr.shape, (steps, P)) == (steps, P)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"inner_lr as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
+                         f"[], [{P}] (a rate per parameter), [{steps}, 1] (per step) or "
+                         f"[{steps}, {P}]; got shape {list(inner_lr.shape)}")
+    if not bool(torch.isfinite(inner_lr.detach()).all()):
+        raise ValueError("inner_lr must hold finite rates, got a non-finite entry")
+    return inner_lr
+
+
+def _check_adapt_layers(adapt_layers, sizes) -> Optional[list]:
+    """adapt_layers as sorted layer indices, or None when every layer adapts."""
+    if adapt_layers is None:
+        return None
+    depth = len(sizes) - 1
+    if isinstance(adapt_layers, (str, bytes)) or not isinstance(adapt_layers, Sequence):
+        raise TypeError(f"adapt_layers must be None or a list of layer indices like [-1], "
+                        f"got {adapt_layers!r}")
+    layers = []
+    for l in adapt_layers:
+        if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not -depth <= l < depth:
+            raise ValueError(f"adapt_layers entries must be ints in [{-depth}, {depth}) for "
+                             f"{depth} linear layers, got {list(adapt_layers)!r}")
+        layers.append(int(l) % depth)
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"adapt_layers must name at least one layer, each once, got "
+                         f"{list(adapt_layers)!r}")
+    return None if len(layers) == depth else sorted(layers)
+
+
+def _rate_rows(inner_lr, params, steps: int, P: int) -> torch.Tensor:
+    """The rates as the *_rates ops take them: [steps, P] when they differ between steps, else
+    [1, P] (a view where it can be: autograd sums the gradient back to inner_lr's shape)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return params.new_full((1, P), float(inner_lr))
+    if inner_lr.dim() == 2 and inner_lr.shape[0] == steps and steps > 1:
+        return inner_lr.expand(steps, P)
+    return inner_lr.expand(1, P)
+
+
+def _reference_rates(inner_lr, steps: int, P: int):
+    return inner_lr.expand(steps, P) if isinstance(inner_lr, torch.Tensor) else inner_lr
+
+
 def _fused_unsupported(params, sizes, steps) -> Optional[str]:
     reason = _ops.unavailable_reason(params.device, params.dtype)
     if reason:
@@ -209,11 +266,14 @@ def _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, 
             and not _under_torch_func((params, *data)))
 
 
-def _choose_backend(backend, params, sizes, steps, data) -> str:
+def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
+    """rule: the call has learned rates or frozen layers (the *_rates ops, CPU only)."""
     _check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return backend
     reason = _fused_unsupported(params, sizes, steps)
+    if reason is None and rule and params.device.type != "cpu":
+        reason = "tensor rates and adapt_layers run on the CPU kernels only"
     if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in data):
         reason = "the fused op differentiates params only, and a data tensor requires grad"
     if reason is None and data and data[0].dim() == 4 and params.device.type != "cpu":
@@ -284,58 +344,109 @@ def mlp_forward(params: torch.Tensor, x: torch.Tensor, *, sizes, activation: str
     return h
 
 
+def per_layer_rates(rates: torch.Tensor, sizes) -> torch.Tensor:
+    """MAML++'s per-layer rates (LSLR) as per-parameter ones: rates [..., 2 * layers], one for
+    every weight matrix and every bias vector in the flat order [W0, b0, W1, b1, ...], becomes
+    [..., P], each rate repeated over its tensor's entries. Differentiable: pass the result
+    as inner_lr (e.g. rates [steps, 2 * layers] gives [steps, P])."""
+    sizes = _check_sizes(sizes)
+    if not isinstance(rates, torch.Tensor):
+        raise TypeError(f"rates must be a torch.Tensor, got {type(rates).__name__}")
+    tensors = 2 * (len(sizes) - 1)
+    if rates.dim() < 1 or rates.shape[-1] != tensors:
+        raise ValueError(f"rates must be [..., {tensors}] (one rate per weight and per bias of "
+                         f"{tensors // 2} layers), got shape {list(rates.shape)}")
+    counts = [n for i, o in zip(sizes[:-1], sizes[1:]) for n in (o * i, o)]
+    return torch.repeat_interleave(rates, torch.tensor(counts, device=rates.device), dim=-1,
+                                   output_size=num_params(sizes))
+
+
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
-          loss="mse", first_order=False, backend="auto") -> torch.Tensor:
+          loss="mse", first_order=False, adapt_layers=None, backend="auto") -> torch.Tensor:
     """[T, P]: every task's parameters after `steps` SGD steps with rate `inner_lr` on its
     support set, starting from params [P]. Differentiable in params (second order, or with each
     step's Jacobian taken as the identity when first_order=True). The support set is
     x_support [T, K, n_in], y_support [T, K, n_out] for every step, or [T, steps, K, ...]: a
-    batch of its own per inner step (CPU or reference backend)."""
-    if _direct_to_fused(backend, params, (x_support, y_support), sizes, inner_lr, steps,
-                        activation, loss, first_order):
+    batch of its own per inner step (CPU or reference backend).
+
+    inner_lr: a number, or a tensor broadcastable to [steps, P] (a rate per step and per
+    parameter: [] , [P] as Meta-SGD, [steps, 1], [steps, P]; per_layer_rates expands MAML++'s
+    per-layer rates); a tensor that requires grad gets its gradient too. adapt_layers: None
+    (every layer adapts) or the indices of the linear layers that move ([-1]: ANIL's head);
+    the others keep their weights (CPU or reference backend)."""
+    if adapt_layers is None and _direct_to_fused(backend, params, (x_support, y_support), sizes,
+                                                 inner_lr, steps, activation, loss, first_order):
         try:
             return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
                                   activation, loss, first_order)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
-    sizes = _check_sizes(sizes)
-    _check_params(params, sizes)
-    _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
+                                       first_order, adapt_layers)
     _check_data(params, sizes, steps, x_support=x_support, y_support=y_support)
-    which = _choose_backend(backend, params, sizes, steps, (x_support, y_support))
+    rule = rates is not None or layers is not None
+    which = _choose_backend(backend, params, sizes, steps, (x_support, y_support), rule)
+    P = num_params(sizes)
     if which == "reference":
-        return _reference.adapt(params, x_support, y_support, sizes=sizes, inner_lr=inner_lr,
-                                steps=steps, activation=activation, loss=loss,
-                                first_order=first_order)
+        return _reference.adapt(params, x_support, y_support, sizes=sizes,
+                                inner_lr=_reference_rates(inner_lr, steps, P), steps=steps,
+                                activation=activation, loss=loss, first_order=first_order,
+                                adapt_layers=layers)
+    if rule:
+        return _ops.ops.adapt_rates(params, _rate_rows(inner_lr, params, steps, P), x_support,
+                                    y_support, sizes, int(steps), activation, loss, first_order,
+                                    layers or list(range(len(sizes) - 1)))
     return _ops.ops.adapt(params, x_support, y_support, sizes, float(inner_lr), int(steps),
                           activation, loss, first_order)
 
 
+def _check_call(params, sizes, inner_lr, steps, activation, loss, first_order, adapt_layers):
+    """The checked path's common checks: (sizes, the rates tensor or None, adapt_layers
+    normalised or None)."""
+    sizes = _check_sizes(sizes)
+    _check_params(params, sizes)
+    number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
+    _check_hyper(number, steps, activation, loss, first_order, params.dtype)
+    return sizes, _check_rates(inner_lr, params, sizes, steps), _check_adapt_layers(adapt_layers, sizes)
+
+
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
-              activation="relu", loss="mse", first_order=False, backend="auto") -> torch.Tensor:
+              activation="relu", loss="mse", first_order=False, adapt_layers=None,
+              backend="auto") -> torch.Tensor:
     """Scalar: the mean over the T tasks of the query loss after adapting on the support set
     (as in adapt: [T, K, ...], or a batch per inner step [T, steps, K, ...]). `.backward()`
     leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in params.grad, ready
-    for any torch.optim optimizer."""
+    for any torch.optim optimizer, and in inner_lr.grad when inner_lr is a tensor that
+    requires grad (learned rates, as adapt describes them; adapt_layers likewise)."""
     data = (x_support, y_support, x_query, y_query)
-    if _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, loss,
-                        first_order):
+    if adapt_layers is None and _direct_to_fused(backend, params, data, sizes, inner_lr, steps,
+                                                 activation, loss, first_order):
         try:
             need_grad = torch.is_grad_enabled() and params.requires_grad
             return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,
                                       first_order, need_grad)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
-    sizes = _check_sizes(sizes)
-    _check_params(params, sizes)
-    _check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
+                                       first_order, adapt_layers)
     _check_data(params, sizes, steps, x_support=x_support, y_support=y_support,
                 x_query=x_query, y_query=y_query)
-    which = _choose_backend(backend, params, sizes, steps, data)
+    rule = rates is not None or layers is not None
+    which = _choose_backend(backend, params, sizes, steps, data, rule)
+    P = num_params(sizes)
     if which == "reference":
-        return _reference.maml_loss(params, *data, sizes=sizes, inner_lr=inner_lr, steps=steps,
-                                    activation=activation, loss=loss, first_order=first_order)
-    need_grad = torch.is_grad_enabled() and params.requires_grad
+        return _reference.maml_loss(params, *data, sizes=sizes,
+                                    inner_lr=_reference_rates(inner_lr, steps, P), steps=steps,
+                                    activation=activation, loss=loss, first_order=first_order,
+                                    adapt_layers=layers)
+    grad_mode = torch.is_grad_enabled()
+    need_grad = grad_mode and (params.requires_grad or (rates is not None and rates.requires_grad))
+    if rule:
+        need_rate_grad = need_grad and rates is not None and rates.requires_grad
+        return _ops.ops.maml_loss_rates(params, _rate_rows(inner_lr, params, steps, P), *data,
+                                        sizes, int(steps), activation, loss, first_order,
+                                        layers or list(range(len(sizes) - 1)), need_grad,
+                                        need_rate_grad)[0]
     value, _ = _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation,
                                   loss, first_order, need_grad)
     return value

@@ -39,25 +39,34 @@ def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.
 
 
 def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
-               functional=False):
+               functional=False, sizes=None, adapt_layers=None):
     """`steps` SGD steps on (x, y) [K, n] from `weights` (or x, y [steps, K, n]: a batch per
-    step). Second order keeps the graph of every
-    gradient (create_graph=True); first order treats the gradients as constants.
-    functional=True takes the gradients with torch.func.grad (under torch.func transforms,
-    where weights cannot be made autograd leaves)."""
+    step). Second order keeps the graph of every gradient (create_graph=True); first order
+    treats the gradients as constants (the rates stay in the graph). functional=True takes
+    the gradients with torch.func.grad (under torch.func transforms, where weights cannot be
+    made autograd leaves).
+
+    inner_lr is a number, or a tensor [steps, P] (row k: step k's rate of every parameter, in
+    the flat layout of `sizes`). adapt_layers (None: all) lists the linear layers that move;
+    the others keep their weights, and their rates are not read."""
     loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
     per_step = x.dim() == 3  # x [steps, K, n_in]: step k trains on batch k
     inner_loss = lambda w, k: loss_fn(net(w, x[k] if per_step else x, activation),
                                       y[k] if per_step else y)
+    moving = (range(len(weights)) if adapt_layers is None
+              else [i for l in adapt_layers for i in (2 * l, 2 * l + 1)])
     for k in range(steps):
         if functional:
             grads = torch.func.grad(inner_loss)(weights, k)
-            if first_order:
-                grads = [g.detach() for g in grads]
+            grads = [grads[i].detach() if first_order else grads[i] for i in moving]
         else:
-            grads = torch.autograd.grad(inner_loss(weights, k), weights,
+            grads = torch.autograd.grad(inner_loss(weights, k), [weights[i] for i in moving],
                                         create_graph=not first_order)
-        weights = [w - inner_lr * g for w, g in zip(weights, grads)]
+        rates = ([r for layer in unflatten(inner_lr[k], sizes) for r in layer]
+                 if isinstance(inner_lr, torch.Tensor) else None)
+        weights = list(weights)
+        for i, g in zip(moving, grads):
+            weights[i] = weights[i] - (inner_lr if rates is None else rates[i]) * g
     return weights
 
 
@@ -108,11 +117,16 @@ def _keeps_graph(tensors, functional: bool) -> bool:
     return torch.is_grad_enabled() and (functional or any(t.requires_grad for t in tensors))
 
 
+def _tensors(inner_lr):
+    # The rates, where they are a tensor (their gradient is asked for like params').
+    return (inner_lr,) if isinstance(inner_lr, torch.Tensor) else ()
+
+
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
-          loss="mse", first_order=False):
+          loss="mse", first_order=False, adapt_layers=None):
     """[T, P]: the adapted parameters of every task."""
-    functional = _under_transform((params, x_support, y_support))
-    keep_graph = _keeps_graph((params, x_support, y_support), functional)
+    functional = _under_transform((params, x_support, y_support, *_tensors(inner_lr)))
+    keep_graph = _keeps_graph((params, x_support, y_support, *_tensors(inner_lr)), functional)
     with autograd_on():
         weights = _weights(params, sizes, functional)
         xs, ys = _usable(x_support), _usable(y_support)
@@ -120,18 +134,18 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
         for t in range(xs.shape[0]):
             w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
                            activation=activation, loss=loss, first_order=first_order,
-                           functional=functional)
+                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
             adapted.append(torch.cat([p.reshape(-1) for p in w]))
         out = torch.stack(adapted)
     return out if keep_graph else out.detach()
 
 
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
-              activation="relu", loss="mse", first_order=False):
+              activation="relu", loss="mse", first_order=False, adapt_layers=None):
     """Scalar: the mean over tasks of the query loss after adaptation."""
     data = (x_support, y_support, x_query, y_query)
-    functional = _under_transform((params, *data))
-    keep_graph = _keeps_graph((params, *data), functional)
+    functional = _under_transform((params, *data, *_tensors(inner_lr)))
+    keep_graph = _keeps_graph((params, *data, *_tensors(inner_lr)), functional)
     loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
     with autograd_on():
         weights = _weights(params, sizes, functional)
@@ -140,7 +154,7 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
         for t in range(xs.shape[0]):
             w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
                            activation=activation, loss=loss, first_order=first_order,
-                           functional=functional)
+                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
             losses.append(loss_fn(net(w, xq[t], activation), yq[t]))
         out = torch.stack(losses).mean()
     return out if keep_graph else out.detach()

@@ -22,7 +22,7 @@ struct TaskKernels {
                      int64_t batch_stride);
   void (*adapt_vjp_task)(Activation, Loss, const MlpShape&, const T* Xs, const T* Ys, int64_t K,
                          int64_t steps, InnerLR<T> lr, const T* grad, const TaskWorkspace<T>& w,
-                         int64_t batch_stride);
+                         int64_t batch_stride, bool first_order);
 };
 
 // The widest instruction set both compiled in and supported by this CPU.

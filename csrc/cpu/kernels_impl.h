@@ -32,10 +32,10 @@ void inner_loop(Activation act, Loss loss, const MlpShape& s, const T* Xs, const
 template <typename T>
 void adapt_vjp_task(Activation act, Loss loss, const MlpShape& s, const T* Xs, const T* Ys,
                     int64_t K, int64_t steps, InnerLR<T> lr, const T* grad,
-                    const TaskWorkspace<T>& w, int64_t batch_stride) {
+                    const TaskWorkspace<T>& w, int64_t batch_stride, bool first_order) {
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
     pymaml::adapt_vjp_task<T, decltype(a)::value, decltype(l)::value, SimdLinalg>(
-        s, Xs, Ys, K, steps, lr, grad, w, batch_stride);
+        s, Xs, Ys, K, steps, lr, grad, w, batch_stride, first_order);
   });
 }
 

@@ -75,49 +75,62 @@ void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
   });
 }
 
-// out[p] = scale * sum_b partial[b, p], blocks summed in order (parallel over p only).
+// out[p] = scale * sum_b partial[b * stride + p], p < n, blocks summed in order (parallel over
+// p only).
 template <typename scalar_t>
-void reduce_blocks(const scalar_t* partial, int64_t nb, int64_t P, scalar_t scale,
-                   scalar_t* out) {
+void reduce_blocks(const scalar_t* partial, int64_t nb, int64_t n, int64_t stride,
+                   scalar_t scale, scalar_t* out) {
   auto reduce = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       scalar_t acc = scalar_t(0);
-      for (int64_t b = 0; b < nb; ++b) acc += partial[b * P + p];
+      for (int64_t b = 0; b < nb; ++b) acc += partial[b * stride + p];
       out[p] = acc * scale;
     }
   };
   constexpr int64_t grain = 4096;
-  if (P <= grain)
-    reduce(0, P);  // small: not worth a parallel region
+  if (n <= grain)
+    reduce(0, n);  // small: not worth a parallel region
   else
-    at::parallel_for(0, P, grain, reduce);
+    at::parallel_for(0, n, grain, reduce);
 }
 
-}  // namespace
+// The inner rule of a call (maml_math.h InnerLR): the config's scalar rate and frozen layers,
+// or the rates [R, P] extended into `ext` [R, E] (the kernels read W^T copies' rates too).
+template <typename scalar_t>
+InnerLR<scalar_t> inner_rule(const OpConfig& c, const scalar_t* rates, scalar_t* ext) {
+  InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+  lr.frozen = c.frozen;
+  lr.first_adapted = c.first_adapted;
+  if (rates) {
+    const int64_t P = c.shape.num_params, E = c.shape.num_ext;
+    for (int64_t r = 0; r < c.rate_rows; ++r) expand_params(c.shape, rates + r * P, ext + r * E);
+    lr.rates = ext;
+    lr.step_stride = c.rate_rows > 1 ? E : 0;
+  }
+  return lr;
+}
 
-at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
-                 c10::IntArrayRef sizes, double inner_lr, int64_t steps,
-                 std::string_view activation, std::string_view loss, bool /*first_order*/) {
-  constexpr const char* op = "pymaml::adapt";
-  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, at::Tensor(), at::Tensor(), at::Tensor(), true);
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// [T, P]: every task's adapted parameters (a.rates: the *_rates op; undefined: the scalar rate).
+at::Tensor adapt_impl(const OpArgs& a) {
   const OpConfig& c = a.config;
-  const int64_t T = a.T, K = a.K;
-  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys;
-  const int64_t P = c.shape.num_params;
-  at::Tensor out = at::empty({T, P}, params.options());
-
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_cpu", [&] {
-    const scalar_t* theta = params.data_ptr<scalar_t>();
-    const scalar_t* X = xs.data_ptr<scalar_t>();
-    const scalar_t* Y = ys.data_ptr<scalar_t>();
+  const int64_t T = a.T, K = a.K, P = c.shape.num_params, steps = c.steps;
+  at::Tensor out = at::empty({T, P}, a.params.options());
+  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_adapt_cpu", [&] {
+    const scalar_t* X = a.xs.data_ptr<scalar_t>();
+    const scalar_t* Y = a.ys.data_ptr<scalar_t>();
     scalar_t* adapted = out.data_ptr<scalar_t>();
-    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+    std::vector<scalar_t> rates_ext(static_cast<size_t>(c.rate_rows * c.shape.num_ext));
+    const InnerLR<scalar_t> lr = inner_rule(c, data_or_null<scalar_t>(a.rates), rates_ext.data());
     const int64_t points = a.support_batches * K;  // a task's support points
     const int64_t nx = points * c.shape.n[0], ny = points * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
     std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
-    expand_params(c.shape, theta, theta0.data());
+    expand_params(c.shape, a.params.data_ptr<scalar_t>(), theta0.data());
     const int64_t ws = task_workspace_size(c.shape, steps, K);
     for_each_block<scalar_t>(T, num_blocks(T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
       auto w = carve_workspace(base, c.shape, steps, K);
@@ -130,45 +143,91 @@ at::Tensor adapt(const at::Tensor& params_in, const at::Tensor& xs_in, const at:
   return out;
 }
 
-at::Tensor adapt_backward(const at::Tensor& grad_in, const at::Tensor& params_in,
-                          const at::Tensor& xs_in, const at::Tensor& ys_in,
-                          c10::IntArrayRef sizes, double inner_lr, int64_t steps,
-                          std::string_view activation, std::string_view loss) {
-  constexpr const char* op = "pymaml::adapt_backward";
-  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, at::Tensor(), at::Tensor(), grad_in, true);
+// The vector-Jacobian product of adapt_impl for a.grad [T, P]: (d params [P], d rates [R, P]
+// if need_rate_grad, else undefined).
+std::tuple<at::Tensor, at::Tensor> adapt_backward_impl(const OpArgs& a, bool first_order,
+                                                       bool need_rate_grad) {
   const OpConfig& c = a.config;
-  const int64_t T = a.T, K = a.K;
-  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &grad = a.grad;
-  const int64_t P = c.shape.num_params;
-  const int64_t nb = num_blocks(T, P);
-  at::Tensor partial = at::zeros({nb, P}, params.options());
-  at::Tensor out = at::empty({P}, params.options());
-
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_adapt_backward_cpu", [&] {
-    const scalar_t* theta = params.data_ptr<scalar_t>();
-    const scalar_t* X = xs.data_ptr<scalar_t>();
-    const scalar_t* Y = ys.data_ptr<scalar_t>();
-    const scalar_t* G = grad.data_ptr<scalar_t>();
+  const int64_t T = a.T, K = a.K, P = c.shape.num_params, steps = c.steps;
+  const int64_t RP = need_rate_grad ? c.rate_rows * P : 0, width = P + RP;
+  const int64_t nb = num_blocks(T, width);
+  at::Tensor partial = at::zeros({nb, width}, a.params.options());
+  at::Tensor out = at::empty({P}, a.params.options());
+  at::Tensor rate_out = need_rate_grad ? at::empty({c.rate_rows, P}, a.params.options())
+                                       : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_adapt_backward_cpu", [&] {
+    const scalar_t* X = a.xs.data_ptr<scalar_t>();
+    const scalar_t* Y = a.ys.data_ptr<scalar_t>();
+    const scalar_t* G = a.grad.data_ptr<scalar_t>();
     scalar_t* acc = partial.data_ptr<scalar_t>();
-    const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+    std::vector<scalar_t> rates_ext(static_cast<size_t>(c.rate_rows * c.shape.num_ext));
+    const InnerLR<scalar_t> lr = inner_rule(c, data_or_null<scalar_t>(a.rates), rates_ext.data());
     const int64_t points = a.support_batches * K;  // a task's support points
     const int64_t nx = points * c.shape.n[0], ny = points * c.shape.n_out();
     const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
     std::vector<scalar_t> theta0(static_cast<size_t>(c.shape.num_ext));
-    expand_params(c.shape, theta, theta0.data());
-    const int64_t ws = task_workspace_size(c.shape, steps, K);
-    for_each_block<scalar_t>(T, nb, ws, [&](int64_t b, int64_t t, scalar_t* base) {
-      auto w = carve_workspace(base, c.shape, steps, K);
+    expand_params(c.shape, a.params.data_ptr<scalar_t>(), theta0.data());
+    const int64_t ws = task_workspace_size(c.shape, steps, K, need_rate_grad);
+    for_each_block<scalar_t>(T, nb, ws + RP, [&](int64_t b, int64_t t, scalar_t* base) {
+      auto w = carve_workspace(base, c.shape, steps, K, need_rate_grad);
       w.theta0 = theta0.data();
+      if (need_rate_grad) {
+        w.rate_grad = base + ws;
+        std::fill_n(w.rate_grad, RP, scalar_t(0));
+      }
       kern.adapt_vjp_task(c.activation, c.loss, c.shape, X + t * nx, Y + t * ny, K, steps, lr,
-                          G + t * P, w, a.batch_stride);
-      scalar_t* dst = acc + b * P;
+                          G + t * P, w, a.batch_stride, first_order);
+      scalar_t* dst = acc + b * width;
       for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+      for (int64_t j = 0; j < RP; ++j) dst[P + j] += w.rate_grad[j];
     });
-    reduce_blocks(acc, nb, P, scalar_t(1), out.data_ptr<scalar_t>());
+    reduce_blocks(acc, nb, P, width, scalar_t(1), out.data_ptr<scalar_t>());
+    if (need_rate_grad) reduce_blocks(acc + P, nb, RP, width, scalar_t(1),
+                                      rate_out.data_ptr<scalar_t>());
   });
-  return out;
+  return {out, rate_out};
+}
+
+}  // namespace
+
+at::Tensor adapt(const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
+                 c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                 std::string_view activation, std::string_view loss, bool /*first_order*/) {
+  return adapt_impl(check_op_args("pymaml::adapt", sizes, inner_lr, steps, activation, loss,
+                                  params, xs, ys, at::Tensor(), at::Tensor(), at::Tensor(), true));
+}
+
+at::Tensor adapt_backward(const at::Tensor& grad, const at::Tensor& params, const at::Tensor& xs,
+                          const at::Tensor& ys, c10::IntArrayRef sizes, double inner_lr,
+                          int64_t steps, std::string_view activation, std::string_view loss) {
+  const OpArgs a = check_op_args("pymaml::adapt_backward", sizes, inner_lr, steps, activation,
+                                 loss, params, xs, ys, at::Tensor(), at::Tensor(), grad, true);
+  return std::get<0>(adapt_backward_impl(a, false, false));
+}
+
+at::Tensor adapt_rates(const at::Tensor& params, const at::Tensor& rates, const at::Tensor& xs,
+                       const at::Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
+                       std::string_view activation, std::string_view loss, bool /*first_order*/,
+                       c10::IntArrayRef adapt_layers) {
+  constexpr const char* op = "pymaml::adapt_rates";
+  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys,
+                           at::Tensor(), at::Tensor(), at::Tensor(), true);
+  check_rate_args(op, a, rates, adapt_layers);
+  return adapt_impl(a);
+}
+
+std::tuple<at::Tensor, at::Tensor> adapt_rates_backward(
+    const at::Tensor& grad, const at::Tensor& params, const at::Tensor& rates,
+    const at::Tensor& xs, const at::Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
+    std::string_view activation, std::string_view loss, bool first_order,
+    c10::IntArrayRef adapt_layers, bool need_rate_grad) {
+  constexpr const char* op = "pymaml::adapt_rates_backward";
+  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys,
+                           at::Tensor(), at::Tensor(), grad, true);
+  check_rate_args(op, a, rates, adapt_layers);
+  auto [dparams, drates] = adapt_backward_impl(a, first_order, need_rate_grad);
+  if (!drates.defined()) drates = at::empty({0}, params.options());
+  return {dparams, drates};
 }
 
 template <typename scalar_t>
@@ -176,22 +235,27 @@ MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int
                                int64_t batch_stride)
     : config_(config), T_(T), K_(K), Q_(Q), batch_stride_(batch_stride) {
   const int64_t P = config.shape.num_params;
-  blocks_ = num_blocks(T, P);
-  worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q));
-  partial_.resize(static_cast<size_t>(blocks_ * P));
+  rate_size_ = config.rate_rows * P;  // the rates' gradient, when asked for
+  width_ = P + rate_size_;
+  blocks_ = num_blocks(T, width_);
+  task_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q), rate_size_ > 0);
+  worker_size_ = task_size_ + rate_size_;
+  partial_.resize(static_cast<size_t>(blocks_ * width_));
   theta0_.resize(static_cast<size_t>(config.shape.num_ext));
+  rates_ext_.resize(static_cast<size_t>(config.rate_rows * config.shape.num_ext));
   losses_.resize(static_cast<size_t>(blocks_));
 }
 
 template <typename scalar_t>
 scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, const scalar_t* Ys,
                                   const scalar_t* Xq, const scalar_t* Yq, Direction direction,
-                                  scalar_t* grad) {
+                                  scalar_t* grad, const scalar_t* rates, scalar_t* rate_grad) {
   const OpConfig& c = config_;
   const int64_t P = c.shape.num_params, T = T_, K = K_, Q = Q_, steps = c.steps;
   const bool need_grad = grad != nullptr;
   const bool reptile = direction == Direction::Reptile;
   const bool first_order = direction == Direction::FirstOrder;
+  const int64_t RP = need_grad && rate_grad ? rate_size_ : 0;  // rates' gradient entries
   const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
   if (scratch_size_ < workers * static_cast<size_t>(worker_size_)) {
     // Uninitialised on purpose (every buffer is written before it is read).
@@ -200,7 +264,7 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   }
   std::fill(losses_.begin(), losses_.end(), scalar_t(0));
   if (need_grad) std::fill(partial_.begin(), partial_.end(), scalar_t(0));
-  const InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
+  const InnerLR<scalar_t> lr = inner_rule(c, rates, rates_ext_.data());
   const int64_t support = (batch_stride_ ? steps : 1) * K;  // a task's support points
   const int64_t nxs = support * c.shape.n[0], nys = support * c.shape.n_out();
   const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
@@ -208,30 +272,34 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
   expand_params(c.shape, theta, theta0_.data());  // once for all tasks
   run_blocks(blocks_, [&](int64_t b, int worker) {
-    auto w = carve_workspace(scratch_.get() + size_t(worker) * size_t(worker_size_), c.shape,
-                             steps, points);
+    scalar_t* base = scratch_.get() + size_t(worker) * size_t(worker_size_);
+    auto w = carve_workspace(base, c.shape, steps, points, rate_size_ > 0);
     w.theta0 = theta0_.data();
+    if (RP) w.rate_grad = base + task_size_;
     const auto [first, last] = block_range(b, blocks_, T);
     for (int64_t t = first; t < last; ++t) {
+      if (RP) std::fill_n(w.rate_grad, RP, scalar_t(0));
       losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
                                    Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
                                    need_grad && !reptile, w, batch_stride_);
       if (!need_grad) continue;
       // Reptile sums the adapted weights theta_t^S, the others the meta-gradients.
       const scalar_t* task = reptile ? w.theta(steps, c.shape) : w.g;
-      scalar_t* dst = partial_.data() + b * P;
+      scalar_t* dst = partial_.data() + b * width_;
       for (int64_t p = 0; p < P; ++p) dst[p] += task[p];
+      for (int64_t j = 0; j < RP; ++j) dst[P + j] += w.rate_grad[j];
     }
   });
   // Mean over tasks, blocks summed in order.
   const scalar_t inv_t = scalar_t(1) / scalar_t(T);
   scalar_t mean_loss;
-  reduce_blocks(losses_.data(), blocks_, 1, inv_t, &mean_loss);
-  if (need_grad && !reptile) reduce_blocks(partial_.data(), blocks_, P, inv_t, grad);
+  reduce_blocks(losses_.data(), blocks_, 1, 1, inv_t, &mean_loss);
+  if (need_grad && !reptile) reduce_blocks(partial_.data(), blocks_, P, width_, inv_t, grad);
+  if (RP) reduce_blocks(partial_.data() + P, blocks_, RP, width_, inv_t, rate_grad);
   if (need_grad && reptile) {
     // theta - mean_t theta_t^S, the mean as sum / T (one rounding, where sum * (1 / T) has
     // two: theta - mean is small where the tasks agree, and Adam scales its rounding up)
-    reduce_blocks(partial_.data(), blocks_, P, scalar_t(1), grad);
+    reduce_blocks(partial_.data(), blocks_, P, width_, scalar_t(1), grad);
     for (int64_t p = 0; p < P; ++p) grad[p] = theta[p] - grad[p] / scalar_t(T);
   }
   return mean_loss;
@@ -240,30 +308,57 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
 template class MetaBatch<float>;
 template class MetaBatch<double>;
 
-std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params_in,
-                                             const at::Tensor& xs_in, const at::Tensor& ys_in,
-                                             const at::Tensor& xq_in, const at::Tensor& yq_in,
-                                             c10::IntArrayRef sizes, double inner_lr,
-                                             int64_t steps, std::string_view activation,
+namespace {
+
+// maml_loss and maml_loss_rates: (mean loss, meta-gradient [P] or empty, rates' gradient
+// [R, P] or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_impl(const OpArgs& a, bool first_order,
+                                                              bool need_grad,
+                                                              bool need_rate_grad) {
+  const OpConfig& c = a.config;
+  const int64_t P = c.shape.num_params;
+  need_rate_grad = need_rate_grad && need_grad;
+  at::Tensor meta_grad = at::empty({need_grad ? P : 0}, a.params.options());
+  at::Tensor rate_grad = need_rate_grad ? at::empty({c.rate_rows, P}, a.params.options())
+                                        : at::empty({0}, a.params.options());
+  at::Tensor mean_loss = at::empty({}, a.params.options());
+  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
+    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride);
+    *mean_loss.data_ptr<scalar_t>() = batch.run(
+        a.params.data_ptr<scalar_t>(), a.xs.data_ptr<scalar_t>(), a.ys.data_ptr<scalar_t>(),
+        a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
+        first_order ? Direction::FirstOrder : Direction::MAML,
+        need_grad ? meta_grad.data_ptr<scalar_t>() : nullptr, data_or_null<scalar_t>(a.rates),
+        need_rate_grad ? rate_grad.data_ptr<scalar_t>() : nullptr);
+  });
+  return {mean_loss, meta_grad, rate_grad};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params, const at::Tensor& xs,
+                                             const at::Tensor& ys, const at::Tensor& xq,
+                                             const at::Tensor& yq, c10::IntArrayRef sizes,
+                                             double inner_lr, int64_t steps,
+                                             std::string_view activation,
                                              std::string_view loss, bool first_order,
                                              bool need_grad) {
-  constexpr const char* op = "pymaml::maml_loss";
-  const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
-                                 ys_in, xq_in, yq_in, at::Tensor(), true);
-  const OpConfig& c = a.config;
-  const int64_t T = a.T, K = a.K, Q = a.Q;
-  const at::Tensor &params = a.params, &xs = a.xs, &ys = a.ys, &xq = a.xq, &yq = a.yq;
-  at::Tensor meta_grad = at::empty({need_grad ? c.shape.num_params : 0}, params.options());
-  at::Tensor mean_loss = at::empty({}, params.options());
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
-    MetaBatch<scalar_t> batch(c, T, K, Q, a.batch_stride);
-    *mean_loss.data_ptr<scalar_t>() = batch.run(
-        params.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
-        xq.data_ptr<scalar_t>(), yq.data_ptr<scalar_t>(),
-        first_order ? Direction::FirstOrder : Direction::MAML,
-        need_grad ? meta_grad.data_ptr<scalar_t>() : nullptr);
-  });
-  return {mean_loss, meta_grad};
+  const OpArgs a = check_op_args("pymaml::maml_loss", sizes, inner_lr, steps, activation, loss,
+                                 params, xs, ys, xq, yq, at::Tensor(), true);
+  auto [value, meta_grad, unused] = maml_loss_impl(a, first_order, need_grad, false);
+  return {value, meta_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_rates(
+    const at::Tensor& params, const at::Tensor& rates, const at::Tensor& xs, const at::Tensor& ys,
+    const at::Tensor& xq, const at::Tensor& yq, c10::IntArrayRef sizes, int64_t steps,
+    std::string_view activation, std::string_view loss, bool first_order,
+    c10::IntArrayRef adapt_layers, bool need_grad, bool need_rate_grad) {
+  constexpr const char* op = "pymaml::maml_loss_rates";
+  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys, xq, yq,
+                           at::Tensor(), true);
+  check_rate_args(op, a, rates, adapt_layers);
+  return maml_loss_impl(a, first_order, need_grad, need_rate_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params_in, const at::Tensor& xs_in,
@@ -292,6 +387,9 @@ TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("adapt_backward", &adapt_backward);
   m.impl("maml_loss", &maml_loss);
   m.impl("reptile", &reptile);
+  m.impl("adapt_rates", &adapt_rates);
+  m.impl("adapt_rates_backward", &adapt_rates_backward);
+  m.impl("maml_loss_rates", &maml_loss_rates);
 }
 
 }  // namespace pymaml::cpu

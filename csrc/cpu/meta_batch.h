@@ -27,22 +27,29 @@ class MetaBatch {
   // Mean query loss over the tasks after adaptation (on xs, ys). If `grad` is not null, also
   // writes the mean over tasks of `direction` [P] there. Buffers are contiguous: theta [P],
   // xs [T, K, n_in], ys [T, K, n_out], xq / yq likewise with Q points. Bitwise the same
-  // result for any thread count.
+  // result for any thread count. With config.rate_rows > 0, `rates` [R, P] are the inner
+  // rates, and `rate_grad` (if not null, with grad, not Reptile) receives the mean over tasks
+  // of their gradient [R, P] (docs/design.md §8.1).
   scalar_t run(const scalar_t* theta, const scalar_t* xs, const scalar_t* ys,
-               const scalar_t* xq, const scalar_t* yq, Direction direction, scalar_t* grad);
+               const scalar_t* xq, const scalar_t* yq, Direction direction, scalar_t* grad,
+               const scalar_t* rates = nullptr, scalar_t* rate_grad = nullptr);
 
   int64_t num_params() const { return config_.shape.num_params; }
 
  private:
   OpConfig config_;
   int64_t T_, K_, Q_, batch_stride_;
+  int64_t rate_size_;            // R * P: the rates' gradient (0 with the scalar rate)
+  int64_t width_;                // P + rate_size_: what a task adds to its block's sum
   int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
-  int64_t worker_size_;          // scratch elements per worker
-  std::vector<scalar_t> partial_;  // [blocks, P] per-block meta-gradient sums
+  int64_t task_size_;            // scratch elements of a task (maml_math.h TaskWorkspace)
+  int64_t worker_size_;          // scratch elements per worker: a task's and its rate_grad
+  std::vector<scalar_t> partial_;  // [blocks, width] per-block meta-gradient sums
   std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
   std::unique_ptr<scalar_t[]> scratch_;  // [workers, worker_size_]
   size_t scratch_size_ = 0;
   std::vector<scalar_t> theta0_;   // [E] theta, extended (maml_math.h), shared by the tasks
+  std::vector<scalar_t> rates_ext_;  // [R, E] the rates, extended likewise
 };
 
 extern template class MetaBatch<float>;
