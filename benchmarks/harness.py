@@ -6,7 +6,12 @@ and the targets are in workloads.py, which the report reads without torch).
 An implementation runs one meta-iteration of a workload the way a user's training loop would:
 the meta-gradient of the meta-batch, then the outer optimizer's step (torch.optim, the
 trainer's SGD or Adam). Only pymaml's public API is used: pymaml.functional, pymaml.reference,
-torch.ops.pymaml.*, pymaml.testing.torch_func_maml.
+torch.ops.pymaml.*, pymaml.testing.torch_func_maml (torch_func_learned_maml for learned rates
+and frozen layers).
+
+Learned inner rates (a workload's `rates`: Meta-SGD and the like) are a second tensor beside the
+weights: it starts at inner_lr, gets its gradient from the same backward and is stepped by the
+same optimizer; a meta-gradient is then the two gradients concatenated, [params, rates].
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import pymaml
 from pymaml import functional as F
 from pymaml import reference, tasks
-from pymaml.testing import relative_error, torch_func_maml
+from pymaml.testing import relative_error, torch_func_learned_maml, torch_func_maml
 from workloads import Workload, meta_iteration_flops
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
@@ -53,20 +58,43 @@ def train_kwargs(w: Workload) -> dict:
                 queries=w.Q, init=w.init, progress=False, log_every=0)
 
 
-def _fused(w, batch, params):
+def learned_rates(w: Workload, params: torch.Tensor) -> Optional[torch.Tensor]:
+    """The learned inner rates of w at the start, every one inner_lr (None: a plain number)."""
+    if w.rates == "scalar":
+        return None
+    P = params.shape[-1]
+    shape = {"per-parameter": (P,), "per-step": (w.S, 1), "per-parameter-step": (w.S, P)}[w.rates]
+    return torch.full(shape, w.inner_lr, dtype=params.dtype, device=params.device)
+
+
+def _hyper(w: Workload, *rates) -> dict:
+    # maml_loss's keywords, the learned rates (if any) for inner_lr.
+    return dict(w.hyper, inner_lr=rates[0]) if rates and rates[0] is not None else w.hyper
+
+
+def _leaves(params, rates) -> list:
+    # What a meta-iteration differentiates and steps: the weights, and the rates if learned.
+    return [params] if rates is None else [params, rates]
+
+
+def _flat(grads) -> torch.Tensor:
+    return grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
+
+
+def _fused(w, batch, params, rates=None):
     """The public API, as a user's loop calls it: pymaml.functional.maml_loss (argument checks,
     the op, its autograd node), loss.backward()."""
     def meta_grad():
-        p = params.detach().requires_grad_()
-        loss = F.maml_loss(p, *batch, backend="fused", **w.hyper)
-        return loss.detach(), torch.autograd.grad(loss, p)[0]
+        leaves = [t.detach().requires_grad_() for t in _leaves(params, rates)]
+        loss = F.maml_loss(leaves[0], *batch, backend="fused", **_hyper(w, *leaves[1:]))
+        return loss.detach(), _flat(torch.autograd.grad(loss, leaves))
 
     def backward():
-        F.maml_loss(params, *batch, backend="fused", **w.hyper).backward()
+        F.maml_loss(params, *batch, backend="fused", **_hyper(w, rates)).backward()
     return meta_grad, backward
 
 
-def _fused_op(w, batch, params):
+def _fused_op(w, batch, params, rates=None):
     """The raw op: no argument checks, no autograd; the meta-gradient comes back with the loss."""
     args = (list(w.sizes), w.inner_lr, w.S, w.activation, w.loss, w.first_order, True)
 
@@ -75,25 +103,37 @@ def _fused_op(w, batch, params):
     return meta_grad, None
 
 
-def _reference(w, batch, params):
-    """The seed's Python loop over tasks and inner steps, autograd with create_graph=True."""
+def _reference(w, batch, params, rates=None):
+    """The seed's Python loop over tasks and inner steps, autograd with create_graph=True
+    (learned rates, frozen layers: through pymaml.functional's checks, backend="reference")."""
+    loss_fn = reference.maml_loss
+    if not w.plain:
+        loss_fn = functools.partial(F.maml_loss, backend="reference")
+
     def meta_grad():
-        p = params.detach().requires_grad_()
-        loss = reference.maml_loss(p, *batch, **w.hyper)
-        return loss.detach(), torch.autograd.grad(loss, p)[0]
+        leaves = [t.detach().requires_grad_() for t in _leaves(params, rates)]
+        loss = loss_fn(leaves[0], *batch, **_hyper(w, *leaves[1:]))
+        return loss.detach(), _flat(torch.autograd.grad(loss, leaves))
 
     def backward():
-        reference.maml_loss(params, *batch, **w.hyper).backward()
+        loss_fn(params, *batch, **_hyper(w, rates)).backward()
     return meta_grad, backward
 
 
-def _torchfunc(w, batch, params):
-    """torch.func: grad through the unrolled inner loop, vmap over the tasks."""
-    grad_and_value = torch.func.grad_and_value(torch_func_maml(**w.hyper)[0])
+def _torchfunc(w, batch, params, rates=None):
+    """torch.func: grad through the unrolled inner loop, vmap over the tasks (learned rates,
+    frozen layers: torch_func_learned_maml, its gradient in the rates too)."""
+    if w.plain:
+        grad_and_value = torch.func.grad_and_value(torch_func_maml(**w.hyper)[0])
+    else:
+        meta_loss = torch_func_learned_maml(**w.hyper)[0]
+        argnums = (0,) if rates is None else (0, 5)
+        grad_and_value = torch.func.grad_and_value(meta_loss, argnums=argnums)
 
     def meta_grad():
-        grad, loss = grad_and_value(params.detach(), *batch)
-        return loss, grad
+        args = [t.detach() for t in _leaves(params, rates)]
+        grad, loss = grad_and_value(args[0], *batch, *args[1:])
+        return loss, grad if w.plain else _flat(grad)
     return meta_grad, None
 
 
@@ -138,25 +178,43 @@ def _fused_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_refuses(w: Workload, device: torch.device) -> Optional[str]:
+    """Why backend="fused" refuses w's learned rates / frozen layers (a tiny call with them
+    tried once), or None."""
+    tiny = w.replace(sizes=(1, 2, 1), S=1)
+    batch = [torch.ones(2, 1, 1, device=device) for _ in range(4)]
+    params = torch.ones(F.num_params(tiny.sizes), device=device, requires_grad=True)
+    rates = learned_rates(tiny, params.detach())
+    try:
+        F.maml_loss(params, *batch, backend="fused", **_hyper(tiny, rates)).backward()
+    except Exception as exc:  # any refusal: the row is skipped with it
+        return f"backend='fused' does not serve {w.label()} here: {str(exc).splitlines()[0]}"
+    return None
+
+
 class Implementation(NamedTuple):
-    """make(w, batch, params) -> (meta_grad, backward): meta_grad() -> (loss, gradient) at the
-    current weights; backward() leaves the gradient in params.grad, or None to set it from
-    meta_grad(); stepped by torch.optim. Or runner(w, batch, params0) -> Runner, for an
-    implementation that steps its own optimizer. max_gflop: per device type, the largest
-    meta-iteration (GFLOP) it is timed on (beyond it one call takes seconds, or a compile
-    minutes); unavailable(device): why it cannot run, or None."""
+    """make(w, batch, params, rates) -> (meta_grad, backward): meta_grad() -> (loss, gradient)
+    at the current weights (and rates: None unless w learns them; the gradient then holds
+    both, concatenated); backward() leaves the gradient in params.grad (and rates.grad), or
+    None to set it from meta_grad(); stepped by torch.optim. Or runner(w, batch, params0) ->
+    Runner, for an implementation that steps its own optimizer. max_gflop: per device type, the
+    largest meta-iteration (GFLOP) it is timed on (beyond it one call takes seconds, or a
+    compile minutes); unavailable(device): why it cannot run, or None; learned: whether it
+    serves learned rates and frozen layers (workloads that are not w.plain)."""
     make: Optional[Callable] = None
     max_gflop: Dict[str, float] = {}
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     runner: Optional[Callable] = None
+    learned: bool = False
 
 
 # The rows of every table, in this order. "fused" is what ratios are read against.
 IMPLEMENTATIONS: Dict[str, Implementation] = {
-    "fused": Implementation(_fused, unavailable=_fused_unavailable),
+    "fused": Implementation(_fused, unavailable=_fused_unavailable, learned=True),
     "fused_op": Implementation(_fused_op, unavailable=_fused_unavailable),
-    "reference": Implementation(_reference, max_gflop={"cpu": 1.0, "cuda": 1.0}),
-    "torchfunc": Implementation(_torchfunc, max_gflop={"cpu": 10.0}),
+    "reference": Implementation(_reference, max_gflop={"cpu": 1.0, "cuda": 1.0}, learned=True),
+    "torchfunc": Implementation(_torchfunc, max_gflop={"cpu": 10.0}, learned=True),
     "jax": Implementation(runner=_jax_runner, max_gflop={"cpu": 10.0},
                           unavailable=_jax_unavailable),
 }
@@ -169,7 +227,12 @@ def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
     if meta_iteration_flops(w) > cap * 1e9:
         return (f"{meta_iteration_flops(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
                 f"{cap:g} GFLOP cap")
-    return impl.unavailable(device)
+    if not w.plain and not impl.learned:
+        return f"the {name} row times plain MAML only (one rate, every layer adapting)"
+    reason = impl.unavailable(device)
+    if reason is None and not w.plain and name == "fused":
+        reason = _fused_refuses(w, device)
+    return reason
 
 
 class Runner(NamedTuple):
@@ -187,13 +250,18 @@ def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
     if impl.runner is not None:
         return impl.runner(w, batch, params0)
     params = params0.detach().clone().requires_grad_()
-    opt = OPTIMIZERS[w.optimizer]([params], lr=w.outer_lr, fused=True)
-    meta_grad, backward = impl.make(w, batch, params)
+    rates = learned_rates(w, params0)
+    rates = rates if rates is None else rates.requires_grad_()
+    opt = OPTIMIZERS[w.optimizer](_leaves(params, rates), lr=w.outer_lr, fused=True)
+    meta_grad, backward = impl.make(w, batch, params, rates)
 
     def step():
         opt.zero_grad()
         if backward is None:
-            params.grad = meta_grad()[1]
+            grad = meta_grad()[1]
+            params.grad = grad[:params.numel()]
+            if rates is not None:
+                rates.grad = grad[params.numel():].view_as(rates)
         else:
             backward()
         opt.step()

@@ -14,8 +14,8 @@ import json
 import sys
 from typing import List, Optional
 
-from workloads import (CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET, THREADS_TARGET,
-                       JAX_SPEEDUP_TARGETS, LAYER_TARGET,
+from workloads import (ANIL_TARGET, CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET,
+                       JAX_SPEEDUP_TARGETS, LAYER_TARGET, METASGD_TARGET, THREADS_TARGET,
                        TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
 
 BASELINE = "fused"  # the ratio column reads every row against the public fused API
@@ -31,7 +31,11 @@ def fmt_time(s: Optional[float]) -> str:
 
 def workload(row: dict) -> Optional[Workload]:
     config = row.get("config")
-    return Workload(**dict(config, sizes=tuple(config["sizes"]))) if config else None
+    if not config:
+        return None
+    layers = config.get("adapt_layers")  # JSON gives lists; older JSON has no such field
+    return Workload(**dict(config, sizes=tuple(config["sizes"]),
+                           adapt_layers=None if layers is None else tuple(layers)))
 
 
 def load_rows(report: dict) -> List[dict]:
@@ -57,9 +61,12 @@ def order_key(row: dict):
     return row["rank"], row.get("timed") == "meta-gradient", row["threads"]
 
 
-def target_of(row: dict, group: List[dict]) -> Optional[dict]:
-    """The target this row is held to, with its measured value, or None."""
+def target_of(row: dict, group: List[dict], rows: List[dict] = ()) -> Optional[dict]:
+    """The target this row is held to, with its measured value, or None (`rows`: the whole
+    report, for targets that read a row of another group)."""
     w, by = workload(row), {(r["impl"], r.get("timed"), r["threads"]): r for r in group}
+    if row["section"] == "rates":
+        return rates_target(row, w, rows)
     core_fused = row["section"] == "core" and row["impl"] == BASELINE
     if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
         return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
@@ -111,6 +118,26 @@ def cuda_target(row: dict, w: Workload, by: dict) -> Optional[dict]:
     return None
 
 
+def rates_target(row: dict, w: Workload, rows: List[dict]) -> Optional[dict]:
+    """Issue 14's ratios, in the rates section: the fused API's meta-iteration on W2 with
+    Meta-SGD's rates, and as ANIL, against plain MAML's on W2 (second order, one thread, CPU)."""
+    def fused_cpu(r):
+        return (r["section"] == "rates" and r["impl"] == BASELINE and r["device"] == "cpu"
+                and r.get("timed") == "meta-iteration" and r["threads"] == 1)
+    if not fused_cpu(row) or w not in (METASGD_TARGET[0], ANIL_TARGET[0]):
+        return None
+    plain = next((r for r in rows if fused_cpu(r) and workload(r) == W2), None)
+    if plain is None:
+        return None
+    if w == METASGD_TARGET[0]:
+        return dict(what=f"fused {row['workload']} <= {METASGD_TARGET[1]:g}x plain MAML (W2)",
+                    value=row["median_s"] / plain["median_s"], limit=METASGD_TARGET[1],
+                    kind="max", unit="x")
+    return dict(what=f"fused {row['workload']} >= {ANIL_TARGET[1]:g}x faster than MAML (W2)",
+                value=plain["median_s"] / row["median_s"], limit=ANIL_TARGET[1], kind="min",
+                unit="x")
+
+
 def verdict(t: dict) -> str:
     value, limit = t["value"], t["limit"]
     if value is None:
@@ -124,9 +151,11 @@ def verdict(t: dict) -> str:
     return f"{'pass' if ok else 'MISS'} ({shown})"
 
 
-def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
+def group_lines(name: str, group: List[dict], targets: List[str],
+                rows: List[dict] = ()) -> List[str]:
     """One group's rows: median, ratio to the fused API (threads: speed-up over one thread;
-    train: to the chunked path), GFLOP/s, %mm, the check, the target."""
+    train: to the chunked path), GFLOP/s, %mm, the check, the target (`rows`: the whole
+    report, where a target reads another group)."""
     group = sorted(group, key=order_key)
     base = next((r for r in group if r["impl"] == BASELINE and r["threads"] == 1
                  and r.get("timed") != "meta-gradient"), group[0])
@@ -144,7 +173,7 @@ def group_lines(name: str, group: List[dict], targets: List[str]) -> List[str]:
         if "verify_error" in r:
             against = r.get("verified_against")
             cells.append(f"check {r['verify_error']:.0e} vs {against}" if against else "oracle")
-        t = target_of(r, group)
+        t = target_of(r, group, rows)
         if t:
             cells.append(f"target: {verdict(t)}")
             targets.append(f"  {t['what']}: {verdict(t)}")
@@ -162,12 +191,12 @@ def format_report(report: dict) -> str:
              + (rates or "not measured"),
              f"ratio = time / the {BASELINE} row's time (threads: speed-up over one thread; train: "
              "time per iteration, ratio to the chunked path); %mm = GFLOP/s / matmul rate", ""]
-    groups = {}
-    for row in load_rows(report):
+    groups, rows = {}, load_rows(report)
+    for row in rows:
         groups.setdefault(row["group"], []).append(row)
     targets = []
     for name, group in groups.items():
-        lines += group_lines(name, group, targets) + [""]
+        lines += group_lines(name, group, targets, rows) + [""]
     if targets:
         lines += ["== targets"] + targets
     return "\n".join(lines)

@@ -6,15 +6,17 @@ workload; each meta-gradient is checked against the reference's before it is tim
 
 Sections (the first part of each test id and group, for -k): core (W1, W2, W2 S=1, W2 S=50),
 layers (the raw op's meta-gradient alone: what the optimizer step and the public API add),
-T, S and width (sweeps on W2), threads (the public fused API on one and two threads). Each in
-second and first order except threads. One thread except in threads (see conftest.py).
+T, S and width (sweeps on W2), threads (the public fused API on one and two threads), rates
+(issue 14: W2 as plain MAML, with Meta-SGD's learned per-parameter rates and as ANIL, the head
+alone adapting; the rows that serve them: the public fused API, the reference, torch.func).
+Each in second and first order except threads. One thread except in threads (see conftest.py).
 """
 
 import pytest
 import torch
 
 from harness import IMPLEMENTATIONS, time_implementation
-from workloads import W1, W2
+from workloads import W1, W2, W2_ANIL, W2_METASGD
 
 ORDERS = (False, True)
 SECTIONS = {
@@ -24,10 +26,13 @@ SECTIONS = {
     "S": [W2.replace(S=S, first_order=fo) for fo in ORDERS for S in (2, 10, 20)],
     "width": [W2.replace(sizes=(1, n, n, 1), first_order=fo) for fo in ORDERS
               for n in (32, 64, 128, 256)],
+    # plain W2 again, so that the ratios of the targets read rows timed side by side
+    "rates": [w.replace(first_order=fo) for fo in ORDERS for w in (W2, W2_METASGD, W2_ANIL)],
 }
 # W2 (T=25), S=1, 5 and 50 are in core: the sweeps read them from there.
 CASES = [pytest.param(section, w, name, id=f"{section}-{w.test_id()}-{name}")
-         for section, workloads in SECTIONS.items() for w in workloads for name in IMPLEMENTATIONS]
+         for section, workloads in SECTIONS.items() for w in workloads for name in IMPLEMENTATIONS
+         if section != "rates" or IMPLEMENTATIONS[name].learned]
 
 
 @pytest.mark.parametrize("section, w, name", CASES)

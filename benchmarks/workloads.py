@@ -4,6 +4,7 @@ report.py runs wherever the JSON is read."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,7 +12,11 @@ class Workload:
     """One benchmark setting: an MLP (sizes, activation), its loss, K support and Q query points
     per task, S inner SGD steps at inner_lr, T tasks per meta-batch, the outer optimizer, and the
     order of the meta-gradient. `base` names the workload it derives from ("W1", "W2"); `task`
-    and `init` say how the data and the starting weights are drawn."""
+    and `init` say how the data and the starting weights are drawn. `rates` is how the inner
+    rates are held: "scalar" (inner_lr, a number: MAML) or a learned tensor that starts at
+    inner_lr and is stepped with the weights ("per-parameter": Meta-SGD, [P]; "per-step",
+    [S, 1]; "per-parameter-step", [S, P]); `adapt_layers` the linear layers that move in the
+    inner loop (None: all; (-1,): ANIL, the head only)."""
     base: str
     sizes: tuple
     activation: str
@@ -26,6 +31,8 @@ class Workload:
     task: str
     init: str
     first_order: bool = False
+    rates: str = "scalar"
+    adapt_layers: Optional[tuple] = None
 
     def replace(self, **changes) -> "Workload":
         return dataclasses.replace(self, **changes)
@@ -36,9 +43,18 @@ class Workload:
 
     @property
     def hyper(self) -> dict:
-        """The keyword arguments of pymaml.functional.maml_loss."""
-        return dict(sizes=list(self.sizes), inner_lr=self.inner_lr, steps=self.S,
-                    activation=self.activation, loss=self.loss, first_order=self.first_order)
+        """The keyword arguments of pymaml.functional.maml_loss (inner_lr the number the rates
+        start at; adapt_layers only where set)."""
+        hyper = dict(sizes=list(self.sizes), inner_lr=self.inner_lr, steps=self.S,
+                     activation=self.activation, loss=self.loss, first_order=self.first_order)
+        if self.adapt_layers is not None:
+            hyper["adapt_layers"] = list(self.adapt_layers)
+        return hyper
+
+    @property
+    def plain(self) -> bool:
+        """MAML as it was: one number for the rate, every layer adapting."""
+        return self.rates == "scalar" and self.adapt_layers is None
 
     def label(self) -> str:
         """The base name and what differs from it, e.g. "W2 S=1", "W2 w=128 T=64"."""
@@ -49,6 +65,11 @@ class Workload:
                          else "-".join(map(str, self.sizes)))
         parts += [f"{f}={getattr(self, f)}" for f in ("K", "Q", "S", "T")
                   if getattr(self, f) != getattr(base, f)]
+        if self.rates != "scalar":
+            parts.append(RATE_LABELS.get(self.rates, f"rates={self.rates}"))
+        if self.adapt_layers is not None:
+            parts.append("ANIL" if tuple(self.adapt_layers) == (-1,)
+                         else "adapt=" + ",".join(map(str, self.adapt_layers)))
         return " ".join(parts)
 
     def test_id(self) -> str:
@@ -63,6 +84,13 @@ W1 = Workload("W1", sizes=(1, 32, 32, 1), activation="relu", loss="l1", K=4, Q=4
 W2 = Workload("W2", sizes=(1, 40, 40, 1), activation="relu", loss="mse", K=10, Q=10, S=5, T=25,
               inner_lr=1e-2, optimizer="adam", outer_lr=1e-3, task="sine", init="torch")
 BASES = {"W1": W1, "W2": W2}
+# How label() names a workload's learned rates (Meta-SGD's paper learns one per parameter).
+RATE_LABELS = {"per-parameter": "Meta-SGD", "per-step": "per-step-rates",
+               "per-parameter-step": "per-parameter-step-rates"}
+# Issue 14's variants of W2: Meta-SGD (per-parameter rates, learned) and ANIL (the head alone
+# adapts).
+W2_METASGD = W2.replace(rates="per-parameter")
+W2_ANIL = W2.replace(adapt_layers=(-1,))
 
 
 def meta_iteration_flops(w: Workload) -> int:
@@ -74,7 +102,8 @@ def meta_iteration_flops(w: Workload) -> int:
     One meta-iteration does, per task: S inner steps on the K support points (S · 6·K·P_w),
     the query pass (6·Q·P_w) and, second order only, S Hessian-vector products of ≈ 2 forward
     + backward passes each (S · 12·K·P_w): T · 6·P_w · (3·S·K + Q) for second order and
-    T · 6·P_w · (S·K + Q) for first order."""
+    T · 6·P_w · (S·K + Q) for first order. Learned rates and frozen layers (ANIL) count as
+    MAML on the same sizes: their GFLOP/s are MAML-equivalent rates."""
     P_w = sum(n_in * n_out for n_in, n_out in zip(w.sizes[:-1], w.sizes[1:]))
     support_passes = w.S * (1 if w.first_order else 3)
     return w.T * 6 * P_w * (support_passes * w.K + w.Q)
@@ -92,3 +121,7 @@ MEMORY_TARGET_MB = 10.0       # fused peak at S=50 within this of S=5, W2
 CUDA_TIME_TARGET = (25, 50e-6)       # H100: W2 at T=25 <= 50 us per meta-gradient
 CUDA_SPEEDUP_TARGET = (4096, 20.0)   # ... at T=4096 >= 20x faster than torch.func
 CUDA_PCT_TARGET = (4096, 25.0)       # ... and >= 25 % of the float32 matmul rate (TF32 off)
+# Issue 14 (public fused API, one thread, second order, the rates section): a Meta-SGD
+# meta-iteration at most this times plain MAML's; plain MAML at least this times ANIL's.
+METASGD_TARGET = (W2_METASGD, 1.15)
+ANIL_TARGET = (W2_ANIL, 2.0)
