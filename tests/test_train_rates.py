@@ -361,3 +361,29 @@ def test_cli_refuses_learned_rates_with_reptile_in_one_line(tmp_path, monkeypatc
     assert_one_line(err)
     code, out, err = run_cli(capsys, "train", "--learn-inner-lr", "per-stp")
     assert code == 2 and "--learn-inner-lr" in err
+
+
+@requires_fused
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="this torch has no torch.distributed with gloo")
+def test_two_processes_learn_the_rates_one_process_learns(tmp_path):
+    import test_distributed as td  # its torchrun launcher and one-process twin
+
+    # (a smaller outer step than the weights-only runs': at 0.02 the rates' large
+    # gradients on these amplitudes drive Meta-SGD's inner loop to diverge in a few steps)
+    runs = {"metasgd": dict(algorithm="metasgd", iterations=10, outer_lr=0.002),
+            "anil-per-step": dict(algorithm="anil", learn_inner_lr="per-step", iterations=10,
+                                  outer_lr=0.002)}
+    code, output, _ = td.launch(tmp_path, [dict(name=name, train=dict(td.COMMON, dtype="float64",
+                                                                      **kw))
+                                           for name, kw in runs.items()])
+    assert code == 0, output
+    for name, kw in runs.items():
+        r0, r1 = (td.rank_result(tmp_path, name, rank) for rank in (0, 1))
+        assert torch.equal(r0["params"], r1["params"])
+        assert r0["config"]["learn_inner_lr"] is not None
+        # the weights follow the rates: equal weights after 10 steps need equal rates
+        one = td.one_process_same_tasks("float64", **kw)
+        assert td.relative_difference(r0["params"], one.model.params.detach()) < 1e-12
+        assert torch.equal(r0["losses"], r1["losses"])
