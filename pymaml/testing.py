@@ -346,10 +346,11 @@ def learned_outputs(lp: LearnedProblem, backend: str) -> dict:
     r = lp.rates.detach().clone().requires_grad_() if tensor_rates else lp.rates
     leaves = [p, r] if tensor_rates else [p]
     hyper = lp.hyper(backend=backend)
+    # materialize_grads: with steps = 0 the rates may not enter the graph at all (gradient 0)
     loss = F.maml_loss(p, *pb.data, inner_lr=lp.inner_lr(r), **hyper)
-    grads = torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
     adapted = F.adapt(p, pb.xs, pb.ys, inner_lr=lp.inner_lr(r), **hyper)
-    vjps = torch.autograd.grad(adapted, leaves, _cotangent(lp))
+    vjps = torch.autograd.grad(adapted, leaves, _cotangent(lp), materialize_grads=True)
     return _named(loss, grads, adapted, vjps)
 
 
