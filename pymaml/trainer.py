@@ -157,9 +157,10 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
 
 def _backend(config: RunConfig, options: RunOptions, params: torch.Tensor) -> str:
     """The backend that serves the run: options.backend, or under "auto" the fused op where it
-    can (a batch per inner step, inner_batch, runs on the CPU kernels or the reference)."""
+    can (a batch per inner step, inner_batch, and learned rates or frozen layers run on the
+    CPU kernels or the reference)."""
     backend = F._choose_backend(options.backend, params.detach(), list(config.sizes),
-                                config.inner_steps, ())
+                                config.inner_steps, (), rule=not config.plain)
     if backend == "fused" and config.inner_batch is not None and params.device.type != "cpu":
         if options.backend == "fused":
             raise ValueError(f"inner_batch (a batch per inner step) runs on the CPU kernels or "
