@@ -46,6 +46,14 @@ def test_meta_gradient_alone(benchmark, w):
     time_implementation(benchmark, "core", w, "fused_op", grad_only=True)
 
 
+@pytest.mark.parametrize("w", SECTIONS["rates"][:3], ids=[f"rates-{w.test_id()}-fused-no-step"
+                                                        for w in SECTIONS["rates"][:3]])
+def test_rates_meta_gradient_alone(benchmark, w):
+    # Beside each second-order rates group's meta-iteration: the public API's meta-gradient
+    # without the optimizer step (which for Meta-SGD also steps the P rates).
+    time_implementation(benchmark, "rates", w, "fused", grad_only=True)
+
+
 @pytest.mark.parametrize("w, threads", [
     pytest.param(W2.replace(T=T), n, id=f"threads-{W2.replace(T=T).test_id()}-{n}thr")
     for T in (25, 64, 256) for n in (1, 2)])

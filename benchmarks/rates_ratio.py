@@ -1,0 +1,60 @@
+"""Issue 14's speed ratios measured interleaved: one meta-iteration of plain MAML, Meta-SGD and
+ANIL on W2 (the public fused API, one thread, second order), taken in turns round after round,
+so that load from other processes hits all three alike; prints each one's median and minimum
+and the two target ratios from both. The pytest rows (`-k rates`) time the variants one after
+another, which a shared machine skews.
+
+    taskset -c 1 python benchmarks/rates_ratio.py [--rounds 200] [--first-order] [--impl fused]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import harness
+from workloads import ANIL_TARGET, METASGD_TARGET, W2, W2_ANIL, W2_METASGD
+
+
+def measure(impl: str, first_order: bool, rounds: int) -> dict:
+    """{label: [seconds per meta-iteration, one per round]}, the variants in turns."""
+    variants = [w.replace(first_order=first_order) for w in (W2, W2_METASGD, W2_ANIL)]
+    steps = {}
+    for w in variants:
+        reason = harness.skip_reason(impl, w)
+        if reason:
+            raise SystemExit(f"{impl} on {w.label()}: {reason}")
+        batch, params = harness.make_data(w)
+        runner = harness.make_runner(impl, w, batch, params)
+        harness.verify(impl, w, runner.meta_grad()[1])
+        steps[w.label()] = runner.step
+    times = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--first-order", action="store_true")
+    ap.add_argument("--impl", default="fused", help="a row of harness.IMPLEMENTATIONS")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    times = measure(args.impl, args.first_order, args.rounds)
+    for label, ts in times.items():
+        print(f"{label:14s} median {statistics.median(ts) * 1e3:7.3f} ms  "
+              f"min {min(ts) * 1e3:7.3f} ms")
+    plain, metasgd, anil = (times[w.label()] for w in (W2, W2_METASGD, W2_ANIL))
+    for stat in (statistics.median, min):
+        print(f"{stat.__name__:6s}: Meta-SGD / MAML {stat(metasgd) / stat(plain):.2f}x "
+              f"(target <= {METASGD_TARGET[1]:g}x), MAML / ANIL {stat(plain) / stat(anil):.2f}x "
+              f"(target >= {ANIL_TARGET[1]:g}x)")
+
+
+if __name__ == "__main__":
+    main()
