@@ -330,10 +330,15 @@ PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X
 // v must be zero on the layers below l0 (frozen, §8.1): then R A_l = 0 below l0, so the
 // R-forward starts at l0, and below it the R-backward is a plain backprop of R G (which still
 // reaches layer 0: the frozen layers' entries of Hv carry the meta-gradient into them).
+//
+// frozen_acc (with l0 > 0): the R-backward stops at layer l0 and adds R G_{l0-1} [K, n[l0]]
+// to frozen_acc instead of running below it, and Hv's entries of the layers below l0 are not
+// written: below l0 it is linear in R G_{l0-1}, with weights and activations that do not
+// change from step to step, so the walk runs it once, on the sum (frozen_backprop).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
                             const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
-                            int l0 = 0) {
+                            int l0 = 0, T* frozen_acc = nullptr) {
   // R-forward: R Z_l = A_{l-1} V_l^T + v_l + R A_{l-1} W_l^T;  R A_l = sigma'(Z_l) R Z_l.
   for (int l = l0; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
@@ -387,6 +392,32 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
     } else {
       LA::each(K * ni, [&](int64_t e) { RGin[e] = RGin[e] * Act<A>::d1(act_in[e]); });
     }
+    if (frozen_acc && l == l0) {
+      LA::each(K * ni, [&](int64_t e) { frozen_acc[e] += RGin[e]; });
+      break;
+    }
+  }
+}
+
+// The R-backward below l0 (see hvp's frozen_acc) on RG = the sum over steps of R G_{l0-1}:
+// writes Hv's entries of layers 0..l0-1 (R dW_l = R G_l^T A_{l-1}, R G_{l-1} = R G_l W_l
+// sigma'(Z_{l-1}): R A = 0 there, so no other term). theta and the tape: any step's (the
+// frozen layers and their activations are the same at every step).
+template <typename T, Activation A, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void frozen_backprop(const MlpShape& s, const T* theta, const T* X, int64_t K,
+                                        const Tape<T>& tp, const RTape<T>& rt, const T* RG,
+                                        int l0, T* Hv) {
+  for (int l = l0 - 1; l >= 0; --l) {
+    const int64_t ni = s.in(l), no = s.out(l);
+    weight_grad<T, LA>(s, l, K, RG, layer_input(tp, s, X, K, l), Hv, Init::Zero);
+    column_sums<T, LA>(K, no, RG, Hv + s.b_off[l]);
+    if (l == 0) break;
+    T* RGin = layer_of(rt.r_grad, s, K, l - 1);
+    LA::gemm(K, ni, no, RG, no, int64_t(1), theta + s.w_off[l], ni, RGin, ni, Init::Zero,
+             (const T*)nullptr);
+    const T* act_in = layer_of(tp.act, s, K, l - 1);
+    LA::each(K * ni, [&](int64_t e) { RGin[e] = RGin[e] * Act<A>::d1(act_in[e]); });
+    RG = RGin;
   }
 }
 
@@ -544,18 +575,37 @@ PYMAML_HOST_DEVICE void add_rate_grad(const MlpShape& s, const InnerLR<T>& lr, i
 // k = S-1..0, g <- g - H_s(theta^k) (alpha_k * g). Leaves dLoss/dtheta^0 in w.g, and the rates'
 // gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop` (and its
 // batch_stride: step k's Hessian is that of step k's batch).
+//
+// Frozen layers below l0 = lr.first_adapted, one batch for every step: their part of each
+// H_s v is deferred (hvp's frozen_acc) and formed once at the end. The sum of R G_{l0-1} is
+// kept in the query tape's `pre` block, free by then.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
                                   InnerLR<T> lr, const TaskWorkspace<T>& w,
                                   int64_t batch_stride = 0) {
   const int64_t E = s.num_ext;
+  const int l0 = lr.first_adapted;
+  T* acc = l0 > 0 && batch_stride == 0 && steps > 0 ? w.tape(steps).pre : nullptr;
+  if (acc) {
+    LA::each(K * s.n[l0], [&](int64_t e) { acc[e] = T(0); });
+    for (int l = 0; l < l0; ++l)  // hvp leaves these entries alone: g -= 0 there
+      layer_pieces(s, l, [&](int64_t p0, int64_t n) {
+        LA::each(n, [&](int64_t i) { w.hv[p0 + i] = T(0); });
+      });
+  }
   for (int64_t k = steps - 1; k >= 0; --k) {
     if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
     apply_rates<T, LA>(s, lr, k, false, w.g, (const T*)nullptr, w.tmp);
     hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0], K, w.tape(k), w.rtape,
-                     w.tmp, w.hv, lr.first_adapted);
+                     w.tmp, w.hv, l0, acc);
     LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
+  if (!acc) return;
+  frozen_backprop<T, A, LA>(s, w.theta0, Xs, K, w.tape(0), w.rtape, acc, l0, w.hv);
+  for (int l = 0; l < l0; ++l)
+    layer_pieces(s, l, [&](int64_t p0, int64_t n) {
+      LA::each(n, [&](int64_t i) { w.g[p0 + i] -= w.hv[p0 + i]; });
+    });
 }
 
 // First order: every g_{k+1} is the gradient at theta^S itself (w.g).
