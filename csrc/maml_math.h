@@ -291,7 +291,7 @@ PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
 
 // Backprop (docs/design.md §2.1) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
 // D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the (extended) gradient of
-// layers `last`..depth-1 to dtheta and stops there (the layers below are frozen: §8.1);
+// layers `last`..depth-1 to dtheta and stops there (the layers below are frozen: §8.2);
 // dtheta's entries of the layers below are left as they were.
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
@@ -327,7 +327,7 @@ PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X
 // Hessian-vector product Hv of the loss at theta along v (both extended), by forward-over-
 // reverse differentiation of backprop (docs/design.md §2.2). The tape must hold the forward and
 // backward of `loss_and_grad` at the same theta and batch, the backward down to layer `l0`.
-// v must be zero on the layers below l0 (frozen, §8.1): then R A_l = 0 below l0, so the
+// v must be zero on the layers below l0 (frozen, §8.2): then R A_l = 0 below l0, so the
 // R-forward starts at l0, and below it the R-backward is a plain backprop of R G (which still
 // reaches layer 0: the frozen layers' entries of Hv carry the meta-gradient into them).
 //
@@ -535,7 +535,7 @@ PYMAML_HOST_DEVICE TaskWorkspace<T> carve_workspace(T* base, const MlpShape& s, 
 // theta^0..theta^{S-1} in w. Step k reads the K points from point k * batch_stride of Xs / Ys:
 // 0 gives every step the same batch, K a batch of its own per step (docs/design.md §8.4).
 // Frozen layers below lr.first_adapted: their activations are computed at step 0 and copied
-// (same batch) and their gradient is never formed (§8.1).
+// (same batch) and their gradient is never formed (§8.2).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void inner_loop(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
                                    int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
