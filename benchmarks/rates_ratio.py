@@ -1,10 +1,12 @@
 """Issue 14's speed ratios measured interleaved: one meta-iteration of plain MAML, Meta-SGD and
 ANIL on W2 (the public fused API, one thread, second order), taken in turns round after round,
-so that load from other processes hits all three alike; prints each one's median and minimum
-and the two target ratios from both. The pytest rows (`-k rates`) time the variants one after
-another, which a shared machine skews.
+so that load from other processes hits all three alike, each call timed by the CPU time of
+this thread (time.thread_time: one torch thread does all the work, and time spent descheduled
+does not count; --wall for wall-clock time); prints each one's median and minimum and the two
+target ratios from both. The pytest rows (`-k rates`) time the variants one after another in
+wall-clock time, which a shared machine skews.
 
-    taskset -c 1 python benchmarks/rates_ratio.py [--rounds 200] [--first-order] [--impl fused]
+    taskset -c 1 python benchmarks/rates_ratio.py [--rounds 200] [--first-order] [--impl fused] [--wall]
 """
 
 import argparse
@@ -17,7 +19,7 @@ import harness
 from workloads import ANIL_TARGET, METASGD_TARGET, W2, W2_ANIL, W2_METASGD
 
 
-def measure(impl: str, first_order: bool, rounds: int) -> dict:
+def measure(impl: str, first_order: bool, rounds: int, clock=time.thread_time) -> dict:
     """{label: [seconds per meta-iteration, one per round]}, the variants in turns."""
     variants = [w.replace(first_order=first_order) for w in (W2, W2_METASGD, W2_ANIL)]
     steps = {}
@@ -32,9 +34,9 @@ def measure(impl: str, first_order: bool, rounds: int) -> dict:
     times = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(clock() - t0)
     return times
 
 
@@ -43,9 +45,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--impl", default="fused", help="a row of harness.IMPLEMENTATIONS")
+    ap.add_argument("--wall", action="store_true", help="wall-clock time, not thread CPU time")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    times = measure(args.impl, args.first_order, args.rounds)
+    clock = time.perf_counter if args.wall else time.thread_time
+    times = measure(args.impl, args.first_order, args.rounds, clock)
     for label, ts in times.items():
         print(f"{label:14s} median {statistics.median(ts) * 1e3:7.3f} ms  "
               f"min {min(ts) * 1e3:7.3f} ms")
