@@ -15,7 +15,7 @@ import torch
 
 import pymaml
 from pymaml import functional as F
-from pymaml.testing import (RATE_SHAPES, LearnedProblem, layer_choices, learned_oracle_outputs,
+from pymaml.testing import (LARGE, RATE_SHAPES, LearnedProblem, layer_choices, learned_oracle_outputs,
                             learned_outputs, max_relative, per_tensor_expand, random_learned_problem,
                             random_problem)
 
@@ -72,6 +72,15 @@ def test_reference_matches_torch_func(dtype):
                 f"seed {seed}, {lp.describe()}", worst)
     print(f"reference vs torch.func, {dtype}, {CONFIGS} configurations, worst: "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deep_wide_and_long(dtype):
+    # Up to 8 layers, widths to 48, 12 inner steps: one configuration per rate shape.
+    for seed in range(1000, 1007):
+        lp = random_learned_problem(seed, dtype, **LARGE)
+        compare(learned_outputs(lp, "reference"), learned_oracle_outputs(lp), dtype,
+                f"seed {seed} (large), {lp.describe()}")
 
 
 def _fixed(seed, dtype, shape, layers, first_order, steps=3) -> LearnedProblem:
@@ -151,6 +160,16 @@ def test_fused_matches_reference_and_torch_func(dtype):
         compare(fused, learned_oracle_outputs(lp), dtype, what + " (vs torch.func)")
     print(f"fused vs reference, {dtype}, {CONFIGS} configurations, worst: "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+
+
+@requires_fused_rates
+@requires_fused_layers
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_deep_wide_and_long(dtype):
+    for seed in range(1000, 1007):
+        lp = random_learned_problem(seed, dtype, **LARGE)
+        compare(learned_outputs(lp, "fused"), learned_outputs(lp, "reference"), dtype,
+                f"seed {seed} (large), {lp.describe()}")
 
 
 @requires_fused_rates
