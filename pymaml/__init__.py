@@ -7,11 +7,11 @@ in one C++ call; `pymaml.reference` is the pure-autograd oracle it is checked ag
 `pymaml.MAML` wraps an nn.Sequential MLP; `pymaml.distributed` is how train() spreads a
 meta-batch over torch.distributed processes."""
 
-from . import distributed, functional, nn, reference, tasks
+from . import daml, distributed, functional, nn, reference, tasks
 from ._ops import available as fused_available, cuda_compiled
 from ._version import __version__
 from .evaluate import EvalResult, evaluate
-from .functional import adapt, init_params, maml_loss, mlp_forward
+from .functional import adapt, daml_adapt, daml_loss, init_params, maml_loss, mlp_forward
 from .model import MetaMLP, load
 from .nn import MAML
 from .trainer import TrainingDiverged, TrainResult, train
@@ -19,5 +19,5 @@ from .trainer import TrainingDiverged, TrainResult, train
 __all__ = [
     "__version__", "distributed", "functional", "nn", "reference", "tasks", "adapt", "init_params", "maml_loss",
     "mlp_forward", "fused_available", "cuda_compiled", "MetaMLP", "load", "train", "TrainResult",
-    "TrainingDiverged", "evaluate", "EvalResult", "MAML",
+    "TrainingDiverged", "evaluate", "EvalResult", "MAML", "daml_loss", "daml_adapt", "daml",
 ]

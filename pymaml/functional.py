@@ -450,3 +450,10 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     value, _ = _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation,
                                   loss, first_order, need_grad)
     return value
+
+
+# ---- DAML: a learned inner loss on unlabeled inputs (pymaml/daml.py) ------------------------
+
+from .daml import daml_adapt, daml_loss  # noqa: E402  (daml.py uses the checks above)
+
+__all__ += ["daml_loss", "daml_adapt"]

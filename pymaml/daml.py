@@ -1,0 +1,436 @@
+"""DAML (Yu, Finn et al., 2018): MAML with a learned inner loss on unlabeled inputs.
+
+A second MLP g_psi, the adaptation-loss network, reads at every point of an unlabeled
+source batch the vector
+
+    u = cat[A_L, A_{L-1}, ..., A_1]
+
+(the base network's output, then its hidden activations from the LAST hidden layer to the
+FIRST), and the inner loss is La = mean |g_psi(u)| (adapt_loss="l1") or mean g_psi(u)^2
+("mse"). The inner loop takes `steps` SGD steps on the base weights theta with La (no labels);
+the outer loss is the ordinary supervised loss ("l1" or "mse") of the adapted base network on
+labeled target (query) data, averaged over the tasks. theta and psi are meta-trained together;
+psi gets its gradient only through the second-order terms (DAML is second order by nature:
+first_order=True is refused, as is steps=0, where psi would get no gradient either).
+
+Layouts (as pymaml.functional): params is the base MLP's flat [W0, b0, W1, b1, ...] for layer
+sizes `sizes` = [n_in, hidden..., n_out]; loss_params the loss MLP's, for `loss_sizes` with
+loss_sizes[0] == n_out + sum(hidden widths) and loss_sizes[-1] == 1 (ReLU hidden layers,
+linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in] (the same
+inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k); x_query
+[T, Q, n_in], y_query [T, Q, n_out].
+
+This module holds:
+
+- the public API, `daml_loss` and `daml_adapt` (exported by pymaml.functional and pymaml),
+  which check their arguments (ValueError / TypeError naming the argument) and route to a
+  backend: "fused" (torch.ops.pymaml.daml_loss / daml_adapt, the compiled op, CPU,
+  float32 / float64), "reference" (below) or "auto" (fused when it can serve the call);
+- the pure-autograd reference, `reference_loss` and `reference_adapt`: the oracle the fused
+  op is checked against, written like pymaml.reference's MAML (a Python loop over tasks and
+  steps, torch.autograd.grad with create_graph=True; torch.func.grad under torch.func
+  transforms); also the fallback backend (any device, dtype, gradients to the data).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _ops
+from . import reference as _reference
+from ._layout import num_params, unflatten
+
+__all__ = ["daml_loss", "daml_adapt", "reference_loss", "reference_adapt", "loss_input_width",
+           "fused_available", "ADAPT_LOSSES"]
+
+ADAPT_LOSSES = ("l1", "mse")
+OP_NAMES = ("daml_loss", "daml_adapt")
+
+
+# ---- the fused ops, where this build has them ----------------------------------------------
+
+_FOUND = {}
+
+
+def _op(name: str):
+    """torch.ops.pymaml.<name>, or None when the compiled core is missing or does not define
+    it (an older build). Found ops are remembered; a missing one is looked up again (a cheap
+    attribute miss) on the reference's path only."""
+    op = _FOUND.get(name)
+    if op is not None:
+        return op
+    if not _ops.available():
+        return None
+    try:
+        op = getattr(torch.ops.pymaml, name)
+    except (AttributeError, RuntimeError):
+        return None
+    _FOUND[name] = op
+    return op
+
+
+def fused_available() -> bool:
+    """Whether the compiled core has the fused DAML ops (torch.ops.pymaml.daml_loss and
+    daml_adapt)."""
+    return all(_op(name) is not None for name in OP_NAMES)
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def loss_input_width(sizes: Sequence[int]) -> int:
+    """loss_sizes[0] for a base network with layer sizes `sizes`: the width of
+    u = cat[output, last hidden, ..., first hidden], n_out + sum of the hidden widths."""
+    return sizes[-1] + sum(sizes[1:-1])
+
+
+def _check_layer_sizes(name: str, sizes, example: str) -> list:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"{name} must be a sequence of layer widths like {example}, got {sizes!r}")
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"{name} must list at least an input and an output width, got {sizes}")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name} must hold positive integers, got {sizes}")
+    return [int(n) for n in sizes]
+
+
+def _check_all_sizes(sizes, loss_sizes):
+    sizes = _check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
+    loss_sizes = _check_layer_sizes("loss_sizes", loss_sizes, "[65, 32, 32, 1]")
+    width = loss_input_width(sizes)
+    if loss_sizes[0] != width:
+        hidden = " + ".join(map(str, sizes[1:-1])) or "0"
+        raise ValueError(f"loss_sizes[0] must be the width of the loss network's input u = "
+                         f"[output, last hidden, ..., first hidden], n_out + sum of the hidden "
+                         f"widths = {sizes[-1]} + {hidden} = {width} for sizes {sizes}; got "
+                         f"loss_sizes {loss_sizes}")
+    if loss_sizes[-1] != 1:
+        raise ValueError(f"loss_sizes[-1] must be 1 (the loss network outputs one number per "
+                         f"source point), got loss_sizes {loss_sizes}")
+    return sizes, loss_sizes
+
+
+def _check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of params ({dtype}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the device of params ({device}), got {t.device}")
+    P = num_params(sizes)
+    if t.dim() != 1 or t.shape[0] != P:
+        raise ValueError(f"{name} must be [P] with P = {P} for {size_name} {sizes}, got shape "
+                         f"{list(t.shape)}")
+
+
+def _check_tensor(name: str, t, params) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != params.dtype:
+        raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
+    if t.device != params.device:
+        raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
+
+
+def _check_source(x_source, params, sizes, steps) -> int:
+    """Checks x_source ([T, K_s, n_in] or [T, steps, K_s, n_in]); returns T."""
+    _check_tensor("x_source", x_source, params)
+    n_in = sizes[0]
+    if x_source.dim() == 4:
+        if x_source.shape[1] != steps or x_source.shape[3] != n_in:
+            raise ValueError(f"x_source [T, steps, K_s, {n_in}] holds a batch per inner step "
+                             f"(steps = {steps}), got shape {list(x_source.shape)}")
+    elif x_source.dim() != 3 or x_source.shape[2] != n_in:
+        raise ValueError(f"x_source must be [T, K_s, {n_in}] (the same inputs at every inner "
+                         f"step) or [T, steps, K_s, {n_in}] (a batch per step), got shape "
+                         f"{list(x_source.shape)}")
+    if x_source.shape[0] < 1:
+        raise ValueError(f"the meta-batch needs at least one task, got x_source of shape "
+                         f"{list(x_source.shape)}")
+    if x_source.shape[-2] < 1:
+        raise ValueError(f"x_source needs at least one source point per step, got shape "
+                         f"{list(x_source.shape)}")
+    return x_source.shape[0]
+
+
+def _check_query(x_query, y_query, params, sizes, T) -> None:
+    for name, t, features in (("x_query", x_query, sizes[0]), ("y_query", y_query, sizes[-1])):
+        _check_tensor(name, t, params)
+        if t.dim() != 3 or t.shape[2] != features:
+            raise ValueError(f"{name} must be [T, Q, {features}], got shape {list(t.shape)}")
+        if t.shape[0] != T:
+            raise ValueError(f"{name} has {t.shape[0]} tasks but x_source has {T}")
+        if t.shape[1] < 1:
+            raise ValueError(f"{name} needs at least one point, got shape {list(t.shape)}")
+    if x_query.shape[1] != y_query.shape[1]:
+        raise ValueError(f"x_query and y_query must have the same number of points, got "
+                         f"{list(x_query.shape)} and {list(y_query.shape)}")
+
+
+def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activation, loss,
+                adapt_loss, first_order):
+    """The checks common to daml_loss and daml_adapt; returns (sizes, loss_sizes)."""
+    sizes, loss_sizes = _check_all_sizes(sizes, loss_sizes)
+    _check_flat("params", params, sizes, "sizes")
+    _check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
+    if isinstance(inner_lr, torch.Tensor):
+        raise TypeError("inner_lr must be a number for DAML (learned inner rates are not "
+                        "supported with a learned inner loss), got a Tensor")
+    _functional._check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    _functional._check_choice("adapt_loss", adapt_loss, ADAPT_LOSSES)
+    if first_order:
+        raise ValueError("first_order=True is not supported by DAML: the loss network's "
+                         "parameters (loss_params, psi) reach the outer loss only through the "
+                         "second-order terms of the inner steps, so with first order they "
+                         "would get no gradient; use first_order=False")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 for DAML: with no inner step the loss network "
+                         f"is never used and loss_params (psi) would get no gradient; got {steps}")
+    return sizes, loss_sizes
+
+
+def _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) -> Optional[str]:
+    """Why the fused op cannot serve this call, or None when it can."""
+    reason = _ops.unavailable_reason(params.device, params.dtype)
+    if reason:
+        return reason
+    if _op(op_name) is None:
+        return (f"this build of pymaml._C has no fused DAML op (torch.ops.pymaml.{op_name}); "
+                "rebuild it with `pip install --no-build-isolation -e .`")
+    if params.device.type != "cpu":
+        return f"the fused DAML ops run on the CPU kernels only, got device {params.device}"
+    limits = _ops._C
+    for name, s in (("sizes", sizes), ("loss_sizes", loss_sizes)):
+        if len(s) - 1 > limits.max_depth:
+            return f"the fused op supports up to {limits.max_depth} layers, {name} has {len(s) - 1}"
+        if max(s) > limits.max_width:
+            return f"the fused op supports widths up to {limits.max_width}, {name} has {max(s)}"
+    if steps > limits.max_steps:
+        return f"the fused op supports up to {limits.max_steps} steps, got {steps}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in data):
+        return ("the fused op differentiates params and loss_params only, and a data tensor "
+                "requires grad")
+    if _functional._under_torch_func((params, *data)):
+        return "the fused op does not support torch.func transforms (grad, vmap)"
+    return None
+
+
+def _choose_backend(backend, op_name, params, sizes, loss_sizes, steps, data,
+                    extra_reason=None) -> str:
+    _functional._check_choice("backend", backend, _functional.BACKENDS)
+    if backend == "reference":
+        return backend
+    reason = _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) or extra_reason
+    if reason is None:
+        return "fused"
+    if backend == "fused":
+        raise RuntimeError(f"backend='fused' cannot serve this call: {reason}; "
+                           "use backend='reference' or 'auto'")
+    if _ops.available() and steps > _ops._C.max_steps:
+        warnings.warn(f"backend='auto': steps={steps} is beyond the fused op's limit of "
+                      f"{_ops._C.max_steps}, so the autograd reference runs it, a Python loop "
+                      f"of {steps} second-order inner steps per task, far slower than the "
+                      "fused op; pass backend='reference' to choose it knowingly, or use "
+                      "fewer steps", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_sizes, inner_lr,
+                     steps, activation, loss, adapt_loss, first_order=False):
+    """The op to call straight away, or None. The op checks every argument itself (in C++);
+    only what it cannot see is looked at here (grad modes, torch.func, torch.compile, types
+    the dispatcher would convert, and DAML's own refusals: first order, steps < 1). Any
+    error the op raises sends the call down the checked path, which words it."""
+    if not ((backend == "auto" or backend == "fused") and first_order is False
+            and type(steps) is int and steps >= 1
+            and isinstance(inner_lr, (float, int)) and type(inner_lr) is not bool
+            and type(sizes) in (list, tuple) and all(type(n) is int for n in sizes)
+            and type(loss_sizes) in (list, tuple) and all(type(n) is int for n in loss_sizes)
+            and type(activation) is str and type(loss) is str and type(adapt_loss) is str
+            and not torch.compiler.is_compiling()
+            and isinstance(params, torch.Tensor) and params.device.type == "cpu"
+            and isinstance(loss_params, torch.Tensor)
+            and all(isinstance(t, torch.Tensor) for t in data)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
+            and not _functional._under_torch_func((params, loss_params, *data))):
+        return None
+    return _op(op_name)
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_sizes, inner_lr,
+              steps, activation="relu", loss="l1", adapt_loss="l1", first_order=False,
+              backend="auto") -> torch.Tensor:
+    """Scalar: the mean over the T tasks of the query loss (`loss`, "l1" or "mse") of the base
+    network after `steps` SGD steps (rate `inner_lr`) on the learned inner loss over the
+    unlabeled source inputs x_source ([T, K_s, n_in], or [T, steps, K_s, n_in]: a batch per
+    step). `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
+
+    params [P] (base MLP, `sizes`), loss_params [P_psi] (loss MLP, `loss_sizes`,
+    loss_sizes[0] == n_out + sum of the hidden widths, loss_sizes[-1] == 1); adapt_loss: the
+    inner loss, "l1" (mean |g_psi(u)|) or "mse" (mean g_psi(u)^2). first_order=True is refused
+    (psi would get no gradient). backend: "auto", "fused" or "reference"."""
+    data = (x_source, x_query, y_query)
+    op = _direct_to_fused("daml_loss", backend, params, loss_params, data, sizes, loss_sizes,
+                          inner_lr, steps, activation, loss, adapt_loss, first_order)
+    if op is not None:
+        try:
+            need_grad = torch.is_grad_enabled() and (params.requires_grad
+                                                     or loss_params.requires_grad)
+            return op(params, loss_params, *data, sizes, loss_sizes, inner_lr, steps,
+                      activation, loss, adapt_loss, need_grad)[0]
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked path below words the error, or serves the call otherwise
+    sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
+                                    activation, loss, adapt_loss, first_order)
+    T = _check_source(x_source, params, sizes, steps)
+    _check_query(x_query, y_query, params, sizes, T)
+    which = _choose_backend(backend, "daml_loss", params, sizes, loss_sizes, steps, data)
+    if which == "reference":
+        return reference_loss(params, loss_params, *data, sizes=sizes, loss_sizes=loss_sizes,
+                              inner_lr=float(inner_lr), steps=int(steps), activation=activation,
+                              loss=loss, adapt_loss=adapt_loss)
+    need_grad = torch.is_grad_enabled() and (params.requires_grad or loss_params.requires_grad)
+    value, _, _ = _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes,
+                                   float(inner_lr), int(steps), activation, loss, adapt_loss,
+                                   need_grad)
+    return value
+
+
+def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
+               activation="relu", adapt_loss="l1", backend="auto") -> torch.Tensor:
+    """[T, P]: every task's base parameters after `steps` SGD steps on the learned inner loss
+    over its unlabeled source inputs (no labels: test-time adaptation). Arguments as in
+    daml_loss. The fused op is not differentiable: when grad mode is on and params or
+    loss_params require grad, "auto" runs the reference (differentiable in both, second
+    order) and "fused" refuses."""
+    data = (x_source,)
+    need_grad = torch.is_grad_enabled() and (
+        (isinstance(params, torch.Tensor) and params.requires_grad)
+        or (isinstance(loss_params, torch.Tensor) and loss_params.requires_grad))
+    op = None if need_grad else _direct_to_fused(
+        "daml_adapt", backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
+        activation, "l1", adapt_loss)
+    if op is not None:
+        try:
+            return op(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,
+                      activation, adapt_loss)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked path below words the error, or serves the call otherwise
+    sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
+                                    activation, "l1", adapt_loss, False)
+    _check_source(x_source, params, sizes, steps)
+    extra = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
+             "grad (use daml_loss for the meta-gradient, or torch.no_grad())") if need_grad else None
+    which = _choose_backend(backend, "daml_adapt", params, sizes, loss_sizes, steps, data, extra)
+    if which == "reference":
+        return reference_adapt(params, loss_params, x_source, sizes=sizes,
+                               loss_sizes=loss_sizes, inner_lr=float(inner_lr),
+                               steps=int(steps), activation=activation, adapt_loss=adapt_loss)
+    return _op("daml_adapt")(params, loss_params, x_source, sizes, loss_sizes, float(inner_lr),
+                             int(steps), activation, adapt_loss)
+
+
+# ---- the pure-autograd reference --------------------------------------------------------------
+# Arguments as daml_loss / daml_adapt take them (validated there). Grad modes, inference mode
+# and torch.func transforms are served as pymaml.reference serves MAML's.
+
+_ADAPT_LOSS_FNS = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}
+
+
+def taps(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:
+    """u [K, n_out + sum hidden]: the base MLP (weights [W0, b0, ...]) on x [K, n_in], its
+    output followed by its hidden activations from the last hidden layer to the first."""
+    act = _reference.ACTIVATIONS[activation]
+    depth = len(weights) // 2
+    hidden = []
+    h = x
+    for l in range(depth):
+        h = torch.nn.functional.linear(h, weights[2 * l], weights[2 * l + 1])
+        if l + 1 < depth:
+            h = act(h)
+            hidden.append(h)
+    return torch.cat([h] + hidden[::-1], dim=-1)
+
+
+def adaptation_loss(weights, loss_weights, x, *, activation: str, adapt_loss: str) -> torch.Tensor:
+    """La: the loss MLP (ReLU hidden layers, linear output) on the taps of x [K, n_in]; the mean
+    of |g_psi(u)| or of g_psi(u)^2 over the K points."""
+    h = _reference.net(loss_weights, taps(weights, x, activation), "relu")
+    return _ADAPT_LOSS_FNS[adapt_loss](h)
+
+
+def inner_loop(weights, loss_weights, x_source, *, inner_lr, steps, activation, adapt_loss,
+               functional=False):
+    """`steps` SGD steps on La from `weights` (x_source [K_s, n_in], or [steps, K_s, n_in]: step
+    k reads batch k). Second order: the graph of every gradient is kept (create_graph=True),
+    through which loss_weights get their gradient. functional=True takes the gradients with
+    torch.func.grad (under torch.func transforms)."""
+    per_step = x_source.dim() == 3
+    la = lambda w, k: adaptation_loss(w, loss_weights, x_source[k] if per_step else x_source,
+                                      activation=activation, adapt_loss=adapt_loss)
+    for k in range(steps):
+        if functional:
+            grads = torch.func.grad(la)(weights, k)
+        else:
+            grads = torch.autograd.grad(la(weights, k), weights, create_graph=True)
+        weights = [w - inner_lr * g for w, g in zip(weights, grads)]
+    return weights
+
+
+def _loss_weights(loss_params, loss_sizes):
+    return [t for layer in unflatten(_reference._usable(loss_params), loss_sizes) for t in layer]
+
+
+def reference_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
+                    activation="relu", adapt_loss="l1"):
+    """[T, P]: the adapted base parameters of every task (the autograd reference)."""
+    tensors = (params, loss_params, x_source)
+    functional = _reference._under_transform(tensors)
+    keep_graph = _reference._keeps_graph(tensors, functional)
+    with _reference.autograd_on():
+        weights = _reference._weights(params, sizes, functional)
+        psi = _loss_weights(loss_params, loss_sizes)
+        xs = _reference._usable(x_source)
+        adapted = []
+        for t in range(xs.shape[0]):
+            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
+                           activation=activation, adapt_loss=adapt_loss, functional=functional)
+            adapted.append(torch.cat([p.reshape(-1) for p in w]))
+        out = torch.stack(adapted)
+    return out if keep_graph else out.detach()
+
+
+def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_sizes,
+                   inner_lr, steps, activation="relu", loss="l1", adapt_loss="l1"):
+    """Scalar: the mean over tasks of the query loss after adapting on the learned inner loss
+    (the autograd reference; gradients reach params, loss_params and the data)."""
+    tensors = (params, loss_params, x_source, x_query, y_query)
+    functional = _reference._under_transform(tensors)
+    keep_graph = _reference._keeps_graph(tensors, functional)
+    loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
+    with _reference.autograd_on():
+        weights = _reference._weights(params, sizes, functional)
+        psi = _loss_weights(loss_params, loss_sizes)
+        xs, xq, yq = (_reference._usable(t) for t in (x_source, x_query, y_query))
+        losses = []
+        for t in range(xs.shape[0]):
+            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
+                           activation=activation, adapt_loss=adapt_loss, functional=functional)
+            losses.append(loss_fn(_reference.net(w, xq[t], activation), yq[t]))
+        out = torch.stack(losses).mean()
+    return out if keep_graph else out.detach()
+
+
+# Last: pymaml.functional re-exports daml_loss and daml_adapt (its final lines import this
+# module), and this module uses its checks at call time; imported here, either module may be
+# imported first.
+from . import functional as _functional  # noqa: E402
