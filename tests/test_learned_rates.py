@@ -25,12 +25,16 @@ DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32,
 CONFIGS = 140  # random configurations per dtype (20 of each rate shape)
 
 
+PROBE_SIZES = [2, 3, 2]  # the tiny call that asks the fused backend what it serves
+
+
 def _fused_refusal(**call) -> str:
     """Why backend="fused" cannot serve a tiny call with these keywords, or "" when it can."""
     if not pymaml.fused_available():
         return "pymaml._C is not built"
-    sizes = [2, 3, 2]
-    p = F.init_params(sizes, dtype=torch.float64).requires_grad_()
+    sizes = PROBE_SIZES
+    p = F.init_params(sizes, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64).requires_grad_()
     x = torch.ones(2, 3, 2, dtype=torch.float64)
     try:
         F.maml_loss(p, x, x, x, x, sizes=sizes, steps=2, backend="fused", **call).backward()
@@ -46,7 +50,8 @@ def _fused_mark(what: str, **call):
 
 
 requires_fused_rates = _fused_mark(
-    "tensor inner_lr", inner_lr=torch.full((2, 17), 0.1, dtype=torch.float64, requires_grad=True))
+    "tensor inner_lr", inner_lr=torch.full((2, F.num_params(PROBE_SIZES)), 0.1,
+                                           dtype=torch.float64, requires_grad=True))
 requires_fused_layers = _fused_mark("adapt_layers", inner_lr=0.1, adapt_layers=[-1])
 
 
