@@ -192,9 +192,8 @@ def _initial_model(config: RunConfig, options: RunOptions,
     if getattr(init, "learn_inner_lr", None) != c.learn_inner_lr or getattr(
             init, "inner_steps", None) != c.inner_steps:
         rates = None
-    model = MetaMLP(c.sizes, c.activation, **settings, learned_lr=rates,
-                    params=start.detach().to(device=options.device, dtype=options.dtype))
-    return model
+    return MetaMLP(c.sizes, c.activation, **settings, learned_lr=rates,
+                   params=start.detach().to(device=options.device, dtype=options.dtype))
 
 
 class _Run:

@@ -151,6 +151,15 @@ def test_resume_is_bitwise_with_the_rates_and_their_optimizer_state(tmp_path, mo
     assert inside.adapt_layers == whole.model.adapt_layers
 
 
+def test_init_from_a_model_goes_on_from_its_rates_when_they_fit():
+    trained = pymaml.train(algorithm="metasgd", iterations=3, **SMALL).model
+    again = pymaml.train(algorithm="metasgd", iterations=0, init=trained, **SMALL).model
+    assert torch.equal(again.learned_lr, trained.learned_lr)
+    assert again.learned_lr is not trained.learned_lr  # a copy
+    other = pymaml.train(learn_inner_lr="per-step", iterations=0, init=trained, **SMALL).model
+    assert torch.equal(other.learned_lr, torch.full((2, 1), 0.03))  # another mode: inner_lr
+
+
 def test_resume_refuses_another_rate_mode_or_layers(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     pymaml.train(algorithm="maml", learn_inner_lr="per-step", iterations=2, checkpoint=ckpt,
