@@ -256,6 +256,7 @@ def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_si
             and type(activation) is str and type(loss) is str and type(adapt_loss) is str
             and not torch.compiler.is_compiling()
             and isinstance(params, torch.Tensor) and params.device.type == "cpu"
+            and (params.dtype == torch.float32 or params.dtype == torch.float64)
             and isinstance(loss_params, torch.Tensor)
             and all(isinstance(t, torch.Tensor) for t in data)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
