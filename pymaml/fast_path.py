@@ -2,10 +2,11 @@
 
 At the seed's sizes an iteration is a few microseconds of arithmetic, and calling Python, the
 dispatcher and torch.optim once per iteration costs several times that. So on the fused CPU
-backend, for MAML, FO-MAML and Reptile on a family that can draw many meta-batches at once
-(TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the trainer
-draws a chunk of iterations' tasks in one call and runs them in one torch.ops.pymaml.train_chunk
-call, which also applies the optimizer's steps to the real optimizer's state. Chunking changes
+backend, for MAML, FO-MAML and Reptile (one fixed inner rate, every layer adapting: see
+`unserved`) on a family that can draw many meta-batches at once (TaskFamily.sample_many, e.g.
+every FunctionTasks) with torch.optim's SGD or Adam, the trainer draws a chunk of iterations'
+tasks in one call and runs them in one torch.ops.pymaml.train_chunk call, which also applies
+the optimizer's steps to the real optimizer's state. Chunking changes
 no result: the loss history, the weights, the optimizer state and the generator state are
 bitwise those of the per-iteration path, which every other run takes (custom samplers, other
 optimizers or settings, the reference backend, several processes). The optimizer's steps are
