@@ -254,6 +254,66 @@ std::tuple<Tensor, Tensor, Tensor> maml_loss_rates_autograd(
   return {out[0], out[1], out[2]};
 }
 
+// daml_loss: gradients to params and loss_params, computed in the forward sweep.
+using DamlLossSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
+    c10::IntArrayRef, double, int64_t, c10::string_view, c10::string_view, c10::string_view,
+    bool);
+
+struct DamlLossFunction : torch::autograd::Function<DamlLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& params,
+                               const Tensor& loss_params, const Tensor& xs, const Tensor& xq,
+                               const Tensor& yq, c10::IntArrayRef sizes,
+                               c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps,
+                               c10::string_view activation, c10::string_view loss,
+                               c10::string_view adapt_loss, bool need_grad) {
+    static const auto op = find_op<DamlLossSig>("pymaml::daml_loss");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [value, grad, grad_loss] = op.call(params, loss_params, xs, xq, yq, sizes, loss_sizes,
+                                            inner_lr, steps, activation, loss, adapt_loss,
+                                            need_grad);
+    ctx->save_for_backward({grad, grad_loss});
+    ctx->mark_non_differentiable({grad, grad_loss});
+    return {value, grad, grad_loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::daml_loss";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 2, 4);
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(saved[0].sym_numel() != 0 || !(ctx->needs_input_grad(0) ||
+                                               ctx->needs_input_grad(1)),
+                name, " was called with need_grad=False, so it has no gradient to give");
+    variable_list out(13);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(saved[0]);
+    if (ctx->needs_input_grad(1)) out[1] = grads[0].mul(saved[1]);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> daml_loss_autograd(
+    const Tensor& params, const Tensor& loss_params, const Tensor& xs, const Tensor& xq,
+    const Tensor& yq, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
+    int64_t steps, c10::string_view activation, c10::string_view loss,
+    c10::string_view adapt_loss, bool need_grad) {
+  auto out = DamlLossFunction::apply(params, loss_params, xs, xq, yq, sizes, loss_sizes,
+                                     inner_lr, steps, activation, loss, adapt_loss, need_grad);
+  return {out[0], out[1], out[2]};
+}
+
+// daml_adapt is not differentiable (pymaml.functional sends calls that need a gradient to the
+// reference): its output comes back without a gradient function.
+Tensor daml_adapt_autograd(const Tensor& params, const Tensor& loss_params, const Tensor& xs,
+                           c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
+                           int64_t steps, c10::string_view activation,
+                           c10::string_view adapt_loss) {
+  static const auto op = find_op<decltype(daml_adapt_autograd)>("pymaml::daml_adapt");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(params, loss_params, xs, sizes, loss_sizes, inner_lr, steps, activation,
+                 adapt_loss);
+}
+
 // reptile: a direction, not a derivative. Its outputs come back without a gradient function
 // (so a backward through them says they do not require grad, rather than warning that autograd
 // is not implemented and leaving params.grad empty).
@@ -298,6 +358,8 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("train_chunk", &train_chunk_autograd);
   m.impl("adapt_rates", &adapt_rates_autograd);
   m.impl("maml_loss_rates", &maml_loss_rates_autograd);
+  m.impl("daml_loss", &daml_loss_autograd);
+  m.impl("daml_adapt", &daml_adapt_autograd);
 }
 
 }  // namespace pymaml

@@ -253,7 +253,8 @@ PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, i
   }
 }
 
-// Loss of the network output (after `forward`) against Y; writes G_last = dLoss/dZ_last.
+// Loss of the network output (after `forward`) against Y (null: against 0, DAML's adaptation
+// loss of the loss network's output); writes G_last = dLoss/dZ_last.
 template <typename T, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, const Tape<T>& tp) {
   const int last = s.depth - 1;
@@ -262,7 +263,7 @@ PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, con
   T* G = layer_of(tp.grad, s, K, last);
   const T inv_n = T(1) / T(count);
   const T total = LA::sum(count, [&](int64_t e) {
-    const T diff = out[e] - Y[e];
+    const T diff = Y ? out[e] - Y[e] : out[e];
     G[e] = LossFn<L>::seed(diff) * inv_n;
     return LossFn<L>::value(diff);
   });
@@ -289,13 +290,31 @@ PYMAML_HOST_DEVICE void column_sums(int64_t K, int64_t n, const T* G, T* out) {
            (const T*)nullptr);
 }
 
+// Taps (DAML, docs/design.md §8.3): a per-point vector u = [A_last, A_{depth-2}, ..., A_0]
+// (the output, then the hidden layers from the last to the first), [K, sum_width] row-major,
+// read by another network. Layer l's block starts at column tap_offset(s, l).
+inline PYMAML_HOST_DEVICE int64_t tap_offset(const MlpShape& s, int l) {
+  return s.sum_width - s.out_off[l] - s.out(l);
+}
+
+// dst[k, i] (+)= taps[k, tap_offset(l) + i]: layer l's block of the taps, [K, n[l+1]].
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void tap_block(const MlpShape& s, int l, int64_t K, const T* taps, T* dst,
+                                  bool add) {
+  const int64_t no = s.out(l), off = tap_offset(s, l), ld = s.sum_width;
+  if (add) LA::each(K * no, [&](int64_t e) { dst[e] += taps[(e / no) * ld + off + e % no]; });
+  else LA::each(K * no, [&](int64_t e) { dst[e] = taps[(e / no) * ld + off + e % no]; });
+}
+
 // Backprop (docs/design.md §2.1) from G_last: dW_l = G_l^T A_{l-1}, db_l = colsum G_l,
 // D_{l-1} = G_l W_l, G_{l-1} = D_{l-1} * sigma'(Z_{l-1}). Writes the (extended) gradient of
 // layers `last`..depth-1 to dtheta and stops there (the layers below are frozen: §8.2);
-// dtheta's entries of the layers below are left as they were.
+// dtheta's entries of the layers below are left as they were. `taps` (DAML): the loss also
+// reads the hidden layers, dLoss/dA_l += taps' block of layer l (D_l holds the sum).
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                                 const Tape<T>& tp, T* dtheta, int last = 0) {
+                                 const Tape<T>& tp, T* dtheta, int last = 0,
+                                 const T* taps = nullptr) {
   for (int l = s.depth - 1; l >= last; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
@@ -307,6 +326,7 @@ PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, 
     T* Gin = layer_of(tp.grad, s, K, l - 1);
     LA::gemm(K, ni, no, G, no, int64_t(1), theta + s.w_off[l], ni, D, ni, Init::Zero,
              (const T*)nullptr);
+    if (taps) tap_block<T, LA>(s, l - 1, K, taps, D, true);
     LA::each(K * ni, [&](int64_t e) { Gin[e] = D[e] * Act<A>::d1(in[e]); });
   }
 }
@@ -325,21 +345,17 @@ PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X
 }
 
 // Hessian-vector product Hv of the loss at theta along v (both extended), by forward-over-
-// reverse differentiation of backprop (docs/design.md §2.2). The tape must hold the forward and
-// backward of `loss_and_grad` at the same theta and batch, the backward down to layer `l0`.
+// reverse differentiation of backprop (docs/design.md §2.2), in three parts: r_forward, the
+// loss's curvature (R G_last), r_backward. The tape must hold the forward and backward of
+// `loss_and_grad` at the same theta and batch, the backward down to layer `l0`.
 // v must be zero on the layers below l0 (frozen, §8.2): then R A_l = 0 below l0, so the
 // R-forward starts at l0, and below it the R-backward is a plain backprop of R G (which still
 // reaches layer 0: the frozen layers' entries of Hv carry the meta-gradient into them).
-//
-// frozen_acc (with l0 > 0): the R-backward stops at layer l0 and adds R G_{l0-1} [K, n[l0]]
-// to frozen_acc instead of running below it, and Hv's entries of the layers below l0 are not
-// written: below l0 it is linear in R G_{l0-1}, with weights and activations that do not
-// change from step to step, so the walk runs it once, on the sum (frozen_backprop).
-template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
-                            const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
-                            int l0 = 0, T* frozen_acc = nullptr) {
-  // R-forward: R Z_l = A_{l-1} V_l^T + v_l + R A_{l-1} W_l^T;  R A_l = sigma'(Z_l) R Z_l.
+
+// R-forward: R Z_l = A_{l-1} V_l^T + v_l + R A_{l-1} W_l^T;  R A_l = sigma'(Z_l) R Z_l.
+template <typename T, Activation A, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void r_forward(const MlpShape& s, const T* theta, const T* X, int64_t K,
+                                  const Tape<T>& tp, const RTape<T>& rt, const T* v, int l0 = 0) {
   for (int l = l0; l < s.depth; ++l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
@@ -353,17 +369,22 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
     if (l + 1 < s.depth)
       LA::each(K * no, [&](int64_t e) { r_out[e] = Act<A>::d1(out[e]) * r_out[e]; });
   }
-  // R G_last from the loss's curvature.
-  {
-    const int last = s.depth - 1;
-    const int64_t count = K * s.n_out();
-    const T inv_n = T(1) / T(count);
-    const T* r_out = layer_of(rt.r_act, s, K, last);
-    T* RG = layer_of(rt.r_grad, s, K, last);
-    LA::each(count, [&](int64_t e) { RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n; });
-  }
-  // R-backward: R dW_l = R G_l^T A_{l-1} + G_l^T R A_{l-1};  R db_l = colsum R G_l;
-  // R G_{l-1} = (R G_l W_l + G_l V_l) sigma'(Z_{l-1}) + (G_l W_l) sigma''(Z_{l-1}) R Z_{l-1}.
+}
+
+// R-backward from R G_last (already in rt.r_grad): R dW_l = R G_l^T A_{l-1} + G_l^T R A_{l-1};
+// R db_l = colsum R G_l;
+// R G_{l-1} = (R G_l W_l + G_l V_l) sigma'(Z_{l-1}) + (G_l W_l) sigma''(Z_{l-1}) R Z_{l-1}.
+// `r_taps` (DAML): R of the taps' gradient, added to R(G_l W_l) as backward adds the taps
+// (D_{l-1} in the tape then holds the sum, as the curvature term needs).
+// frozen_acc (with l0 > 0): stops at layer l0 and adds R G_{l0-1} [K, n[l0]] to frozen_acc
+// instead of running below it; Hv's entries of the layers below l0 are then not written:
+// below l0 it is linear in R G_{l0-1}, with weights and activations that do not change from
+// step to step, so the walk runs it once, on the sum (frozen_backprop).
+template <typename T, Activation A, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void r_backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
+                                   const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
+                                   int l0 = 0, T* frozen_acc = nullptr,
+                                   const T* r_taps = nullptr) {
   for (int l = s.depth - 1; l >= 0; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
@@ -381,6 +402,7 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
     if (l >= l0)  // V_l = 0 below l0
       LA::gemm(K, ni, no, G, no, int64_t(1), v + s.w_off[l], ni, RGin, ni, Init::Accumulate,
                (const T*)nullptr);
+    if (r_taps) tap_block<T, LA>(s, l - 1, K, r_taps, RGin, true);
     const T* act_in = layer_of(tp.act, s, K, l - 1);
     const T* D = layer_of(tp.pre, s, K, l - 1);
     if (Act<A>::kHasCurvature && moving_in) {
@@ -397,6 +419,22 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
       break;
     }
   }
+}
+
+// MAML's Hessian-vector product of the supervised loss L (see r_backward for l0, frozen_acc).
+template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
+PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
+                            const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
+                            int l0 = 0, T* frozen_acc = nullptr) {
+  r_forward<T, A, LA>(s, theta, X, K, tp, rt, v, l0);
+  // R G_last from the loss's curvature.
+  const int last = s.depth - 1;
+  const int64_t count = K * s.n_out();
+  const T inv_n = T(1) / T(count);
+  const T* r_out = layer_of(rt.r_act, s, K, last);
+  T* RG = layer_of(rt.r_grad, s, K, last);
+  LA::each(count, [&](int64_t e) { RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n; });
+  r_backward<T, A, LA>(s, theta, X, K, tp, rt, v, Hv, l0, frozen_acc);
 }
 
 // The R-backward below l0 (see hvp's frozen_acc) on RG = the sum over steps of R G_{l0-1}:

@@ -45,6 +45,20 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor x_query, Tensor y_query, int[] sizes, int steps, str activation, str loss, "
       "bool first_order, int[] adapt_layers, bool need_grad, bool need_rate_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // DAML (docs/design.md §8.3): the inner loop adapts the base network (params, `sizes`) on
+  // unlabeled x_source ([T, K, n_in], or [T, steps, K, n_in]: a batch per step) with the loss
+  // mean |h| ("l1") or mean h^2 ("mse") of the loss network h = g(u) (loss_params, `loss_sizes`,
+  // ReLU hidden layers, u = [output, last hidden, ..., first hidden] of the base network);
+  // daml_loss returns the mean `loss` of the adapted network on (x_query, y_query) and, if
+  // need_grad, its gradients in params and loss_params (else empty tensors); daml_adapt
+  // returns the adapted parameters [T, P] (not differentiable).
+  m.def(
+      "daml_loss(Tensor params, Tensor loss_params, Tensor x_source, Tensor x_query, "
+      "Tensor y_query, int[] sizes, int[] loss_sizes, float inner_lr, int steps, str activation, "
+      "str loss, str adapt_loss, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "daml_adapt(Tensor params, Tensor loss_params, Tensor x_source, int[] sizes, "
+      "int[] loss_sizes, float inner_lr, int steps, str activation, str adapt_loss) -> Tensor");
   // Training: n meta-iterations in one call (pymaml.train's fast path). Iteration i computes
   // the meta-loss and the optimizer's gradient of meta-batch i (x_support[i]: [T, K, n_in], ...;
   // the chunk's tensors are [n, T, K, features]) for `algorithm`: "maml" / "fomaml" as maml_loss

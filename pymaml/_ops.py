@@ -83,6 +83,17 @@ if _C is not None:
         rate_shape = rates.shape if need_grad and need_rate_grad else (0,)
         return params.new_empty(()), params.new_empty((width,)), params.new_empty(rate_shape)
 
+    @torch.library.register_fake("pymaml::daml_loss")
+    def _daml_loss_fake(params, loss_params, x_source, x_query, y_query, sizes, loss_sizes,
+                        inner_lr, steps, activation, loss, adapt_loss, need_grad):
+        return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
+                params.new_empty((loss_params.shape[0] if need_grad else 0,)))
+
+    @torch.library.register_fake("pymaml::daml_adapt")
+    def _daml_adapt_fake(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,
+                         activation, adapt_loss):
+        return params.new_empty((x_source.shape[0], params.shape[0]))
+
     @torch.library.register_fake("pymaml::reptile")
     def _reptile_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
                       activation, loss):

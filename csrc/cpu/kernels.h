@@ -3,7 +3,7 @@
 // the CPU at hand, as ATen does. Torch-free.
 #pragma once
 
-#include "../maml_math.h"
+#include "../daml_math.h"
 
 namespace pymaml::cpu {
 
@@ -23,6 +23,13 @@ struct TaskKernels {
   void (*adapt_vjp_task)(Activation, Loss, const MlpShape&, const T* Xs, const T* Ys, int64_t K,
                          int64_t steps, InnerLR<T> lr, const T* grad, const TaskWorkspace<T>& w,
                          int64_t batch_stride, bool first_order);
+  // daml_math.h's, for run-time base activation, outer loss L and adaptation loss AL.
+  T (*daml_task)(Activation, Loss L, Loss AL, const MlpShape&, const MlpShape& loss_shape,
+                 const T* Xs, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
+                 T lr, bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride);
+  void (*daml_inner_loop)(Activation, Loss AL, const MlpShape&, const MlpShape& loss_shape,
+                          const T* Xs, int64_t K, int64_t steps, T lr, const DamlWorkspace<T>& w,
+                          int64_t batch_stride);
 };
 
 // The widest instruction set both compiled in and supported by this CPU.

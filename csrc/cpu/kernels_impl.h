@@ -40,8 +40,34 @@ void adapt_vjp_task(Activation act, Loss loss, const MlpShape& s, const T* Xs, c
 }
 
 template <typename T>
+T daml_task(Activation act, Loss loss, Loss adapt_loss, const MlpShape& s, const MlpShape& ls,
+            const T* Xs, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps, T lr,
+            bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride) {
+  T value = T(0);
+  dispatch_act_loss(act, loss, [&](auto a, auto l) {
+    dispatch_act_loss(Activation::ReLU, adapt_loss, [&](auto, auto al) {
+      value = pymaml::daml_task<T, decltype(a)::value, decltype(l)::value, decltype(al)::value,
+                                SimdLinalg>(s, ls, Xs, K, Xq, Yq, Q, steps, lr, need_grad, w,
+                                            batch_stride);
+    });
+  });
+  return value;
+}
+
+template <typename T>
+void daml_inner_loop(Activation act, Loss adapt_loss, const MlpShape& s, const MlpShape& ls,
+                     const T* Xs, int64_t K, int64_t steps, T lr, const DamlWorkspace<T>& w,
+                     int64_t batch_stride) {
+  dispatch_act_loss(act, adapt_loss, [&](auto a, auto al) {
+    pymaml::daml_inner_loop<T, decltype(a)::value, decltype(al)::value, SimdLinalg>(
+        s, ls, Xs, K, steps, lr, w, batch_stride);
+  });
+}
+
+template <typename T>
 const TaskKernels<T>& kernels() {
-  static const TaskKernels<T> table{&maml_task<T>, &inner_loop<T>, &adapt_vjp_task<T>};
+  static const TaskKernels<T> table{&maml_task<T>, &inner_loop<T>, &adapt_vjp_task<T>,
+                                    &daml_task<T>, &daml_inner_loop<T>};
   return table;
 }
 
