@@ -503,3 +503,24 @@ def test_fused_adapt_is_not_differentiable_and_auto_routes_around_it():
     with torch.no_grad():
         fused = pymaml.daml_adapt(p, pb.loss_params, pb.xs, backend="fused", **pb.hyper)
     assert relative_error(fused, adapted.detach()) <= TOL[torch.float64]
+
+
+@requires_fused_daml
+def test_fused_under_torch_compile():
+    # fullgraph: the checks and the routing trace, the op runs through its fake kernel, and the
+    # backward is the op's autograd; compiled == eager
+    pb = random_problem(12, torch.float32)
+
+    def step(theta, psi):
+        return pymaml.daml_loss(theta, psi, *pb.data, backend="fused", **pb.loss_hyper)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (step, compiled):
+        theta, psi = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
+        value = fn(theta, psi)
+        value.backward()
+        outs.append((value.detach(), theta.grad, psi.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a)
