@@ -225,7 +225,7 @@ struct MamlLossRatesFunction : torch::autograd::Function<MamlLossRatesFunction> 
     const auto saved = ctx->get_saved_variables();
     TORCH_CHECK(saved[0].sym_numel() != 0 || !ctx->needs_input_grad(0), name,
                 " was called with need_grad=False, so it has no meta-gradient to give");
-    TORCH_CHECK(saved[1].sym_numel() != 0 || !ctx->needs_input_grad(1), name,
+    TORCH_CHECK(saved[1].dim() == 2 || !ctx->needs_input_grad(1), name,
                 " was called with need_rate_grad=False (or need_grad=False), so it has no "
                 "gradient for the rates to give");
     variable_list out(14);
@@ -349,6 +349,27 @@ std::tuple<Tensor, Tensor> train_chunk_autograd(
   return out;
 }
 
+// As train_chunk.
+std::tuple<Tensor, Tensor> daml_train_chunk_autograd(
+    const Tensor& weights, at::TensorList state, const Tensor& xs, const Tensor& xq,
+    const Tensor& yq, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
+    int64_t steps, c10::string_view activation, c10::string_view loss,
+    c10::string_view adapt_loss, c10::string_view optimizer, c10::ArrayRef<double> hyper) {
+  static const auto op =
+      find_op<decltype(daml_train_chunk_autograd)>("pymaml::daml_train_chunk");
+  TORCH_CHECK_VALUE(!weights.requires_grad(), "pymaml::daml_train_chunk: weights is updated in "
+                    "place and must not require grad (pass weights.detach())");
+  std::tuple<Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(weights, state, xs, xq, yq, sizes, loss_sizes, inner_lr, steps, activation,
+                  loss, adapt_loss, optimizer, hyper);
+  }
+  torch::autograd::impl::bump_version(weights);
+  for (const Tensor& t : state) torch::autograd::impl::bump_version(t);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
@@ -360,6 +381,7 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("maml_loss_rates", &maml_loss_rates_autograd);
   m.impl("daml_loss", &daml_loss_autograd);
   m.impl("daml_adapt", &daml_adapt_autograd);
+  m.impl("daml_train_chunk", &daml_train_chunk_autograd);
 }
 
 }  // namespace pymaml

@@ -82,4 +82,12 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor y_support, Tensor x_query, Tensor y_query, int[] sizes, float inner_lr, int steps, "
       "str activation, str loss, str algorithm, str optimizer, float[] optimizer_hyper) "
       "-> (Tensor, Tensor)");
+  // DAML's training chunk: as train_chunk, for daml_loss's meta-gradient, with `weights` =
+  // [params, loss_params] in one flat tensor updated in place (one optimizer over both, as
+  // pymaml.train's DAML path keeps them); x_source [n, T, K, n_in] or [n, T, steps, K, n_in].
+  m.def(
+      "daml_train_chunk(Tensor(a!) weights, Tensor(b!)[] optimizer_state, Tensor x_source, "
+      "Tensor x_query, Tensor y_query, int[] sizes, int[] loss_sizes, float inner_lr, int steps, "
+      "str activation, str loss, str adapt_loss, str optimizer, float[] optimizer_hyper) "
+      "-> (Tensor, Tensor)");
 }

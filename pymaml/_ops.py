@@ -106,6 +106,12 @@ if _C is not None:
         # losses [n] and the count of iterations done; params and the state change in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
 
+    @torch.library.register_fake("pymaml::daml_train_chunk")
+    def _daml_train_chunk_fake(weights, optimizer_state, x_source, x_query, y_query, sizes,
+                               loss_sizes, inner_lr, steps, activation, loss, adapt_loss,
+                               optimizer, optimizer_hyper):
+        return weights.new_empty((x_source.shape[0],)), weights.new_empty((), dtype=torch.int64)
+
     if cuda_compiled():
         @torch.library.register_kernel("pymaml::reptile", "cuda")
         def _reptile_cuda(params, x_support, y_support, x_query, y_query, sizes, inner_lr,

@@ -212,8 +212,10 @@ def _rate_rows(inner_lr, params, steps: int, P: int) -> torch.Tensor:
     [1, P] (a view where it can be: autograd sums the gradient back to inner_lr's shape)."""
     if not isinstance(inner_lr, torch.Tensor):
         return params.new_full((1, P), float(inner_lr))
-    if inner_lr.dim() == 2 and inner_lr.shape[0] == steps and steps > 1:
-        return inner_lr.expand(steps, P)
+    if inner_lr.dim() > 2:
+        raise RuntimeError("inner_lr has more than 2 dimensions")
+    if steps == 0 or (inner_lr.dim() == 2 and inner_lr.shape[0] == steps and steps > 1):
+        return inner_lr.expand(steps, P)  # steps 0: [0, P], no rate is read
     return inner_lr.expand(1, P)
 
 
@@ -264,6 +266,29 @@ def _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, 
             and all(isinstance(t, torch.Tensor) for t in data)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
             and not _under_torch_func((params, *data)))
+
+
+def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
+    """For a call with learned rates or adapt_layers that may go straight to the *_rates ops
+    (as _direct_to_fused says for the rest): (rates [R, P], layers); None otherwise. The op
+    checks the rest (finite rates, layer range, duplicates) and any error it raises sends the
+    call down the checked path."""
+    if type(adapt_layers) not in (list, tuple, type(None)):
+        return None
+    if adapt_layers is not None and not all(type(l) is int for l in adapt_layers):
+        return None
+    if isinstance(inner_lr, torch.Tensor):
+        if (inner_lr.dtype != params.dtype or inner_lr.device.type != "cpu"
+                or params.device.type != "cpu" or _under_torch_func((inner_lr,))):
+            return None
+    elif params.device.type != "cpu":
+        return None
+    try:
+        P = num_params(sizes)
+        rates = _rate_rows(inner_lr, params, steps, P)
+    except RuntimeError:  # a shape that does not broadcast: the checked path says so
+        return None
+    return rates, list(range(len(sizes) - 1)) if adapt_layers is None else list(adapt_layers)
 
 
 def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
@@ -374,11 +399,17 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     per-layer rates); a tensor that requires grad gets its gradient too. adapt_layers: None
     (every layer adapts) or the indices of the linear layers that move ([-1]: ANIL's head);
     the others keep their weights (CPU or reference backend)."""
-    if adapt_layers is None and _direct_to_fused(backend, params, (x_support, y_support), sizes,
-                                                 inner_lr, steps, activation, loss, first_order):
+    rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
+    if _direct_to_fused(backend, params, (x_support, y_support), sizes,
+                        0.0 if rule else inner_lr, steps, activation, loss, first_order):
         try:
-            return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
-                                  activation, loss, first_order)
+            if not rule:
+                return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
+                                      activation, loss, first_order)
+            direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
+            if direct is not None:
+                return _ops.ops.adapt_rates(params, direct[0], x_support, y_support, sizes,
+                                            steps, activation, loss, first_order, direct[1])
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
@@ -419,12 +450,21 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     for any torch.optim optimizer, and in inner_lr.grad when inner_lr is a tensor that
     requires grad (learned rates, as adapt describes them; adapt_layers likewise)."""
     data = (x_support, y_support, x_query, y_query)
-    if adapt_layers is None and _direct_to_fused(backend, params, data, sizes, inner_lr, steps,
-                                                 activation, loss, first_order):
+    rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
+    if _direct_to_fused(backend, params, data, sizes, 0.0 if rule else inner_lr, steps,
+                        activation, loss, first_order):
         try:
-            need_grad = torch.is_grad_enabled() and params.requires_grad
-            return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,
-                                      first_order, need_grad)[0]
+            grad_mode = torch.is_grad_enabled()
+            if not rule:
+                return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,
+                                          first_order, grad_mode and params.requires_grad)[0]
+            direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
+            if direct is not None:
+                need_rate_grad = grad_mode and isinstance(inner_lr, torch.Tensor) and inner_lr.requires_grad
+                need_grad = need_rate_grad or (grad_mode and params.requires_grad)
+                return _ops.ops.maml_loss_rates(params, direct[0], *data, sizes, steps, activation,
+                                                loss, first_order, direct[1], need_grad,
+                                                need_rate_grad)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,

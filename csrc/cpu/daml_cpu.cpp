@@ -14,20 +14,11 @@
 
 #include "../op_args.h"
 #include "blocks.h"
+#include "daml_batch.h"
 #include "kernels.h"
 
 namespace pymaml::cpu {
 namespace {
-
-// A DAML call's arguments, checked: the base network's config, the loss network's shape, and
-// contiguous tensors. x_source is [T, K, n_in] (every step) or [T, steps, K, n_in].
-struct DamlArgs {
-  OpConfig config;
-  MlpShape loss_shape;
-  Loss adapt_loss;
-  int64_t T = -1, K = 0, Q = 0, batch_stride = 0;
-  at::Tensor params, loss_params, xs, xq, yq;
-};
 
 Loss parse_adapt_loss(const char* op, std::string_view adapt_loss) {
   if (adapt_loss == "l1") return Loss::L1;
@@ -59,7 +50,7 @@ void check_source(const char* op, const at::Tensor& xs, const DamlArgs& a) {
   TORCH_CHECK_VALUE(xs.device() == a.params.device(), op,
                     ": x_source must be on the device of params (", a.params.device(), "), got ",
                     xs.device());
-  const int64_t n_in = a.config.shape.n[0], steps = a.config.steps;
+  const int64_t n_in = a.config.base.shape.n[0], steps = a.config.base.steps;
   const bool per_step = xs.dim() == 4;
   TORCH_CHECK_VALUE((xs.dim() == 3 || (per_step && steps >= 1 && xs.size(1) == steps)) &&
                         xs.size(-1) == n_in && xs.size(-2) >= 1,
@@ -70,27 +61,30 @@ void check_source(const char* op, const at::Tensor& xs, const DamlArgs& a) {
   TORCH_CHECK_VALUE(xs.size(0) >= 1, op, ": the meta-batch needs at least one task");
 }
 
-DamlArgs check_daml_args(const char* op, const at::Tensor& params, const at::Tensor& loss_params,
-                         const at::Tensor& xs, const at::Tensor& xq, const at::Tensor& yq,
-                         c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
-                         int64_t steps, std::string_view activation, std::string_view loss,
-                         std::string_view adapt_loss) {
-  DamlArgs a;
-  a.config = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  a.loss_shape = parse_loss_sizes(op, loss_sizes, a.config.shape);
-  a.adapt_loss = parse_adapt_loss(op, adapt_loss);
-  check_params(op, params, a.config);
-  a.params = params.contiguous();
-  TORCH_CHECK_VALUE(loss_params.dim() == 1 && loss_params.size(0) == a.loss_shape.num_params,
-                    op, ": loss_params must be [", a.loss_shape.num_params, "] for loss_sizes ",
-                    loss_sizes, ", got shape ", loss_params.sizes());
+void check_loss_params(const char* op, const at::Tensor& loss_params, const at::Tensor& params,
+                       const MlpShape& loss_shape) {
+  TORCH_CHECK_VALUE(loss_params.dim() == 1 && loss_params.size(0) == loss_shape.num_params, op,
+                    ": loss_params must be [", loss_shape.num_params, "] for the loss_sizes, "
+                    "got shape ", loss_params.sizes());
   TORCH_CHECK_TYPE(loss_params.scalar_type() == params.scalar_type(), op,
                    ": loss_params must have the dtype of params (", params.scalar_type(),
                    "), got ", loss_params.scalar_type());
   TORCH_CHECK_VALUE(loss_params.device() == params.device(), op,
                     ": loss_params must be on the device of params");
+}
+
+}  // namespace
+
+DamlArgs check_daml_args(const char* op, DamlConfig config, const at::Tensor& params,
+                         const at::Tensor& loss_params, const at::Tensor& xs,
+                         const at::Tensor& xq, const at::Tensor& yq) {
+  DamlArgs a;
+  a.config = config;
+  check_params(op, params, a.config.base);
+  a.params = params.contiguous();
+  check_loss_params(op, loss_params, params, a.config.loss_shape);
   if (xq.defined()) {
-    a.Q = check_batch(op, "x_query", xq, "y_query", yq, params, a.config.shape, a.T);
+    a.Q = check_batch(op, "x_query", xq, "y_query", yq, params, a.config.base.shape, a.T);
     a.xq = xq.contiguous();
     a.yq = yq.contiguous();
   }
@@ -103,89 +97,126 @@ DamlArgs check_daml_args(const char* op, const at::Tensor& params, const at::Ten
   return a;
 }
 
-// Runs fn(kernels, workspace, task, block) over the tasks with psi and theta^0 extended once.
-template <typename scalar_t, typename Fn>
-void for_each_daml_task(const DamlArgs& a, int64_t nb, int64_t extra, Fn&& fn) {
-  const OpConfig& c = a.config;
-  std::vector<scalar_t> theta0(size_t(c.shape.num_ext)), psi(size_t(a.loss_shape.num_ext));
-  expand_params(c.shape, a.params.data_ptr<scalar_t>(), theta0.data());
-  expand_params(a.loss_shape, a.loss_params.data_ptr<scalar_t>(), psi.data());
-  const int64_t ws = daml_workspace_size(c.shape, a.loss_shape, c.steps, a.K, a.Q);
-  const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
-  for_each_block<scalar_t>(a.T, nb, ws + extra, [&](int64_t b, int64_t t, scalar_t* base) {
-    auto w = carve_daml_workspace(base, c.shape, a.loss_shape, c.steps, a.K, a.Q);
-    w.theta0 = theta0.data();
-    w.psi = psi.data();
-    fn(kern, w, t, b);
-  });
+DamlConfig parse_daml_config(const char* op, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes,
+                             double inner_lr, int64_t steps, std::string_view activation,
+                             std::string_view loss, std::string_view adapt_loss) {
+  DamlConfig c;
+  c.base = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  c.loss_shape = parse_loss_sizes(op, loss_sizes, c.base.shape);
+  c.adapt_loss = parse_adapt_loss(op, adapt_loss);
+  return c;
 }
 
-}  // namespace
+template <typename scalar_t>
+DamlBatch<scalar_t>::DamlBatch(const DamlConfig& config, int64_t T, int64_t K, int64_t Q,
+                               int64_t batch_stride)
+    : config_(config), T_(T), K_(K), Q_(Q), batch_stride_(batch_stride) {
+  const MlpShape &s = config.base.shape, &ls = config.loss_shape;
+  width_ = s.num_params + ls.num_params + 1;
+  blocks_ = num_blocks(T, width_);
+  worker_size_ = daml_workspace_size(s, ls, config.base.steps, K, Q);
+  partial_.resize(size_t(blocks_ * width_));
+  theta0_.resize(size_t(s.num_ext));
+  psi_.resize(size_t(ls.num_ext));
+}
+
+template <typename scalar_t>
+scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, const scalar_t* Xs,
+                                  const scalar_t* Xq, const scalar_t* Yq, scalar_t* grad) {
+  const OpConfig& c = config_.base;
+  const MlpShape &s = c.shape, &ls = config_.loss_shape;
+  const int64_t P = s.num_params, Pl = ls.num_params, E = s.num_ext, steps = c.steps;
+  const int64_t W = width_, loss_at = W - 1;
+  const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
+  if (scratch_size_ < workers * size_t(worker_size_)) {
+    scratch_size_ = workers * size_t(worker_size_);  // uninitialised: written before read
+    scratch_.reset(new scalar_t[scratch_size_]);
+  }
+  std::fill(partial_.begin(), partial_.end(), scalar_t(0));
+  expand_params(s, theta, theta0_.data());
+  expand_params(ls, psi, psi_.data());
+  const int64_t nxs = (batch_stride_ ? steps : 1) * K_ * s.n[0];
+  const int64_t nxq = Q_ * s.n[0], nyq = Q_ * s.n_out();
+  const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+  const bool need_grad = grad != nullptr;
+  run_blocks(blocks_, [&](int64_t b, int worker) {
+    auto w = carve_daml_workspace(scratch_.get() + size_t(worker) * size_t(worker_size_), s, ls,
+                                  steps, K_, Q_);
+    w.theta0 = theta0_.data();
+    w.psi = psi_.data();
+    scalar_t* dst = partial_.data() + b * W;
+    const auto [first, last] = block_range(b, blocks_, T_);
+    for (int64_t t = first; t < last; ++t) {
+      dst[loss_at] += kern.daml_task(c.activation, c.loss, config_.adapt_loss, s, ls,
+                                     Xs + t * nxs, K_, Xq + t * nxq, Yq + t * nyq, Q_, steps,
+                                     scalar_t(c.inner_lr), need_grad, w, batch_stride_);
+      if (!need_grad) continue;
+      for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
+      for (int64_t p = 0; p < Pl; ++p) dst[P + p] += w.g[E + p];
+    }
+  });
+  const scalar_t inv_t = scalar_t(1) / scalar_t(T_);
+  scalar_t mean_loss;
+  reduce_blocks(partial_.data() + loss_at, blocks_, 1, W, inv_t, &mean_loss);
+  if (need_grad) reduce_blocks(partial_.data(), blocks_, P + Pl, W, inv_t, grad);
+  return mean_loss;
+}
+
+template class DamlBatch<float>;
+template class DamlBatch<double>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> daml_loss(
     const at::Tensor& params, const at::Tensor& loss_params, const at::Tensor& x_source,
     const at::Tensor& x_query, const at::Tensor& y_query, c10::IntArrayRef sizes,
     c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps, std::string_view activation,
     std::string_view loss, std::string_view adapt_loss, bool need_grad) {
-  const DamlArgs a = check_daml_args("pymaml::daml_loss", params, loss_params, x_source, x_query,
-                                     y_query, sizes, loss_sizes, inner_lr, steps, activation,
-                                     loss, adapt_loss);
-  const OpConfig& c = a.config;
-  const int64_t P = c.shape.num_params, Pl = a.loss_shape.num_params, E = c.shape.num_ext;
-  const int64_t width = need_grad ? P + Pl : 0;
-  const int64_t nb = num_blocks(a.T, P + Pl);
-  at::Tensor partial = at::zeros({nb, width + 1}, a.params.options());  // [grads, loss]
+  constexpr const char* op = "pymaml::daml_loss";
+  const DamlArgs a = check_daml_args(
+      op, parse_daml_config(op, sizes, loss_sizes, inner_lr, steps, activation, loss, adapt_loss),
+      params, loss_params, x_source, x_query, y_query);
+  const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
   at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
-  at::Tensor grad_loss = at::empty({need_grad ? Pl : 0}, a.params.options());
+  at::Tensor grads = at::empty({need_grad ? P + Pl : 0}, a.params.options());
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_cpu", [&] {
-    const scalar_t* Xs = a.xs.data_ptr<scalar_t>();
-    const scalar_t* Xq = a.xq.data_ptr<scalar_t>();
-    const scalar_t* Yq = a.yq.data_ptr<scalar_t>();
-    const int64_t nxs = (a.batch_stride ? steps : 1) * a.K * c.shape.n[0];
-    const int64_t nxq = a.Q * c.shape.n[0], nyq = a.Q * c.shape.n_out();
-    scalar_t* acc = partial.data_ptr<scalar_t>();
-    for_each_daml_task<scalar_t>(a, nb, 0, [&](const TaskKernels<scalar_t>& kern,
-                                              const DamlWorkspace<scalar_t>& w, int64_t t,
-                                              int64_t b) {
-      scalar_t* dst = acc + b * (width + 1);
-      dst[width] += kern.daml_task(c.activation, c.loss, a.adapt_loss, c.shape, a.loss_shape,
-                                   Xs + t * nxs, a.K, Xq + t * nxq, Yq + t * nyq, a.Q, steps,
-                                   scalar_t(c.inner_lr), need_grad, w, a.batch_stride);
-      if (!need_grad) return;
-      for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
-      for (int64_t p = 0; p < Pl; ++p) dst[P + p] += w.g[E + p];
-    });
-    const scalar_t inv_t = scalar_t(1) / scalar_t(a.T);
-    reduce_blocks(acc + width, nb, 1, width + 1, inv_t, out_loss.data_ptr<scalar_t>());
-    if (need_grad) {
-      reduce_blocks(acc, nb, P, width + 1, inv_t, grad.data_ptr<scalar_t>());
-      reduce_blocks(acc + P, nb, Pl, width + 1, inv_t, grad_loss.data_ptr<scalar_t>());
-    }
+    DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride);
+    *out_loss.data_ptr<scalar_t>() = batch.run(
+        a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
+        a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
+        need_grad ? grads.data_ptr<scalar_t>() : nullptr);
   });
-  return {out_loss, grad, grad_loss};
+  if (!need_grad) return {out_loss, grads, grads.clone()};
+  // Two tensors of their own (not views of one: an op's outputs must not alias each other).
+  return {out_loss, grads.narrow(0, 0, P).clone(), grads.narrow(0, P, Pl).clone()};
 }
 
 at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
                       const at::Tensor& x_source, c10::IntArrayRef sizes,
                       c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps,
                       std::string_view activation, std::string_view adapt_loss) {
-  const DamlArgs a = check_daml_args("pymaml::daml_adapt", params, loss_params, x_source,
-                                     at::Tensor(), at::Tensor(), sizes, loss_sizes, inner_lr,
-                                     steps, activation, "mse", adapt_loss);
-  const OpConfig& c = a.config;
-  const int64_t P = c.shape.num_params;
+  constexpr const char* op = "pymaml::daml_adapt";
+  const DamlArgs a = check_daml_args(
+      op, parse_daml_config(op, sizes, loss_sizes, inner_lr, steps, activation, "mse", adapt_loss),
+      params, loss_params, x_source, at::Tensor(), at::Tensor());
+  const OpConfig& c = a.config.base;
+  const MlpShape &s = c.shape, &ls = a.config.loss_shape;
+  const int64_t P = s.num_params;
   at::Tensor out = at::empty({a.T, P}, a.params.options());
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_adapt_cpu", [&] {
+    std::vector<scalar_t> theta0(size_t(s.num_ext)), psi(size_t(ls.num_ext));
+    expand_params(s, a.params.data_ptr<scalar_t>(), theta0.data());
+    expand_params(ls, a.loss_params.data_ptr<scalar_t>(), psi.data());
     const scalar_t* Xs = a.xs.data_ptr<scalar_t>();
-    const int64_t nxs = (a.batch_stride ? steps : 1) * a.K * c.shape.n[0];
+    const int64_t nxs = (a.batch_stride ? steps : 1) * a.K * s.n[0];
     scalar_t* adapted = out.data_ptr<scalar_t>();
-    for_each_daml_task<scalar_t>(a, num_blocks(a.T, P), 0, [&](const TaskKernels<scalar_t>& kern,
-                                                              const DamlWorkspace<scalar_t>& w,
-                                                              int64_t t, int64_t) {
-      kern.daml_inner_loop(c.activation, a.adapt_loss, c.shape, a.loss_shape, Xs + t * nxs, a.K,
-                           steps, scalar_t(c.inner_lr), w, a.batch_stride);
-      std::copy_n(w.theta(steps, c.shape), P, adapted + t * P);
+    const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
+    const int64_t ws = daml_workspace_size(s, ls, steps, a.K, 0);
+    for_each_block<scalar_t>(a.T, num_blocks(a.T, P), ws, [&](int64_t, int64_t t, scalar_t* base) {
+      auto w = carve_daml_workspace(base, s, ls, steps, a.K, int64_t(0));
+      w.theta0 = theta0.data();
+      w.psi = psi.data();
+      kern.daml_inner_loop(c.activation, a.config.adapt_loss, s, ls, Xs + t * nxs, a.K, steps,
+                           scalar_t(c.inner_lr), w, a.batch_stride);
+      std::copy_n(w.theta(steps, s), P, adapted + t * P);
     });
   });
   return out;

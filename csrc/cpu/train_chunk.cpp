@@ -30,6 +30,7 @@
 #endif
 
 #include "../op_args.h"
+#include "daml_batch.h"
 #include "meta_batch.h"
 
 namespace pymaml::cpu {
@@ -214,6 +215,25 @@ bool all_finite(const T* x, int64_t n) {
   return bad == 0;
 }
 
+// The loop of a chunk: for i < n, value = meta_grad(i) (the loss of meta-batch i, its gradient
+// left in `grad`), then one optimizer step of `weights`; it stops as csrc/ops.cpp documents
+// for train_chunk. Writes the losses to out and returns the count of iterations done.
+template <typename scalar_t, typename MetaGrad>
+int64_t run_chunk(int64_t n, const at::Tensor& weights, const at::Tensor& grad, OuterStep& outer,
+                  scalar_t* out, MetaGrad&& meta_grad) {
+  const scalar_t* w = weights.data_ptr<scalar_t>();
+  int64_t done = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t value = meta_grad(i);
+    out[i] = value;
+    if (!std::isfinite(value)) break;  // before updating the weights with it
+    outer.step(weights, grad);
+    if (!all_finite(w, weights.numel())) break;  // the update made a weight NaN or infinite
+    ++done;
+  }
+  return done;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> train_chunk(
@@ -253,9 +273,8 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     // Everything the loop needs is allocated here, once.
     MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0);
     const at::Tensor grad = at::empty({P}, params.options());
-    scalar_t* theta = params.data_ptr<scalar_t>();
+    const scalar_t* theta = params.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* out = losses.data_ptr<scalar_t>();
     const scalar_t* Xs = xs.data_ptr<scalar_t>();
     const scalar_t* Ys = ys.data_ptr<scalar_t>();
     const scalar_t* Xq = xq.data_ptr<scalar_t>();
@@ -263,19 +282,58 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     // Elements per meta-batch of each tensor.
     const int64_t nxs = T * support * c.shape.n[0], nys = T * support * c.shape.n_out();
     const int64_t nxq = T * Q * c.shape.n[0], nyq = T * Q * c.shape.n_out();
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t value = batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq,
-                                       Yq + i * nyq, direction, g);
-      out[i] = value;
-      if (!std::isfinite(value)) break;  // before updating the weights with it
-      outer.step(params, grad);
-      if (!all_finite(theta, P)) break;  // the update made a weight NaN or infinite
-      ++done;
-    }
+    done = run_chunk(n, params, grad, outer, losses.data_ptr<scalar_t>(), [&](int64_t i) {
+      return batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq, Yq + i * nyq, direction,
+                       g);
+    });
   });
   return {losses, at::scalar_tensor(done, at::TensorOptions().dtype(at::kLong))};
 }
 
-TORCH_LIBRARY_IMPL(pymaml, CPU, m) { m.impl("train_chunk", &train_chunk); }
+// DAML's chunk: `weights` is [theta (P), psi (P_psi)] in one tensor, stepped as one.
+std::tuple<at::Tensor, at::Tensor> daml_train_chunk(
+    const at::Tensor& weights, at::TensorList optimizer_state, const at::Tensor& xs_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, c10::IntArrayRef sizes,
+    c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps, std::string_view activation,
+    std::string_view loss, std::string_view adapt_loss, std::string_view optimizer,
+    c10::ArrayRef<double> optimizer_hyper) {
+  constexpr const char* op = "pymaml::daml_train_chunk";
+  const DamlConfig c =
+      parse_daml_config(op, sizes, loss_sizes, inner_lr, steps, activation, loss, adapt_loss);
+  const int64_t P = c.base.shape.num_params, Pl = c.loss_shape.num_params;
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == P + Pl && weights.is_contiguous(),
+                    op, ": weights must be a contiguous [P + P_loss] = [", P + Pl,
+                    "] tensor (params, then loss_params), got shape ", weights.sizes());
+  int64_t n = -1;
+  TORCH_CHECK_VALUE(xs_in.dim() >= 4, op, ": x_source must be [n, T, K, n_in] or "
+                    "[n, T, steps, K, n_in] (n meta-batches), got shape ", xs_in.sizes());
+  n = xs_in.size(0);
+  check_chunk_length(op, "x_query", xq_in, "y_query", yq_in, n);
+  const DamlArgs a = check_daml_args(op, c, weights.narrow(0, 0, P), weights.narrow(0, P, Pl),
+                                     xs_in.select(0, 0), xq_in.select(0, 0), yq_in.select(0, 0));
+  OuterStep outer(op, optimizer, optimizer_hyper, optimizer_state, weights);
+  const at::Tensor xs = xs_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous();
+  at::Tensor losses = at::full({n}, std::numeric_limits<double>::quiet_NaN(), weights.options());
+  int64_t done = 0;
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "pymaml_daml_train_chunk_cpu", [&] {
+    DamlBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride);
+    const at::Tensor grad = at::empty({P + Pl}, weights.options());
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* Xs = xs.data_ptr<scalar_t>();
+    const scalar_t* Xq = xq.data_ptr<scalar_t>();
+    const scalar_t* Yq = yq.data_ptr<scalar_t>();
+    const int64_t nxs = xs.numel() / n, nxq = xq.numel() / n, nyq = yq.numel() / n;
+    done = run_chunk(n, weights, grad, outer, losses.data_ptr<scalar_t>(), [&](int64_t i) {
+      return batch.run(w, w + P, Xs + i * nxs, Xq + i * nxq, Yq + i * nyq, g);
+    });
+  });
+  return {losses, at::scalar_tensor(done, at::TensorOptions().dtype(at::kLong))};
+}
+
+TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
+  m.impl("train_chunk", &train_chunk);
+  m.impl("daml_train_chunk", &daml_train_chunk);
+}
 
 }  // namespace pymaml::cpu
