@@ -25,7 +25,8 @@ def problem():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("change,error,match", [
-    (dict(inner_lr=torch.tensor(0.1, requires_grad=True)), TypeError, "inner_lr must be a real"),
+    # a float tensor is a learned rate now (tests/test_learned_rates.py); an integer one is not
+    (dict(inner_lr=torch.tensor(1)), TypeError, "inner_lr must have the dtype of params"),
     (dict(steps=torch.tensor(2)), TypeError, "steps must be an int"),
     (dict(activation=b"relu"), ValueError, "activation must be one of"),
     (dict(sizes="1,8,1"), (TypeError, ValueError), "sizes"),
