@@ -350,6 +350,30 @@ std::tuple<Tensor, Tensor> train_chunk_autograd(
 }
 
 // As train_chunk.
+std::tuple<Tensor, Tensor> train_chunk_rates_autograd(
+    const Tensor& params, const Tensor& rates, at::TensorList state, const Tensor& xs,
+    const Tensor& ys, const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes, int64_t steps,
+    c10::string_view activation, c10::string_view loss, c10::string_view algorithm,
+    c10::IntArrayRef adapt_layers, bool learn_rates, c10::string_view optimizer,
+    c10::ArrayRef<double> hyper) {
+  static const auto op =
+      find_op<decltype(train_chunk_rates_autograd)>("pymaml::train_chunk_rates");
+  TORCH_CHECK_VALUE(!params.requires_grad() && !rates.requires_grad(),
+                    "pymaml::train_chunk_rates: params and rates are updated in place and must "
+                    "not require grad (pass .detach())");
+  std::tuple<Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(params, rates, state, xs, ys, xq, yq, sizes, steps, activation, loss,
+                  algorithm, adapt_layers, learn_rates, optimizer, hyper);
+  }
+  torch::autograd::impl::bump_version(params);
+  torch::autograd::impl::bump_version(rates);
+  for (const Tensor& t : state) torch::autograd::impl::bump_version(t);
+  return out;
+}
+
+// As train_chunk.
 std::tuple<Tensor, Tensor> daml_train_chunk_autograd(
     const Tensor& weights, at::TensorList state, const Tensor& xs, const Tensor& xq,
     const Tensor& yq, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
@@ -382,6 +406,7 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("daml_loss", &daml_loss_autograd);
   m.impl("daml_adapt", &daml_adapt_autograd);
   m.impl("daml_train_chunk", &daml_train_chunk_autograd);
+  m.impl("train_chunk_rates", &train_chunk_rates_autograd);
 }
 
 }  // namespace pymaml

@@ -82,6 +82,15 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor y_support, Tensor x_query, Tensor y_query, int[] sizes, float inner_lr, int steps, "
       "str activation, str loss, str algorithm, str optimizer, float[] optimizer_hyper) "
       "-> (Tensor, Tensor)");
+  // train_chunk with the inner rule of maml_loss_rates: rates [R, P] and adapt_layers; with
+  // learn_rates the optimizer steps params and rates together (one group, in that order:
+  // optimizer_state holds params' state tensors, then the rates'), as pymaml.train's Meta-SGD
+  // does; without, the rates are fixed (e.g. ANIL's single rate).
+  m.def(
+      "train_chunk_rates(Tensor(a!) params, Tensor(b!) rates, Tensor(c!)[] optimizer_state, "
+      "Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int[] sizes, "
+      "int steps, str activation, str loss, str algorithm, int[] adapt_layers, bool learn_rates, "
+      "str optimizer, float[] optimizer_hyper) -> (Tensor, Tensor)");
   // DAML's training chunk: as train_chunk, for daml_loss's meta-gradient, with `weights` =
   // [params, loss_params] in one flat tensor updated in place (one optimizer over both, as
   // pymaml.train's DAML path keeps them); x_source [n, T, K, n_in] or [n, T, steps, K, n_in].

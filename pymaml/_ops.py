@@ -106,6 +106,12 @@ if _C is not None:
         # losses [n] and the count of iterations done; params and the state change in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
 
+    @torch.library.register_fake("pymaml::train_chunk_rates")
+    def _train_chunk_rates_fake(params, rates, optimizer_state, x_support, y_support, x_query,
+                                y_query, sizes, steps, activation, loss, algorithm, adapt_layers,
+                                learn_rates, optimizer, optimizer_hyper):
+        return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
+
     @torch.library.register_fake("pymaml::daml_train_chunk")
     def _daml_train_chunk_fake(weights, optimizer_state, x_source, x_query, y_query, sizes,
                                loss_sizes, inner_lr, steps, activation, loss, adapt_loss,

@@ -2,11 +2,12 @@
 
 At the seed's sizes an iteration is a few microseconds of arithmetic, and calling Python, the
 dispatcher and torch.optim once per iteration costs several times that. So on the fused CPU
-backend, for MAML, FO-MAML and Reptile (one fixed inner rate, every layer adapting: see
-`unserved`) on a family that can draw many meta-batches at once (TaskFamily.sample_many, e.g.
-every FunctionTasks) with torch.optim's SGD or Adam, the trainer draws a chunk of iterations'
-tasks in one call and runs them in one torch.ops.pymaml.train_chunk call, which also applies
-the optimizer's steps to the real optimizer's state. Chunking changes
+backend, for MAML, FO-MAML and Reptile, and with learned untied rates (Meta-SGD) or frozen
+layers (ANIL) (see `unserved`), on a family that can draw many meta-batches at once
+(TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the trainer
+draws a chunk of iterations' tasks in one call and runs them in one torch.ops.pymaml.train_chunk
+(or train_chunk_rates) call, which also applies the optimizer's steps to the real optimizer's
+state (to the weights and the learned rates, as one parameter group). Chunking changes
 no result: the loss history, the weights, the optimizer state and the generator state are
 bitwise those of the per-iteration path, which every other run takes (custom samplers, other
 optimizers or settings, the reference backend, several processes). The optimizer's steps are
@@ -27,23 +28,28 @@ CHUNK_MAX = 1000       # iterations per call, at most
 CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answer within it
 
 
+# The learned-rate modes whose stored rates are the op's rows as they are ([P] or [steps, P]);
+# the tied modes (per-step, per-layer-step) would need their gradient summed over the ties.
+_UNTIED = ("per-parameter", "per-parameter-step")
+
+
 def servable(backend: str, device: torch.device, config: Optional[RunConfig] = None) -> bool:
-    """Whether train_chunk can run a run's iterations: the fused backend on the CPU, for
-    MAML, FO-MAML and Reptile with a fixed inner rate and every layer adapting (`unserved`;
-    the optimizer and the family decide the rest, as the run goes)."""
+    """Whether train_chunk (train_chunk_rates for learned rates and frozen layers) can run a
+    run's iterations: the fused backend on the CPU (`unserved` says which inner loops; the
+    optimizer and the family decide the rest, as the run goes)."""
     return backend == "fused" and device.type == "cpu" and (
         config is None or unserved(config) is None)
 
 
 def unserved(config: RunConfig) -> Optional[str]:
-    """Why train_chunk cannot run `config`'s iterations at all, or None. The hook for
-    extending the chunked op: it takes one scalar inner rate and adapts every layer, so
-    learned rates (Meta-SGD, LSLR, ...) and frozen layers (ANIL, adapt_layers) go the
-    per-iteration way, through the functional API, until it learns them."""
-    if config.learn_inner_lr is not None:
-        return f"train_chunk takes one fixed inner rate, not learned ones ({config.learn_inner_lr})"
-    if config.adapt_layers is not None:
-        return "train_chunk adapts every layer (adapt_layers is set)"
+    """Why the chunked ops cannot run `config`'s iterations at all, or None: learned rates
+    tied across parameters (per-step, per-layer-step) go the per-iteration way, through the
+    functional API, whose autograd sums their gradient over the ties."""
+    if config.learn_inner_lr is not None and config.learn_inner_lr not in _UNTIED:
+        return f"train_chunk_rates learns untied rates only, not {config.learn_inner_lr!r} ones"
+    if config.algorithm == "reptile" and config.adapt_layers is not None:
+        # its per-iteration step is the functional adapt and torch's mean, rounded otherwise
+        return "Reptile with frozen layers runs per iteration"
     return None
 
 
@@ -68,10 +74,21 @@ class FastPath:
         spec = outer_optim.chunk_spec(optimizer)
         return None if spec is None else cls(spec, config, family, generator, dtype)
 
-    def state(self, optimizer, params) -> Optional[List[torch.Tensor]]:
-        """train_chunk's optimizer_state, or None while torch.optim has not made it (its first
-        step: that iteration goes the per-iteration way)."""
-        return outer_optim.chunk_state(optimizer, params, self.spec)
+    def state(self, optimizer, weights: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """train_chunk's optimizer_state for the stepped weights ([params] or [params,
+        rates]), or None while torch.optim has not made it (its first step: that iteration
+        goes the per-iteration way). The rates' state as the op's rows (views)."""
+        state = []
+        for w in weights:
+            own = outer_optim.chunk_state(optimizer, w, self.spec)
+            if own is None:
+                return None
+            state += own if w is weights[0] else [self._rows(t) if t.dim() else t for t in own]
+        return state
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        # a rates-shaped tensor as the op's [R, P] rows: [P] is one row, [steps, P] is as is
+        return t.view(-1, t.shape[-1])
 
     def length(self, done: int, checkpoint_every: int) -> int:
         """The next chunk's length after `done` iterations: it never crosses a checkpoint or
@@ -79,22 +96,40 @@ class FastPath:
         return min(self.size, self.config.iterations - done,
                    checkpoint_every - done % checkpoint_every)
 
-    def run(self, params: torch.Tensor, state: List[torch.Tensor],
+    def _rates_chunk(self, params, rates, state, data):
+        """train_chunk_rates for a run with learned (untied) rates or frozen layers."""
+        c = self.config
+        learn = rates is not None
+        rows = self._rows(rates.detach()) if learn else params.new_full(
+            (1, params.shape[0]), c.inner_lr)
+        layers = list(range(len(c.sizes) - 1)) if c.adapt_layers is None else list(c.adapt_layers)
+        algorithm = "reptile" if c.algorithm == "reptile" else (
+            "fomaml" if c.first_order else "maml")
+        return _ops.ops.train_chunk_rates(
+            params.detach(), rows, state, *data, list(c.sizes), c.inner_steps, c.activation,
+            c.loss, algorithm, layers, learn, *self.spec)
+
+    def run(self, weights: List[torch.Tensor], state: List[torch.Tensor],
             n: int) -> Optional[Tuple[List[float], int]]:
         """The next n iterations in one train_chunk call, params and state updated in place:
         (their meta-losses, how many completed: fewer than n when the op stopped before a
         non-finite loss or after a step that made the weights non-finite). None when the
         family cannot draw n meta-batches at once (nothing drawn then)."""
         c = self.config
+        params, rates = weights[0], (weights[1] if len(weights) > 1 else None)
         began = time.perf_counter()
         batch = self.family.sample_many(n, c.meta_batch_size, generator=self.generator,
                                         dtype=self.dtype, device=params.device)
         if batch is None:
             return None
         xs, ys = meta_step.inner_data(c, *batch)  # the points the per-iteration path takes
-        values, done = _ops.ops.train_chunk(
-            params.detach(), state, xs, ys, batch.x_query, batch.y_query, list(c.sizes), c.inner_lr, c.inner_steps,
-            c.activation, c.loss, c.algorithm, *self.spec)
+        data = (xs, ys, batch.x_query, batch.y_query)
+        if c.plain:
+            values, done = _ops.ops.train_chunk(
+                params.detach(), state, *data, list(c.sizes), c.inner_lr, c.inner_steps,
+                c.activation, c.loss, c.algorithm, *self.spec)
+        else:
+            values, done = self._rates_chunk(params, rates, state, data)
         seconds = time.perf_counter() - began
         self.size = CHUNK_MAX if seconds <= 0 else \
             max(1, min(CHUNK_MAX, int(CHUNK_SECONDS * n / seconds)))

@@ -90,7 +90,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           overwrite: bool = False, distributed: Optional[bool] = None,
           distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S,
           inner_batch: Optional[int] = None, learn_inner_lr: Optional[str] = None,
-          adapt_layers=None) -> TrainResult:
+          adapt_layers=None, loss_sizes=None, adapt_loss: Optional[str] = None) -> TrainResult:
     """Meta-trains an MLP and returns a TrainResult (model, loss history, wall time).
 
     task: "seed-sine", "sine", a pymaml.tasks.TaskFamily, or a callable
@@ -112,6 +112,12 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         layers that do ([-1]: the head); the meta-gradient still reaches every layer (for
         Reptile, only these layers move). Runs with learned rates or adapt_layers take the
         per-iteration path, through pymaml.functional.
+    algorithm="daml" (pymaml.daml_train): DAML, MAML with a learned inner loss on unlabeled
+        source inputs, on a DAML task family ("daml-sine"; the default task "seed-sine"
+        stands for it), returning a pymaml.daml_model.DAMLModel (model.adapt(x_source));
+        loss_sizes (default [n_out + sum hidden, 32, 32, 1]) and adapt_loss ("l1" | "mse")
+        set its loss network; the defaults are the seed's DAML experiment. inner_batch,
+        learn_inner_lr, adapt_layers and distributed do not apply.
     inner_batch: None (every inner step trains on all of the task's inner-loop points), or
         the points of each step's minibatch, as in Reptile's paper: step k takes the next
         inner_batch points, cycling through them (pymaml.tasks.per_step_batches).
@@ -143,6 +149,13 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     iteration, before the weights are updated with it (as do weights that an optimizer step
     made non-finite); the last checkpoint is kept.
     """
+    if algorithm == "daml":  # DAML's own loop (pymaml.daml_train); its model is a DAMLModel
+        from . import daml_train
+        return daml_train.train_daml(dict(locals()))
+    if loss_sizes is not None or adapt_loss is not None:
+        raise ValueError("loss_sizes and adapt_loss (the learned inner loss) apply to "
+                         "algorithm='daml' only")
+    del loss_sizes, adapt_loss
     config, options = _config.from_train_arguments(**locals())  # every argument, by name
     group = _distributed.Group.join(options.distributed, options.device,
                                     options.distributed_timeout)
@@ -335,11 +348,11 @@ class _Run:
     def _chunk(self, it: int) -> Optional[List[float]]:
         """After `it` iterations, the next chunk on the fast path: its meta-losses, or None
         when this iteration must go the per-iteration way."""
-        state = self.fast.state(self.optimizer, self.params)
+        state = self.fast.state(self.optimizer, self.weights)
         if state is None:
             return None
         n = self.fast.length(it, self.options.checkpoint_every)
-        result = self.fast.run(self.params, state, n)
+        result = self.fast.run(self.weights, state, n)
         if result is None:  # the family cannot draw chunks: per-iteration from now on
             self.fast = None
             return None

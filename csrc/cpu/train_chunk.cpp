@@ -13,6 +13,7 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/_fused_sgd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
@@ -61,10 +62,11 @@ bool flag(const char* op, const char* name, double value) {
 void check_state_tensor(const char* op, const char* what, const at::Tensor& t,
                         const at::Tensor& params) {
   TORCH_CHECK_VALUE(t.device() == params.device() && t.scalar_type() == params.scalar_type() &&
-                        t.dim() == 1 && t.size(0) == params.size(0) && t.is_contiguous(),
-                    op, ": optimizer state ", what, " must be a contiguous [", params.size(0),
-                    "] tensor like params (", params.scalar_type(), ", ", params.device(),
-                    "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+                        t.sizes() == params.sizes() && t.is_contiguous(),
+                    op, ": optimizer state ", what, " must be a contiguous ", params.sizes(),
+                    " tensor like the tensor it steps (", params.scalar_type(), ", ",
+                    params.device(), "), got ", t.scalar_type(), " ", t.sizes(), " on ",
+                    t.device());
 }
 
 // Makes ATen's parallel regions opened by this thread run on it alone, while it lives (the
@@ -85,55 +87,52 @@ class OneOpenMPThread {
 #endif
 };
 
-// One step of torch.optim.SGD or Adam with fused=True, as its Python wrapper runs it for one
-// parameter tensor (torch/optim/sgd.py _fused_sgd, torch/optim/adam.py _fused_adam): the
-// same ATen kernel, on the same tensors, with the same arguments, in the same order.
+// One step of torch.optim.SGD or Adam with fused=True, as its Python wrapper runs it for the
+// parameter tensors of one group (torch/optim/sgd.py _fused_sgd, torch/optim/adam.py
+// _fused_adam): the same ATen kernel, on the same tensors, with the same arguments, in the
+// same order.
 class OuterStep {
  public:
-  // `hyper` and `state` as documented for train_chunk in csrc/ops.cpp.
+  // `hyper` as documented for train_chunk in csrc/ops.cpp; `state` holds each tensor of
+  // `params`' state in turn (SGD with momentum: its buffer; Adam: step, exp_avg, exp_avg_sq
+  // (, max_exp_avg_sq)).
   OuterStep(const char* op, std::string_view name, c10::ArrayRef<double> hyper,
-            at::TensorList state, const at::Tensor& params)
-      : hyper_(hyper.vec()), state_(state.vec()) {
+            at::TensorList state, at::TensorList params)
+      : hyper_(hyper.vec()) {
     for (double h : hyper)
       TORCH_CHECK_VALUE(std::isfinite(h), op, ": optimizer_hyper must be finite, got ", hyper);
     if (name == "sgd") {
-      parse_sgd(op, params);
+      parse_sgd(op, state, params);
     } else if (name == "adam") {
-      parse_adam(op, params);
+      parse_adam(op, state, params);
     } else {
       TORCH_CHECK_VALUE(false, op, ": optimizer must be 'sgd' or 'adam', got '",
                         std::string(name), "'");
     }
   }
 
-  // params -= update(grad), the state updated in place. grad may be overwritten (the kernels
-  // declare it mutable).
-  void step(const at::Tensor& params, const at::Tensor& grad) {
+  // params -= update(grads), the state updated in place. grads may be overwritten (the kernels
+  // declare them mutable).
+  void step(at::TensorList p, at::TensorList g) {
     // One thread (see OneOpenMPThread).
     const OneOpenMPThread serial;
-    const at::TensorList p(params), g(grad);
     const auto& h = hyper_;
     if (sgd_) {
       // [lr, momentum, dampening, weight_decay, nesterov, maximize]. torch's wrapper passes
       // is_first_step only while the buffers do not exist yet; here they always do.
-      const at::TensorList buffers = h[1] != 0 ? at::TensorList(state_) : at::TensorList();
-      at::_fused_sgd_(p, g, buffers, /*weight_decay=*/h[3], /*momentum=*/h[1], /*lr=*/h[0],
+      at::_fused_sgd_(p, g, buffers_, /*weight_decay=*/h[3], /*momentum=*/h[1], /*lr=*/h[0],
                       /*dampening=*/h[2], /*nesterov=*/h[4] == 1, /*maximize=*/h[5] == 1,
                       /*is_first_step=*/false, /*grad_scale=*/std::nullopt,
                       /*found_inf=*/std::nullopt);
       return;
     }
     // [lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay].
-    // The wrapper counts the step before the kernel, which reads the new count.
-    const at::TensorList steps(&state_[0], 1);
-    at::_foreach_add_(steps, 1);
-    const at::TensorList exp_avg(&state_[1], 1), exp_avg_sq(&state_[2], 1);
-    const at::TensorList max_exp_avg_sq = h[5] == 1 ? at::TensorList(&state_[3], 1)
-                                                    : at::TensorList();
+    // The wrapper counts the steps before the kernel, which reads the new counts.
+    at::_foreach_add_(steps_, 1);
     // Adam(decoupled_weight_decay=True) (AdamW) runs the _fused_adamw_ kernel.
     auto* kernel = h[7] == 1 ? static_cast<AdamKernel*>(&at::_fused_adamw_)
                              : static_cast<AdamKernel*>(&at::_fused_adam_);
-    kernel(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, /*lr=*/h[0], /*beta1=*/h[1],
+    kernel(p, g, exp_avg_, exp_avg_sq_, max_exp_avg_sq_, steps_, /*lr=*/h[0], /*beta1=*/h[1],
            /*beta2=*/h[2], /*weight_decay=*/h[4], /*eps=*/h[3], /*amsgrad=*/h[5] == 1,
            /*maximize=*/h[6] == 1, /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
   }
@@ -145,7 +144,7 @@ class OuterStep {
                           double, bool, bool, const std::optional<at::Tensor>&,
                           const std::optional<at::Tensor>&);
 
-  void parse_sgd(const char* op, const at::Tensor& params) {
+  void parse_sgd(const char* op, at::TensorList state, at::TensorList params) {
     const auto& h = hyper_;
     TORCH_CHECK_VALUE(h.size() == 6, op, ": optimizer 'sgd' takes optimizer_hyper = [lr, "
                       "momentum, dampening, weight_decay, nesterov, maximize], got ", h);
@@ -156,15 +155,17 @@ class OuterStep {
                       ": lr, momentum and weight_decay must be >= 0, got ", h);
     TORCH_CHECK_VALUE(!nesterov || (h[1] > 0 && h[2] == 0), op,
                       ": Nesterov momentum requires a momentum and zero dampening");
-    const size_t want = h[1] != 0 ? 1 : 0;
-    TORCH_CHECK_VALUE(state_.size() == want, op, ": SGD ",
-                      want ? "with momentum takes optimizer_state = [momentum_buffer]"
+    const size_t want = h[1] != 0 ? params.size() : 0;
+    TORCH_CHECK_VALUE(state.size() == want, op, ": SGD ",
+                      want ? "with momentum takes optimizer_state = [momentum_buffer] per "
+                             "stepped tensor"
                            : "without momentum takes no optimizer_state",
-                      ", got ", state_.size(), " tensor(s)");
-    if (want) check_state_tensor(op, "momentum_buffer", state_[0], params);
+                      ", got ", state.size(), " tensor(s)");
+    for (size_t i = 0; i < want; ++i) check_state_tensor(op, "momentum_buffer", state[i], params[i]);
+    buffers_ = state.vec();
   }
 
-  void parse_adam(const char* op, const at::Tensor& params) {
+  void parse_adam(const char* op, at::TensorList state, at::TensorList params) {
     const auto& h = hyper_;
     TORCH_CHECK_VALUE(h.size() == 8, op, ": optimizer 'adam' takes optimizer_hyper = [lr, "
                       "beta1, beta2, eps, weight_decay, amsgrad, maximize, "
@@ -176,24 +177,30 @@ class OuterStep {
                       ": Adam's betas must be in [0, 1), got ", h[1], ", ", h[2]);
     TORCH_CHECK_VALUE(h[0] >= 0 && h[3] >= 0 && h[4] >= 0, op,
                       ": lr, eps and weight_decay must be >= 0, got ", h);
-    const size_t want = amsgrad ? 4 : 3;
-    TORCH_CHECK_VALUE(state_.size() == want, op, ": Adam takes optimizer_state = [step, exp_avg, "
-                      "exp_avg_sq", amsgrad ? ", max_exp_avg_sq" : "", "], got ",
-                      state_.size(), " tensor(s)");
-    // The fused kernel reads the count as float32, as Adam(fused=True) keeps it.
-    const at::Tensor& step = state_[0];
-    TORCH_CHECK_VALUE(step.dim() == 0 && step.device() == params.device() &&
-                          step.scalar_type() == at::kFloat,
-                      op, ": Adam's step must be a 0-d float32 tensor on the device of params "
-                      "(as torch.optim.Adam(fused=True) keeps it), got ", step.scalar_type(),
-                      " ", step.sizes(), " on ", step.device());
+    const size_t per = amsgrad ? 4 : 3;
+    TORCH_CHECK_VALUE(state.size() == per * params.size(), op, ": Adam takes optimizer_state = "
+                      "[step, exp_avg, exp_avg_sq", amsgrad ? ", max_exp_avg_sq" : "",
+                      "] per stepped tensor, got ", state.size(), " tensor(s)");
     const char* names[] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
-    for (size_t i = 1; i < want; ++i) check_state_tensor(op, names[i], state_[i], params);
+    for (size_t k = 0; k < params.size(); ++k) {
+      // The fused kernel reads the count as float32, as Adam(fused=True) keeps it.
+      const at::Tensor& step = state[per * k];
+      TORCH_CHECK_VALUE(step.dim() == 0 && step.device() == params[k].device() &&
+                            step.scalar_type() == at::kFloat,
+                        op, ": Adam's step must be a 0-d float32 tensor on the device of params "
+                        "(as torch.optim.Adam(fused=True) keeps it), got ", step.scalar_type(),
+                        " ", step.sizes(), " on ", step.device());
+      for (size_t i = 1; i < per; ++i) check_state_tensor(op, names[i], state[per * k + i], params[k]);
+      steps_.push_back(step);
+      exp_avg_.push_back(state[per * k + 1]);
+      exp_avg_sq_.push_back(state[per * k + 2]);
+      if (amsgrad) max_exp_avg_sq_.push_back(state[per * k + 3]);
+    }
   }
 
   bool sgd_ = false;
   std::vector<double> hyper_;
-  std::vector<at::Tensor> state_;
+  std::vector<at::Tensor> buffers_, steps_, exp_avg_, exp_avg_sq_, max_exp_avg_sq_;
 };
 
 // The gradient `algorithm` hands the optimizer.
@@ -219,16 +226,20 @@ bool all_finite(const T* x, int64_t n) {
 // left in `grad`), then one optimizer step of `weights`; it stops as csrc/ops.cpp documents
 // for train_chunk. Writes the losses to out and returns the count of iterations done.
 template <typename scalar_t, typename MetaGrad>
-int64_t run_chunk(int64_t n, const at::Tensor& weights, const at::Tensor& grad, OuterStep& outer,
+int64_t run_chunk(int64_t n, at::TensorList weights, at::TensorList grads, OuterStep& outer,
                   scalar_t* out, MetaGrad&& meta_grad) {
-  const scalar_t* w = weights.data_ptr<scalar_t>();
   int64_t done = 0;
+  auto finite = [&] {
+    for (const at::Tensor& w : weights)
+      if (!all_finite(w.data_ptr<scalar_t>(), w.numel())) return false;
+    return true;
+  };
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t value = meta_grad(i);
     out[i] = value;
     if (!std::isfinite(value)) break;  // before updating the weights with it
-    outer.step(weights, grad);
-    if (!all_finite(w, weights.numel())) break;  // the update made a weight NaN or infinite
+    outer.step(weights, grads);
+    if (!finite()) break;  // the update made a weight NaN or infinite
     ++done;
   }
   return done;
@@ -236,18 +247,19 @@ int64_t run_chunk(int64_t n, const at::Tensor& weights, const at::Tensor& grad, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> train_chunk(
-    const at::Tensor& params, at::TensorList optimizer_state, const at::Tensor& xs_in,
-    const at::Tensor& ys_in, const at::Tensor& xq_in, const at::Tensor& yq_in,
-    c10::IntArrayRef sizes, double inner_lr, int64_t steps, std::string_view activation,
-    std::string_view loss, std::string_view algorithm, std::string_view optimizer,
-    c10::ArrayRef<double> optimizer_hyper) {
-  constexpr const char* op = "pymaml::train_chunk";
-  const OpConfig c = parse_config(op, sizes, inner_lr, steps, activation, loss);
-  const Direction direction = parse_algorithm(op, algorithm);
-  check_params(op, params, c);
-  TORCH_CHECK_VALUE(params.is_contiguous(), op,
-                    ": params is updated in place and must be contiguous");
+namespace {
+
+// train_chunk and train_chunk_rates: `a` holds the checked config (with the inner rule, and
+// a.rates defined for the rates form) and params; the optimizer steps params, and the rates
+// too when learn_rates.
+std::tuple<at::Tensor, at::Tensor> maml_chunk(const char* op, OpArgs a, Direction direction,
+                                              bool learn_rates, at::TensorList optimizer_state,
+                                              const at::Tensor& xs_in, const at::Tensor& ys_in,
+                                              const at::Tensor& xq_in, const at::Tensor& yq_in,
+                                              std::string_view optimizer,
+                                              c10::ArrayRef<double> optimizer_hyper) {
+  const OpConfig& c = a.config;
+  const at::Tensor& params = a.params;
   // Each meta-batch as maml_loss checks its own: the support [T, K, n_in] or, a batch per inner
   // step, [T, steps, K, n_in]; the query [T, Q, n_in].
   int64_t n = -1, T = -1;
@@ -260,11 +272,12 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
                     "[n, T, Q, features], got ", xq_in.sizes(), " and ", yq_in.sizes());
   const int64_t Q = check_batch(op, "x_query", xq_in.select(0, 0), "y_query", yq_in.select(0, 0),
                                 params, c.shape, T);
-  const int64_t support = (per_step ? steps : 1) * K;  // a task's support points
-  OuterStep outer(op, optimizer, optimizer_hyper, optimizer_state, params);
+  const int64_t support = (per_step ? c.steps : 1) * K;  // a task's support points
+  std::vector<at::Tensor> weights{params};
+  if (learn_rates) weights.push_back(a.rates);
+  OuterStep outer(op, optimizer, optimizer_hyper, optimizer_state, weights);
   const at::Tensor xs = xs_in.contiguous(), ys = ys_in.contiguous(), xq = xq_in.contiguous(),
                    yq = yq_in.contiguous();
-  const int64_t P = c.shape.num_params;
   // Iterations not run keep NaN.
   at::Tensor losses = at::full({n}, std::numeric_limits<double>::quiet_NaN(), params.options());
   int64_t done = 0;
@@ -272,9 +285,12 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_train_chunk_cpu", [&] {
     // Everything the loop needs is allocated here, once.
     MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0);
-    const at::Tensor grad = at::empty({P}, params.options());
+    std::vector<at::Tensor> grads;
+    for (const at::Tensor& w : weights) grads.push_back(at::empty_like(w));
     const scalar_t* theta = params.data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* rates = a.rates.defined() ? a.rates.data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = grads[0].data_ptr<scalar_t>();
+    scalar_t* g_rates = learn_rates ? grads[1].data_ptr<scalar_t>() : nullptr;
     const scalar_t* Xs = xs.data_ptr<scalar_t>();
     const scalar_t* Ys = ys.data_ptr<scalar_t>();
     const scalar_t* Xq = xq.data_ptr<scalar_t>();
@@ -282,12 +298,55 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     // Elements per meta-batch of each tensor.
     const int64_t nxs = T * support * c.shape.n[0], nys = T * support * c.shape.n_out();
     const int64_t nxq = T * Q * c.shape.n[0], nyq = T * Q * c.shape.n_out();
-    done = run_chunk(n, params, grad, outer, losses.data_ptr<scalar_t>(), [&](int64_t i) {
+    done = run_chunk(n, weights, grads, outer, losses.data_ptr<scalar_t>(), [&](int64_t i) {
       return batch.run(theta, Xs + i * nxs, Ys + i * nys, Xq + i * nxq, Yq + i * nyq, direction,
-                       g);
+                       g, rates, g_rates);
     });
   });
   return {losses, at::scalar_tensor(done, at::TensorOptions().dtype(at::kLong))};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> train_chunk(
+    const at::Tensor& params, at::TensorList optimizer_state, const at::Tensor& xs,
+    const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, c10::IntArrayRef sizes,
+    double inner_lr, int64_t steps, std::string_view activation, std::string_view loss,
+    std::string_view algorithm, std::string_view optimizer,
+    c10::ArrayRef<double> optimizer_hyper) {
+  constexpr const char* op = "pymaml::train_chunk";
+  OpArgs a;
+  a.config = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  const Direction direction = parse_algorithm(op, algorithm);
+  check_params(op, params, a.config);
+  TORCH_CHECK_VALUE(params.is_contiguous(), op,
+                    ": params is updated in place and must be contiguous");
+  a.params = params;
+  return maml_chunk(op, a, direction, false, optimizer_state, xs, ys, xq, yq, optimizer,
+                    optimizer_hyper);
+}
+
+std::tuple<at::Tensor, at::Tensor> train_chunk_rates(
+    const at::Tensor& params, const at::Tensor& rates, at::TensorList optimizer_state,
+    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    c10::IntArrayRef sizes, int64_t steps, std::string_view activation, std::string_view loss,
+    std::string_view algorithm, c10::IntArrayRef adapt_layers, bool learn_rates,
+    std::string_view optimizer, c10::ArrayRef<double> optimizer_hyper) {
+  constexpr const char* op = "pymaml::train_chunk_rates";
+  OpArgs a;
+  a.config = parse_config(op, sizes, 0.0, steps, activation, loss);
+  const Direction direction = parse_algorithm(op, algorithm);
+  TORCH_CHECK_VALUE(!(learn_rates && direction == Direction::Reptile), op,
+                    ": Reptile's direction gives the rates no gradient: learn_rates must be "
+                    "false with algorithm 'reptile'");
+  check_params(op, params, a.config);
+  a.params = params;
+  check_rate_args(op, a, rates, adapt_layers);
+  TORCH_CHECK_VALUE(params.is_contiguous() && rates.is_contiguous(), op,
+                    ": params and rates are updated in place and must be contiguous");
+  a.rates = rates;  // the tensor itself: the optimizer updates it in place
+  return maml_chunk(op, a, direction, learn_rates, optimizer_state, xs, ys, xq, yq, optimizer,
+                    optimizer_hyper);
 }
 
 // DAML's chunk: `weights` is [theta (P), psi (P_psi)] in one tensor, stepped as one.
@@ -333,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor> daml_train_chunk(
 
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("train_chunk", &train_chunk);
+  m.impl("train_chunk_rates", &train_chunk_rates);
   m.impl("daml_train_chunk", &daml_train_chunk);
 }
 
