@@ -13,6 +13,7 @@ from ._version import __version__
 from .evaluate import EvalResult, evaluate
 from .functional import adapt, daml_adapt, daml_loss, init_params, maml_loss, mlp_forward
 from .model import MetaMLP, load
+from .daml_model import DAMLModel
 from .nn import MAML
 from .trainer import TrainingDiverged, TrainResult, train
 
@@ -20,4 +21,5 @@ __all__ = [
     "__version__", "distributed", "functional", "nn", "reference", "tasks", "adapt", "init_params", "maml_loss",
     "mlp_forward", "fused_available", "cuda_compiled", "MetaMLP", "load", "train", "TrainResult",
     "TrainingDiverged", "evaluate", "EvalResult", "MAML", "daml_loss", "daml_adapt", "daml",
+    "DAMLModel",
 ]

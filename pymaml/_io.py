@@ -34,6 +34,11 @@ import torch
 
 MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
+# DAML's model (both networks) and training checkpoint: pymaml.daml_model, pymaml.daml_train
+DAML_MODEL_FORMAT = "pymaml.DAMLModel"
+DAML_CHECKPOINT_FORMAT = "pymaml.daml-checkpoint"
+DAML_FORMATS = (DAML_MODEL_FORMAT, DAML_CHECKPOINT_FORMAT)
+FORMATS = (MODEL_FORMAT, CHECKPOINT_FORMAT) + DAML_FORMATS
 
 # The zip comment that seals a file: this prefix, then the hex SHA-256 of every byte before
 # the comment (the end-of-archive record included, with its comment length set).
@@ -373,7 +378,7 @@ def load_file(path, map_location="cpu") -> Dict[str, Any]:
                              "was not loaded") from None
         raise ValueError(f"{path} could not be read as a pymaml file (damaged, or not written "
                          f"by pymaml: {_first_line(exc)})") from None
-    if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+    if not isinstance(obj, dict) or obj.get("format") not in FORMATS:
         raise ValueError(f"{path} is not a pymaml model or checkpoint (no pymaml format tag)")
     return obj
 

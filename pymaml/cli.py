@@ -132,6 +132,13 @@ def _outputs(args):
 # ---- commands -----------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    if args.task is None:  # DAML trains its own family (pymaml.daml_cli)
+        args.task = "daml-sine" if args.algorithm == "daml" else "seed-sine"
+    if args.algorithm == "daml":
+        from . import daml_cli
+        return daml_cli.cmd_train(args)
+    if args.loss_hidden is not None or args.adapt_loss is not None:
+        raise _FlagError("--loss-hidden and --adapt-loss apply to --algorithm daml only")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _outputs(args)
@@ -245,6 +252,9 @@ def _task_of(args, model) -> str:
 def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    from . import daml_cli, daml_model
+    if daml_model.is_daml_file(args.model):
+        return daml_cli.cmd_eval(args)
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
     result = evaluate(model, task, shots=args.shots, steps=args.steps, num_tasks=args.tasks,
@@ -255,6 +265,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from . import daml_cli, daml_model
+    if daml_model.is_daml_file(args.model):
+        return daml_cli.cmd_plot(args)
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
@@ -312,7 +325,8 @@ def _add_train_parser(sub, **defaults) -> None:
                        description="Meta-trains an MLP (pymaml.train); the defaults are the seed's "
                                    "experiment. Writes PREFIX.png (the model adapted to a task), "
                                    "PREFIX-loss.png, PREFIX.pt (the model) and PREFIX.ckpt.")
-    t.add_argument("--task", choices=list(FAMILIES), default="seed-sine", help="task family")
+    t.add_argument("--task", choices=list(FAMILIES),
+                   help="task family (default: seed-sine; daml-sine for --algorithm daml)")
     t.add_argument("--shots", type=_count(1), help="support points per task (default: the task's)")
     t.add_argument("--queries", type=_count(1), help="query points per task (default: = shots)")
     t.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
@@ -359,6 +373,8 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--dist-timeout", type=float, default=_distributed.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="how long a process waits for the others before the "
                                            "run stops with an error")
+    from . import daml_cli
+    daml_cli.add_train_flags(t)
     t.set_defaults(run=cmd_train)
 
 

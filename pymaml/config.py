@@ -27,7 +27,8 @@ from .model import INITS, MetaMLP
 
 # metasgd: MAML learning one inner rate per parameter (learn_inner_lr="per-parameter");
 # anil: MAML adapting the head only (adapt_layers=[-1]).
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+# daml: a learned inner loss on unlabeled inputs (pymaml.daml_train: a loop of its own).
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "daml")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -223,6 +223,9 @@ class MetaMLP(nn.Module):
         are all checked: a damaged checkpoint is refused, not half used)."""
         device = F._check_device("device", device) if device is not None else None
         d = _io.load_file(path)
+        if d["format"] in _io.DAML_FORMATS:
+            raise ValueError(f"{path} holds a DAML model (a base and a loss network), not a "
+                             "MetaMLP: load it with pymaml.load or pymaml.DAMLModel.load")
         if d["format"] == _io.CHECKPOINT_FORMAT:
             from . import checkpoint  # imported here: checkpoint -> config -> model
             checkpoint.check(path, d)
@@ -245,5 +248,7 @@ class MetaMLP(nn.Module):
 
 
 def load(path, *, device=None) -> MetaMLP:
-    """pymaml.load(path): a model saved with MetaMLP.save, or the model in a checkpoint."""
-    return MetaMLP.load(path, device=device)
+    """pymaml.load(path): a model saved with MetaMLP.save, or the model in a checkpoint; for
+    DAML's files, a pymaml.DAMLModel (pymaml.daml_model.load_any)."""
+    from .daml_model import load_any  # imported here: daml_model imports this module
+    return load_any(path, device=device)

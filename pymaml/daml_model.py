@@ -1,0 +1,271 @@
+"""DAMLModel: a DAML-trained pair of networks, the base MLP (theta) and the adaptation-loss MLP
+(psi), and its test-time adaptation from unlabeled inputs (pymaml.daml).
+
+Both networks' weights live in ONE flat nn.Parameter, `weights` = cat[params, loss_params]
+(what pymaml.train's DAML loop steps with one optimizer, and what the chunked op
+torch.ops.pymaml.daml_train_chunk updates in place); `params` and `loss_params` are views of
+it. `model.adapt(x_source)` takes the inner loop's SGD steps on the learned loss over unlabeled
+source inputs only and returns the adapted base network, a pymaml.MetaMLP to predict with;
+`model(x)` is the unadapted base network.
+
+Files: `save` writes a dict of plain tensors and values (pymaml._io: atomic, sealed with a
+digest, loadable with torch.load(weights_only=True)) tagged "pymaml.DAMLModel";
+`DAMLModel.load` reads it (or the model inside a DAML training checkpoint) and refuses a
+damaged or foreign file with one line naming it. `load_any` (pymaml.load) reads either kind
+of pymaml model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import _io
+from . import daml as _daml
+from . import functional as F
+from ._layout import num_params
+from ._version import __version__
+from .model import MetaMLP
+
+__all__ = ["DAMLModel", "load_any", "default_loss_sizes"]
+
+FORMAT_VERSION = 1  # the newest DAML model record this version reads
+DEFAULT_LOSS_HIDDEN = (32, 32)  # the seed's adaptation-loss network: (65)-32-32-1
+
+
+def default_loss_sizes(sizes, hidden=DEFAULT_LOSS_HIDDEN) -> list:
+    """The loss network's layer sizes for a base network of `sizes`: [n_out + sum of the
+    hidden widths, *hidden, 1] ([65, 32, 32, 1] for the seed's 1-32-32-1)."""
+    return [_daml.loss_input_width(list(sizes)), *hidden, 1]
+
+
+def init_weights(sizes, loss_sizes, *, init: str = "seed", generator=None,
+                 dtype=torch.float32, device=None) -> torch.Tensor:
+    """cat[params, loss_params]: the base network's weights, then the loss network's, each as
+    pymaml.functional.init_params draws them (init "seed": W uniform in ±1/sqrt(fan_in), zero
+    biases; "torch": nn.Linear's default), drawn in that order from `generator`."""
+    zero_bias = F._check_choice("init", init, ("seed", "torch")) == "seed"
+    parts = [F.init_params(s, generator=generator, dtype=dtype, device=device,
+                           zero_bias=zero_bias) for s in (sizes, loss_sizes)]
+    return torch.cat(parts)
+
+
+class DAMLModel(nn.Module):
+    """A base MLP (`sizes`, `activation`) with its learned adaptation loss: the loss MLP
+    (`loss_sizes`, ReLU hidden layers, linear output; loss_sizes[0] = n_out + sum of the base
+    network's hidden widths, loss_sizes[-1] = 1) read at every unlabeled point, the inner
+    loss mean |h| ("l1") or mean h^2 ("mse") (`adapt_loss`), `inner_steps` SGD steps at
+    `inner_lr`. `loss` is the supervised target-domain loss it was meta-trained with.
+
+    Args: weights (cat[params, loss_params], copied) or params and loss_params (copied), or
+    none of them to initialise with `init` ("seed" | "torch") from `generator`."""
+
+    def __init__(self, sizes=(1, 32, 32, 1), loss_sizes=None, activation: str = "relu", *,
+                 params: Optional[torch.Tensor] = None,
+                 loss_params: Optional[torch.Tensor] = None,
+                 weights: Optional[torch.Tensor] = None, loss: str = "l1",
+                 adapt_loss: str = "l1", inner_lr: float = 0.03, inner_steps: int = 5,
+                 init: str = "seed", generator: Optional[torch.Generator] = None,
+                 dtype: torch.dtype = torch.float32, device=None,
+                 info: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        if loss_sizes is None:
+            loss_sizes = default_loss_sizes(F._check_sizes(sizes))
+        self.sizes, self.loss_sizes = _daml._check_all_sizes(sizes, loss_sizes)
+        self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
+        self.loss = F._check_choice("loss", loss, F.LOSSES)
+        self.adapt_loss = F._check_choice("adapt_loss", adapt_loss, _daml.ADAPT_LOSSES)
+        self.inner_lr = F._check_finite("inner_lr", inner_lr)
+        self.inner_steps = F._check_int("inner_steps", inner_steps, 1)
+        self.info = _io.plain("info", dict(info or {}))
+        P, P_loss = num_params(self.sizes), num_params(self.loss_sizes)
+        if device is not None:
+            device = F._check_device("device", device)
+        with torch.inference_mode(False):
+            if weights is not None:
+                if params is not None or loss_params is not None:
+                    raise ValueError("give either weights or params and loss_params, not both")
+                if not (isinstance(weights, torch.Tensor) and weights.is_floating_point()
+                        and weights.dim() == 1 and weights.shape[0] == P + P_loss):
+                    got = (f"{weights.dtype} {list(weights.shape)}"
+                           if isinstance(weights, torch.Tensor) else type(weights).__name__)
+                    raise ValueError(f"weights must be a floating-point [P + P_loss] = "
+                                     f"[{P} + {P_loss}] tensor (cat[params, loss_params]), "
+                                     f"got {got}")
+                w = weights.detach().clone()
+            elif params is not None or loss_params is not None:
+                if params is None or loss_params is None:
+                    raise ValueError("params and loss_params go together (the base network's "
+                                     "weights and the loss network's)")
+                _daml._check_flat("params", params, self.sizes, "sizes")
+                _daml._check_flat("loss_params", loss_params, self.loss_sizes, "loss_sizes",
+                                  params.dtype, params.device)
+                w = torch.cat([params.detach(), loss_params.detach()])
+            else:
+                if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
+                w = init_weights(self.sizes, self.loss_sizes, init=init, generator=generator,
+                                 dtype=dtype, device=device)
+            if not torch.isfinite(w).all():
+                raise ValueError("the weights hold non-finite values (NaN or infinite)")
+            self.weights = nn.Parameter(w.contiguous())
+        self._split = P
+
+    # ---- the two networks -----------------------------------------------------------------
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The base network's flat weights [P] (a view of `weights`)."""
+        return self.weights[:self._split]
+
+    @property
+    def loss_params(self) -> torch.Tensor:
+        """The adaptation-loss network's flat weights [P_loss] (a view of `weights`)."""
+        return self.weights[self._split:]
+
+    def base(self) -> MetaMLP:
+        """The unadapted base network as a MetaMLP (a copy)."""
+        return self._metamlp(self.params.detach())
+
+    def _metamlp(self, params: torch.Tensor) -> MetaMLP:
+        return MetaMLP(self.sizes, self.activation, params=params, loss=self.loss,
+                       inner_lr=self.inner_lr, inner_steps=self.inner_steps,
+                       info=dict(self.info, adapted_by="daml"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unadapted base network: x [..., n_in] -> [..., n_out]."""
+        return F.mlp_forward(self.params, x, sizes=self.sizes, activation=self.activation)
+
+    def adapt(self, x_source: torch.Tensor, *, steps: Optional[int] = None,
+              inner_lr: Optional[float] = None, per_step: bool = False,
+              backend: str = "auto") -> MetaMLP:
+        """Test-time adaptation from unlabeled inputs alone: `steps` (default: the training
+        setting) SGD steps of the base network on the learned loss over x_source, returning
+        the adapted base network (a MetaMLP; detached from this model).
+
+        x_source: [K, n_in] (one task, the same inputs at every step) -> a MetaMLP to call
+        on x [N, n_in]; [T, K, n_in] (T tasks) or [T, steps, K, n_in] (T tasks, a batch per
+        step, as the seed's experiment draws a fresh input at each step) -> a MetaMLP holding
+        T adapted parameter sets, called on x [T, N, n_in]. per_step=True reads a 3-D x_source
+        as [steps, K, n_in]: one task with a batch per step (-> a single-task MetaMLP). With
+        batches for more steps than `steps`, the first `steps` are used."""
+        if not isinstance(x_source, torch.Tensor):
+            raise TypeError(f"x_source must be a torch.Tensor, got {type(x_source).__name__}")
+        if per_step not in (True, False):
+            raise TypeError(f"per_step must be True or False, got {per_step!r}")
+        dims = (3,) if per_step else (2, 3, 4)
+        if x_source.dim() not in dims:
+            want = ("[steps, K, n_in] (per_step=True: one task, a batch per step)" if per_step
+                    else "[K, n_in], [T, K, n_in] or [T, steps, K, n_in]")
+            raise ValueError(f"x_source must be {want}, got shape {list(x_source.shape)}")
+        single = per_step or x_source.dim() == 2
+        xs = x_source.unsqueeze(0) if single else x_source
+        steps = self.inner_steps if steps is None else F._check_int("steps", steps, 1)
+        rate = self.inner_lr if inner_lr is None else F._check_finite("inner_lr", inner_lr)
+        if xs.dim() == 4 and xs.shape[1] > steps:  # batches for more steps: the first ones
+            xs = xs[:, :steps]
+        with torch.no_grad():
+            adapted = _daml.daml_adapt(self.params.detach(), self.loss_params.detach(), xs,
+                                       sizes=self.sizes, loss_sizes=self.loss_sizes,
+                                       inner_lr=rate, steps=steps, activation=self.activation,
+                                       adapt_loss=self.adapt_loss, backend=backend)
+        return self._metamlp(adapted[0] if single else adapted)
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The model as plain tensors and values (what `save` writes)."""
+        w = self.weights.detach().cpu()
+        return dict(format=_io.DAML_MODEL_FORMAT, format_version=FORMAT_VERSION,
+                    pymaml_version=__version__, sizes=list(self.sizes),
+                    loss_sizes=list(self.loss_sizes), activation=self.activation,
+                    loss=self.loss, adapt_loss=self.adapt_loss, inner_lr=self.inner_lr,
+                    inner_steps=self.inner_steps, info=dict(self.info),
+                    params=w[:self._split].clone(), loss_params=w[self._split:].clone())
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], *, device=None) -> "DAMLModel":
+        """The model of a record written by to_dict; ValueError naming the field that is
+        missing or holds what a DAML model cannot have."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the DAML model record is a {type(d).__name__}, not a dict")
+        fields = ("sizes", "loss_sizes", "activation", "loss", "adapt_loss", "inner_lr",
+                  "inner_steps", "params", "loss_params")
+        for field in fields:
+            if field not in d:
+                raise ValueError(f"field {field!r} of the DAML model record is missing")
+        for field in ("params", "loss_params"):
+            if not isinstance(d[field], torch.Tensor):
+                raise ValueError(f"field {field!r} of the DAML model record is a "
+                                 f"{type(d[field]).__name__}, not a tensor")
+        version = d.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"field 'format_version' of the DAML model record is {version!r}: "
+                             f"written by a newer pymaml (this is {__version__}, which reads "
+                             f"up to {FORMAT_VERSION})")
+        if "info" in d and not isinstance(d["info"], (dict, type(None))):
+            raise ValueError("field 'info' of the DAML model record is not a dict")
+        try:
+            return cls(d["sizes"], d["loss_sizes"], d["activation"],
+                       params=d["params"].to(device), loss_params=d["loss_params"].to(device),
+                       loss=d["loss"], adapt_loss=d["adapt_loss"], inner_lr=d["inner_lr"],
+                       inner_steps=d["inner_steps"], info=d.get("info"))
+        except (TypeError, ValueError) as exc:  # the argument checks name the field
+            raise ValueError(f"the DAML model record holds an invalid value: {exc}") from None
+
+    def save(self, path) -> None:
+        """Writes the model atomically (torch.load(path, weights_only=True) reads it)."""
+        _io.atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path, *, device=None) -> "DAMLModel":
+        """A model saved by `save`, or the model in a DAML training checkpoint (checked whole
+        first: a damaged checkpoint is refused, not half used)."""
+        device = F._check_device("device", device) if device is not None else None
+        return _from_file(path, _io.load_file(path), device, want=cls)
+
+    def extra_repr(self) -> str:
+        return (f"sizes={self.sizes}, loss_sizes={self.loss_sizes}, "
+                f"activation={self.activation!r}, adapt_loss={self.adapt_loss!r}, "
+                f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}, "
+                f"loss={self.loss!r}, dtype={self.weights.dtype}")
+
+
+def _from_file(path, d: Dict[str, Any], device, want=None):
+    """The model in the pymaml file `d` read from `path`: a DAMLModel for DAML files; a
+    MetaMLP for MAML ones unless `want` is DAMLModel (then a ValueError saying what it is)."""
+    fmt = d["format"]
+    if fmt == _io.DAML_CHECKPOINT_FORMAT:
+        from . import daml_train  # imported here: daml_train imports this module
+        daml_train.check_checkpoint(path, d)
+        return DAMLModel.from_dict(d["model"], device=device)
+    if fmt == _io.DAML_MODEL_FORMAT:
+        try:
+            return DAMLModel.from_dict(d, device=device)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    if want is DAMLModel:
+        raise ValueError(f"{path} holds a MAML model (a MetaMLP), not a DAML model: load it "
+                         "with pymaml.load or pymaml.MetaMLP.load")
+    return MetaMLP.load(path, device=device)
+
+
+def is_daml_file(path) -> bool:
+    """Whether `path` is a DAML model or checkpoint (False for anything else, unreadable
+    files included: their loader words the error)."""
+    try:
+        return _io.load_file(path)["format"] in _io.DAML_FORMATS
+    except (OSError, ValueError):
+        return False
+
+
+def load_any(path, *, device=None):
+    """pymaml.load(path): the model in a pymaml file, a MetaMLP (MAML model or checkpoint) or
+    a DAMLModel (DAML model or checkpoint)."""
+    device = F._check_device("device", device) if device is not None else None
+    d = _io.load_file(path)
+    if d["format"] in _io.DAML_FORMATS:
+        return _from_file(path, d, device)
+    return MetaMLP.load(path, device=device)
