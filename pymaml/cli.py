@@ -257,7 +257,8 @@ def cmd_eval(args) -> int:
         return daml_cli.cmd_eval(args)
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
-    result = evaluate(model, task, shots=args.shots, steps=args.steps, num_tasks=args.tasks,
+    result = evaluate(model, task, shots=args.shots, steps=args.steps or [1, 5, 10],
+                      num_tasks=args.tasks,
                       inner_lr=args.inner_lr, seed=args.seed, backend=args.backend)
     print(f"{args.model}: {model.extra_repr()}")
     print(result.table())
@@ -389,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
     e.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
     e.add_argument("--shots", type=_count(1), help="support = held-out points per task (default: the task's)")
-    e.add_argument("--steps", type=_int_list, default=[1, 5, 10], help="adaptation steps, e.g. 0,1,5,10")
+    e.add_argument("--steps", type=_int_list,
+                   help="adaptation steps, e.g. 0,1,5,10 (default: 1,5,10; a DAML model's own)")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
     e.add_argument("--inner-lr", type=float,
                    help="one inner rate for every step (default: the model's learned rates, or "

@@ -186,8 +186,7 @@ def cmd_eval(args) -> int:
     if task not in _tasks.DAML_FAMILIES:
         raise ValueError(f"{args.model} is a DAML model: evaluate it on a DAML task family "
                          f"({', '.join(_tasks.DAML_FAMILIES)}), not {task!r}")
-    steps = None if args.steps == [1, 5, 10] else args.steps  # eval's default: the model's
-    result = evaluate_daml(model, task, shots=args.shots, steps=steps, num_tasks=args.tasks,
+    result = evaluate_daml(model, task, shots=args.shots, steps=args.steps, num_tasks=args.tasks,
                            inner_lr=args.inner_lr, seed=args.seed, backend=args.backend)
     print(f"{args.model}: DAMLModel({model.extra_repr()})")
     print(result.table())

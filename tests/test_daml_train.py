@@ -260,6 +260,8 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert main(["eval", out + ".pt", "--tasks", "10"]) == 0
     text = capsys.readouterr().out
     assert "DAMLModel" in text and "phase" in text and "pi" in text
+    assert main(["eval", out + ".pt", "--tasks", "10", "--steps", "1,5,10"]) == 0
+    assert capsys.readouterr().out.count("   pi  ") == 3  # one row per steps asked
     # resume to more iterations
     assert main(["train", "--algorithm", "daml", "--iterations", "30", "--out", out,
                  "--no-plots", "--no-progress", "--log-every", "0", "--resume"]) == 0
