@@ -160,10 +160,10 @@ std::tuple<at::Tensor, at::Tensor> adapt_rates_backward(
 
 template <typename scalar_t>
 MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q,
-                               int64_t batch_stride)
+                               int64_t batch_stride, bool rate_grad)
     : config_(config), T_(T), K_(K), Q_(Q), batch_stride_(batch_stride) {
   const int64_t P = config.shape.num_params;
-  rate_size_ = config.rate_rows * P;  // the rates' gradient, when asked for
+  rate_size_ = rate_grad ? config.rate_rows * P : 0;
   width_ = P + rate_size_;
   blocks_ = num_blocks(T, width_);
   task_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q), rate_size_ > 0);
@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_impl(const OpArgs& a, b
                                         : at::empty({0}, a.params.options());
   at::Tensor mean_loss = at::empty({}, a.params.options());
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
-    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride);
+    MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride, need_rate_grad);
     *mean_loss.data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.xs.data_ptr<scalar_t>(), a.ys.data_ptr<scalar_t>(),
         a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),

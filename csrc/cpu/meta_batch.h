@@ -22,14 +22,18 @@ class MetaBatch {
   // A meta-batch of T tasks with K support and Q query points each, for the network and inner
   // loop of `config` (already checked by parse_config). batch_stride K: a support batch of its
   // own per inner step (xs [T, steps, K, n_in]); 0: one for every step (OpArgs).
-  MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q, int64_t batch_stride = 0);
+  // rate_grad: run() may be asked for the rates' gradient (config.rate_rows > 0): the
+  // workspace then keeps every inner gradient and the block sums are twice as wide, which a
+  // call with fixed rates (ANIL's single rate) does not pay for.
+  MetaBatch(const OpConfig& config, int64_t T, int64_t K, int64_t Q, int64_t batch_stride = 0,
+            bool rate_grad = false);
 
   // Mean query loss over the tasks after adaptation (on xs, ys). If `grad` is not null, also
   // writes the mean over tasks of `direction` [P] there. Buffers are contiguous: theta [P],
   // xs [T, K, n_in], ys [T, K, n_out], xq / yq likewise with Q points. Bitwise the same
   // result for any thread count. With config.rate_rows > 0, `rates` [R, P] are the inner
-  // rates, and `rate_grad` (if not null, with grad, not Reptile) receives the mean over tasks
-  // of their gradient [R, P] (docs/design.md §8.1).
+  // rates, and `rate_grad` (if not null, with grad, not Reptile; the batch built with
+  // rate_grad) receives the mean over tasks of their gradient [R, P] (docs/design.md §8.1).
   scalar_t run(const scalar_t* theta, const scalar_t* xs, const scalar_t* ys,
                const scalar_t* xq, const scalar_t* yq, Direction direction, scalar_t* grad,
                const scalar_t* rates = nullptr, scalar_t* rate_grad = nullptr);
@@ -39,7 +43,7 @@ class MetaBatch {
  private:
   OpConfig config_;
   int64_t T_, K_, Q_, batch_stride_;
-  int64_t rate_size_;            // R * P: the rates' gradient (0 with the scalar rate)
+  int64_t rate_size_;            // R * P: the rates' gradient (0 when not asked for)
   int64_t width_;                // P + rate_size_: what a task adds to its block's sum
   int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
   int64_t task_size_;            // scratch elements of a task (maml_math.h TaskWorkspace)

@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> maml_chunk(const char* op, OpArgs a, Directio
 
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_train_chunk_cpu", [&] {
     // Everything the loop needs is allocated here, once.
-    MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0);
+    MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0, learn_rates);
     std::vector<at::Tensor> grads;
     for (const at::Tensor& w : weights) grads.push_back(at::empty_like(w));
     const scalar_t* theta = params.data_ptr<scalar_t>();
