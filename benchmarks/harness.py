@@ -7,11 +7,17 @@ An implementation runs one meta-iteration of a workload the way a user's trainin
 the meta-gradient of the meta-batch, then the outer optimizer's step (torch.optim, the
 trainer's SGD or Adam). Only pymaml's public API is used: pymaml.functional, pymaml.reference,
 torch.ops.pymaml.*, pymaml.testing.torch_func_maml (torch_func_learned_maml for learned rates
-and frozen layers).
+and frozen layers; torch_func_daml for DAML), pymaml.daml_model.init_weights, and for the DAML
+train_chunk row pymaml.outer_optim (the trainer's optimizer arguments for the op).
 
 Learned inner rates (a workload's `rates`: Meta-SGD and the like) are a second tensor beside the
 weights: it starts at inner_lr, gets its gradient from the same backward and is stepped by the
 same optimizer; a meta-gradient is then the two gradients concatenated, [params, rates].
+
+DAML (issue 15; a workloads.DAMLWorkload) has a registry of its own, DAML_IMPLEMENTATIONS,
+served by the same functions (skip_reason, make_data, make_runner, oracle, verify,
+time_implementation pick the registry by the workload's type): its second tensor is the loss
+network's weights, loss_params, and its meta-gradient [params, loss_params].
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ import torch
 
 import pymaml
 from pymaml import functional as F
-from pymaml import reference, tasks
-from pymaml.testing import relative_error, torch_func_learned_maml, torch_func_maml
-from workloads import Workload, meta_iteration_flops
+from pymaml import daml as _daml
+from pymaml import outer_optim, reference, tasks
+from pymaml.daml_model import init_weights
+from pymaml.testing import (relative_error, torch_func_daml, torch_func_learned_maml,
+                            torch_func_maml)
+from workloads import DAMLWorkload, Workload, daml_meta_iteration_flops, meta_iteration_flops
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
 VERIFY_TOLERANCE = 1e-4
@@ -41,7 +50,10 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 def make_data(w: Workload, device="cpu", seed: int = 0):
     """(batch (xs, ys, xq, yq), params [P]) for workload w, drawn from one seeded generator, so
-    that every implementation starts from the same weights on the same tasks."""
+    that every implementation starts from the same weights on the same tasks (a DAMLWorkload:
+    make_daml_data's)."""
+    if isinstance(w, DAMLWorkload):
+        return make_daml_data(w, device, seed)
     g = torch.Generator().manual_seed(seed)
     params = F.init_params(list(w.sizes), generator=g, dtype=torch.float64,
                            zero_bias=w.init == "seed").to(device=device, dtype=torch.float32)
@@ -220,13 +232,25 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
 }
 
 
+def implementations(w) -> Dict[str, Implementation]:
+    """The registry that serves workload w: DAML_IMPLEMENTATIONS for a DAMLWorkload."""
+    return DAML_IMPLEMENTATIONS if isinstance(w, DAMLWorkload) else IMPLEMENTATIONS
+
+
+def flops_of(w) -> int:
+    """One meta-iteration's flop count (workloads.py): MAML's or DAML's."""
+    return daml_meta_iteration_flops(w) if isinstance(w, DAMLWorkload) else meta_iteration_flops(w)
+
+
 def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
     """Why implementation `name` is not timed on w here, or None."""
-    impl, device = IMPLEMENTATIONS[name], torch.device(device)
+    impl, device = implementations(w)[name], torch.device(device)
     cap = impl.max_gflop.get(device.type, math.inf)
-    if meta_iteration_flops(w) > cap * 1e9:
-        return (f"{meta_iteration_flops(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
+    if flops_of(w) > cap * 1e9:
+        return (f"{flops_of(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
                 f"{cap:g} GFLOP cap")
+    if isinstance(w, DAMLWorkload):
+        return impl.unavailable(device)
     if not w.plain and not impl.learned:
         return f"the {name} row times plain MAML only (one rate, every layer adapting)"
     reason = impl.unavailable(device)
@@ -236,19 +260,23 @@ def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
 
 
 class Runner(NamedTuple):
-    """meta_grad() -> (loss, gradient), without stepping; step() one meta-iteration: the
-    meta-gradient then the optimizer's step; weights() this runner's current weights [P]."""
+    """meta_grad() -> (loss, gradient), without stepping; step() one meta-iteration (or
+    `iterations` of them: a training chunk): the meta-gradient then the optimizer's step;
+    weights() this runner's current weights [P] (DAML: [P + P_psi], both networks)."""
     meta_grad: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
     step: Callable[[], None]
     weights: Callable[[], torch.Tensor]
+    iterations: int = 1
 
 
 def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
     """Implementation `name` on its own copy of the starting weights, with its own optimizer
-    (pymaml.train's: SGD or Adam with lr=outer_lr)."""
-    impl = IMPLEMENTATIONS[name]
+    (pymaml.train's: SGD or Adam with lr=outer_lr; DAML: over both networks' tensors)."""
+    impl = implementations(w)[name]
     if impl.runner is not None:
         return impl.runner(w, batch, params0)
+    if isinstance(w, DAMLWorkload):
+        return _make_daml_runner(impl, w, batch, params0)
     params = params0.detach().clone().requires_grad_()
     rates = learned_rates(w, params0)
     rates = rates if rates is None else rates.requires_grad_()
@@ -287,6 +315,140 @@ def verify(name: str, w: Workload, grad: torch.Tensor, device="cpu") -> dict:
         raise AssertionError(f"{name}'s meta-gradient on {w.label()} ({w.order} order) differs from "
                              f"{oracle_name}'s by {err:.3g} (tolerance {VERIFY_TOLERANCE:g}): not timed")
     return dict(verified_against=oracle_name, verify_error=err)
+
+
+# ---- DAML (issue 15): its own rows, served by the functions above ----
+
+# meta-iterations per timed call of the train_chunk row (~3 ms a call at D1)
+DAML_CHUNK = 100
+
+
+def make_daml_data(w: DAMLWorkload, device="cpu", seed: int = 0, n: Optional[int] = None):
+    """(batch (x_source [T, S, K, n_in], x_query, y_query), weights [P + P_psi]: the base
+    network's then the loss network's, as pymaml.daml_model.init_weights draws them) for
+    DAML workload w, from one seeded generator; n: n meta-batches at once ([n, T, ...],
+    what daml_train_chunk reads)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = init_weights(list(w.sizes), list(w.loss_sizes), init=w.init, generator=g,
+                           dtype=torch.float64).to(device=device, dtype=torch.float32)
+    family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
+    if n is None:
+        batch = family.sample_daml(w.T, steps=w.S, generator=g, device=device)
+    else:
+        batch = family.sample_daml_many(n, w.T, steps=w.S, generator=g, device=device)
+    return tuple(batch), weights
+
+
+def _daml_api(backend):
+    """The public API, as a user's loop calls it: pymaml.functional.daml_loss(params,
+    loss_params, ..., backend=backend), loss.backward() into both tensors."""
+    def make(w, batch, params, loss_params):
+        def meta_grad():
+            leaves = [params.detach().requires_grad_(), loss_params.detach().requires_grad_()]
+            loss = F.daml_loss(*leaves, *batch, backend=backend, **w.hyper)
+            return loss.detach(), _flat(torch.autograd.grad(loss, leaves))
+
+        def backward():
+            F.daml_loss(params, loss_params, *batch, backend=backend, **w.hyper).backward()
+        return meta_grad, backward
+    return make
+
+
+def _daml_op(w, batch, params, loss_params):
+    """The raw op torch.ops.pymaml.daml_loss: no argument checks, no autograd; both gradients
+    come back with the loss."""
+    args = (list(w.sizes), list(w.loss_sizes), w.inner_lr, w.S, w.activation, w.loss,
+            w.adapt_loss, True)
+
+    def meta_grad():
+        loss, g_params, g_loss_params = torch.ops.pymaml.daml_loss(
+            params.detach(), loss_params.detach(), *batch, *args)
+        return loss, torch.cat([g_params, g_loss_params])
+    return meta_grad, None
+
+
+def _daml_torchfunc(w, batch, params, loss_params):
+    """torch.func: pymaml.testing.torch_func_daml (functional_call on nn.Sequential, grad
+    through the unrolled inner loop, second order, vmap over the tasks), written apart from
+    pymaml.daml; grad in both networks' weights."""
+    grad_and_value = torch.func.grad_and_value(torch_func_daml(**w.hyper)[0], argnums=(0, 1))
+
+    def meta_grad():
+        grads, loss = grad_and_value(params.detach(), loss_params.detach(), *batch)
+        return loss, _flat(grads)
+    return meta_grad, None
+
+
+def _daml_train_chunk_runner(w, batch, weights0) -> Runner:
+    """torch.ops.pymaml.daml_train_chunk, as pymaml.train runs DAML: DAML_CHUNK meta-iterations
+    per call (the meta-gradient and the optimizer's fused step in C++, both networks in one
+    flat tensor updated in place), over DAML_CHUNK meta-batches drawn once, outside the timing.
+    Its meta-gradient for the check: one iteration on `batch` with SGD at rate 1, on a copy
+    (the step is then minus the gradient)."""
+    chunk, _ = make_daml_data(w, weights0.device, n=DAML_CHUNK)
+    weights = weights0.detach().clone()
+    opt = OPTIMIZERS[w.optimizer]([weights], lr=w.outer_lr, fused=True)
+    spec = outer_optim.chunk_spec(opt)
+    state = outer_optim.chunk_state(opt, weights, spec)
+    if state is None:
+        raise RuntimeError(f"daml_train_chunk cannot take {w.optimizer}'s state before its first "
+                           "step; the train_chunk row times SGD without momentum")
+    args = (list(w.sizes), list(w.loss_sizes), w.inner_lr, w.S, w.activation, w.loss,
+            w.adapt_loss)
+    probe_spec = outer_optim.chunk_spec(torch.optim.SGD([weights.clone()], lr=1.0, fused=True))
+
+    def meta_grad():
+        probe = weights.clone()
+        values, _ = torch.ops.pymaml.daml_train_chunk(probe, [], *(t[None] for t in batch),
+                                                      *args, *probe_spec)
+        return values[0], weights - probe
+
+    def step():
+        torch.ops.pymaml.daml_train_chunk(weights, state, *chunk, *args, *spec)
+    return Runner(meta_grad, step, weights.detach, iterations=DAML_CHUNK)
+
+
+def _daml_fused_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return "the DAML rows run on the CPU"
+    return None if _daml.fused_available() else "pymaml._C has no DAML ops"
+
+
+def _daml_cpu_only(device: torch.device) -> Optional[str]:
+    return None if device.type == "cpu" else "the DAML rows run on the CPU"
+
+
+# DAML's rows, in this order ("fused" is what ratios are read against; DAML_SPEEDUP_TARGET
+# reads "reference" against it).
+DAML_IMPLEMENTATIONS: Dict[str, Implementation] = {
+    "fused": Implementation(_daml_api("fused"), unavailable=_daml_fused_unavailable),
+    "fused_op": Implementation(_daml_op, unavailable=_daml_fused_unavailable),
+    "train_chunk": Implementation(runner=_daml_train_chunk_runner,
+                                  unavailable=_daml_fused_unavailable),
+    "reference": Implementation(_daml_api("reference"), max_gflop={"cpu": 1.0},
+                                unavailable=_daml_cpu_only),
+    "torchfunc": Implementation(_daml_torchfunc, max_gflop={"cpu": 10.0},
+                                unavailable=_daml_cpu_only),
+}
+
+
+def _make_daml_runner(impl: Implementation, w: DAMLWorkload, batch, weights0) -> Runner:
+    # Both networks as two leaves, one optimizer over both (as a DAML user's loop steps them).
+    P = F.num_params(list(w.sizes))
+    params = weights0[:P].detach().clone().requires_grad_()
+    loss_params = weights0[P:].detach().clone().requires_grad_()
+    opt = OPTIMIZERS[w.optimizer]([params, loss_params], lr=w.outer_lr, fused=True)
+    meta_grad, backward = impl.make(w, batch, params, loss_params)
+
+    def step():
+        opt.zero_grad()
+        if backward is None:
+            grad = meta_grad()[1]
+            params.grad, loss_params.grad = grad[:P], grad[P:]
+        else:
+            backward()
+        opt.step()
+    return Runner(meta_grad, step, lambda: torch.cat([params.detach(), loss_params.detach()]))
 
 
 # ---- the yardstick ----
@@ -331,12 +493,14 @@ def time_implementation(benchmark, section: str, w: Workload, name: str, *, devi
     batch, params = make_data(w, device)
     runner = make_runner(name, w, batch, params)
     check = verify(name, w, runner.meta_grad()[1], device)
-    flops = meta_iteration_flops(w)
+    flops = flops_of(w)
     benchmark.group = f"{section}: {w.label()} {w.order} order"
     benchmark.extra_info.update(
         section=section, workload=w.label(), order=w.order, impl=name, device=str(device),
         threads=torch.get_num_threads(), timed="meta-gradient" if grad_only else "meta-iteration",
         flops=flops, config=dataclasses.asdict(w), **check)
+    if runner.iterations != 1:  # the report divides the time by them
+        benchmark.extra_info["iterations"] = runner.iterations
     fn = runner.meta_grad if grad_only else runner.step
     if torch.device(device).type == "cuda":  # kernels run asynchronously: a call ends when they do
         timed = fn
@@ -346,6 +510,6 @@ def time_implementation(benchmark, section: str, w: Workload, name: str, *, devi
             torch.cuda.synchronize()
     benchmark(fn)
     if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info["gflops"] = flops / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["gflops"] = flops * runner.iterations / benchmark.stats.stats.median / 1e9
     assert torch.isfinite(runner.weights()).all()
     return runner

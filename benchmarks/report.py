@@ -15,8 +15,9 @@ import sys
 from typing import List, Optional
 
 from workloads import (ANIL_TARGET, CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET,
-                       JAX_SPEEDUP_TARGETS, LAYER_TARGET, METASGD_TARGET, THREADS_TARGET,
-                       TIME_TARGETS_S, TRAIN_TARGET_S, W2, Workload)
+                       DAML_SPEEDUP_TARGET, JAX_SPEEDUP_TARGETS, LAYER_TARGET, METASGD_TARGET,
+                       THREADS_TARGET, TIME_TARGETS_S, TRAIN_TARGET_S, W2, DAMLWorkload,
+                       Workload)
 
 BASELINE = "fused"  # the ratio column reads every row against the public fused API
 
@@ -33,6 +34,9 @@ def workload(row: dict) -> Optional[Workload]:
     config = row.get("config")
     if not config:
         return None
+    if "loss_sizes" in config:  # DAML (issue 15)
+        return DAMLWorkload(**dict(config, sizes=tuple(config["sizes"]),
+                                   loss_sizes=tuple(config["loss_sizes"])))
     layers = config.get("adapt_layers")  # JSON gives lists; older JSON has no such field
     return Workload(**dict(config, sizes=tuple(config["sizes"]),
                            adapt_layers=None if layers is None else tuple(layers)))
@@ -67,6 +71,8 @@ def target_of(row: dict, group: List[dict], rows: List[dict] = ()) -> Optional[d
     w, by = workload(row), {(r["impl"], r.get("timed"), r["threads"]): r for r in group}
     if row["section"] == "rates":
         return rates_target(row, w, rows)
+    if row["section"] == "daml":
+        return daml_target(row, w, by)
     core_fused = row["section"] == "core" and row["impl"] == BASELINE
     if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
         return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
@@ -136,6 +142,20 @@ def rates_target(row: dict, w: Workload, rows: List[dict]) -> Optional[dict]:
     return dict(what=f"fused {row['workload']} >= {ANIL_TARGET[1]:g}x faster than MAML (W2)",
                 value=plain["median_s"] / row["median_s"], limit=ANIL_TARGET[1], kind="min",
                 unit="x")
+
+
+def daml_target(row: dict, w: Workload, by: dict) -> Optional[dict]:
+    """Issue 15's target, on the reference row of D1's group: the public fused API's DAML
+    meta-iteration at least DAML_SPEEDUP_TARGET[1] times faster than the reference's (one
+    thread, CPU)."""
+    workload_, least = DAML_SPEEDUP_TARGET
+    fused = by.get((BASELINE, "meta-iteration", 1))
+    if (w != workload_ or row["impl"] != "reference" or row.get("timed") != "meta-iteration"
+            or row["threads"] != 1 or row["device"] != "cpu" or fused is None):
+        return None
+    return dict(what=f"fused DAML meta-step ({row['workload']}) >= {least:g}x faster than the "
+                     "reference", value=row["median_s"] / fused["median_s"], limit=least,
+                kind="min", unit="x")
 
 
 def verdict(t: dict) -> str:

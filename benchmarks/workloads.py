@@ -125,3 +125,90 @@ CUDA_PCT_TARGET = (4096, 25.0)       # ... and >= 25 % of the float32 matmul rat
 # meta-iteration at most this times plain MAML's; plain MAML at least this times ANIL's.
 METASGD_TARGET = (W2_METASGD, 1.15)
 ANIL_TARGET = (W2_ANIL, 2.0)
+
+
+# ---- DAML (issue 15): the base network with its learned inner loss ----
+
+@dataclasses.dataclass(frozen=True)
+class DAMLWorkload:
+    """One DAML benchmark setting: the base MLP (sizes, activation) and the adaptation-loss MLP
+    (loss_sizes: loss_sizes[0] = n_out + the hidden widths; ReLU hidden layers, linear
+    output) whose inner loss (adapt_loss, "l1" | "mse") reads K unlabeled source inputs per
+    inner step (a fresh batch at each of the S steps at inner_lr: x_source [T, S, K, n_in]);
+    the outer loss `loss` on Q labeled target points; T tasks per meta-batch; the outer
+    optimizer steps both networks' weights. Always second order (DAML's loss network gets its
+    gradient through the second-order terms only). `task` and `init` say how the data and the
+    starting weights are drawn (pymaml.tasks, pymaml.daml_model.init_weights)."""
+    base: str
+    sizes: tuple
+    loss_sizes: tuple
+    activation: str
+    loss: str
+    adapt_loss: str
+    K: int
+    Q: int
+    S: int
+    T: int
+    inner_lr: float
+    optimizer: str
+    outer_lr: float
+    task: str
+    init: str
+
+    def replace(self, **changes) -> "DAMLWorkload":
+        return dataclasses.replace(self, **changes)
+
+    order = "2nd"
+    first_order = False
+
+    @property
+    def hyper(self) -> dict:
+        """The keyword arguments of pymaml.functional.daml_loss (but backend)."""
+        return dict(sizes=list(self.sizes), loss_sizes=list(self.loss_sizes),
+                    inner_lr=self.inner_lr, steps=self.S, activation=self.activation,
+                    loss=self.loss, adapt_loss=self.adapt_loss)
+
+    def label(self) -> str:
+        """The base name and what differs from it, e.g. "D1 T=25"."""
+        base = DAML_BASES[self.base]
+        parts = [self.base]
+        for f in ("sizes", "loss_sizes"):
+            if getattr(self, f) != getattr(base, f):
+                parts.append(f"{f}=" + "-".join(map(str, getattr(self, f))))
+        parts += [f"{f}={getattr(self, f)}" for f in ("K", "Q", "S", "T")
+                  if getattr(self, f) != getattr(base, f)]
+        return " ".join(parts)
+
+    def test_id(self) -> str:
+        """label() and order without spaces or '=', for pytest -k: "D1-T25-2nd"."""
+        return "-".join(self.label().replace("=", "").split() + [self.order])
+
+
+# D1, the seed's DAML experiment (the published continuation of the seed): base 1-32-32-1 ReLU,
+# loss network 65-32-32-1, L1 inner loss, L1 outer loss on 4 target points, 5 inner steps at
+# 0.03 on one fresh source input each, one task, SGD 0.01 on both networks.
+D1 = DAMLWorkload("D1", sizes=(1, 32, 32, 1), loss_sizes=(65, 32, 32, 1), activation="relu",
+                  loss="l1", adapt_loss="l1", K=1, Q=4, S=5, T=1, inner_lr=3e-2, optimizer="sgd",
+                  outer_lr=1e-2, task="daml-sine", init="seed")
+DAML_BASES = {"D1": D1}
+
+
+def daml_meta_iteration_flops(w: DAMLWorkload) -> int:
+    """The floating-point operations of one DAML meta-iteration, counted in the weight matmuls
+    only, as meta_iteration_flops counts MAML's (an estimate; a lower bound).
+
+    P_w: the base network's weights, P_l: the loss network's. The inner gradient at one source
+    point is a forward and backward pass of the base network (6·P_w) and a forward pass and an
+    input-gradient pass of the loss network (4·P_l: its weights do not move in the inner loop);
+    second order triples that per step, as for MAML (the step, then its Hessian-vector product
+    of ≈ 2 passes); the query pass is 6·Q·P_w: T · (3·S·K·(6·P_w + 4·P_l) + 6·Q·P_w). The loss
+    network's own weight gradients in the meta-gradient are not counted."""
+    def weights(sizes):
+        return sum(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    P_w, P_l = weights(w.sizes), weights(w.loss_sizes)
+    return w.T * (3 * w.S * w.K * (6 * P_w + 4 * P_l) + 6 * w.Q * P_w)
+
+
+# Issue 15: the public fused API's DAML meta-iteration at least this much faster than the
+# reference's (backend="reference": the autograd loop), on D1, one thread.
+DAML_SPEEDUP_TARGET = (D1, 30.0)

@@ -407,3 +407,74 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.cpu(), expected.cpu()
     scale = max(1.0, expected.abs().max().item())
     return (actual - expected).abs().max().item() / scale
+
+
+def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, adapt_loss):
+    """DAML written with torch.func (functional_call on nn.Sequential, grad, vmap),
+    independently of pymaml.daml and of pymaml's flat-layout helpers: a second oracle for
+    daml_loss, and the torch.func row of the benchmarks.
+
+    The base MLP (`sizes`, `activation`) feeds, at every unlabeled source point, the vector
+    cat[output, last hidden activation, ..., first hidden activation] to the loss MLP
+    (`loss_sizes`, ReLU hidden layers, linear output); the inner loss is the mean |h|
+    (adapt_loss "l1") or mean h^2 ("mse") of its output; `steps` SGD steps at `inner_lr` on
+    the base weights, second order (the inner gradients keep their graph); the outer loss is
+    `loss` ("l1" | "mse") of the adapted base network on the query points, averaged over tasks.
+
+    Returns (meta_loss, adapt): meta_loss(params [P], loss_params [P_psi], x_source, x_query,
+    y_query) -> the mean query loss, to differentiate with torch.func.grad(meta_loss,
+    argnums=(0, 1)); adapt(params, loss_params, x_source) -> [T, P]. x_source is
+    [T, K_s, n_in] (the same inputs at every step) or [T, steps, K_s, n_in] (step k reads
+    batch k)."""
+    base, loss_net = _func_sequential(sizes, activation), _func_sequential(loss_sizes, "relu")
+    base_spec = [(name, p.shape) for name, p in base.named_parameters()]
+    psi_spec = [(name, p.shape) for name, p in loss_net.named_parameters()]
+    loss_fn = {"mse": lambda a, y: (a - y).square().mean(), "l1": lambda a, y: (a - y).abs().mean()}[loss]
+    inner_fn = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}[adapt_loss]
+
+    def split(flat, spec):  # flat -> {name: tensor of the layer's shape}
+        out, off = {}, 0
+        for name, shape in spec:
+            n = shape.numel()
+            out[name] = flat[off:off + n].reshape(shape)
+            off += n
+        return out
+
+    def taps(theta, x):  # the base network layer by layer, keeping each hidden activation
+        h, hidden = x, []
+        for name, module in base.named_children():
+            if isinstance(module, torch.nn.Linear):
+                h = torch.func.functional_call(
+                    module, {"weight": theta[f"{name}.weight"], "bias": theta[f"{name}.bias"]}, (h,))
+            else:
+                h = module(h)
+                hidden.append(h)
+        return torch.cat([h] + hidden[::-1], dim=-1)
+
+    def inner_loss(theta, psi, x):
+        return inner_fn(torch.func.functional_call(loss_net, psi, (taps(theta, x),)))
+
+    inner_grad = torch.func.grad(inner_loss)  # in the base weights only
+
+    def adapt_one(flat, psi_flat, xs):  # one task: xs [K_s, n_in] or [steps, K_s, n_in]
+        theta, psi = split(flat, base_spec), split(psi_flat, psi_spec)
+        for k in range(steps):
+            grads = inner_grad(theta, psi, xs[k] if xs.dim() == 3 else xs)
+            theta = {n: w - inner_lr * grads[n] for n, w in theta.items()}
+        return theta
+
+    def query_loss(flat, psi_flat, xs, xq, yq):
+        return loss_fn(torch.func.functional_call(base, adapt_one(flat, psi_flat, xs), (xq,)), yq)
+
+    def meta_loss(params, loss_params, x_source, x_query, y_query):
+        per_task = torch.vmap(query_loss, in_dims=(None, None, 0, 0, 0))
+        return per_task(params, loss_params, x_source, x_query, y_query).mean()
+
+    def adapt_flat(flat, psi_flat, xs):
+        adapted = adapt_one(flat, psi_flat, xs)
+        return torch.cat([adapted[name].reshape(-1) for name, _ in base_spec])
+
+    def adapt(params, loss_params, x_source):
+        return torch.vmap(adapt_flat, in_dims=(None, None, 0))(params, loss_params, x_source)
+
+    return meta_loss, adapt

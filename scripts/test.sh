@@ -17,7 +17,7 @@ bash scripts/check_cuda.sh
 # JSON, the report's table and figure from it, the fresh-process scripts at their smallest
 bench_dir=$(mktemp -d)
 trap 'rm -rf "$bench_dir"' EXIT
-"$PY" -m pytest benchmarks -q -k "core-W1 or layers-W1 or train-W1 or threads-W2-2nd" \
+"$PY" -m pytest benchmarks -q -k "core-W1 or layers-W1 or train-W1 or threads-W2-2nd or daml" \
   --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-json="$bench_dir/bench.json"
 "$PY" benchmarks/report.py "$bench_dir/bench.json" --plot "$bench_dir/bench.png" >/dev/null
 "$PY" benchmarks/memory.py --quick >/dev/null
