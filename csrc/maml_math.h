@@ -270,14 +270,15 @@ PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, con
   return total * inv_n;
 }
 
-// dW_l = G^T In [out, in] into dtheta's W_l, and In^T G into its transposed copy if it has one;
-// db_l = column sums of G. Shared by backprop (G_l, A_{l-1}) and the R-backward.
+// dW_l = G^T In [out, in] into dtheta's W_l, and In^T G into its transposed copy if it has one
+// (and `copy`: a frozen layer's copy is never read, §8.2); db_l = column sums of G. Shared by
+// backprop (G_l, A_{l-1}) and the R-backward.
 template <typename T, typename LA>
 PYMAML_HOST_DEVICE void weight_grad(const MlpShape& s, int l, int64_t K, const T* G,
-                                    const T* In, T* dtheta, Init init) {
+                                    const T* In, T* dtheta, Init init, bool copy = true) {
   const int64_t ni = s.in(l), no = s.out(l);
   LA::gemm(no, ni, K, G, int64_t(1), no, In, ni, dtheta + s.w_off[l], ni, init, (const T*)nullptr);
-  if (s.has_copy(l))
+  if (copy && s.has_copy(l))
     LA::gemm(ni, no, K, In, int64_t(1), ni, G, no, dtheta + s.t_off[l], no, init,
              (const T*)nullptr);
 }
@@ -311,15 +312,16 @@ PYMAML_HOST_DEVICE void tap_block(const MlpShape& s, int l, int64_t K, const T* 
 // layers `last`..depth-1 to dtheta and stops there (the layers below are frozen: §8.2);
 // dtheta's entries of the layers below are left as they were. `taps` (DAML): the loss also
 // reads the hidden layers, dLoss/dA_l += taps' block of layer l (D_l holds the sum).
+// The transposed copies of layers below `copies_from` are not written (frozen layers: §8.2).
 template <typename T, Activation A, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, int64_t K,
                                  const Tape<T>& tp, T* dtheta, int last = 0,
-                                 const T* taps = nullptr) {
+                                 const T* taps = nullptr, int copies_from = 0) {
   for (int l = s.depth - 1; l >= last; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
     const T* in = layer_input(tp, s, X, K, l);
     const T* G = layer_of(tp.grad, s, K, l);
-    weight_grad<T, LA>(s, l, K, G, in, dtheta, Init::Zero);
+    weight_grad<T, LA>(s, l, K, G, in, dtheta, Init::Zero, l >= copies_from);
     column_sums<T, LA>(K, no, G, dtheta + s.b_off[l]);
     if (l == last) break;
     T* D = layer_of(tp.pre, s, K, l - 1);
@@ -333,14 +335,14 @@ PYMAML_HOST_DEVICE void backward(const MlpShape& s, const T* theta, const T* X, 
 
 // Loss, gradient and tape at theta on one batch: one forward and one backward pass.
 // `first`: the forward starts there (the tape holds the layers below); `last`: the backward
-// stops there (the gradient of the layers below is not written).
+// stops there (the gradient of the layers below is not written); `copies_from` as backward.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_grad(const MlpShape& s, const T* theta, const T* X, const T* Y,
                                    int64_t K, const Tape<T>& tp, T* dtheta, int first = 0,
-                                   int last = 0) {
+                                   int last = 0, int copies_from = 0) {
   forward<T, A, LA>(s, theta, X, K, tp, first);
   const T value = loss_and_seed<T, L, LA>(s, Y, K, tp);
-  backward<T, A, LA>(s, theta, X, K, tp, dtheta, last);
+  backward<T, A, LA>(s, theta, X, K, tp, dtheta, last, (const T*)nullptr, copies_from);
   return value;
 }
 
@@ -438,7 +440,8 @@ PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64
 }
 
 // The R-backward below l0 (see hvp's frozen_acc) on RG = the sum over steps of R G_{l0-1}:
-// writes Hv's entries of layers 0..l0-1 (R dW_l = R G_l^T A_{l-1}, R G_{l-1} = R G_l W_l
+// writes Hv's entries of layers 0..l0-1, not their transposed copies, which nothing reads
+// (R dW_l = R G_l^T A_{l-1}, R G_{l-1} = R G_l W_l
 // sigma'(Z_{l-1}): R A = 0 there, so no other term). theta and the tape: any step's (the
 // frozen layers and their activations are the same at every step).
 template <typename T, Activation A, typename LA = ScalarLinalg>
@@ -447,7 +450,7 @@ PYMAML_HOST_DEVICE void frozen_backprop(const MlpShape& s, const T* theta, const
                                         int l0, T* Hv) {
   for (int l = l0 - 1; l >= 0; --l) {
     const int64_t ni = s.in(l), no = s.out(l);
-    weight_grad<T, LA>(s, l, K, RG, layer_input(tp, s, X, K, l), Hv, Init::Zero);
+    weight_grad<T, LA>(s, l, K, RG, layer_input(tp, s, X, K, l), Hv, Init::Zero, false);
     column_sums<T, LA>(K, no, RG, Hv + s.b_off[l]);
     if (l == 0) break;
     T* RGin = layer_of(rt.r_grad, s, K, l - 1);
@@ -677,7 +680,10 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
     forward<T, A, LA>(s, adapted, Xq, Q, query);
     return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
-  const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
+  // The frozen layers' copies in g are never read (their direction is 0; the result is
+  // g[0, P)), so the query backward leaves them out.
+  const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g, 0, 0,
+                                                  lr.first_adapted);
   if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
   else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
   return query_loss;
