@@ -530,8 +530,9 @@ struct TaskWorkspace {
   // With keep_grads: [S, E], the inner gradient of every step (the rates' gradient needs
   // them in the walk); null: each step's gradient goes to tmp.
   T* grads = nullptr;
-  // Set by the caller to get the rates' gradient: [R, P] (R rows as InnerLR's rates; the
-  // caller zeroes it), - sum_k g_{k+1}[p] grad_k[p] per row (§8.1).
+  // Set by the caller to get the rates' gradient: [R, P] (R rows as InnerLR's rates), to
+  // which the walk adds - sum_k g_{k+1}[p] grad_k[p] per row (§8.1): the caller zeroes it,
+  // or lets the tasks of a block accumulate into one sum.
   T* rate_grad = nullptr;
   PYMAML_HOST_DEVICE const T* theta(int64_t k, const MlpShape& s) const {
     return k == 0 ? theta0 : thetas + (k - 1) * s.num_ext;

@@ -166,8 +166,7 @@ MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int
   rate_size_ = rate_grad ? config.rate_rows * P : 0;
   width_ = P + rate_size_;
   blocks_ = num_blocks(T, width_);
-  task_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q), rate_size_ > 0);
-  worker_size_ = task_size_ + rate_size_;
+  worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q), rate_size_ > 0);
   partial_.resize(static_cast<size_t>(blocks_ * width_));
   theta0_.resize(static_cast<size_t>(config.shape.num_ext));
   rates_ext_.resize(static_cast<size_t>(config.rate_rows * config.shape.num_ext));
@@ -203,10 +202,11 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
     scalar_t* base = scratch_.get() + size_t(worker) * size_t(worker_size_);
     auto w = carve_workspace(base, c.shape, steps, points, rate_size_ > 0);
     w.theta0 = theta0_.data();
-    if (RP) w.rate_grad = base + task_size_;
+    // The tasks of a block add their rates' gradient straight into its sum (zeroed above):
+    // the walk accumulates into rate_grad, so no per-task buffer is needed.
+    if (RP) w.rate_grad = partial_.data() + b * width_ + P;
     const auto [first, last] = block_range(b, blocks_, T);
     for (int64_t t = first; t < last; ++t) {
-      if (RP) std::fill_n(w.rate_grad, RP, scalar_t(0));
       losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
                                    Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
                                    need_grad && !reptile, w, batch_stride_);
@@ -215,7 +215,6 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
       const scalar_t* task = reptile ? w.theta(steps, c.shape) : w.g;
       scalar_t* dst = partial_.data() + b * width_;
       for (int64_t p = 0; p < P; ++p) dst[p] += task[p];
-      for (int64_t j = 0; j < RP; ++j) dst[P + j] += w.rate_grad[j];
     }
   });
   // Mean over tasks, blocks summed in order.

@@ -46,8 +46,7 @@ class MetaBatch {
   int64_t rate_size_;            // R * P: the rates' gradient (0 when not asked for)
   int64_t width_;                // P + rate_size_: what a task adds to its block's sum
   int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
-  int64_t task_size_;            // scratch elements of a task (maml_math.h TaskWorkspace)
-  int64_t worker_size_;          // scratch elements per worker: a task's and its rate_grad
+  int64_t worker_size_;          // scratch elements per worker (maml_math.h TaskWorkspace)
   std::vector<scalar_t> partial_;  // [blocks, width] per-block meta-gradient sums
   std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
   std::unique_ptr<scalar_t[]> scratch_;  // [workers, worker_size_]
