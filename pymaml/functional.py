@@ -216,6 +216,8 @@ def _rate_rows(inner_lr, params, steps: int, P: int) -> torch.Tensor:
         raise RuntimeError("inner_lr has more than 2 dimensions")
     if steps == 0 or (inner_lr.dim() == 2 and inner_lr.shape[0] == steps and steps > 1):
         return inner_lr.expand(steps, P)  # steps 0: [0, P], no rate is read
+    if inner_lr.shape[-1:] == (P,):  # [P] or [1, P]: a view, whose backward is no reduction
+        return inner_lr.view(1, P)
     return inner_lr.expand(1, P)
 
 
