@@ -7,6 +7,7 @@ target ratios from both. The pytest rows (`-k rates`) time the variants one afte
 wall-clock time, which a shared machine skews.
 
     taskset -c 1 python benchmarks/rates_ratio.py [--rounds 200] [--first-order] [--impl fused] [--wall]
+        [--block 10]
 """
 
 import argparse
@@ -19,8 +20,11 @@ import harness
 from workloads import ANIL_TARGET, METASGD_TARGET, W2, W2_ANIL, W2_METASGD
 
 
-def measure(impl: str, first_order: bool, rounds: int, clock=time.thread_time) -> dict:
-    """{label: [seconds per meta-iteration, one per round]}, the variants in turns."""
+def measure(impl: str, first_order: bool, rounds: int, clock=time.thread_time,
+            block: int = 1) -> dict:
+    """{label: [seconds per meta-iteration, one per round]}, the variants in turns; with
+    block > 1 each round times `block` calls in a row after an untimed one (a training loop
+    calls one variant back to back: single calls in turns start with another's caches)."""
     variants = [w.replace(first_order=first_order) for w in (W2, W2_METASGD, W2_ANIL)]
     steps = {}
     for w in variants:
@@ -34,9 +38,12 @@ def measure(impl: str, first_order: bool, rounds: int, clock=time.thread_time) -
     times = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
+            if block > 1:
+                step()
             t0 = clock()
-            step()
-            times[label].append(clock() - t0)
+            for _ in range(block):
+                step()
+            times[label].append((clock() - t0) / block)
     return times
 
 
@@ -46,10 +53,12 @@ def main():
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--impl", default="fused", help="a row of harness.IMPLEMENTATIONS")
     ap.add_argument("--wall", action="store_true", help="wall-clock time, not thread CPU time")
+    ap.add_argument("--block", type=int, default=1,
+                    help="calls timed in a row per round, after an untimed one (default 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     clock = time.perf_counter if args.wall else time.thread_time
-    times = measure(args.impl, args.first_order, args.rounds, clock)
+    times = measure(args.impl, args.first_order, args.rounds, clock, args.block)
     for label, ts in times.items():
         print(f"{label:14s} median {statistics.median(ts) * 1e3:7.3f} ms  "
               f"min {min(ts) * 1e3:7.3f} ms")
