@@ -302,6 +302,59 @@ std::tuple<Tensor, Tensor, Tensor> daml_loss_autograd(
   return {out[0], out[1], out[2]};
 }
 
+// daml_loss_rates: gradients to params, loss_params and rates, from the forward sweep.
+using DamlLossRatesSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::string_view, c10::string_view,
+    c10::string_view, bool, bool);
+
+struct DamlLossRatesFunction : torch::autograd::Function<DamlLossRatesFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& params,
+                               const Tensor& loss_params, const Tensor& rates, const Tensor& xs,
+                               const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes,
+                               c10::IntArrayRef loss_sizes, int64_t steps,
+                               c10::string_view activation, c10::string_view loss,
+                               c10::string_view adapt_loss, bool need_grad,
+                               bool need_rate_grad) {
+    static const auto op = find_op<DamlLossRatesSig>("pymaml::daml_loss_rates");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [value, grad, grad_loss, grad_rates] =
+        op.call(params, loss_params, rates, xs, xq, yq, sizes, loss_sizes, steps, activation,
+                loss, adapt_loss, need_grad, need_rate_grad);
+    ctx->save_for_backward({grad, grad_loss, grad_rates});
+    ctx->mark_non_differentiable({grad, grad_loss, grad_rates});
+    return {value, grad, grad_loss, grad_rates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr const char* name = "pymaml::daml_loss_rates";
+    refuse_double_backward(name);
+    refuse_data_gradients(name, ctx, 3, 5);
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(saved[0].sym_numel() != 0 || !(ctx->needs_input_grad(0) ||
+                                               ctx->needs_input_grad(1)),
+                name, " was called with need_grad=False, so it has no gradient to give");
+    TORCH_CHECK(saved[2].dim() == 2 || !ctx->needs_input_grad(2), name,
+                " was called with need_rate_grad=False (or need_grad=False), so it has no "
+                "gradient for the rates to give");
+    variable_list out(14);
+    for (size_t i = 0; i < 3; ++i)
+      if (ctx->needs_input_grad(i)) out[i] = grads[0].mul(saved[i]);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> daml_loss_rates_autograd(
+    const Tensor& params, const Tensor& loss_params, const Tensor& rates, const Tensor& xs,
+    const Tensor& xq, const Tensor& yq, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes,
+    int64_t steps, c10::string_view activation, c10::string_view loss,
+    c10::string_view adapt_loss, bool need_grad, bool need_rate_grad) {
+  auto out = DamlLossRatesFunction::apply(params, loss_params, rates, xs, xq, yq, sizes,
+                                          loss_sizes, steps, activation, loss, adapt_loss,
+                                          need_grad, need_rate_grad);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 // daml_adapt is not differentiable (pymaml.functional sends calls that need a gradient to the
 // reference): its output comes back without a gradient function.
 Tensor daml_adapt_autograd(const Tensor& params, const Tensor& loss_params, const Tensor& xs,
@@ -405,6 +458,7 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("maml_loss_rates", &maml_loss_rates_autograd);
   m.impl("daml_loss", &daml_loss_autograd);
   m.impl("daml_adapt", &daml_adapt_autograd);
+  m.impl("daml_loss_rates", &daml_loss_rates_autograd);
   m.impl("daml_train_chunk", &daml_train_chunk_autograd);
   m.impl("train_chunk_rates", &train_chunk_rates_autograd);
 }

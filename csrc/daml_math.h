@@ -166,6 +166,11 @@ struct DamlWorkspace {
   T* loss_tapes;    // [S, 3, B_l]
   int64_t B, B_u, B_l;
   DamlRScratch<T> r;
+  T* grads = nullptr;      // with keep_grads: [S, E] every step's inner gradient
+  T* rate_grad = nullptr;  // as TaskWorkspace::rate_grad (set by the caller)
+  PYMAML_HOST_DEVICE T* grad(int64_t k, const MlpShape& s) const {
+    return grads ? grads + k * s.num_ext : tmp;
+  }
   PYMAML_HOST_DEVICE const T* theta(int64_t k, const MlpShape& s) const {
     return k == 0 ? theta0 : thetas + (k - 1) * s.num_ext;
   }
@@ -179,19 +184,22 @@ struct DamlWorkspace {
   }
 };
 
-// K source points per step, Q query points.
+// K source points per step, Q query points; keep_grads: the rates' gradient needs every
+// step's inner gradient.
 inline PYMAML_HOST_DEVICE int64_t daml_workspace_size(const MlpShape& s, const MlpShape& ls,
-                                                     int64_t steps, int64_t K, int64_t Q) {
+                                                     int64_t steps, int64_t K, int64_t Q,
+                                                     bool keep_grads = false) {
   const int64_t E = s.num_ext, F = ls.num_ext;
   const int64_t B = (K > Q ? K : Q) * s.sum_width, B_u = K * s.sum_width, B_l = K * ls.sum_width;
-  return (steps + 1) * E + 2 * (E + F) + B_u + 3 * (steps + 1) * B + steps * (B_u + 3 * B_l) +
-         2 * B + 2 * B_l + 2 * B_u;
+  return (steps + 1 + (keep_grads ? steps : 0)) * E + 2 * (E + F) + B_u +
+         3 * (steps + 1) * B + steps * (B_u + 3 * B_l) + 2 * B + 2 * B_l + 2 * B_u;
 }
 
 template <typename T>
 PYMAML_HOST_DEVICE DamlWorkspace<T> carve_daml_workspace(T* base, const MlpShape& s,
                                                          const MlpShape& ls, int64_t steps,
-                                                         int64_t K, int64_t Q) {
+                                                         int64_t K, int64_t Q,
+                                                         bool keep_grads = false) {
   DamlWorkspace<T> w;
   const int64_t E = s.num_ext, F = ls.num_ext;
   w.B = (K > Q ? K : Q) * s.sum_width;
@@ -213,6 +221,7 @@ PYMAML_HOST_DEVICE DamlWorkspace<T> carve_daml_workspace(T* base, const MlpShape
   r += 2 * w.B_l;
   w.r.r_u = r;
   w.r.r_gu = r + w.B_u;
+  if (keep_grads) w.grads = w.r.r_gu + w.B_u;
   return w;
 }
 
@@ -220,24 +229,26 @@ PYMAML_HOST_DEVICE DamlWorkspace<T> carve_daml_workspace(T* base, const MlpShape
 // k * batch_stride of Xs, as maml_math.h inner_loop).
 template <typename T, Activation A, Loss AL, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE void daml_inner_loop(const MlpShape& s, const MlpShape& ls, const T* Xs,
-                                        int64_t K, int64_t steps, T lr,
+                                        int64_t K, int64_t steps, InnerLR<T> lr,
                                         const DamlWorkspace<T>& w, int64_t batch_stride) {
   const int64_t E = s.num_ext;
   for (int64_t k = 0; k < steps; ++k) {
     const T* cur = w.theta(k, s);
-    T* next = w.thetas + k * E;
+    T* grad = w.grad(k, s);
     daml_inner_grad<T, A, AL, LA>(s, ls, cur, w.psi, Xs + k * batch_stride * s.n[0], K,
-                                  w.step(k), w.g_u, w.tmp);
-    LA::each(E, [&](int64_t p) { next[p] = cur[p] - lr * w.tmp[p]; });
+                                  w.step(k), w.g_u, grad);
+    apply_rates<T, LA>(s, lr, k, true, cur, grad, w.thetas + k * E);
   }
 }
 
 // One task: the supervised loss L of the adapted base network on (Xq, Yq) and, if need_grad,
-// its gradient in theta (w.g[0, P)) and in psi (w.g[E, E + P_psi)).
+// its gradient in theta (w.g[0, P)) and in psi (w.g[E, E + P_psi)), and the rates' gradient
+// in w.rate_grad if set (learned rates, maml_math.h §8.1; no frozen layers here).
 template <typename T, Activation A, Loss L, Loss AL, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T daml_task(const MlpShape& s, const MlpShape& ls, const T* Xs, int64_t K,
-                               const T* Xq, const T* Yq, int64_t Q, int64_t steps, T lr,
-                               bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride) {
+                               const T* Xq, const T* Yq, int64_t Q, int64_t steps,
+                               InnerLR<T> lr, bool need_grad, const DamlWorkspace<T>& w,
+                               int64_t batch_stride) {
   daml_inner_loop<T, A, AL, LA>(s, ls, Xs, K, steps, lr, w, batch_stride);
   const T* adapted = w.theta(steps, s);
   const Tape<T> query = w.base_tape(steps);
@@ -249,7 +260,8 @@ PYMAML_HOST_DEVICE T daml_task(const MlpShape& s, const MlpShape& ls, const T* X
   const int64_t E = s.num_ext, EF = E + ls.num_ext;
   LA::each(ls.num_ext, [&](int64_t p) { w.g[E + p] = T(0); });  // the outer loss reads no psi
   for (int64_t k = steps - 1; k >= 0; --k) {
-    LA::each(E, [&](int64_t p) { w.tmp[p] = lr * w.g[p]; });
+    if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
+    apply_rates<T, LA>(s, lr, k, false, w.g, (const T*)nullptr, w.tmp);
     daml_hvp<T, A, AL, LA>(s, ls, w.theta(k, s), w.psi, Xs + k * batch_stride * s.n[0], K,
                            w.step(k), w.r, w.tmp, w.hv, w.hv + E);
     LA::each(EF, [&](int64_t p) { w.g[p] -= w.hv[p]; });

@@ -56,6 +56,14 @@ TORCH_LIBRARY(pymaml, m) {
       "daml_loss(Tensor params, Tensor loss_params, Tensor x_source, Tensor x_query, "
       "Tensor y_query, int[] sizes, int[] loss_sizes, float inner_lr, int steps, str activation, "
       "str loss, str adapt_loss, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  // daml_loss with learned inner rates: rates [R, P] (R = 1 or steps) in place of inner_lr, as
+  // maml_loss_rates takes them (every layer adapting); the rates' gradient [R, P] last (empty
+  // without need_rate_grad).
+  m.def(
+      "daml_loss_rates(Tensor params, Tensor loss_params, Tensor rates, Tensor x_source, "
+      "Tensor x_query, Tensor y_query, int[] sizes, int[] loss_sizes, int steps, str activation, "
+      "str loss, str adapt_loss, bool need_grad, bool need_rate_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "daml_adapt(Tensor params, Tensor loss_params, Tensor x_source, int[] sizes, "
       "int[] loss_sizes, float inner_lr, int steps, str activation, str adapt_loss) -> Tensor");

@@ -89,6 +89,14 @@ if _C is not None:
         return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
                 params.new_empty((loss_params.shape[0] if need_grad else 0,)))
 
+    @torch.library.register_fake("pymaml::daml_loss_rates")
+    def _daml_loss_rates_fake(params, loss_params, rates, x_source, x_query, y_query, sizes,
+                              loss_sizes, steps, activation, loss, adapt_loss, need_grad,
+                              need_rate_grad):
+        return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
+                params.new_empty((loss_params.shape[0] if need_grad else 0,)),
+                params.new_empty(rates.shape if need_grad and need_rate_grad else (0,)))
+
     @torch.library.register_fake("pymaml::daml_adapt")
     def _daml_adapt_fake(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,
                          activation, adapt_loss):

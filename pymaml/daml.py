@@ -180,10 +180,9 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
     sizes, loss_sizes = _check_all_sizes(sizes, loss_sizes)
     _check_flat("params", params, sizes, "sizes")
     _check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
-    if isinstance(inner_lr, torch.Tensor):
-        raise TypeError("inner_lr must be a number for DAML (learned inner rates are not "
-                        "supported with a learned inner loss), got a Tensor")
-    _functional._check_hyper(inner_lr, steps, activation, loss, first_order, params.dtype)
+    number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
+    _functional._check_hyper(number, steps, activation, loss, first_order, params.dtype)
+    _functional._check_rates(inner_lr, params, sizes, steps)
     _functional._check_choice("adapt_loss", adapt_loss, ADAPT_LOSSES)
     if first_order:
         raise ValueError("first_order=True is not supported by DAML: the loss network's "
@@ -278,7 +277,9 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     params [P] (base MLP, `sizes`), loss_params [P_psi] (loss MLP, `loss_sizes`,
     loss_sizes[0] == n_out + sum of the hidden widths, loss_sizes[-1] == 1); adapt_loss: the
     inner loss, "l1" (mean |g_psi(u)|) or "mse" (mean g_psi(u)^2). first_order=True is refused
-    (psi would get no gradient). backend: "auto", "fused" or "reference"."""
+    (psi would get no gradient). backend: "auto", "fused" or "reference". inner_lr may be a
+    tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
+    [steps, P]); one that requires grad gets its gradient too."""
     data = (x_source, x_query, y_query)
     op = _direct_to_fused("daml_loss", backend, params, loss_params, data, sizes, loss_sizes,
                           inner_lr, steps, activation, loss, adapt_loss, first_order)
@@ -294,12 +295,25 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
                                     activation, loss, adapt_loss, first_order)
     T = _check_source(x_source, params, sizes, steps)
     _check_query(x_query, y_query, params, sizes, T)
-    which = _choose_backend(backend, "daml_loss", params, sizes, loss_sizes, steps, data)
+    learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
+    extra = ("the fused op does not support torch.func transforms (grad, vmap)"
+             if learned and _functional._under_torch_func((inner_lr,)) else None)
+    which = _choose_backend(backend, "daml_loss", params, sizes, loss_sizes, steps, data, extra)
+    P = _functional.num_params(sizes)
     if which == "reference":
+        rate = _functional._reference_rates(inner_lr, steps, P) if learned else float(inner_lr)
         return reference_loss(params, loss_params, *data, sizes=sizes, loss_sizes=loss_sizes,
-                              inner_lr=float(inner_lr), steps=int(steps), activation=activation,
+                              inner_lr=rate, steps=int(steps), activation=activation,
                               loss=loss, adapt_loss=adapt_loss)
-    need_grad = torch.is_grad_enabled() and (params.requires_grad or loss_params.requires_grad)
+    grad_mode = torch.is_grad_enabled()
+    need_rate_grad = grad_mode and learned and inner_lr.requires_grad
+    need_grad = need_rate_grad or (grad_mode and (params.requires_grad
+                                                  or loss_params.requires_grad))
+    if learned:
+        rows = _functional._rate_rows(inner_lr, params, steps, P)
+        return _op("daml_loss_rates")(params, loss_params, rows, *data, sizes, loss_sizes,
+                                      int(steps), activation, loss, adapt_loss, need_grad,
+                                      need_rate_grad)[0]
     value, _, _ = _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes,
                                    float(inner_lr), int(steps), activation, loss, adapt_loss,
                                    need_grad)
@@ -331,10 +345,15 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     _check_source(x_source, params, sizes, steps)
     extra = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
              "grad (use daml_loss for the meta-gradient, or torch.no_grad())") if need_grad else None
+    learned = isinstance(inner_lr, torch.Tensor)
+    if learned and extra is None:  # the fused daml_adapt takes one rate
+        extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
     which = _choose_backend(backend, "daml_adapt", params, sizes, loss_sizes, steps, data, extra)
     if which == "reference":
+        rate = (_functional._reference_rates(inner_lr, steps, _functional.num_params(sizes))
+                if learned else float(inner_lr))
         return reference_adapt(params, loss_params, x_source, sizes=sizes,
-                               loss_sizes=loss_sizes, inner_lr=float(inner_lr),
+                               loss_sizes=loss_sizes, inner_lr=rate,
                                steps=int(steps), activation=activation, adapt_loss=adapt_loss)
     return _op("daml_adapt")(params, loss_params, x_source, sizes, loss_sizes, float(inner_lr),
                              int(steps), activation, adapt_loss)
@@ -383,7 +402,11 @@ def inner_loop(weights, loss_weights, x_source, *, inner_lr, steps, activation, 
             grads = torch.func.grad(la)(weights, k)
         else:
             grads = torch.autograd.grad(la(weights, k), weights, create_graph=True)
-        weights = [w - inner_lr * g for w, g in zip(weights, grads)]
+        # learned rates: inner_lr [steps, P], row k cut like the weights (pymaml.reference)
+        rates = ([r.view_as(w) for r, w in zip(inner_lr[k].split([w.numel() for w in weights]),
+                                                weights)]
+                 if isinstance(inner_lr, torch.Tensor) else [inner_lr] * len(weights))
+        weights = [w - r * g for w, r, g in zip(weights, rates, grads)]
     return weights
 
 
@@ -394,7 +417,7 @@ def _loss_weights(loss_params, loss_sizes):
 def reference_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
                     activation="relu", adapt_loss="l1"):
     """[T, P]: the adapted base parameters of every task (the autograd reference)."""
-    tensors = (params, loss_params, x_source)
+    tensors = (params, loss_params, x_source) + _reference._tensors(inner_lr)
     functional = _reference._under_transform(tensors)
     keep_graph = _reference._keeps_graph(tensors, functional)
     with _reference.autograd_on():
@@ -414,7 +437,7 @@ def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, lo
                    inner_lr, steps, activation="relu", loss="l1", adapt_loss="l1"):
     """Scalar: the mean over tasks of the query loss after adapting on the learned inner loss
     (the autograd reference; gradients reach params, loss_params and the data)."""
-    tensors = (params, loss_params, x_source, x_query, y_query)
+    tensors = (params, loss_params, x_source, x_query, y_query) + _reference._tensors(inner_lr)
     functional = _reference._under_transform(tensors)
     keep_graph = _reference._keeps_graph(tensors, functional)
     loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]

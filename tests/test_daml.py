@@ -14,7 +14,7 @@ from torch.func import grad, grad_and_value, vmap
 import pymaml
 from pymaml import daml, tasks
 from pymaml import functional as F
-from pymaml.testing import relative_error
+from pymaml.testing import max_relative, relative_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -289,7 +289,9 @@ BAD = [
     (dict(steps=2.0), TypeError, "steps must be an int"),
     (dict(inner_lr=float("nan")), ValueError, "inner_lr must be finite"),
     (dict(inner_lr="0.1"), TypeError, "inner_lr must be a real number"),
-    (dict(inner_lr=torch.tensor(0.1)), TypeError, "inner_lr must be a number for DAML"),
+    (dict(inner_lr=torch.tensor(1)), TypeError, "inner_lr must have the dtype of params"),
+    (dict(inner_lr=torch.full((3, 2), 0.1)), ValueError,
+     "inner_lr as a tensor must broadcast"),
     (dict(activation="gelu"), ValueError, "activation must be one of"),
     (dict(loss="huber"), ValueError, "loss must be one of"),
     (dict(adapt_loss="l2"), ValueError, "adapt_loss must be one of"),
@@ -524,3 +526,66 @@ def test_fused_under_torch_compile():
         outs.append((value.detach(), theta.grad, psi.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a)
+
+
+# ---- learned inner rates with DAML (design.md §8.1 on the composite network) ----------------
+
+def _rates(pb, shape_index, seed):
+    """Rates of one of the shapes inner_lr takes ([], [P], [steps, 1], [steps, P]), around
+    the problem's rate."""
+    P = pb.params.numel()
+    shape = [(), (P,), (pb.steps, 1), (pb.steps, P)][shape_index]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g, dtype=torch.float64).to(pb.params.dtype)
+    return pb.inner_lr * (1 + 0.3 * noise)
+
+
+def _loss_and_grads(pb, rates, backend):
+    leaves = [t.clone().requires_grad_() for t in (pb.params, pb.loss_params, rates)]
+    hyper = dict(pb.loss_hyper, inner_lr=leaves[2])
+    value = pymaml.daml_loss(leaves[0], leaves[1], *pb.data, backend=backend, **hyper)
+    return (value, *torch.autograd.grad(value, leaves))
+
+
+@requires_fused_daml
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_learned_rates_fused_matches_reference(dtype):
+    for seed in range(40):
+        pb, rates = random_problem(4000 + seed, dtype), None
+        rates = _rates(pb, seed % 4, seed)
+        fused, ref = _loss_and_grads(pb, rates, "fused"), _loss_and_grads(pb, rates, "reference")
+        for name, a, b in zip(("loss", "params", "loss_params", "rates"), fused, ref):
+            assert max_relative(a, b) <= TOL[dtype], (seed, name)
+
+
+@requires_fused_daml
+def test_learned_rates_gradcheck_and_opcheck():
+    pb = random_problem(4100, max_hidden=2, max_width=4, max_steps=3, max_tasks=2)
+    rates = _rates(pb, 3, 0)
+
+    def f(theta, psi, r):
+        return pymaml.daml_loss(theta, psi, *pb.data, backend="fused",
+                                **dict(pb.loss_hyper, inner_lr=r))
+
+    inputs = tuple(t.clone().requires_grad_() for t in (pb.params, pb.loss_params, rates))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    args = (*inputs[:2], rates.expand(pb.steps, -1).contiguous().requires_grad_(), *pb.data,
+            pb.sizes, pb.loss_sizes, pb.steps, pb.activation, pb.loss, pb.adapt_loss, True, True)
+    torch.library.opcheck(torch.ops.pymaml.daml_loss_rates.default, args)
+
+
+def test_learned_rates_adapt_and_equal_rates():
+    pb = random_problem(4200)
+    rates = _rates(pb, 1, 1)
+    adapted = pymaml.daml_adapt(pb.params, pb.loss_params, pb.xs, **dict(pb.hyper, inner_lr=rates))
+    want = daml.reference_adapt(pb.params, pb.loss_params, pb.xs,
+                                **dict(pb.hyper, inner_lr=rates.expand(pb.steps, -1)))
+    assert torch.equal(adapted, want)
+    # a tensor holding the number everywhere is the number
+    same = torch.full((pb.params.numel(),), pb.inner_lr, dtype=pb.params.dtype)
+    for backend in ("reference",) + (("fused",) if daml.fused_available() else ()):
+        a = pymaml.daml_loss(pb.params, pb.loss_params, *pb.data, backend=backend,
+                             **dict(pb.loss_hyper, inner_lr=same))
+        b = pymaml.daml_loss(pb.params, pb.loss_params, *pb.data, backend=backend,
+                             **pb.loss_hyper)
+        assert max_relative(a, b) <= TOL[pb.params.dtype]

@@ -45,24 +45,29 @@ class DamlBatch {
  public:
   // T tasks, K source points per step, Q query points; batch_stride K: a source batch of its
   // own per inner step (xs [T, steps, K, n_in]), 0: one for every step.
-  DamlBatch(const DamlConfig& config, int64_t T, int64_t K, int64_t Q, int64_t batch_stride);
+  // rate_grad: run() may be asked for the gradient of learned rates (config.base.rate_rows > 0).
+  DamlBatch(const DamlConfig& config, int64_t T, int64_t K, int64_t Q, int64_t batch_stride,
+            bool rate_grad = false);
 
   // The mean query loss after adapting on the source inputs and, if `grad` is not null, the
   // mean gradients: theta's in grad[0, P), psi's in grad[P, P + P_psi). Bitwise the same for
-  // any thread count.
+  // any thread count. With config.base.rate_rows > 0, `rates` [R, P] are the inner rates and
+  // `rate_grad` (with grad, the batch built with rate_grad) receives their mean gradient.
   scalar_t run(const scalar_t* theta, const scalar_t* psi, const scalar_t* xs,
-               const scalar_t* xq, const scalar_t* yq, scalar_t* grad);
+               const scalar_t* xq, const scalar_t* yq, scalar_t* grad,
+               const scalar_t* rates = nullptr, scalar_t* rate_grad = nullptr);
 
  private:
   DamlConfig config_;
   int64_t T_, K_, Q_, batch_stride_;
-  int64_t width_;     // P + P_psi + 1: a task's gradients and its loss
+  int64_t rate_size_;  // R * P when the rates' gradient may be asked for, else 0
+  int64_t width_;      // P + P_psi + rate_size_ + 1: a task's gradients and its loss
   int64_t blocks_;
   int64_t worker_size_;
   std::vector<scalar_t> partial_;  // [blocks, width]
   std::unique_ptr<scalar_t[]> scratch_;
   size_t scratch_size_ = 0;
-  std::vector<scalar_t> theta0_, psi_;  // extended, shared by the tasks
+  std::vector<scalar_t> theta0_, psi_, rates_ext_;  // extended, shared by the tasks
 };
 
 extern template class DamlBatch<float>;

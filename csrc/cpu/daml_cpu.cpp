@@ -16,6 +16,7 @@
 #include "blocks.h"
 #include "daml_batch.h"
 #include "kernels.h"
+#include "meta_batch.h"  // inner_rule
 
 namespace pymaml::cpu {
 namespace {
@@ -109,20 +110,23 @@ DamlConfig parse_daml_config(const char* op, c10::IntArrayRef sizes, c10::IntArr
 
 template <typename scalar_t>
 DamlBatch<scalar_t>::DamlBatch(const DamlConfig& config, int64_t T, int64_t K, int64_t Q,
-                               int64_t batch_stride)
+                               int64_t batch_stride, bool rate_grad)
     : config_(config), T_(T), K_(K), Q_(Q), batch_stride_(batch_stride) {
   const MlpShape &s = config.base.shape, &ls = config.loss_shape;
-  width_ = s.num_params + ls.num_params + 1;
+  rate_size_ = rate_grad ? config.base.rate_rows * s.num_params : 0;
+  width_ = s.num_params + ls.num_params + rate_size_ + 1;
   blocks_ = num_blocks(T, width_);
-  worker_size_ = daml_workspace_size(s, ls, config.base.steps, K, Q);
+  worker_size_ = daml_workspace_size(s, ls, config.base.steps, K, Q, rate_size_ > 0);
   partial_.resize(size_t(blocks_ * width_));
   theta0_.resize(size_t(s.num_ext));
   psi_.resize(size_t(ls.num_ext));
+  rates_ext_.resize(size_t(config.base.rate_rows * s.num_ext));
 }
 
 template <typename scalar_t>
 scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, const scalar_t* Xs,
-                                  const scalar_t* Xq, const scalar_t* Yq, scalar_t* grad) {
+                                  const scalar_t* Xq, const scalar_t* Yq, scalar_t* grad,
+                                  const scalar_t* rates, scalar_t* rate_grad) {
   const OpConfig& c = config_.base;
   const MlpShape &s = c.shape, &ls = config_.loss_shape;
   const int64_t P = s.num_params, Pl = ls.num_params, E = s.num_ext, steps = c.steps;
@@ -139,17 +143,20 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
   const int64_t nxq = Q_ * s.n[0], nyq = Q_ * s.n_out();
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
   const bool need_grad = grad != nullptr;
+  const int64_t RP = need_grad && rate_grad ? rate_size_ : 0;
+  const InnerLR<scalar_t> lr = inner_rule(c, rates, rates_ext_.data());
   run_blocks(blocks_, [&](int64_t b, int worker) {
     auto w = carve_daml_workspace(scratch_.get() + size_t(worker) * size_t(worker_size_), s, ls,
-                                  steps, K_, Q_);
+                                  steps, K_, Q_, rate_size_ > 0);
     w.theta0 = theta0_.data();
     w.psi = psi_.data();
     scalar_t* dst = partial_.data() + b * W;
+    if (RP) w.rate_grad = dst + P + Pl;  // the tasks of a block accumulate into its sum
     const auto [first, last] = block_range(b, blocks_, T_);
     for (int64_t t = first; t < last; ++t) {
       dst[loss_at] += kern.daml_task(c.activation, c.loss, config_.adapt_loss, s, ls,
                                      Xs + t * nxs, K_, Xq + t * nxq, Yq + t * nyq, Q_, steps,
-                                     scalar_t(c.inner_lr), need_grad, w, batch_stride_);
+                                     lr, need_grad, w, batch_stride_);
       if (!need_grad) continue;
       for (int64_t p = 0; p < P; ++p) dst[p] += w.g[p];
       for (int64_t p = 0; p < Pl; ++p) dst[P + p] += w.g[E + p];
@@ -159,6 +166,7 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
   scalar_t mean_loss;
   reduce_blocks(partial_.data() + loss_at, blocks_, 1, W, inv_t, &mean_loss);
   if (need_grad) reduce_blocks(partial_.data(), blocks_, P + Pl, W, inv_t, grad);
+  if (RP) reduce_blocks(partial_.data() + P + Pl, blocks_, RP, W, inv_t, rate_grad);
   return mean_loss;
 }
 
@@ -189,6 +197,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> daml_loss(
   return {out_loss, grads.narrow(0, 0, P).clone(), grads.narrow(0, P, Pl).clone()};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss_rates(
+    const at::Tensor& params, const at::Tensor& loss_params, const at::Tensor& rates,
+    const at::Tensor& x_source, const at::Tensor& x_query, const at::Tensor& y_query,
+    c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, int64_t steps,
+    std::string_view activation, std::string_view loss, std::string_view adapt_loss,
+    bool need_grad, bool need_rate_grad) {
+  constexpr const char* op = "pymaml::daml_loss_rates";
+  DamlArgs a = check_daml_args(
+      op, parse_daml_config(op, sizes, loss_sizes, 0.0, steps, activation, loss, adapt_loss),
+      params, loss_params, x_source, x_query, y_query);
+  OpArgs rule;  // the rates' checks of the MAML rate ops, every layer adapting
+  rule.config = a.config.base;
+  rule.params = a.params;
+  std::vector<int64_t> every(size_t(rule.config.shape.depth));
+  for (size_t l = 0; l < every.size(); ++l) every[l] = int64_t(l);
+  check_rate_args(op, rule, rates, every);
+  a.config.base = rule.config;
+  need_rate_grad = need_rate_grad && need_grad;
+  const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
+  at::Tensor out_loss = at::empty({}, a.params.options());
+  at::Tensor grads = at::empty({need_grad ? P + Pl : 0}, a.params.options());
+  at::Tensor rate_grad = need_rate_grad
+                             ? at::empty({a.config.base.rate_rows, P}, a.params.options())
+                             : at::empty({0}, a.params.options());
+  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_rates_cpu", [&] {
+    DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride, need_rate_grad);
+    *out_loss.data_ptr<scalar_t>() = batch.run(
+        a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
+        a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
+        need_grad ? grads.data_ptr<scalar_t>() : nullptr, rule.rates.data_ptr<scalar_t>(),
+        need_rate_grad ? rate_grad.data_ptr<scalar_t>() : nullptr);
+  });
+  if (!need_grad) return {out_loss, grads, grads.clone(), rate_grad};
+  return {out_loss, grads.narrow(0, 0, P).clone(), grads.narrow(0, P, Pl).clone(), rate_grad};
+}
+
 at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
                       const at::Tensor& x_source, c10::IntArrayRef sizes,
                       c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps,
@@ -215,7 +259,8 @@ at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
       w.theta0 = theta0.data();
       w.psi = psi.data();
       kern.daml_inner_loop(c.activation, a.config.adapt_loss, s, ls, Xs + t * nxs, a.K, steps,
-                           scalar_t(c.inner_lr), w, a.batch_stride);
+                           inner_rule(c, (const scalar_t*)nullptr, (scalar_t*)nullptr), w,
+                           a.batch_stride);
       std::copy_n(w.theta(steps, s), P, adapted + t * P);
     });
   });
@@ -225,6 +270,7 @@ at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("daml_loss", &daml_loss);
   m.impl("daml_adapt", &daml_adapt);
+  m.impl("daml_loss_rates", &daml_loss_rates);
 }
 
 }  // namespace pymaml::cpu

@@ -26,9 +26,11 @@ struct TaskKernels {
   // daml_math.h's, for run-time base activation, outer loss L and adaptation loss AL.
   T (*daml_task)(Activation, Loss L, Loss AL, const MlpShape&, const MlpShape& loss_shape,
                  const T* Xs, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
-                 T lr, bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride);
+                 InnerLR<T> lr, bool need_grad, const DamlWorkspace<T>& w,
+                 int64_t batch_stride);
   void (*daml_inner_loop)(Activation, Loss AL, const MlpShape&, const MlpShape& loss_shape,
-                          const T* Xs, int64_t K, int64_t steps, T lr, const DamlWorkspace<T>& w,
+                          const T* Xs, int64_t K, int64_t steps, InnerLR<T> lr,
+                          const DamlWorkspace<T>& w,
                           int64_t batch_stride);
 };
 

@@ -41,7 +41,8 @@ void adapt_vjp_task(Activation act, Loss loss, const MlpShape& s, const T* Xs, c
 
 template <typename T>
 T daml_task(Activation act, Loss loss, Loss adapt_loss, const MlpShape& s, const MlpShape& ls,
-            const T* Xs, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps, T lr,
+            const T* Xs, int64_t K, const T* Xq, const T* Yq, int64_t Q, int64_t steps,
+            InnerLR<T> lr,
             bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride) {
   T value = T(0);
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
@@ -56,7 +57,8 @@ T daml_task(Activation act, Loss loss, Loss adapt_loss, const MlpShape& s, const
 
 template <typename T>
 void daml_inner_loop(Activation act, Loss adapt_loss, const MlpShape& s, const MlpShape& ls,
-                     const T* Xs, int64_t K, int64_t steps, T lr, const DamlWorkspace<T>& w,
+                     const T* Xs, int64_t K, int64_t steps, InnerLR<T> lr,
+                     const DamlWorkspace<T>& w,
                      int64_t batch_stride) {
   dispatch_act_loss(act, adapt_loss, [&](auto a, auto al) {
     pymaml::daml_inner_loop<T, decltype(a)::value, decltype(al)::value, SimdLinalg>(

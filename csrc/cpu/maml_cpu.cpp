@@ -22,21 +22,6 @@
 namespace pymaml::cpu {
 namespace {
 
-// The inner rule of a call (maml_math.h InnerLR): the config's scalar rate and frozen layers,
-// or the rates [R, P] extended into `ext` [R, E] (the kernels read W^T copies' rates too).
-template <typename scalar_t>
-InnerLR<scalar_t> inner_rule(const OpConfig& c, const scalar_t* rates, scalar_t* ext) {
-  InnerLR<scalar_t> lr{scalar_t(c.inner_lr)};
-  lr.frozen = c.frozen;
-  lr.first_adapted = c.first_adapted;
-  if (rates) {
-    const int64_t P = c.shape.num_params, E = c.shape.num_ext;
-    for (int64_t r = 0; r < c.rate_rows; ++r) expand_params(c.shape, rates + r * P, ext + r * E);
-    lr.rates = ext;
-    lr.step_stride = c.rate_rows > 1 ? E : 0;
-  }
-  return lr;
-}
 
 template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {
