@@ -356,12 +356,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> daml_loss_rates_autograd(
 }
 
 // daml_adapt is not differentiable (pymaml.functional sends calls that need a gradient to the
-// reference): its output comes back without a gradient function.
+// reference): a call that would record a graph is refused, rather than handing back a result
+// whose missing gradient nothing would report.
 Tensor daml_adapt_autograd(const Tensor& params, const Tensor& loss_params, const Tensor& xs,
                            c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
                            int64_t steps, c10::string_view activation,
                            c10::string_view adapt_loss) {
   static const auto op = find_op<decltype(daml_adapt_autograd)>("pymaml::daml_adapt");
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(params.requires_grad() || loss_params.requires_grad() || xs.requires_grad()),
+              "pymaml::daml_adapt is not differentiable, and an input requires grad: call it "
+              "under torch.no_grad(), or use pymaml.daml_adapt (which runs the reference then)");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(params, loss_params, xs, sizes, loss_sizes, inner_lr, steps, activation,
                  adapt_loss);
