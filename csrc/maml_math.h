@@ -682,9 +682,15 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
     return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
   // The frozen layers' copies in g are never read (their direction is 0; the result is
-  // g[0, P)), so the query backward leaves them out.
+  // g[0, P)), so the query backward leaves them out; they start at 0 rather than as whatever
+  // the workspace held, so that the walk's g -= hv never computes on stale values.
   const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g, 0, 0,
                                                   lr.first_adapted);
+  for (int l = 0; l < lr.first_adapted; ++l) {
+    if (!s.has_copy(l)) continue;
+    T* copy = w.g + s.t_off[l];
+    LA::each(s.in(l) * s.out(l), [&](int64_t e) { copy[e] = T(0); });
+  }
   if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
   else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
   return query_loss;
