@@ -30,24 +30,8 @@ def measure(names, w, rounds: int, clock=time.thread_time, block: int = 20) -> d
     """{name: [seconds per meta-iteration, `block` per round]}: per round, each row in turn
     runs one untimed call and `block` timed ones; each row is checked against the reference
     first."""
-    steps = {}
-    for name in names:
-        reason = harness.skip_reason(name, w)
-        if reason:
-            raise SystemExit(f"{name} on {w.label()}: {reason}")
-        batch, weights = harness.make_data(w)
-        runner = harness.make_runner(name, w, batch, weights)
-        harness.verify(name, w, runner.meta_grad()[1])
-        steps[name] = runner
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, runner in steps.items():
-            runner.step()  # after the other rows' calls: caches cold, not timed
-            for _ in range(block):
-                t0 = clock()
-                runner.step()
-                times[name].append((clock() - t0) / runner.iterations)
-    return times
+    runners = {name: harness.verified_runner(name, w) for name in names}
+    return harness.time_in_turns(runners, rounds, clock, block, each=True)
 
 
 def main():

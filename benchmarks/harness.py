@@ -269,6 +269,38 @@ class Runner(NamedTuple):
     iterations: int = 1
 
 
+def verified_runner(name: str, w: Workload) -> Runner:
+    """`name` on w's data (make_runner), its gradient checked against the reference before
+    anything is timed; SystemExit saying why when it cannot run w."""
+    reason = skip_reason(name, w)
+    if reason:
+        raise SystemExit(f"{name} on {w.label()}: {reason}")
+    batch, params = make_data(w)
+    runner = make_runner(name, w, batch, params)
+    verify(name, w, runner.meta_grad()[1])
+    return runner
+
+
+def time_in_turns(runners: Dict[str, Runner], rounds: int, clock, block: int,
+                  each: bool = False) -> Dict[str, list]:
+    """{label: [seconds per meta-iteration, per timing]}: per round, each runner in turn runs
+    `block` timed calls in a row, after an untimed one when block > 1 or `each` (a training
+    loop calls one variant back to back; a single call right after another variant's starts
+    with that one's caches); one timing per block, or per call with `each`."""
+    times = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, runner in runners.items():
+            if block > 1 or each:
+                runner.step()
+            calls = [1] * block if each else [block]
+            for n in calls:
+                t0 = clock()
+                for _ in range(n):
+                    runner.step()
+                times[label].append((clock() - t0) / (n * runner.iterations))
+    return times
+
+
 def make_runner(name: str, w: Workload, batch, params0: torch.Tensor) -> Runner:
     """Implementation `name` on its own copy of the starting weights, with its own optimizer
     (pymaml.train's: SGD or Adam with lr=outer_lr; DAML: over both networks' tensors)."""

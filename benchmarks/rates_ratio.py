@@ -26,25 +26,8 @@ def measure(impl: str, first_order: bool, rounds: int, clock=time.thread_time,
     block > 1 each round times `block` calls in a row after an untimed one (a training loop
     calls one variant back to back: single calls in turns start with another's caches)."""
     variants = [w.replace(first_order=first_order) for w in (W2, W2_METASGD, W2_ANIL)]
-    steps = {}
-    for w in variants:
-        reason = harness.skip_reason(impl, w)
-        if reason:
-            raise SystemExit(f"{impl} on {w.label()}: {reason}")
-        batch, params = harness.make_data(w)
-        runner = harness.make_runner(impl, w, batch, params)
-        harness.verify(impl, w, runner.meta_grad()[1])
-        steps[w.label()] = runner.step
-    times = {label: [] for label in steps}
-    for _ in range(rounds):
-        for label, step in steps.items():
-            if block > 1:
-                step()
-            t0 = clock()
-            for _ in range(block):
-                step()
-            times[label].append((clock() - t0) / block)
-    return times
+    runners = {w.label(): harness.verified_runner(impl, w) for w in variants}
+    return harness.time_in_turns(runners, rounds, clock, block)
 
 
 def main():

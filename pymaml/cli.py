@@ -131,6 +131,32 @@ def _outputs(args):
 
 # ---- commands -----------------------------------------------------------------------------------
 
+def _interrupted(result) -> int:
+    print(f"stopped at iteration {result.iterations}; continue with the same command and "
+          f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
+    return 130
+
+
+def _save_and_report(result, out):
+    """Saves a finished run's model to out["model"] and prints what the run did; returns it."""
+    model = result.model
+    try:
+        model.save(out["model"])
+    except OSError as exc:  # e.g. the disk filled up during training
+        raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
+                                 f"{result.checkpoint}: once fixed, rerun with --resume to write "
+                                 "the model and figures") from None
+    processes = result.config.get("processes", 1)
+    spread = f", {processes} processes" if processes > 1 else ""
+    print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
+          f"{result.config['backend']} backend{spread}, {torch.get_num_threads()} thread(s)"
+          f"{' each' if spread else ''}); training took {result.wall_time:.1f} s")
+    tail = result.losses[-max(100, result.iterations // 100):]
+    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
+    print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
+    return model
+
+
 def cmd_train(args) -> int:
     if args.task is None:  # DAML trains its own family (pymaml.daml_cli)
         args.task = "daml-sine" if args.algorithm == "daml" else "seed-sine"
@@ -169,24 +195,8 @@ def cmd_train(args) -> int:
     if result.rank != 0:  # the other processes of a distributed run hold the same model
         return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
-        print(f"stopped at iteration {result.iterations}; continue with the same command and "
-              f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
-        return 130
-    model = result.model
-    try:
-        model.save(out["model"])
-    except OSError as exc:  # e.g. the disk filled up during training
-        raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
-                                 f"{result.checkpoint}: once fixed, rerun with --resume to write "
-                                 "the model and figures") from None
-    processes = result.config["processes"]
-    spread = f", {processes} processes" if processes > 1 else ""
-    print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
-          f"{result.config['backend']} backend{spread}, {torch.get_num_threads()} thread(s)"
-          f"{' each' if spread else ''}); training took {result.wall_time:.1f} s")
-    tail = result.losses[-max(100, result.iterations // 100):]
-    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
-    print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
+        return _interrupted(result)
+    model = _save_and_report(result, out)
     if not args.no_plots:
         # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
         ids = [[math.pi]] if args.task == "seed-sine" else None

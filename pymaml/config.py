@@ -78,9 +78,14 @@ class RunConfig:
     def differences(self, saved: Dict[str, Any]) -> List[str]:
         """The settings (all but iterations, which may grow, and processes) in which a
         checkpoint's config dict `saved` differs from this run's, one line each."""
-        mine = self.to_dict()
-        return [f"{k}={saved.get(k)!r} (this call: {mine[k]!r})" for k in _RUN_KEYS
-                if _lists(saved.get(k)) != _lists(mine[k])]
+        return differences(self.to_dict(), saved, _RUN_KEYS)
+
+
+def differences(mine: Dict[str, Any], saved: Dict[str, Any], keys) -> List[str]:
+    """One line for each of `keys` in which a checkpoint's settings `saved` differ from this
+    run's `mine` (lists and tuples alike)."""
+    return [f"{k}={saved.get(k)!r} (this call: {mine[k]!r})" for k in keys
+            if _lists(saved.get(k)) != _lists(mine[k])]
 
 
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig)

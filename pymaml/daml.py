@@ -35,7 +35,6 @@ This module holds:
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -227,18 +226,7 @@ def _choose_backend(backend, op_name, params, sizes, loss_sizes, steps, data,
     if backend == "reference":
         return backend
     reason = _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) or extra_reason
-    if reason is None:
-        return "fused"
-    if backend == "fused":
-        raise RuntimeError(f"backend='fused' cannot serve this call: {reason}; "
-                           "use backend='reference' or 'auto'")
-    if _ops.available() and steps > _ops._C.max_steps:
-        warnings.warn(f"backend='auto': steps={steps} is beyond the fused op's limit of "
-                      f"{_ops._C.max_steps}, so the autograd reference runs it, a Python loop "
-                      f"of {steps} second-order inner steps per task, far slower than the "
-                      "fused op; pass backend='reference' to choose it knowingly, or use "
-                      "fewer steps", RuntimeWarning, stacklevel=3)
-    return "reference"
+    return _functional._backend_for(backend, reason, steps)
 
 
 def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_sizes, inner_lr,

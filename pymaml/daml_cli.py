@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import torch
 
@@ -90,21 +89,8 @@ def cmd_train(args) -> int:
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
                    overwrite=args.overwrite, distributed=args.distributed or None)
     if result.status == "interrupted":
-        print(f"stopped at iteration {result.iterations}; continue with the same command and "
-              f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
-        return 130
-    model = result.model
-    try:
-        model.save(out["model"])
-    except OSError as exc:
-        raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
-                                 f"{result.checkpoint}: once fixed, rerun with --resume to "
-                                 "write the model and figures") from None
-    print(f"{result.iterations} meta-iterations done (daml, {result.config['backend']} backend, "
-          f"{torch.get_num_threads()} thread(s)); training took {result.wall_time:.1f} s")
-    tail = result.losses[-max(100, result.iterations // 100):]
-    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
-    print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
+        return cli._interrupted(result)
+    model = cli._save_and_report(result, out)
     if isinstance(_tasks.get_daml_family(args.task), _tasks.DAMLSine):
         held_out = evaluate_daml(model, args.task, shots=args.shots)
         print("after adapting from unlabeled source inputs alone, mean absolute error on a "

@@ -90,8 +90,7 @@ class DAMLConfig:
 
     def differences(self, saved: Dict[str, Any]) -> List[str]:
         mine = self.to_dict()
-        return [f"{k}={saved.get(k)!r} (this call: {mine[k]!r})" for k in mine
-                if k != "iterations" and _config._lists(saved.get(k)) != _config._lists(mine[k])]
+        return _config.differences(mine, saved, [k for k in mine if k != "iterations"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,14 +390,8 @@ class _Run:
         return values
 
     def _diverged(self, it: int, value: float):
-        from .trainer import TrainingDiverged
-        kept = self.checkpoints.kept()
-        if not math.isfinite(value):
-            return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
-                                    "stopped before updating the weights with it" + kept, it)
-        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
-                                "non-finite (the meta-loss was finite): training stopped"
-                                + kept, it)
+        from .trainer import TrainingDiverged  # trainer imports this module
+        return TrainingDiverged.at(it, value, self.checkpoints.kept())
 
 
 # ---- checking a DAML checkpoint ---------------------------------------------------------------

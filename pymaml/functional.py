@@ -307,6 +307,12 @@ def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
         reason = "a support batch per inner step runs on the CPU kernels only"
     if reason is None and _under_torch_func((params, *data)):
         reason = "the fused op does not support torch.func transforms (grad, vmap)"
+    return _backend_for(backend, reason, steps)
+
+
+def _backend_for(backend, reason, steps) -> str:
+    """"fused" when nothing stands in its way (reason None); else the reference under "auto"
+    (warning when the step count alone sent it there), an error under "fused"."""
     if reason is None:
         return "fused"
     if backend == "fused":
@@ -318,7 +324,7 @@ def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
                       f"{_ops._C.max_steps}, so the autograd reference runs it, a Python loop "
                       f"of {steps} inner steps per task (second order: a graph that grows with "
                       "every step), far slower than the fused op; pass backend='reference' to "
-                      "choose it knowingly, or use fewer steps", RuntimeWarning, stacklevel=3)
+                      "choose it knowingly, or use fewer steps", RuntimeWarning, stacklevel=4)
     return "reference"
 
 

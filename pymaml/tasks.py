@@ -251,14 +251,14 @@ class CallableTasks(TaskFamily):
         return f"CallableTasks({self.name})"
 
 
-class CheckedTasks(TaskFamily):
-    """A user's TaskFamily, with what its sample / sample_many return checked (check_batch)
-    on every call; its other attributes are the family's own."""
+class _Wrapping:
+    """A wrapper around a user's task family whose attributes are the family's own (what
+    CheckedTasks and CheckedDAMLTasks check is theirs)."""
 
-    def __init__(self, family: TaskFamily):
+    def __init__(self, family):
         self.family = family
 
-    # TaskFamily's class attributes would shadow the family's own: forwarded explicitly.
+    # The family classes' attributes would shadow the family's own: forwarded explicitly.
     name = property(lambda self: self.family.name)
     n_in = property(lambda self: self.family.n_in)
     n_out = property(lambda self: self.family.n_out)
@@ -269,6 +269,11 @@ class CheckedTasks(TaskFamily):
     @property
     def _where(self) -> str:
         return f"task family {self.family.name!r} ({type(self.family).__name__})"
+
+
+class CheckedTasks(_Wrapping, TaskFamily):
+    """A user's TaskFamily, with what its sample / sample_many return checked (check_batch)
+    on every call; its other attributes are the family's own."""
 
     def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
         out = self.family.sample(T, generator=generator, dtype=dtype, device=device)
@@ -552,23 +557,9 @@ class CallableDAMLTasks(DAMLTaskFamily):
         return f"CallableDAMLTasks({self.name})"
 
 
-class CheckedDAMLTasks(DAMLTaskFamily):
+class CheckedDAMLTasks(_Wrapping, DAMLTaskFamily):
     """A user's DAMLTaskFamily, what its sample_daml / sample_daml_many return checked on every
     call (check_daml_batch); its other attributes are the family's own."""
-
-    def __init__(self, family: DAMLTaskFamily):
-        self.family = family
-
-    name = property(lambda self: self.family.name)
-    n_in = property(lambda self: self.family.n_in)
-    n_out = property(lambda self: self.family.n_out)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["family"], name)
-
-    @property
-    def _where(self) -> str:
-        return f"task family {self.family.name!r} ({type(self.family).__name__})"
 
     def sample_daml(self, T, *, steps, generator, dtype=torch.float32, device=None) -> DAMLBatch:
         out = self.family.sample_daml(T, steps=steps, generator=generator, dtype=dtype,

@@ -50,6 +50,16 @@ class TrainingDiverged(RuntimeError):
         super().__init__(message)
         self.iteration = iteration
 
+    @classmethod
+    def at(cls, it: int, value: float, kept: str) -> "TrainingDiverged":
+        """Iteration `it` stopped: its meta-loss `value` was not finite, or (finite) its step
+        made the weights non-finite; `kept` says which checkpoint remains."""
+        if not math.isfinite(value):
+            return cls(f"the meta-loss is {value} at iteration {it}: training stopped before "
+                       "updating the weights with it" + kept, it)
+        return cls(f"the optimizer step of iteration {it} made the weights non-finite (the "
+                   "meta-loss was finite): training stopped" + kept, it)
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -364,13 +374,7 @@ class _Run:
         return values
 
     def _diverged(self, it: int, value: float) -> TrainingDiverged:
-        kept = self.checkpoints.kept()
-        if not math.isfinite(value):
-            return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
-                                    "stopped before updating the weights with it" + kept, it)
-        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
-                                "non-finite (the meta-loss was finite): training stopped"
-                                + kept, it)
+        return TrainingDiverged.at(it, value, self.checkpoints.kept())
 
     def _record(self, first: int, values: List[float]) -> None:
         self.losses.extend(values)
