@@ -257,14 +257,16 @@ PYMAML_HOST_DEVICE T daml_task(const MlpShape& s, const MlpShape& ls, const T* X
     return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
   const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
-  const int64_t E = s.num_ext, EF = E + ls.num_ext;
+  const int64_t E = s.num_ext;
   LA::each(ls.num_ext, [&](int64_t p) { w.g[E + p] = T(0); });  // the outer loss reads no psi
+  if (steps > 0) apply_rates<T, LA>(s, lr, steps - 1, false, w.g, (const T*)nullptr, w.tmp);
   for (int64_t k = steps - 1; k >= 0; --k) {
     if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
-    apply_rates<T, LA>(s, lr, k, false, w.g, (const T*)nullptr, w.tmp);
     daml_hvp<T, A, AL, LA>(s, ls, w.theta(k, s), w.psi, Xs + k * batch_stride * s.n[0], K,
                            w.step(k), w.r, w.tmp, w.hv, w.hv + E);
-    LA::each(EF, [&](int64_t p) { w.g[p] -= w.hv[p]; });
+    LA::each(ls.num_ext, [&](int64_t p) { w.g[E + p] -= w.hv[E + p]; });  // psi's rows
+    if (k > 0) walk_update<T, LA>(s, lr, k - 1, w.g, w.hv, w.tmp);
+    else LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
   return query_loss;
 }

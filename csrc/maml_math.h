@@ -489,30 +489,68 @@ PYMAML_HOST_DEVICE void layer_pieces(const MlpShape& s, int l, F&& f) {
   if (s.has_copy(l)) f(s.t_off[l], s.out(l) * s.in(l));
 }
 
-// out[p] = in[p] - rate_k[p] * grad[p] (SGD step k: sign -1) or out[p] = rate_k[p] * in[p]
-// (the walk's direction: sign 0; grad unused) over the whole extended vector; on frozen layers
+// Calls f(first, count, moves) over the extended vector: one piece when no layer is frozen,
+// else each layer's pieces (layer_pieces) with whether the layer moves.
+template <typename T, typename F>
+PYMAML_HOST_DEVICE void rate_pieces(const MlpShape& s, const InnerLR<T>& lr, F&& f) {
+  if (!lr.frozen) return f(int64_t(0), s.num_ext, true);
+  for (int l = 0; l < s.depth; ++l)
+    layer_pieces(s, l, [&](int64_t p0, int64_t n) { f(p0, n, lr.moves(l)); });
+}
+
+// out[p] = in[p] - rate_k[p] * grad[p] (SGD step k: step) or out[p] = rate_k[p] * in[p]
+// (the walk's direction; grad unused) over the whole extended vector; on frozen layers
 // out = in (step) or 0 (direction), without reading their grad or rate.
 template <typename T, typename LA>
 PYMAML_HOST_DEVICE void apply_rates(const MlpShape& s, const InnerLR<T>& lr, int64_t k,
                                     bool step, const T* in, const T* grad, T* out) {
-  auto moving = [&](int64_t p0, int64_t n) {
-    if (lr.rates) {
-      const T* r = lr.rates + k * lr.step_stride;
-      if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i] - r[p0 + i] * grad[p0 + i]; });
-      else LA::each(n, [&](int64_t i) { out[p0 + i] = r[p0 + i] * in[p0 + i]; });
+  const T* r = lr.rates ? lr.rates + k * lr.step_stride : nullptr;
+  const T v = lr.value;
+  rate_pieces(s, lr, [&](int64_t p0, int64_t n, bool moves) {
+    const T* x = in + p0;
+    T* y = out + p0;
+    if (!moves) {
+      if (step) LA::each(n, [&](int64_t i) { y[i] = x[i]; });
+      else LA::each(n, [&](int64_t i) { y[i] = T(0); });
+    } else if (step) {
+      const T* d = grad + p0;
+      if (r) LA::each(n, [&](int64_t i) { y[i] = x[i] - r[p0 + i] * d[i]; });
+      else LA::each(n, [&](int64_t i) { y[i] = x[i] - v * d[i]; });
     } else {
-      const T v = lr.value;
-      if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i] - v * grad[p0 + i]; });
-      else LA::each(n, [&](int64_t i) { out[p0 + i] = v * in[p0 + i]; });
+      if (r) LA::each(n, [&](int64_t i) { y[i] = r[p0 + i] * x[i]; });
+      else LA::each(n, [&](int64_t i) { y[i] = v * x[i]; });
     }
-  };
-  if (!lr.frozen) return moving(0, s.num_ext);
-  for (int l = 0; l < s.depth; ++l)
-    layer_pieces(s, l, [&](int64_t p0, int64_t n) {
-      if (lr.moves(l)) moving(p0, n);
-      else if (step) LA::each(n, [&](int64_t i) { out[p0 + i] = in[p0 + i]; });
-      else LA::each(n, [&](int64_t i) { out[p0 + i] = T(0); });
-    });
+  });
+}
+
+// The walk's update after step k + 1's Hessian-vector product, in one pass: g -= hv, and the
+// direction of step k, dir = rate_k * g (0 on frozen layers, whose g still takes the update).
+template <typename T, typename LA>
+PYMAML_HOST_DEVICE void walk_update(const MlpShape& s, const InnerLR<T>& lr, int64_t k, T* g,
+                                    const T* hv, T* dir) {
+  const T* r = lr.rates ? lr.rates + k * lr.step_stride : nullptr;
+  const T v = lr.value;
+  rate_pieces(s, lr, [&](int64_t p0, int64_t n, bool moves) {
+    T* x = g + p0;
+    const T* h = hv + p0;
+    T* y = dir + p0;
+    if (!moves) {
+      LA::each(n, [&](int64_t i) {
+        x[i] -= h[i];
+        y[i] = T(0);
+      });
+    } else if (r) {
+      LA::each(n, [&](int64_t i) {
+        x[i] -= h[i];
+        y[i] = r[p0 + i] * x[i];
+      });
+    } else {
+      LA::each(n, [&](int64_t i) {
+        x[i] -= h[i];
+        y[i] = v * x[i];
+      });
+    }
+  });
 }
 
 // Per-task scratch, sized by `task_workspace_size` (elements of T). The inner loop keeps the
@@ -635,12 +673,13 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int
         LA::each(n, [&](int64_t i) { w.hv[p0 + i] = T(0); });
       });
   }
+  if (steps > 0) apply_rates<T, LA>(s, lr, steps - 1, false, w.g, (const T*)nullptr, w.tmp);
   for (int64_t k = steps - 1; k >= 0; --k) {
     if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
-    apply_rates<T, LA>(s, lr, k, false, w.g, (const T*)nullptr, w.tmp);
     hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0], K, w.tape(k), w.rtape,
                      w.tmp, w.hv, l0, acc);
-    LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
+    if (k > 0) walk_update<T, LA>(s, lr, k - 1, w.g, w.hv, w.tmp);  // g, and the next direction
+    else LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
   if (!acc) return;
   frozen_backprop<T, A, LA>(s, w.theta0, Xs, K, w.tape(0), w.rtape, acc, l0, w.hv);
