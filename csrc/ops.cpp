@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(pymaml, m) {
+  // A module's weight tensors [W0, b0, W1, b1, ...] as one flat [P] tensor, pymaml's layout;
+  // differentiable, each tensor's gradient a view of the flat one (csrc/flatten.cpp).
+  m.def("flatten_params(Tensor[] parts) -> Tensor");
   // Inner loop of every task: [T, P] adapted parameters theta_t^S. `first_order` does not
   // change the value, only the derivative the autograd formula gives (identity Jacobian).
   m.def(

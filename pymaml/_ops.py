@@ -102,6 +102,10 @@ if _C is not None:
                          activation, adapt_loss):
         return params.new_empty((x_source.shape[0], params.shape[0]))
 
+    @torch.library.register_fake("pymaml::flatten_params")
+    def _flatten_params_fake(parts):
+        return parts[0].new_empty((sum(t.numel() for t in parts),))
+
     @torch.library.register_fake("pymaml::reptile")
     def _reptile_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
                       activation, loss):
@@ -141,3 +145,14 @@ if _C is not None:
 
     # Autograd is registered in C++ (csrc/autograd.cpp): a few microseconds per call where a
     # Python formula cost tens.
+
+
+def flatten_params(parts) -> torch.Tensor:
+    """[W0, b0, W1, b1, ...] as one flat differentiable [P] tensor: torch.ops.pymaml.flatten_params
+    (one autograd node, each part's gradient a view of the flat one) where the compiled core is
+    loaded, else pymaml._layout.flatten (torch.cat of reshapes)."""
+    if _C is None:
+        from ._layout import flatten
+        return flatten(parts)
+    return ops.flatten_params(parts)
+

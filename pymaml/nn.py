@@ -7,7 +7,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import _rates
+from . import _ops, _rates
 from ._layout import flatten, num_params, unflatten
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -119,7 +119,7 @@ class MAML(nn.Module):
     def flat_params(self) -> torch.Tensor:
         """The model's weights in pymaml's flat layout [P], differentiable (a copy whose
         gradient autograd splits back into each parameter's .grad)."""
-        return flatten([t for m in self._linears for t in (m.weight, m.bias)])
+        return _ops.flatten_params([t for m in self._linears for t in (m.weight, m.bias)])
 
     def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
         from .functional import maml_loss

@@ -119,3 +119,48 @@ def test_bad_settings_are_refused_by_name():
         pymaml.MAML(model, inner_lr=0.1, steps=1, loss="huber")
     with pytest.raises(ValueError, match="backend must be one of"):
         pymaml.MAML(model, inner_lr=0.1, steps=1, backend="jax")
+
+
+# ---- torch.ops.pymaml.flatten_params: what pymaml.MAML feeds the fused ops ---------------------
+
+@requires_fused
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flatten_params_is_the_layouts_flatten_and_its_gradient_splits_back(dtype):
+    from pymaml._layout import flatten
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+             for shape in ([3, 2], [3], [1, 3], [1])]
+    parts[1].requires_grad_(False)  # a frozen tensor gets no gradient
+    flat = torch.ops.pymaml.flatten_params(parts)
+    assert torch.equal(flat, flatten(parts))
+    w = torch.randn(flat.shape, generator=g, dtype=dtype)
+    (flat * w).sum().backward()
+    expected = [w[:6].view(3, 2), None, w[9:12].view(1, 3), w[12:].view(1)]
+    for p, e in zip(parts, expected):
+        assert (p.grad is None) if e is None else torch.equal(p.grad, e)
+    (flatten(parts) * w).sum().backward()  # a second backward accumulates, as torch.cat's does
+    assert torch.equal(parts[0].grad, 2 * w[:6].view(3, 2))
+    # an expanded incoming gradient (sum's backward) still splits
+    for p in parts:
+        p.grad = None
+    torch.ops.pymaml.flatten_params(parts).sum().backward()
+    assert torch.equal(parts[3].grad, torch.ones(1, dtype=dtype))
+    torch.autograd.gradcheck(lambda *ts: torch.ops.pymaml.flatten_params(list(ts)),
+                             [p.detach().double().requires_grad_() for p in parts])
+
+
+@requires_fused
+def test_flatten_params_refuses_what_it_cannot_flatten_by_name():
+    op = torch.ops.pymaml.flatten_params
+    with pytest.raises(ValueError, match="at least one tensor"):
+        op([])
+    with pytest.raises(TypeError, match=r"parts\[1\] has dtype Float but parts\[0\] has Double"):
+        op([torch.zeros(2, dtype=torch.float64), torch.zeros(2)])
+
+
+@requires_fused
+def test_flatten_params_opcheck_and_compile():
+    parts = [torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    torch.library.opcheck(torch.ops.pymaml.flatten_params.default, (parts,))
+    compiled = torch.compile(lambda ps: torch.ops.pymaml.flatten_params(ps) * 2, fullgraph=True)
+    assert torch.equal(compiled(parts), torch.cat([parts[0].reshape(-1), parts[1]]) * 2)

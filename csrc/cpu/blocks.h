@@ -70,16 +70,20 @@ void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
 }
 
 // out[p] = scale * sum_b partial[b * stride + p], p < n, blocks summed in order (parallel over
-// p only).
+// p only). Block by block over p, not p by p over the blocks: the same sums in the same order,
+// but each pass is a contiguous loop the compiler vectorises (the p-outer form was 6 % of a
+// DAML call with one task).
 template <typename scalar_t>
 void reduce_blocks(const scalar_t* partial, int64_t nb, int64_t n, int64_t stride,
                    scalar_t scale, scalar_t* out) {
   auto reduce = [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      scalar_t acc = scalar_t(0);
-      for (int64_t b = 0; b < nb; ++b) acc += partial[b * stride + p];
-      out[p] = acc * scale;
+    scalar_t* __restrict__ o = out;
+    for (int64_t p = p0; p < p1; ++p) o[p] = partial[p];
+    for (int64_t b = 1; b < nb; ++b) {
+      const scalar_t* __restrict__ src = partial + b * stride;
+      for (int64_t p = p0; p < p1; ++p) o[p] += src[p];
     }
+    for (int64_t p = p0; p < p1; ++p) o[p] *= scale;
   };
   constexpr int64_t grain = 4096;
   if (n <= grain)

@@ -50,11 +50,11 @@ class DamlBatch {
             bool rate_grad = false);
 
   // The mean query loss after adapting on the source inputs and, if `grad` is not null, the
-  // mean gradients: theta's in grad[0, P), psi's in grad[P, P + P_psi). Bitwise the same for
-  // any thread count. With config.base.rate_rows > 0, `rates` [R, P] are the inner rates and
+  // mean gradients: theta's in grad [P], psi's in grad_psi [P_psi]. Bitwise the same for any
+  // thread count. With config.base.rate_rows > 0, `rates` [R, P] are the inner rates and
   // `rate_grad` (with grad, the batch built with rate_grad) receives their mean gradient.
   scalar_t run(const scalar_t* theta, const scalar_t* psi, const scalar_t* xs,
-               const scalar_t* xq, const scalar_t* yq, scalar_t* grad,
+               const scalar_t* xq, const scalar_t* yq, scalar_t* grad, scalar_t* grad_psi,
                const scalar_t* rates = nullptr, scalar_t* rate_grad = nullptr);
 
  private:

@@ -126,7 +126,8 @@ DamlBatch<scalar_t>::DamlBatch(const DamlConfig& config, int64_t T, int64_t K, i
 template <typename scalar_t>
 scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, const scalar_t* Xs,
                                   const scalar_t* Xq, const scalar_t* Yq, scalar_t* grad,
-                                  const scalar_t* rates, scalar_t* rate_grad) {
+                                  scalar_t* grad_psi, const scalar_t* rates,
+                                  scalar_t* rate_grad) {
   const OpConfig& c = config_.base;
   const MlpShape &s = c.shape, &ls = config_.loss_shape;
   const int64_t P = s.num_params, Pl = ls.num_params, E = s.num_ext, steps = c.steps;
@@ -165,7 +166,10 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
   const scalar_t inv_t = scalar_t(1) / scalar_t(T_);
   scalar_t mean_loss;
   reduce_blocks(partial_.data() + loss_at, blocks_, 1, W, inv_t, &mean_loss);
-  if (need_grad) reduce_blocks(partial_.data(), blocks_, P + Pl, W, inv_t, grad);
+  if (need_grad) {
+    reduce_blocks(partial_.data(), blocks_, P, W, inv_t, grad);
+    reduce_blocks(partial_.data() + P, blocks_, Pl, W, inv_t, grad_psi);
+  }
   if (RP) reduce_blocks(partial_.data() + P + Pl, blocks_, RP, W, inv_t, rate_grad);
   return mean_loss;
 }
@@ -184,17 +188,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> daml_loss(
       params, loss_params, x_source, x_query, y_query);
   const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
   at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grads = at::empty({need_grad ? P + Pl : 0}, a.params.options());
+  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
+  at::Tensor grad_psi = at::empty({need_grad ? Pl : 0}, a.params.options());
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_cpu", [&] {
     DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride);
     *out_loss.data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
         a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
-        need_grad ? grads.data_ptr<scalar_t>() : nullptr);
+        need_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        need_grad ? grad_psi.data_ptr<scalar_t>() : nullptr);
   });
-  if (!need_grad) return {out_loss, grads, grads.clone()};
-  // Two tensors of their own (not views of one: an op's outputs must not alias each other).
-  return {out_loss, grads.narrow(0, 0, P).clone(), grads.narrow(0, P, Pl).clone()};
+  return {out_loss, grad, grad_psi};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss_rates(
@@ -217,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss_rates(
   need_rate_grad = need_rate_grad && need_grad;
   const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
   at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grads = at::empty({need_grad ? P + Pl : 0}, a.params.options());
+  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
+  at::Tensor grad_psi = at::empty({need_grad ? Pl : 0}, a.params.options());
   at::Tensor rate_grad = need_rate_grad
                              ? at::empty({a.config.base.rate_rows, P}, a.params.options())
                              : at::empty({0}, a.params.options());
@@ -226,11 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss_rates(
     *out_loss.data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
         a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
-        need_grad ? grads.data_ptr<scalar_t>() : nullptr, rule.rates.data_ptr<scalar_t>(),
+        need_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        need_grad ? grad_psi.data_ptr<scalar_t>() : nullptr, rule.rates.data_ptr<scalar_t>(),
         need_rate_grad ? rate_grad.data_ptr<scalar_t>() : nullptr);
   });
-  if (!need_grad) return {out_loss, grads, grads.clone(), rate_grad};
-  return {out_loss, grads.narrow(0, 0, P).clone(), grads.narrow(0, P, Pl).clone(), rate_grad};
+  return {out_loss, grad, grad_psi, rate_grad};
 }
 
 at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,

@@ -384,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> daml_train_chunk(
     const scalar_t* Yq = yq.data_ptr<scalar_t>();
     const int64_t nxs = xs.numel() / n, nxq = xq.numel() / n, nyq = yq.numel() / n;
     done = run_chunk(n, weights, grad, outer, losses.data_ptr<scalar_t>(), [&](int64_t i) {
-      return batch.run(w, w + P, Xs + i * nxs, Xq + i * nxq, Yq + i * nyq, g);
+      return batch.run(w, w + P, Xs + i * nxs, Xq + i * nxq, Yq + i * nyq, g, g + P);
     });
   });
   return {losses, at::scalar_tensor(done, at::TensorOptions().dtype(at::kLong))};
