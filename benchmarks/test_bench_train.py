@@ -2,7 +2,7 @@
 optimizer step, the loop), on W1 (the seed's experiment) and W2: one group per workload,
 the report divides each call's time by its iterations (extra_info["iterations"]).
 
-Rows per algorithm (MAML, FO-MAML and Reptile on W1; MAML on W2) and path: "chunked", the
+Rows per algorithm (MAML, FO-MAML and Reptile on W1; MAML, Meta-SGD and ANIL on W2) and path: "chunked", the
 named task family, which the trainer's fast path runs a chunk of iterations at a time in one C++
 call; "per-iteration", the same family given as a plain sampler function, which the trainer
 runs one iteration at a time (one op call, torch.optim).
@@ -24,9 +24,13 @@ PATHS = ("chunked", "per-iteration")
 
 # Reptile's inner loop trains on support and query together (8 points on W1); "reptile-mb4"
 # takes its paper's minibatches, 4 points per step (pymaml.train's inner_batch).
-ALGORITHMS = {"maml": {}, "fomaml": {}, "reptile": {}, "reptile-mb4": dict(inner_batch=4)}
+# On W2, Meta-SGD (per-parameter rates learned with the weights) and ANIL (the head adapts)
+# beside MAML: issue 14's ratios as pymaml.train runs them.
+ALGORITHMS = {"maml": {}, "fomaml": {}, "reptile": {}, "reptile-mb4": dict(inner_batch=4),
+              "metasgd": {}, "anil": {}}
 CASES = [pytest.param(w, algorithm, path, id=f"train-{w.base}-{algorithm}-{path}")
-         for w, algorithms in ((W1, tuple(ALGORITHMS)), (W2, ("maml",)))
+         for w, algorithms in ((W1, ("maml", "fomaml", "reptile", "reptile-mb4")),
+                               (W2, ("maml", "metasgd", "anil")))
          for algorithm in algorithms for path in PATHS]
 
 
