@@ -69,7 +69,9 @@ PYMAML_HOST_DEVICE void r_forward_input(const MlpShape& ls, const T* psi, int64_
 }
 
 // Its R-backward from R G_last (in rt.r_grad): R dW_l = R G_l^T A_{l-1} + G_l^T R A_{l-1} (with
-// A_{-1} = in, R A_{-1} = r_in) into Hpsi (extended), and R of dLoss/dInput into r_gin.
+// A_{-1} = in, R A_{-1} = r_in) into Hpsi's first P_psi entries, and R of dLoss/dInput into
+// r_gin. Hpsi's transposed-copy slots are left unwritten: psi never moves in the inner loop,
+// so only its gradient reads these rows (skipping the copies halves the weight products).
 template <typename T, Activation A, typename LA>
 PYMAML_HOST_DEVICE void r_backward_input(const MlpShape& ls, const T* psi, const T* in,
                                          const T* r_in, int64_t K, const Tape<T>& tp,
@@ -80,9 +82,9 @@ PYMAML_HOST_DEVICE void r_backward_input(const MlpShape& ls, const T* psi, const
     const T* ra_in = l == 0 ? r_in : layer_of(rt.r_act, ls, K, l - 1);
     const T* G = layer_of(tp.grad, ls, K, l);
     const T* RG = layer_of(rt.r_grad, ls, K, l);
-    weight_grad<T, LA>(ls, l, K, RG, a_in, Hpsi, Init::Zero);
+    weight_grad<T, LA>(ls, l, K, RG, a_in, Hpsi, Init::Zero, false);
     column_sums<T, LA>(K, no, RG, Hpsi + ls.b_off[l]);
-    weight_grad<T, LA>(ls, l, K, G, ra_in, Hpsi, Init::Accumulate);
+    weight_grad<T, LA>(ls, l, K, G, ra_in, Hpsi, Init::Accumulate, false);
     T* dst = l == 0 ? r_gin : layer_of(rt.r_grad, ls, K, l - 1);
     LA::gemm(K, ni, no, RG, no, int64_t(1), psi + ls.w_off[l], ni, dst, ni, Init::Zero,
              (const T*)nullptr);
@@ -129,7 +131,8 @@ struct DamlRScratch {
 };
 
 // H v of La at theta along (v, 0) (v extended): the theta rows into Hv (extended), the psi rows
-// (H_{psi theta} v) into Hpsi (extended like psi). The step's tapes must be daml_inner_grad's.
+// (H_{psi theta} v) into Hpsi's first P_psi entries (r_backward_input). The step's tapes must
+// be daml_inner_grad's.
 template <typename T, Activation A, Loss AL, typename LA>
 PYMAML_HOST_DEVICE void daml_hvp(const MlpShape& s, const MlpShape& ls, const T* theta,
                                  const T* psi, const T* X, int64_t K, const DamlStep<T>& st,
@@ -257,14 +260,14 @@ PYMAML_HOST_DEVICE T daml_task(const MlpShape& s, const MlpShape& ls, const T* X
     return loss_and_seed<T, L, LA>(s, Yq, Q, query);
   }
   const T query_loss = loss_and_grad<T, A, L, LA>(s, adapted, Xq, Yq, Q, query, w.g);
-  const int64_t E = s.num_ext;
-  LA::each(ls.num_ext, [&](int64_t p) { w.g[E + p] = T(0); });  // the outer loss reads no psi
+  const int64_t E = s.num_ext, Pl = ls.num_params;  // psi's rows: its P_psi parameters only
+  LA::each(Pl, [&](int64_t p) { w.g[E + p] = T(0); });  // the outer loss reads no psi
   if (steps > 0) apply_rates<T, LA>(s, lr, steps - 1, false, w.g, (const T*)nullptr, w.tmp);
   for (int64_t k = steps - 1; k >= 0; --k) {
     if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
     daml_hvp<T, A, AL, LA>(s, ls, w.theta(k, s), w.psi, Xs + k * batch_stride * s.n[0], K,
                            w.step(k), w.r, w.tmp, w.hv, w.hv + E);
-    LA::each(ls.num_ext, [&](int64_t p) { w.g[E + p] -= w.hv[E + p]; });  // psi's rows
+    LA::each(Pl, [&](int64_t p) { w.g[E + p] -= w.hv[E + p]; });  // psi's rows
     if (k > 0) walk_update<T, LA>(s, lr, k - 1, w.g, w.hv, w.tmp);
     else LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
