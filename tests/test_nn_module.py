@@ -164,3 +164,16 @@ def test_flatten_params_opcheck_and_compile():
     torch.library.opcheck(torch.ops.pymaml.flatten_params.default, (parts,))
     compiled = torch.compile(lambda ps: torch.ops.pymaml.flatten_params(ps) * 2, fullgraph=True)
     assert torch.equal(compiled(parts), torch.cat([parts[0].reshape(-1), parts[1]]) * 2)
+
+
+@requires_fused
+def test_the_wrapper_compiles_and_its_gradients_are_the_eager_ones():
+    pb = random_problem(3, torch.float32)
+    model = sequential_of(pb)
+    maml = wrapper_of(pb, model)
+    data = (pb.xs, pb.ys, pb.xq, pb.yq)
+    maml(*data).backward()
+    eager = grads_in_layout(model)
+    model.zero_grad()
+    torch.compile(maml, fullgraph=True)(*data).backward()
+    torch.testing.assert_close(grads_in_layout(model), eager)
