@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include "plain_tensor.h"
+
 namespace pymaml {
 namespace {
 
@@ -31,15 +33,6 @@ void check_parts(at::TensorList parts) {
     TORCH_CHECK_VALUE(parts[i].device() == parts[0].device(), "pymaml::flatten_params: parts[",
                       i, "] is on ", parts[i].device(), " but parts[0] is on ", parts[0].device());
   }
-}
-
-// A contiguous CPU tensor with real data: not a fake, functional or symbolic-size tensor of a
-// torch.compile trace, whose data pointer must not be touched.
-bool plain_cpu(const Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && t.layout() == at::kStrided && !impl->is_python_dispatch() &&
-         !t.key_set().has(c10::DispatchKey::Functionalize) &&
-         !impl->has_symbolic_sizes_strides() && t.is_contiguous();
 }
 
 bool plain_cpu(at::TensorList parts) {

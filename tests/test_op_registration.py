@@ -167,3 +167,29 @@ def test_result_independent_of_thread_count():
         torch.set_num_threads(before)
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@requires_fused
+def test_the_backward_hands_its_gradient_over_without_aliasing_what_the_caller_holds():
+    # The loss ops' backward returns the gradient their forward computed, unscaled when the
+    # incoming gradient is 1 (csrc/autograd.cpp scaled): AccumulateGrad may adopt it as .grad
+    # only when nothing else holds it. A kept gradient output, a retained graph and a second
+    # backward must all see the right values.
+    pb = random_problem(2, torch.float64)
+    pb.first_order = False
+    args = (*pb.data, pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, False, True)
+    params = pb.params.clone().requires_grad_()
+    loss, kept = ops.maml_loss(params, *args)
+    expected = kept.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.equal(kept, expected)  # the caller's tensor untouched by the accumulation
+    assert torch.equal(params.grad, 2 * expected)
+    params.grad = None
+    ops.maml_loss(params, *args)[0].backward(torch.tensor(3.0, dtype=torch.float64))
+    assert torch.equal(params.grad, 3 * expected)
+    params.grad = None
+    F.maml_loss(params, *pb.data, **pb.hyper).backward()  # the user's loop: adopted as .grad
+    assert torch.equal(params.grad, expected)
+    params.grad.add_(1.0)  # a step of the user's own on .grad changes nothing saved
+    assert torch.equal(kept, expected)
