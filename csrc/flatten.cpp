@@ -35,7 +35,7 @@ void check_parts(at::TensorList parts) {
   }
 }
 
-bool plain_cpu(at::TensorList parts) {
+bool all_plain_cpu(at::TensorList parts) {
   for (const Tensor& t : parts)
     if (!plain_cpu(t)) return false;
   return true;
@@ -46,7 +46,7 @@ bool plain_cpu(at::TensorList parts) {
 // serves the rest (other devices, strided parts, symbolic shapes under torch.compile).
 Tensor flatten_params(at::TensorList parts) {
   check_parts(parts);
-  if (plain_cpu(parts)) {
+  if (all_plain_cpu(parts)) {
     int64_t total = 0;
     for (const Tensor& t : parts) total += t.numel();
     Tensor out = at::empty({total}, parts[0].options());
