@@ -8,7 +8,6 @@
 // reference backend, and a backward that would need one is an error here. Double backward is
 // an error too: the fused gradient would be a constant to autograd, any higher derivative
 // silently wrong.
-#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
@@ -17,8 +16,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-
-#include "plain_tensor.h"
 
 namespace pymaml {
 namespace {
@@ -54,22 +51,6 @@ void refuse_data_gradients(const char* op, AutogradContext* ctx, size_t first, s
     TORCH_CHECK(!ctx->needs_input_grad(i), op,
                 ": the fused op differentiates params only, but a data tensor requires grad; "
                 "use backend='reference'");
-}
-
-// grad_out * g, the gradient a loss op hands back from the one its forward computed. When the
-// incoming gradient is exactly 1 on the CPU (loss.backward()), g itself: no product and no
-// allocation, and AccumulateGrad adopts g as .grad when nothing else holds it (it copies g when
-// something does: the op's gradient output kept by the caller, retain_graph=True).
-Tensor scaled(const Tensor& grad_out, const Tensor& g) {
-  if (grad_out.numel() == 1 && grad_out.scalar_type() == g.scalar_type() &&
-      plain_cpu(grad_out) && plain_cpu(g)) {
-    bool one = false;
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pymaml_scaled", [&] {
-      one = *grad_out.const_data_ptr<scalar_t>() == scalar_t(1);
-    });
-    if (one) return g;
-  }
-  return grad_out.mul(g);
 }
 
 // The hyper-parameters a backward needs again, kept in the context.
@@ -146,7 +127,7 @@ struct MamlLossFunction : torch::autograd::Function<MamlLossFunction> {
                 " was called with need_grad=False, so it has no meta-gradient to give: call it "
                 "with need_grad=True");
     variable_list out(12);
-    if (ctx->needs_input_grad(0)) out[0] = scaled(grads[0], meta_grad);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(meta_grad);
     return out;
   }
 };
@@ -248,8 +229,8 @@ struct MamlLossRatesFunction : torch::autograd::Function<MamlLossRatesFunction> 
                 " was called with need_rate_grad=False (or need_grad=False), so it has no "
                 "gradient for the rates to give");
     variable_list out(14);
-    if (ctx->needs_input_grad(0)) out[0] = scaled(grads[0], saved[0]);
-    if (ctx->needs_input_grad(1)) out[1] = scaled(grads[0], saved[1]);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(saved[0]);
+    if (ctx->needs_input_grad(1)) out[1] = grads[0].mul(saved[1]);
     return out;
   }
 };
@@ -305,8 +286,8 @@ struct DamlLossFunction : torch::autograd::Function<DamlLossFunction> {
                                                ctx->needs_input_grad(1)),
                 name, " was called with need_grad=False, so it has no gradient to give");
     variable_list out(13);
-    if (ctx->needs_input_grad(0)) out[0] = scaled(grads[0], saved[0]);
-    if (ctx->needs_input_grad(1)) out[1] = scaled(grads[0], saved[1]);
+    if (ctx->needs_input_grad(0)) out[0] = grads[0].mul(saved[0]);
+    if (ctx->needs_input_grad(1)) out[1] = grads[0].mul(saved[1]);
     return out;
   }
 };
@@ -358,7 +339,7 @@ struct DamlLossRatesFunction : torch::autograd::Function<DamlLossRatesFunction> 
                 "gradient for the rates to give");
     variable_list out(14);
     for (size_t i = 0; i < 3; ++i)
-      if (ctx->needs_input_grad(i)) out[i] = scaled(grads[0], saved[i]);
+      if (ctx->needs_input_grad(i)) out[i] = grads[0].mul(saved[i]);
     return out;
   }
 };

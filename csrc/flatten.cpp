@@ -15,7 +15,6 @@
 #include <cstring>
 #include <vector>
 
-#include "plain_tensor.h"
 
 namespace pymaml {
 namespace {
@@ -33,6 +32,15 @@ void check_parts(at::TensorList parts) {
     TORCH_CHECK_VALUE(parts[i].device() == parts[0].device(), "pymaml::flatten_params: parts[",
                       i, "] is on ", parts[i].device(), " but parts[0] is on ", parts[0].device());
   }
+}
+
+// A contiguous CPU tensor with real data: not a fake, functional or symbolic-size tensor of a
+// torch.compile trace, whose data pointer must not be touched.
+bool plain_cpu(const Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return t.device().is_cpu() && t.layout() == at::kStrided && !impl->is_python_dispatch() &&
+         !t.key_set().has(c10::DispatchKey::Functionalize) &&
+         !impl->has_symbolic_sizes_strides() && t.is_contiguous();
 }
 
 bool all_plain_cpu(at::TensorList parts) {
@@ -100,7 +108,12 @@ struct FlattenFunction : torch::autograd::Function<FlattenFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto shapes = ctx->saved_data["shapes"].toSymIntVector();
-    const Tensor& flat = grads[0];
+    // The parts' gradients may become their .grad, which later backward calls add to in
+    // place: views of an incoming gradient that anything else still holds would change it
+    // under its holder's hands, so such a gradient is copied first.
+    const Tensor& incoming = grads[0];
+    const bool exclusive = incoming.use_count() == 1 && incoming.storage().use_count() == 1;
+    const Tensor flat = exclusive || !plain_cpu(incoming) ? incoming : incoming.clone();
     variable_list out;
     c10::SymInt off = 0;
     for (size_t at = 0, i = 0; at < shapes.size(); ++i) {

@@ -177,3 +177,22 @@ def test_the_wrapper_compiles_and_its_gradients_are_the_eager_ones():
     model.zero_grad()
     torch.compile(maml, fullgraph=True)(*data).backward()
     torch.testing.assert_close(grads_in_layout(model), eager)
+
+
+@requires_fused
+def test_the_wrappers_gradients_accumulate_over_a_retained_graph():
+    # The loss op hands its saved gradient over unscaled and flatten_params splits it into
+    # views that become .grad: a retained graph's second and third backward must still add
+    # the same gradient, not a doubled one.
+    pb = random_problem(4, torch.float64)
+    pb.first_order = False
+    model = sequential_of(pb)
+    maml = wrapper_of(pb, model)
+    maml(*pb.data).backward()
+    once = grads_in_layout(model)
+    model.zero_grad()
+    loss = maml(*pb.data)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(grads_in_layout(model), 3 * once, rtol=1e-12, atol=1e-12)

@@ -170,11 +170,11 @@ def test_result_independent_of_thread_count():
 
 
 @requires_fused
-def test_the_backward_hands_its_gradient_over_without_aliasing_what_the_caller_holds():
-    # The loss ops' backward returns the gradient their forward computed, unscaled when the
-    # incoming gradient is 1 (csrc/autograd.cpp scaled): AccumulateGrad may adopt it as .grad
-    # only when nothing else holds it. A kept gradient output, a retained graph and a second
-    # backward must all see the right values.
+def test_the_backward_never_aliases_a_gradient_the_caller_holds():
+    # The loss ops' backward scales the gradient their forward computed and saved (the saved
+    # tensor shares memory with the op's gradient output): a .grad must never be that memory.
+    # A kept gradient output, a retained graph, a view on the way and a second backward must
+    # all see the right values.
     pb = random_problem(2, torch.float64)
     pb.first_order = False
     args = (*pb.data, pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, False, True)
@@ -189,7 +189,14 @@ def test_the_backward_hands_its_gradient_over_without_aliasing_what_the_caller_h
     ops.maml_loss(params, *args)[0].backward(torch.tensor(3.0, dtype=torch.float64))
     assert torch.equal(params.grad, 3 * expected)
     params.grad = None
-    F.maml_loss(params, *pb.data, **pb.hyper).backward()  # the user's loop: adopted as .grad
+    F.maml_loss(params, *pb.data, **pb.hyper).backward()  # the user's loop
     assert torch.equal(params.grad, expected)
     params.grad.add_(1.0)  # a step of the user's own on .grad changes nothing saved
+    assert torch.equal(kept, expected)
+    # a view between the leaf and the op (its backward views the incoming gradient), the
+    # gradient output kept: .grad must not share the kept tensor's memory
+    params.grad = None
+    loss, kept = ops.maml_loss(params.view(-1), *args)
+    loss.backward()
+    params.grad.add_(1.0)
     assert torch.equal(kept, expected)
