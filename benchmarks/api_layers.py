@@ -1,7 +1,9 @@
 """Where a user's W1 meta-iteration goes (1-32-32-1 ReLU, L1, K=Q=4, S=5, T=1; one thread,
 the garbage collector off): the whole step of a user's loop, the raw op with and without the
 optimizer step, pymaml.functional.maml_loss's forward and backward, torch.optim's own part, and
-pymaml.MAML (an nn.Sequential) against the functional call. Median of 9 x 3000 calls per line.
+pymaml.MAML (an nn.Sequential) against the functional call (both forward + backward, gradients
+accumulating), then those two again taken in turns for their ratio. Median of 9 x 3000 calls
+per line.
 It runs on older trees too (without pymaml.MAML's line), for before/after comparisons.
 
     taskset -c 1 python benchmarks/api_layers.py
@@ -53,8 +55,7 @@ def rows():
         params.grad = torch.ops.pymaml.maml_loss(params.detach(), *data, *op_args)[1]
         opt.step()
 
-    def wrapper():
-        model.zero_grad()
+    def wrapper():  # gradients accumulate, as on the functional line (no zero_grad on either)
         maml(*data).backward()
     return [("user step: zero_grad, maml_loss, backward, step", user_step),
             ("raw op + step", op_step),
@@ -67,8 +68,27 @@ def rows():
             ("pymaml.MAML(model) forward + backward", wrapper)][:7 if maml else 6]
 
 
+def in_turns(fns, rounds=30, calls=20) -> list:
+    """Median thread time of each fn, taken in turns (blocks of `calls` after an untimed one),
+    so that the machine's drift hits them alike."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            fn()
+            for _ in range(calls):
+                t0 = time.thread_time()
+                fn()
+                ts.append(time.thread_time() - t0)
+    return [sorted(ts)[len(ts) // 2] * 1e6 for ts in times]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     gc.disable()
-    for name, fn in rows():
+    table = rows()
+    for name, fn in table:
         print(f"{name:45s} {median_us(fn):8.1f} us", flush=True)
+    if len(table) == 7:  # the wrapper's target, taken in turns: same speed as the functional call
+        functional, wrapper = in_turns([table[4][1], table[6][1]])
+        print(f"in turns: pymaml.MAML {wrapper:.1f} us / functional {functional:.1f} us = "
+              f"{wrapper / functional:.2f}x")
