@@ -155,4 +155,3 @@ def flatten_params(parts) -> torch.Tensor:
         from ._layout import flatten
         return flatten(parts)
     return ops.flatten_params(parts)
-
