@@ -182,6 +182,22 @@ def _func_adapted_names(names, adapt_layers) -> set:
     return {names[2 * l + i] for l in layers for i in (0, 1)}
 
 
+# The torch.func oracles' own losses and flat-to-named split, written apart from pymaml's
+# (pymaml.reference.LOSSES, pymaml._layout) so that they check those too.
+_FUNC_LOSSES = {"mse": lambda a, y: (a - y).square().mean(),
+                "l1": lambda a, y: (a - y).abs().mean()}
+
+
+def _func_split(flat, spec):
+    """flat [P] -> {name: tensor of the layer's shape}, for spec [(name, shape), ...]."""
+    out, off = {}, 0
+    for name, shape in spec:
+        n = shape.numel()
+        out[name] = flat[off:off + n].reshape(shape)
+        off += n
+    return out
+
+
 def torch_func_learned_maml(*, sizes, inner_lr, steps, activation, loss, first_order,
                             adapt_layers=None):
     """MAML with learned inner rates and frozen layers, written with torch.func
@@ -201,15 +217,7 @@ def torch_func_learned_maml(*, sizes, inner_lr, steps, activation, loss, first_o
     spec = [(name, p.shape) for name, p in model.named_parameters()]  # [W0, b0, W1, b1, ...]
     names = [name for name, _ in spec]
     moving_names = _func_adapted_names(names, adapt_layers)
-    loss_fn = {"mse": lambda a, y: (a - y).square().mean(), "l1": lambda a, y: (a - y).abs().mean()}[loss]
-
-    def split(flat):  # flat [P] -> {name: tensor of the layer's shape}
-        out, off = {}, 0
-        for name, shape in spec:
-            n = shape.numel()
-            out[name] = flat[off:off + n].reshape(shape)
-            off += n
-        return out
+    loss_fn = _FUNC_LOSSES[loss]
 
     def task_loss(moving, fixed, x, y):
         return loss_fn(torch.func.functional_call(model, {**fixed, **moving}, (x,)), y)
@@ -217,12 +225,12 @@ def torch_func_learned_maml(*, sizes, inner_lr, steps, activation, loss, first_o
     inner_grad = torch.func.grad(task_loss)  # in the moving tensors only
 
     def adapt_one(flat, alpha, xs, ys):  # one task: flat [P], alpha [steps, P], xs [(steps,) K, n]
-        tensors = split(flat)
+        tensors = _func_split(flat, spec)
         moving = {n: t for n, t in tensors.items() if n in moving_names}
         fixed = {n: t for n, t in tensors.items() if n not in moving_names}
         for k in range(steps):
             x, y = (xs[k], ys[k]) if xs.dim() == 3 else (xs, ys)
-            grads, rate = inner_grad(moving, fixed, x, y), split(alpha[k])
+            grads, rate = inner_grad(moving, fixed, x, y), _func_split(alpha[k], spec)
             moving = {n: w - rate[n] * (grads[n].detach() if first_order else grads[n])
                       for n, w in moving.items()}
         adapted = {**fixed, **moving}
@@ -236,7 +244,7 @@ def torch_func_learned_maml(*, sizes, inner_lr, steps, activation, loss, first_o
         return params.new_full(shape, float(rates))
 
     def query_loss(flat, alpha, xs, ys, xq, yq):
-        return task_loss(split(adapt_one(flat, alpha, xs, ys)), {}, xq, yq)
+        return task_loss(_func_split(adapt_one(flat, alpha, xs, ys), spec), {}, xq, yq)
 
     def meta_loss(params, xs, ys, xq, yq, rates=None):
         per_task = torch.vmap(query_loss, in_dims=(None, None, 0, 0, 0, 0))
@@ -429,16 +437,8 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
     base, loss_net = _func_sequential(sizes, activation), _func_sequential(loss_sizes, "relu")
     base_spec = [(name, p.shape) for name, p in base.named_parameters()]
     psi_spec = [(name, p.shape) for name, p in loss_net.named_parameters()]
-    loss_fn = {"mse": lambda a, y: (a - y).square().mean(), "l1": lambda a, y: (a - y).abs().mean()}[loss]
+    loss_fn = _FUNC_LOSSES[loss]
     inner_fn = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}[adapt_loss]
-
-    def split(flat, spec):  # flat -> {name: tensor of the layer's shape}
-        out, off = {}, 0
-        for name, shape in spec:
-            n = shape.numel()
-            out[name] = flat[off:off + n].reshape(shape)
-            off += n
-        return out
 
     def taps(theta, x):  # the base network layer by layer, keeping each hidden activation
         h, hidden = x, []
@@ -457,7 +457,7 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
     inner_grad = torch.func.grad(inner_loss)  # in the base weights only
 
     def adapt_one(flat, psi_flat, xs):  # one task: xs [K_s, n_in] or [steps, K_s, n_in]
-        theta, psi = split(flat, base_spec), split(psi_flat, psi_spec)
+        theta, psi = _func_split(flat, base_spec), _func_split(psi_flat, psi_spec)
         for k in range(steps):
             grads = inner_grad(theta, psi, xs[k] if xs.dim() == 3 else xs)
             theta = {n: w - inner_lr * grads[n] for n, w in theta.items()}

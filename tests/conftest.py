@@ -53,6 +53,28 @@ def assert_matches(actual, expected, dtype, what):
     assert err <= TOL[dtype], f"{what}: max |diff| / max(1, max |ref|) = {err:.3g} > {TOL[dtype]:g}"
 
 
+def assert_rows_agree(runners) -> dict:
+    """The benchmark rows (benchmarks/harness.py runners) against the "reference" row: each
+    one's meta-loss and meta-gradient equal to its, to float32 tolerances. {name: gradient}."""
+    expected_loss, expected = runners["reference"].meta_grad()
+    grads = {}
+    for n, runner in runners.items():
+        loss, grads[n] = runner.meta_grad()
+        torch.testing.assert_close(grads[n], expected, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6, msg=n)
+    return grads
+
+
+def assert_steps_agree(runners, names) -> None:
+    """One meta-iteration of every row, from the same weights with the same optimizer: the rows
+    `names` then hold the reference row's weights."""
+    for runner in runners.values():
+        runner.step()
+    for n in names:
+        torch.testing.assert_close(runners[n].weights(), runners["reference"].weights(),
+                                   rtol=1e-5, atol=1e-6, msg=n)
+
+
 def run_cli(capsys, *argv):
     """(exit code, stdout, stderr) of `pymaml argv...`; an argparse exit gives its code."""
     from pymaml.cli import main

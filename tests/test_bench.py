@@ -16,6 +16,7 @@ import pymaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness  # noqa: E402
+from conftest import assert_rows_agree, assert_steps_agree  # noqa: E402
 import memory  # noqa: E402
 import report  # noqa: E402
 from workloads import W1, W2, meta_iteration_flops  # noqa: E402
@@ -53,18 +54,9 @@ def test_implementations_agree_and_step_alike(first_order, activation, loss):
     w = tiny(first_order=first_order, activation=activation, loss=loss)
     batch, params = harness.make_data(w)
     runners = {n: harness.make_runner(n, w, batch, params) for n in AVAILABLE}
-    expected_loss, expected = runners["reference"].meta_grad()
-    for n, runner in runners.items():
-        loss_n, grad = runner.meta_grad()
-        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=n)
-        torch.testing.assert_close(loss_n, expected_loss, rtol=1e-5, atol=1e-6, msg=n)
-    # One meta-iteration each from the same weights with the same optimizer: the same weights.
-    for runner in runners.values():
-        runner.step()
+    assert_rows_agree(runners)
+    assert_steps_agree(runners, list(runners))
     assert not torch.equal(runners["reference"].weights(), params)
-    for n, runner in runners.items():
-        torch.testing.assert_close(runner.weights(), runners["reference"].weights(), rtol=1e-5, atol=1e-6,
-                                   msg=n)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)

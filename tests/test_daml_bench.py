@@ -18,6 +18,7 @@ from pymaml.testing import relative_error, torch_func_daml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness  # noqa: E402
+from conftest import assert_rows_agree, assert_steps_agree  # noqa: E402
 import report  # noqa: E402
 from workloads import D1, daml_meta_iteration_flops  # noqa: E402
 
@@ -63,19 +64,11 @@ def test_rows_agree_and_step_alike(changes):
     if changes.get("optimizer") == "adam":  # train_chunk times SGD only
         names = [n for n in names if n != "train_chunk"]
     runners = {n: harness.make_runner(n, w, batch, weights) for n in names}
-    expected_loss, expected = runners["reference"].meta_grad()
-    assert expected.shape == weights.shape
-    for n, runner in runners.items():
-        loss, grad = runner.meta_grad()
-        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=n)
-        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6, msg=n)
+    grads = assert_rows_agree(runners)
+    assert grads["reference"].shape == weights.shape
+    for n, grad in grads.items():
         assert harness.verify(n, w, grad)["verify_error"] <= harness.VERIFY_TOLERANCE
-    for runner in runners.values():
-        runner.step()
-    for n in PER_ITERATION:
-        if n in runners:
-            torch.testing.assert_close(runners[n].weights(), runners["reference"].weights(),
-                                       rtol=1e-5, atol=1e-6, msg=n)
+    assert_steps_agree(runners, [n for n in PER_ITERATION if n in runners])
     if "train_chunk" in runners:  # a chunk of meta-iterations, in place
         r = runners["train_chunk"]
         assert r.iterations == harness.DAML_CHUNK

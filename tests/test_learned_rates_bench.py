@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import harness  # noqa: E402
+from conftest import assert_rows_agree, assert_steps_agree  # noqa: E402
 import report  # noqa: E402
 from workloads import W2, W2_ANIL, W2_METASGD, meta_iteration_flops  # noqa: E402
 
@@ -56,19 +57,12 @@ def test_rows_agree_and_step_alike(variant, first_order):
     names = [n for n in ROWS if harness.skip_reason(n, w) is None]
     assert {"reference", "torchfunc"} <= set(names)
     runners = {n: harness.make_runner(n, w, batch, params) for n in names}
-    expected_loss, expected = runners["reference"].meta_grad()
+    grads = assert_rows_agree(runners)
     rates = harness.learned_rates(w, params)
-    assert expected.numel() == params.numel() + (0 if rates is None else rates.numel())
-    for n, runner in runners.items():
-        loss, grad = runner.meta_grad()
-        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=n)
-        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6, msg=n)
+    assert grads["reference"].numel() == params.numel() + (0 if rates is None else rates.numel())
+    for n, grad in grads.items():
         assert harness.verify(n, w, grad)["verify_error"] <= harness.VERIFY_TOLERANCE
-    for runner in runners.values():
-        runner.step()
-    for n, runner in runners.items():
-        torch.testing.assert_close(runner.weights(), runners["reference"].weights(), rtol=1e-5,
-                                   atol=1e-6, msg=n)
+    assert_steps_agree(runners, list(runners))
 
 
 def test_a_learned_rates_gradient_is_checked_too():
