@@ -108,12 +108,7 @@ struct FlattenFunction : torch::autograd::Function<FlattenFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto shapes = ctx->saved_data["shapes"].toSymIntVector();
-    // The parts' gradients may become their .grad, which later backward calls add to in
-    // place: views of an incoming gradient that anything else still holds would change it
-    // under its holder's hands, so such a gradient is copied first.
-    const Tensor& incoming = grads[0];
-    const bool exclusive = incoming.use_count() == 1 && incoming.storage().use_count() == 1;
-    const Tensor flat = exclusive || !plain_cpu(incoming) ? incoming : incoming.clone();
+    const Tensor& flat = grads[0];
     variable_list out;
     c10::SymInt off = 0;
     for (size_t at = 0, i = 0; at < shapes.size(); ++i) {

@@ -181,9 +181,9 @@ def test_the_wrapper_compiles_and_its_gradients_are_the_eager_ones():
 
 @requires_fused
 def test_the_wrappers_gradients_accumulate_over_a_retained_graph():
-    # The loss op hands its saved gradient over unscaled and flatten_params splits it into
-    # views that become .grad: a retained graph's second and third backward must still add
-    # the same gradient, not a doubled one.
+    # flatten_params splits the incoming gradient into views that become .grad, later added
+    # to in place: a retained graph's second and third backward must still add the same
+    # gradient (the saved meta-gradient untouched), not a growing one.
     pb = random_problem(4, torch.float64)
     pb.first_order = False
     model = sequential_of(pb)
