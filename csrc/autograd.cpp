@@ -10,11 +10,13 @@
 // silently wrong.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace pymaml {
@@ -452,6 +454,131 @@ std::tuple<Tensor, Tensor> daml_train_chunk_autograd(
   return out;
 }
 
+// ---- The loss ops' values alone: the public API's door ----
+// maml_loss_value and its siblings return the loss alone. The gradients their forward
+// computes are kept in the context, where nothing else can reach them, so the backward hands
+// them over instead of scaling copies: as they are when the incoming gradient is 1 (the usual
+// loss.backward()), scaled in place otherwise. The full ops above cannot: their gradient
+// outputs may still be held by the caller. A graph kept for another backward
+// (retain_graph=True) gets products, as the full ops always give. benchmarks/NOTES.md has the
+// measurement.
+
+// Whether t's data may be read and written here: not a fake, functional or symbolic-size
+// tensor of a torch.compile trace.
+bool real_data(const Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return t.layout() == at::kStrided && !impl->is_python_dispatch() &&
+         !t.key_set().has(c10::DispatchKey::Functionalize) && !impl->has_symbolic_sizes_strides();
+}
+
+bool is_exactly_one(const Tensor& g) {
+  if (!g.device().is_cpu() || !real_data(g) || g.numel() != 1) return false;
+  switch (g.scalar_type()) {
+    case at::kFloat: return *g.const_data_ptr<float>() == 1.0f;
+    case at::kDouble: return *g.const_data_ptr<double>() == 1.0;
+    default: return false;
+  }
+}
+
+const std::string kept_key[] = {"grad0", "grad1", "grad2"};
+
+// The gradient for input i: kept gradient i times grad_out.
+Tensor hand_over(AutogradContext* ctx, size_t i, const Tensor& grad_out) {
+  c10::IValue& kept = ctx->saved_data.at(kept_key[i]);
+  if (torch::autograd::get_current_graph_task_keep_graph() || !real_data(kept.toTensor()) ||
+      !real_data(grad_out))
+    return grad_out.mul(kept.toTensor());
+  Tensor g = std::move(kept).toTensor();
+  kept = c10::IValue();
+  if (!is_exactly_one(grad_out)) g.mul_(grad_out);
+  return g;
+}
+
+// Spec names the value op, its full op, the inputs its gradients are for (its first
+// inputs, in order) and the range of its data inputs; FullSig is the full op's signature.
+template <typename Spec, typename FullSig>
+struct LossValue;
+
+template <typename Spec, typename... Grads, typename... Args>
+struct LossValue<Spec, std::tuple<Tensor, Grads...>(Args...)> {
+  using FullSig = std::tuple<Tensor, Grads...>(Args...);
+  static constexpr size_t n_grads = sizeof...(Grads);
+
+  struct Fn : torch::autograd::Function<Fn> {
+    static Tensor forward(AutogradContext* ctx, Args... args) {
+      static const auto op = find_op<FullSig>(Spec::full);
+      at::AutoDispatchBelowADInplaceOrView below;
+      auto out = op.call(args...);
+      keep(ctx, out, std::forward_as_tuple(args...), std::make_index_sequence<n_grads>());
+      return std::get<0>(out);
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+      refuse_double_backward(Spec::name);
+      refuse_data_gradients(Spec::name, ctx, Spec::data_first, Spec::data_last);
+      ctx->get_saved_variables();  // torch's error for a second backward of a freed graph
+      variable_list out(sizeof...(Args));
+      for (size_t i = 0; i < n_grads; ++i) {
+        if (!ctx->needs_input_grad(i)) continue;
+        TORCH_CHECK(ctx->saved_data.at(kept_key[i]).isTensor(), Spec::name,
+                    " was called with need_grad=False (or need_rate_grad=False), so it has no "
+                    "gradient for ", Spec::inputs[i], " to give");
+        out[i] = hand_over(ctx, i, grads[0]);
+      }
+      return out;
+    }
+  };
+
+  // Gradient i (output i + 1) kept for input i; one not computed (need_grad=False) comes back
+  // empty, not input i's shape, and is kept as None.
+  template <typename Out, typename In, size_t... I>
+  static void keep(AutogradContext* ctx, Out& out, const In& in, std::index_sequence<I...>) {
+    ((ctx->saved_data[kept_key[I]] =
+          std::get<I + 1>(out).sym_sizes() == std::get<I>(in).sym_sizes()
+              ? c10::IValue(std::move(std::get<I + 1>(out)))
+              : c10::IValue()),
+     ...);
+  }
+
+  static Tensor autograd(Args... args) { return Fn::apply(args...); }
+
+  // Below autograd (inference mode, or nothing to differentiate): the full op's value.
+  static Tensor value(Args... args) {
+    static const auto op = find_op<FullSig>(Spec::full);
+    return std::get<0>(op.call(args...));
+  }
+};
+
+struct MamlLossSpec {
+  static constexpr const char* name = "pymaml::maml_loss_value";
+  static constexpr const char* full = "pymaml::maml_loss";
+  static constexpr const char* inputs[] = {"params"};
+  static constexpr size_t data_first = 1, data_last = 4;
+};
+struct MamlLossRatesSpec {
+  static constexpr const char* name = "pymaml::maml_loss_rates_value";
+  static constexpr const char* full = "pymaml::maml_loss_rates";
+  static constexpr const char* inputs[] = {"params", "rates"};
+  static constexpr size_t data_first = 2, data_last = 5;
+};
+struct DamlLossSpec {
+  static constexpr const char* name = "pymaml::daml_loss_value";
+  static constexpr const char* full = "pymaml::daml_loss";
+  static constexpr const char* inputs[] = {"params", "loss_params"};
+  static constexpr size_t data_first = 2, data_last = 4;
+};
+struct DamlLossRatesSpec {
+  static constexpr const char* name = "pymaml::daml_loss_rates_value";
+  static constexpr const char* full = "pymaml::daml_loss_rates";
+  static constexpr const char* inputs[] = {"params", "loss_params", "rates"};
+  static constexpr size_t data_first = 3, data_last = 5;
+};
+
+using MamlLossValue = LossValue<MamlLossSpec, MamlLossSig>;
+using MamlLossRatesValue = LossValue<MamlLossRatesSpec, MamlLossRatesSig>;
+using DamlLossValue = LossValue<DamlLossSpec, DamlLossSig>;
+using DamlLossRatesValue = LossValue<DamlLossRatesSpec, DamlLossRatesSig>;
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
@@ -466,6 +593,17 @@ TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
   m.impl("daml_loss_rates", &daml_loss_rates_autograd);
   m.impl("daml_train_chunk", &daml_train_chunk_autograd);
   m.impl("train_chunk_rates", &train_chunk_rates_autograd);
+  m.impl("maml_loss_value", &MamlLossValue::autograd);
+  m.impl("maml_loss_rates_value", &MamlLossRatesValue::autograd);
+  m.impl("daml_loss_value", &DamlLossValue::autograd);
+  m.impl("daml_loss_rates_value", &DamlLossRatesValue::autograd);
+}
+
+TORCH_LIBRARY_IMPL(pymaml, CompositeExplicitAutograd, m) {
+  m.impl("maml_loss_value", &MamlLossValue::value);
+  m.impl("maml_loss_rates_value", &MamlLossRatesValue::value);
+  m.impl("daml_loss_value", &DamlLossValue::value);
+  m.impl("daml_loss_rates_value", &DamlLossRatesValue::value);
 }
 
 }  // namespace pymaml

@@ -1,5 +1,5 @@
-// The pymaml operator schemas, in one place. Kernels are registered per backend
-// (cpu/maml_cpu.cpp, later cuda/*.cu); autograd and fake kernels are attached from Python
+// The pymaml operator schemas, in one place. Kernels are registered per backend (cpu/,
+// cuda/), autograd in C++ (autograd.cpp, flatten.cpp), fake kernels from Python
 // (pymaml/_ops.py).
 #include <torch/library.h>
 
@@ -67,6 +67,26 @@ TORCH_LIBRARY(pymaml, m) {
       "Tensor x_query, Tensor y_query, int[] sizes, int[] loss_sizes, int steps, str activation, "
       "str loss, str adapt_loss, bool need_grad, bool need_rate_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The loss ops' values alone, the public API's door (pymaml.functional): differentiable as
+  // the ops above, but the gradients their forward computes stay with autograd, which hands
+  // them to the backward without a copy (csrc/autograd.cpp, docs/design.md §7.7).
+  m.def(
+      "maml_loss_value(Tensor params, Tensor x_support, Tensor y_support, Tensor x_query, "
+      "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss, "
+      "bool first_order, bool need_grad) -> Tensor");
+  m.def(
+      "maml_loss_rates_value(Tensor params, Tensor rates, Tensor x_support, Tensor y_support, "
+      "Tensor x_query, Tensor y_query, int[] sizes, int steps, str activation, str loss, "
+      "bool first_order, int[] adapt_layers, bool need_grad, bool need_rate_grad) -> Tensor");
+  m.def(
+      "daml_loss_value(Tensor params, Tensor loss_params, Tensor x_source, Tensor x_query, "
+      "Tensor y_query, int[] sizes, int[] loss_sizes, float inner_lr, int steps, "
+      "str activation, str loss, str adapt_loss, bool need_grad) -> Tensor");
+  m.def(
+      "daml_loss_rates_value(Tensor params, Tensor loss_params, Tensor rates, Tensor x_source, "
+      "Tensor x_query, Tensor y_query, int[] sizes, int[] loss_sizes, int steps, "
+      "str activation, str loss, str adapt_loss, bool need_grad, bool need_rate_grad) "
+      "-> Tensor");
   m.def(
       "daml_adapt(Tensor params, Tensor loss_params, Tensor x_source, int[] sizes, "
       "int[] loss_sizes, float inner_lr, int steps, str activation, str adapt_loss) -> Tensor");

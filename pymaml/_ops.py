@@ -45,6 +45,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return f"the fused ops have no kernels for device type '{device.type}'"
 
 
+def _scalar_like_params(params, *rest):
+    return params.new_empty(())
+
+
 if _C is not None:
     ops = torch.ops.pymaml
 
@@ -96,6 +100,11 @@ if _C is not None:
         return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
                 params.new_empty((loss_params.shape[0] if need_grad else 0,)),
                 params.new_empty(rates.shape if need_grad and need_rate_grad else (0,)))
+
+    # The loss ops' values alone (ops.cpp): a scalar of params' dtype.
+    for name in ("maml_loss_value", "maml_loss_rates_value", "daml_loss_value",
+                 "daml_loss_rates_value"):
+        torch.library.register_fake(f"pymaml::{name}")(_scalar_like_params)
 
     @torch.library.register_fake("pymaml::daml_adapt")
     def _daml_adapt_fake(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,

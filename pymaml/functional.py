@@ -470,15 +470,16 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
         try:
             grad_mode = torch.is_grad_enabled()
             if not rule:
-                return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation, loss,
-                                          first_order, grad_mode and params.requires_grad)[0]
+                return _ops.ops.maml_loss_value(params, *data, sizes, inner_lr, steps,
+                                                activation, loss, first_order,
+                                                grad_mode and params.requires_grad)
             direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
             if direct is not None:
                 need_rate_grad = grad_mode and isinstance(inner_lr, torch.Tensor) and inner_lr.requires_grad
                 need_grad = need_rate_grad or (grad_mode and params.requires_grad)
-                return _ops.ops.maml_loss_rates(params, direct[0], *data, sizes, steps, activation,
-                                                loss, first_order, direct[1], need_grad,
-                                                need_rate_grad)[0]
+                return _ops.ops.maml_loss_rates_value(params, direct[0], *data, sizes, steps,
+                                                      activation, loss, first_order, direct[1],
+                                                      need_grad, need_rate_grad)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
@@ -497,13 +498,12 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     need_grad = grad_mode and (params.requires_grad or (rates is not None and rates.requires_grad))
     if rule:
         need_rate_grad = need_grad and rates is not None and rates.requires_grad
-        return _ops.ops.maml_loss_rates(params, _rate_rows(inner_lr, params, steps, P), *data,
-                                        sizes, int(steps), activation, loss, first_order,
-                                        layers or list(range(len(sizes) - 1)), need_grad,
-                                        need_rate_grad)[0]
-    value, _ = _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation,
-                                  loss, first_order, need_grad)
-    return value
+        return _ops.ops.maml_loss_rates_value(params, _rate_rows(inner_lr, params, steps, P),
+                                              *data, sizes, int(steps), activation, loss,
+                                              first_order, layers or list(range(len(sizes) - 1)),
+                                              need_grad, need_rate_grad)
+    return _ops.ops.maml_loss_value(params, *data, sizes, float(inner_lr), int(steps),
+                                    activation, loss, first_order, need_grad)
 
 
 # ---- DAML: a learned inner loss on unlabeled inputs (pymaml/daml.py) ------------------------

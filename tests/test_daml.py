@@ -478,7 +478,7 @@ def _op_samples(name):
         pb = random_problem(3000 + seed, dtype)
         hyper = (pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation)
         p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
-        if name == "daml_loss":
+        if name in ("daml_loss", "daml_loss_value"):
             samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True))
             samples.append((pb.params, pb.loss_params, *pb.data, *hyper, pb.loss, pb.adapt_loss,
                             False))
@@ -488,7 +488,7 @@ def _op_samples(name):
 
 
 @requires_fused_daml
-@pytest.mark.parametrize("name", ["daml_loss", "daml_adapt"])
+@pytest.mark.parametrize("name", ["daml_loss", "daml_loss_value", "daml_adapt"])
 def test_opcheck(name):
     for args in _op_samples(name):
         torch.library.opcheck(getattr(torch.ops.pymaml, name).default, args)
@@ -572,6 +572,7 @@ def test_learned_rates_gradcheck_and_opcheck():
     args = (*inputs[:2], rates.expand(pb.steps, -1).contiguous().requires_grad_(), *pb.data,
             pb.sizes, pb.loss_sizes, pb.steps, pb.activation, pb.loss, pb.adapt_loss, True, True)
     torch.library.opcheck(torch.ops.pymaml.daml_loss_rates.default, args)
+    torch.library.opcheck(torch.ops.pymaml.daml_loss_rates_value.default, args)
 
 
 def test_learned_rates_adapt_and_equal_rates():
@@ -589,3 +590,20 @@ def test_learned_rates_adapt_and_equal_rates():
         b = pymaml.daml_loss(pb.params, pb.loss_params, *pb.data, backend=backend,
                              **pb.loss_hyper)
         assert max_relative(a, b) <= TOL[pb.params.dtype]
+
+
+@requires_fused_daml
+def test_the_value_op_hands_both_gradients_over():
+    # daml_loss_value: the full op's gradients, handed to both networks (autograd.cpp).
+    pb = random_problem(3100, torch.float64)
+    args = (*pb.data, pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss,
+            pb.adapt_loss, True)
+    _, g, g_psi = torch.ops.pymaml.daml_loss(pb.params, pb.loss_params, *args)
+    p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
+    loss = torch.ops.pymaml.daml_loss_value(p, q, *args)
+    loss.backward(torch.tensor(0.5, dtype=torch.float64), retain_graph=True)
+    loss.backward()
+    assert torch.equal(p.grad, 1.5 * g) and torch.equal(q.grad, 1.5 * g_psi)
+    p.grad = None
+    torch.ops.pymaml.daml_loss_value(p, pb.loss_params, *args).backward()  # psi not learned
+    assert torch.equal(p.grad, g)

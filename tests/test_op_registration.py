@@ -68,7 +68,7 @@ def sample_inputs(name, device):
         elif name == "adapt_backward":
             cot = torch.randn(pb.xs.shape[0], p.numel(), generator=g, dtype=torch.float64)
             samples.append((cot.to(dtype).to(device), pb.params, pb.xs, pb.ys, *hyper))
-        elif name == "maml_loss":
+        elif name in ("maml_loss", "maml_loss_value"):
             samples.append((p, *pb.data, *hyper, pb.first_order, True))
             samples.append((pb.params, *pb.data, *hyper, pb.first_order, False))
         elif name == "reptile":
@@ -85,8 +85,8 @@ def sample_inputs(name, device):
     return samples
 
 
-@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "reptile",
-                                  *CPU_ONLY_OPS])
+@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "maml_loss_value",
+                                  "reptile", *CPU_ONLY_OPS])
 def test_opcheck(device, name):
     if device != "cpu" and name in CPU_ONLY_OPS:
         pytest.skip(f"pymaml::{name} has no {device} kernel (the training loop's ops are CPU-only)")
@@ -200,3 +200,37 @@ def test_the_backward_never_aliases_a_gradient_the_caller_holds():
     loss.backward()
     params.grad.add_(1.0)
     assert torch.equal(kept, expected)
+
+
+@requires_fused
+def test_the_value_ops_hand_their_gradient_over_once():
+    # maml_loss_value keeps the gradient its forward computed and hands it over without a copy
+    # unless the graph is kept: a retained graph, an incoming gradient other than 1,
+    # torch.autograd.grad, a user's in-place step on .grad and a second backward of a freed
+    # graph must all see the right values (or torch's error).
+    pb = random_problem(2, torch.float64)
+    pb.first_order = False
+    args = (*pb.data, pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, False)
+    expected = ops.maml_loss(pb.params, *args, True)[1]
+    params = pb.params.clone().requires_grad_()
+    loss = ops.maml_loss_value(params, *args, True)
+    assert torch.equal(loss, ops.maml_loss(pb.params, *args, False)[0])
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.equal(params.grad, 3 * expected)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    params.grad = None
+    ops.maml_loss_value(params, *args, True).backward(torch.tensor(-2.0, dtype=torch.float64))
+    assert torch.equal(params.grad, -2 * expected)
+    params.grad.add_(1.0)
+    (grad,) = torch.autograd.grad(ops.maml_loss_value(params, *args, True), params)
+    assert torch.equal(grad, expected)
+    params.grad = None
+    ops.maml_loss_value(params.view(-1), *args, True).backward()
+    assert torch.equal(params.grad, expected)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        ops.maml_loss_value(params, *args, False).backward()
+    with torch.inference_mode():
+        assert torch.equal(ops.maml_loss_value(pb.params, *args, False), loss.detach())
