@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -68,6 +69,55 @@ void for_each_block(int64_t T, int64_t nb, int64_t ws_size, Fn&& fn) {
     for (int64_t t = first; t < last; ++t) fn(b, t, base);
   });
 }
+
+// One call's working memory, carved into N pieces of the given element counts. Up to
+// kKeptBytes it is kept for the next call on the same thread: the per-call ops used to allocate
+// and free their ~100-300 KB (and zero fresh vectors) every time, and malloc, free and the
+// allocator's consolidation took ~6 % of a DAML call with one task (perf). A larger problem,
+// or a second CallMemory alive on the thread, gets memory of its own, freed with it.
+constexpr size_t kKeptBytes = size_t(8) << 20;
+
+template <typename scalar_t, size_t N>
+class CallMemory {
+ public:
+  explicit CallMemory(const std::array<int64_t, N>& counts) {
+    thread_local std::unique_ptr<scalar_t[]> kept;
+    thread_local size_t kept_size = 0;
+    thread_local bool kept_in_use = false;
+    size_t total = 0;
+    for (size_t i = 0; i < N; ++i) {
+      offset_[i] = total;
+      total += (size_t(counts[i]) + 15) / 16 * 16;  // pieces start 64 bytes apart at least
+    }
+    scalar_t* base;
+    if (kept_in_use || total * sizeof(scalar_t) > kKeptBytes) {
+      own_.reset(new scalar_t[total]);
+      base = own_.get();
+    } else {
+      if (kept_size < total) {
+        kept.reset(new scalar_t[total]);
+        kept_size = total;
+      }
+      base = kept.get();
+      in_use_ = &kept_in_use;
+      kept_in_use = true;
+    }
+    for (size_t i = 0; i < N; ++i) piece_[i] = base + offset_[i];
+  }
+  ~CallMemory() {
+    if (in_use_) *in_use_ = false;
+  }
+  CallMemory(const CallMemory&) = delete;
+  CallMemory& operator=(const CallMemory&) = delete;
+
+  scalar_t* operator[](size_t i) const { return piece_[i]; }
+
+ private:
+  std::unique_ptr<scalar_t[]> own_;
+  bool* in_use_ = nullptr;
+  size_t offset_[N];
+  scalar_t* piece_[N];
+};
 
 // out[p] = scale * sum_b partial[b * stride + p], p < n, blocks summed in order (parallel over
 // p only). Block by block over p, not p by p over the blocks: the same sums in the same order,

@@ -1,5 +1,5 @@
-// The CPU DAML meta-gradient of one meta-batch on raw contiguous buffers, its scratch allocated
-// once and reused across calls: what daml_loss and the chunked DAML training op share
+// The CPU DAML meta-gradient of one meta-batch on raw contiguous buffers, its memory reused
+// across calls (blocks.h CallMemory): what daml_loss and the chunked DAML training op share
 // (as meta_batch.h for MAML).
 #pragma once
 
@@ -63,11 +63,7 @@ class DamlBatch {
   int64_t rate_size_;  // R * P when the rates' gradient may be asked for, else 0
   int64_t width_;      // P + P_psi + rate_size_ + 1: a task's gradients and its loss
   int64_t blocks_;
-  int64_t worker_size_;
-  std::vector<scalar_t> partial_;  // [blocks, width]
-  std::unique_ptr<scalar_t[]> scratch_;
-  size_t scratch_size_ = 0;
-  std::vector<scalar_t> theta0_, psi_, rates_ext_;  // extended, shared by the tasks
+  int64_t worker_size_;  // scratch elements per worker
 };
 
 extern template class DamlBatch<float>;

@@ -117,10 +117,6 @@ DamlBatch<scalar_t>::DamlBatch(const DamlConfig& config, int64_t T, int64_t K, i
   width_ = s.num_params + ls.num_params + rate_size_ + 1;
   blocks_ = num_blocks(T, width_);
   worker_size_ = daml_workspace_size(s, ls, config.base.steps, K, Q, rate_size_ > 0);
-  partial_.resize(size_t(blocks_ * width_));
-  theta0_.resize(size_t(s.num_ext));
-  psi_.resize(size_t(ls.num_ext));
-  rates_ext_.resize(size_t(config.base.rate_rows * s.num_ext));
 }
 
 template <typename scalar_t>
@@ -132,26 +128,27 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
   const MlpShape &s = c.shape, &ls = config_.loss_shape;
   const int64_t P = s.num_params, Pl = ls.num_params, E = s.num_ext, steps = c.steps;
   const int64_t W = width_, loss_at = W - 1;
-  const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
-  if (scratch_size_ < workers * size_t(worker_size_)) {
-    scratch_size_ = workers * size_t(worker_size_);  // uninitialised: written before read
-    scratch_.reset(new scalar_t[scratch_size_]);
-  }
-  std::fill(partial_.begin(), partial_.end(), scalar_t(0));
-  expand_params(s, theta, theta0_.data());
-  expand_params(ls, psi, psi_.data());
+  const int64_t workers = std::max(1, at::get_num_threads());
+  // The block sums, theta and psi extended, the rates extended, each worker's scratch (all
+  // but the sums written before they are read).
+  const CallMemory<scalar_t, 5> mem({blocks_ * W, E, ls.num_ext, c.rate_rows * E,
+                                     workers * worker_size_});
+  scalar_t *partial = mem[0], *theta0 = mem[1], *psi_ext = mem[2], *scratch = mem[4];
+  std::fill_n(partial, blocks_ * W, scalar_t(0));
+  expand_params(s, theta, theta0);
+  expand_params(ls, psi, psi_ext);
   const int64_t nxs = (batch_stride_ ? steps : 1) * K_ * s.n[0];
   const int64_t nxq = Q_ * s.n[0], nyq = Q_ * s.n_out();
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
   const bool need_grad = grad != nullptr;
   const int64_t RP = need_grad && rate_grad ? rate_size_ : 0;
-  const InnerLR<scalar_t> lr = inner_rule(c, rates, rates_ext_.data());
+  const InnerLR<scalar_t> lr = inner_rule(c, rates, mem[3]);
   run_blocks(blocks_, [&](int64_t b, int worker) {
-    auto w = carve_daml_workspace(scratch_.get() + size_t(worker) * size_t(worker_size_), s, ls,
-                                  steps, K_, Q_, rate_size_ > 0);
-    w.theta0 = theta0_.data();
-    w.psi = psi_.data();
-    scalar_t* dst = partial_.data() + b * W;
+    auto w = carve_daml_workspace(scratch + worker * worker_size_, s, ls, steps, K_, Q_,
+                                  rate_size_ > 0);
+    w.theta0 = theta0;
+    w.psi = psi_ext;
+    scalar_t* dst = partial + b * W;
     if (RP) w.rate_grad = dst + P + Pl;  // the tasks of a block accumulate into its sum
     const auto [first, last] = block_range(b, blocks_, T_);
     for (int64_t t = first; t < last; ++t) {
@@ -165,12 +162,12 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
   });
   const scalar_t inv_t = scalar_t(1) / scalar_t(T_);
   scalar_t mean_loss;
-  reduce_blocks(partial_.data() + loss_at, blocks_, 1, W, inv_t, &mean_loss);
+  reduce_blocks(partial + loss_at, blocks_, 1, W, inv_t, &mean_loss);
   if (need_grad) {
-    reduce_blocks(partial_.data(), blocks_, P, W, inv_t, grad);
-    reduce_blocks(partial_.data() + P, blocks_, Pl, W, inv_t, grad_psi);
+    reduce_blocks(partial, blocks_, P, W, inv_t, grad);
+    reduce_blocks(partial + P, blocks_, Pl, W, inv_t, grad_psi);
   }
-  if (RP) reduce_blocks(partial_.data() + P + Pl, blocks_, RP, W, inv_t, rate_grad);
+  if (RP) reduce_blocks(partial + P + Pl, blocks_, RP, W, inv_t, rate_grad);
   return mean_loss;
 }
 

@@ -152,10 +152,6 @@ MetaBatch<scalar_t>::MetaBatch(const OpConfig& config, int64_t T, int64_t K, int
   width_ = P + rate_size_;
   blocks_ = num_blocks(T, width_);
   worker_size_ = task_workspace_size(config.shape, config.steps, std::max(K, Q), rate_size_ > 0);
-  partial_.resize(static_cast<size_t>(blocks_ * width_));
-  theta0_.resize(static_cast<size_t>(config.shape.num_ext));
-  rates_ext_.resize(static_cast<size_t>(config.rate_rows * config.shape.num_ext));
-  losses_.resize(static_cast<size_t>(blocks_));
 }
 
 template <typename scalar_t>
@@ -168,50 +164,50 @@ scalar_t MetaBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* Xs, con
   const bool reptile = direction == Direction::Reptile;
   const bool first_order = direction == Direction::FirstOrder;
   const int64_t RP = need_grad && rate_grad ? rate_size_ : 0;  // rates' gradient entries
-  const size_t workers = static_cast<size_t>(std::max(1, at::get_num_threads()));
-  if (scratch_size_ < workers * static_cast<size_t>(worker_size_)) {
-    // Uninitialised on purpose (every buffer is written before it is read).
-    scratch_size_ = workers * static_cast<size_t>(worker_size_);
-    scratch_.reset(new scalar_t[scratch_size_]);
-  }
-  std::fill(losses_.begin(), losses_.end(), scalar_t(0));
-  if (need_grad) std::fill(partial_.begin(), partial_.end(), scalar_t(0));
-  const InnerLR<scalar_t> lr = inner_rule(c, rates, rates_ext_.data());
+  const int64_t workers = std::max(1, at::get_num_threads());
+  // The block sums of the losses and gradients, theta and the rates extended, each worker's
+  // scratch (all but the sums written before they are read).
+  const CallMemory<scalar_t, 5> mem({blocks_, blocks_ * width_, c.shape.num_ext,
+                                     c.rate_rows * c.shape.num_ext, workers * worker_size_});
+  scalar_t *losses = mem[0], *partial = mem[1], *theta0 = mem[2], *scratch = mem[4];
+  std::fill_n(losses, blocks_, scalar_t(0));
+  if (need_grad) std::fill_n(partial, blocks_ * width_, scalar_t(0));
+  const InnerLR<scalar_t> lr = inner_rule(c, rates, mem[3]);
   const int64_t support = (batch_stride_ ? steps : 1) * K;  // a task's support points
   const int64_t nxs = support * c.shape.n[0], nys = support * c.shape.n_out();
   const int64_t nxq = Q * c.shape.n[0], nyq = Q * c.shape.n_out();
   const int64_t points = std::max(K, Q);
   const TaskKernels<scalar_t>& kern = task_kernels<scalar_t>(active_isa());
-  expand_params(c.shape, theta, theta0_.data());  // once for all tasks
+  expand_params(c.shape, theta, theta0);  // once for all tasks
   run_blocks(blocks_, [&](int64_t b, int worker) {
-    scalar_t* base = scratch_.get() + size_t(worker) * size_t(worker_size_);
-    auto w = carve_workspace(base, c.shape, steps, points, rate_size_ > 0);
-    w.theta0 = theta0_.data();
+    auto w = carve_workspace(scratch + worker * worker_size_, c.shape, steps, points,
+                             rate_size_ > 0);
+    w.theta0 = theta0;
     // The tasks of a block add their rates' gradient straight into its sum (zeroed above):
     // the walk accumulates into rate_grad, so no per-task buffer is needed.
-    if (RP) w.rate_grad = partial_.data() + b * width_ + P;
+    if (RP) w.rate_grad = partial + b * width_ + P;
     const auto [first, last] = block_range(b, blocks_, T);
     for (int64_t t = first; t < last; ++t) {
-      losses_[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
+      losses[b] += kern.maml_task(c.activation, c.loss, c.shape, Xs + t * nxs, Ys + t * nys, K,
                                    Xq + t * nxq, Yq + t * nyq, Q, steps, lr, first_order,
                                    need_grad && !reptile, w, batch_stride_);
       if (!need_grad) continue;
       // Reptile sums the adapted weights theta_t^S, the others the meta-gradients.
       const scalar_t* task = reptile ? w.theta(steps, c.shape) : w.g;
-      scalar_t* dst = partial_.data() + b * width_;
+      scalar_t* dst = partial + b * width_;
       for (int64_t p = 0; p < P; ++p) dst[p] += task[p];
     }
   });
   // Mean over tasks, blocks summed in order.
   const scalar_t inv_t = scalar_t(1) / scalar_t(T);
   scalar_t mean_loss;
-  reduce_blocks(losses_.data(), blocks_, 1, 1, inv_t, &mean_loss);
-  if (need_grad && !reptile) reduce_blocks(partial_.data(), blocks_, P, width_, inv_t, grad);
-  if (RP) reduce_blocks(partial_.data() + P, blocks_, RP, width_, inv_t, rate_grad);
+  reduce_blocks(losses, blocks_, 1, 1, inv_t, &mean_loss);
+  if (need_grad && !reptile) reduce_blocks(partial, blocks_, P, width_, inv_t, grad);
+  if (RP) reduce_blocks(partial + P, blocks_, RP, width_, inv_t, rate_grad);
   if (need_grad && reptile) {
     // theta - mean_t theta_t^S, the mean as sum / T (one rounding, where sum * (1 / T) has
     // two: theta - mean is small where the tasks agree, and Adam scales its rounding up)
-    reduce_blocks(partial_.data(), blocks_, P, width_, scalar_t(1), grad);
+    reduce_blocks(partial, blocks_, P, width_, scalar_t(1), grad);
     for (int64_t p = 0; p < P; ++p) grad[p] = theta[p] - grad[p] / scalar_t(T);
   }
   return mean_loss;

@@ -1,6 +1,6 @@
-// The CPU meta-gradient of one meta-batch on raw contiguous buffers, with its scratch memory
-// allocated once and reused across calls: what the per-call op (maml_loss) and the chunked
-// training op share, so the hot loop of a training run never allocates.
+// The CPU meta-gradient of one meta-batch on raw contiguous buffers, its memory reused across
+// calls (blocks.h CallMemory): what the per-call op (maml_loss) and the chunked training op
+// share, so the hot loop of a training run never allocates.
 #pragma once
 
 #include <cstdint>
@@ -63,12 +63,6 @@ class MetaBatch {
   int64_t width_;                // P + rate_size_: what a task adds to its block's sum
   int64_t blocks_;               // tasks are summed in this many fixed blocks (see .cpp)
   int64_t worker_size_;          // scratch elements per worker (maml_math.h TaskWorkspace)
-  std::vector<scalar_t> partial_;  // [blocks, width] per-block meta-gradient sums
-  std::vector<scalar_t> losses_;   // [blocks] per-block loss sums
-  std::unique_ptr<scalar_t[]> scratch_;  // [workers, worker_size_]
-  size_t scratch_size_ = 0;
-  std::vector<scalar_t> theta0_;   // [E] theta, extended (maml_math.h), shared by the tasks
-  std::vector<scalar_t> rates_ext_;  // [R, E] the rates, extended likewise
 };
 
 extern template class MetaBatch<float>;
