@@ -22,3 +22,4 @@ trap 'rm -rf "$bench_dir"' EXIT
 "$PY" benchmarks/report.py "$bench_dir/bench.json" --plot "$bench_dir/bench.png" >/dev/null
 "$PY" benchmarks/memory.py --quick >/dev/null
 "$PY" benchmarks/processes.py --quick >/dev/null
+"$PY" benchmarks/in_turns.py W1 fused fused_op --rounds 1 --block 1 >/dev/null
