@@ -471,6 +471,7 @@ bool real_data(const Tensor& t) {
          !t.key_set().has(c10::DispatchKey::Functionalize) && !impl->has_symbolic_sizes_strides();
 }
 
+// Read on the CPU only: reading a GPU tensor's value would wait for the device.
 bool is_exactly_one(const Tensor& g) {
   if (!g.device().is_cpu() || !real_data(g) || g.numel() != 1) return false;
   switch (g.scalar_type()) {
@@ -483,10 +484,9 @@ bool is_exactly_one(const Tensor& g) {
 const std::string kept_key[] = {"grad0", "grad1", "grad2"};
 
 // The gradient for input i: kept gradient i times grad_out.
-Tensor hand_over(AutogradContext* ctx, size_t i, const Tensor& grad_out) {
+Tensor hand_over(AutogradContext* ctx, size_t i, const Tensor& grad_out, bool keep_graph) {
   c10::IValue& kept = ctx->saved_data.at(kept_key[i]);
-  if (torch::autograd::get_current_graph_task_keep_graph() || !real_data(kept.toTensor()) ||
-      !real_data(grad_out))
+  if (keep_graph || !real_data(kept.toTensor()) || !real_data(grad_out))
     return grad_out.mul(kept.toTensor());
   Tensor g = std::move(kept).toTensor();
   kept = c10::IValue();
@@ -517,24 +517,32 @@ struct LossValue<Spec, std::tuple<Tensor, Grads...>(Args...)> {
       refuse_double_backward(Spec::name);
       refuse_data_gradients(Spec::name, ctx, Spec::data_first, Spec::data_last);
       ctx->get_saved_variables();  // torch's error for a second backward of a freed graph
+      // Every check before any hand-over, so that a refused backward leaves the node whole.
+      for (size_t i = 0; i < n_grads; ++i)
+        TORCH_CHECK(!ctx->needs_input_grad(i) || ctx->saved_data.at(kept_key[i]).isTensor(),
+                    Spec::name, " was called with need_grad=False (or need_rate_grad=False), so "
+                    "it has no gradient for ", Spec::inputs[i], " to give");
+      const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
       variable_list out(sizeof...(Args));
-      for (size_t i = 0; i < n_grads; ++i) {
-        if (!ctx->needs_input_grad(i)) continue;
-        TORCH_CHECK(ctx->saved_data.at(kept_key[i]).isTensor(), Spec::name,
-                    " was called with need_grad=False (or need_rate_grad=False), so it has no "
-                    "gradient for ", Spec::inputs[i], " to give");
-        out[i] = hand_over(ctx, i, grads[0]);
-      }
+      for (size_t i = 0; i < n_grads; ++i)
+        if (ctx->needs_input_grad(i)) out[i] = hand_over(ctx, i, grads[0], keep_graph);
+      // torch frees a node's saved tensors after a backward that does not keep the graph, but
+      // not its saved_data: drop what was not handed over (a loss kept for logging would hold
+      // it otherwise).
+      if (!keep_graph)
+        for (size_t i = 0; i < n_grads; ++i) ctx->saved_data[kept_key[i]] = c10::IValue();
       return out;
     }
   };
 
-  // Gradient i (output i + 1) kept for input i; one not computed (need_grad=False) comes back
-  // empty, not input i's shape, and is kept as None.
+  // Gradient i (output i + 1) kept for input i when input i requires grad; one not computed
+  // (need_grad=False) comes back empty, not input i's shape, and is kept as None, as is one
+  // nothing will ask for.
   template <typename Out, typename In, size_t... I>
   static void keep(AutogradContext* ctx, Out& out, const In& in, std::index_sequence<I...>) {
     ((ctx->saved_data[kept_key[I]] =
-          std::get<I + 1>(out).sym_sizes() == std::get<I>(in).sym_sizes()
+          std::get<I>(in).requires_grad() &&
+                  std::get<I + 1>(out).sym_sizes() == std::get<I>(in).sym_sizes()
               ? c10::IValue(std::move(std::get<I + 1>(out)))
               : c10::IValue()),
      ...);

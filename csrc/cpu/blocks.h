@@ -87,7 +87,7 @@ class CallMemory {
     size_t total = 0;
     for (size_t i = 0; i < N; ++i) {
       offset_[i] = total;
-      total += (size_t(counts[i]) + 15) / 16 * 16;  // pieces start 64 bytes apart at least
+      total += (size_t(counts[i]) + 15) / 16 * 16;  // whole 16-element vectors per piece
     }
     scalar_t* base;
     if (kept_in_use || total * sizeof(scalar_t) > kKeptBytes) {

@@ -1,6 +1,6 @@
 // The CPU meta-gradient of one meta-batch on raw contiguous buffers, its memory reused across
 // calls (blocks.h CallMemory): what the per-call op (maml_loss) and the chunked training op
-// share, so the hot loop of a training run never allocates.
+// share, so the hot loop of a training run does not allocate (up to CallMemory's 8 MB).
 #pragma once
 
 #include <cstdint>

@@ -283,7 +283,8 @@ std::tuple<at::Tensor, at::Tensor> maml_chunk(const char* op, OpArgs a, Directio
   int64_t done = 0;
 
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "pymaml_train_chunk_cpu", [&] {
-    // Everything the loop needs is allocated here, once.
+    // Everything the loop needs is allocated here, once (the batch's working memory is kept
+    // per thread up to blocks.h's kKeptBytes; a bigger problem allocates it per iteration).
     MetaBatch<scalar_t> batch(c, T, K, Q, per_step ? K : 0, learn_rates);
     std::vector<at::Tensor> grads;
     for (const at::Tensor& w : weights) grads.push_back(at::empty_like(w));
