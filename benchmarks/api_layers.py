@@ -70,7 +70,8 @@ def rows():
 
 def in_turns(fns, rounds=30, calls=20) -> list:
     """Median thread time of each fn, taken in turns (blocks of `calls` after an untimed one),
-    so that the machine's drift hits them alike."""
+    so that the machine's drift hits them alike. (As harness.time_in_turns, but without the
+    harness, which needs this tree's pymaml: this script runs on older trees too.)"""
     times = [[] for _ in fns]
     for _ in range(rounds):
         for fn, ts in zip(fns, times):

@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include "real_data.h"
+
 namespace pymaml {
 namespace {
 
@@ -463,14 +465,6 @@ std::tuple<Tensor, Tensor> daml_train_chunk_autograd(
 // (retain_graph=True) gets products, as the full ops always give. benchmarks/NOTES.md has the
 // measurement.
 
-// Whether t's data may be read and written here: not a fake, functional or symbolic-size
-// tensor of a torch.compile trace.
-bool real_data(const Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.layout() == at::kStrided && !impl->is_python_dispatch() &&
-         !t.key_set().has(c10::DispatchKey::Functionalize) && !impl->has_symbolic_sizes_strides();
-}
-
 // Read on the CPU only: reading a GPU tensor's value would wait for the device.
 bool is_exactly_one(const Tensor& g) {
   if (!g.device().is_cpu() || !real_data(g) || g.numel() != 1) return false;
@@ -504,11 +498,15 @@ struct LossValue<Spec, std::tuple<Tensor, Grads...>(Args...)> {
   using FullSig = std::tuple<Tensor, Grads...>(Args...);
   static constexpr size_t n_grads = sizeof...(Grads);
 
+  static const c10::TypedOperatorHandle<FullSig>& full_op() {
+    static const auto op = find_op<FullSig>(Spec::full);
+    return op;
+  }
+
   struct Fn : torch::autograd::Function<Fn> {
     static Tensor forward(AutogradContext* ctx, Args... args) {
-      static const auto op = find_op<FullSig>(Spec::full);
       at::AutoDispatchBelowADInplaceOrView below;
-      auto out = op.call(args...);
+      auto out = full_op().call(args...);
       keep(ctx, out, std::forward_as_tuple(args...), std::make_index_sequence<n_grads>());
       return std::get<0>(out);
     }
@@ -551,10 +549,7 @@ struct LossValue<Spec, std::tuple<Tensor, Grads...>(Args...)> {
   static Tensor autograd(Args... args) { return Fn::apply(args...); }
 
   // Below autograd (inference mode, or nothing to differentiate): the full op's value.
-  static Tensor value(Args... args) {
-    static const auto op = find_op<FullSig>(Spec::full);
-    return std::get<0>(op.call(args...));
-  }
+  static Tensor value(Args... args) { return std::get<0>(full_op().call(args...)); }
 };
 
 struct MamlLossSpec {

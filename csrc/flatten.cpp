@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "real_data.h"
 
 namespace pymaml {
 namespace {
@@ -34,13 +35,9 @@ void check_parts(at::TensorList parts) {
   }
 }
 
-// A contiguous CPU tensor with real data: not a fake, functional or symbolic-size tensor of a
-// torch.compile trace, whose data pointer must not be touched.
+// A contiguous CPU tensor with real data (real_data.h).
 bool plain_cpu(const Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && t.layout() == at::kStrided && !impl->is_python_dispatch() &&
-         !t.key_set().has(c10::DispatchKey::Functionalize) &&
-         !impl->has_symbolic_sizes_strides() && t.is_contiguous();
+  return t.device().is_cpu() && real_data(t) && t.is_contiguous();
 }
 
 bool all_plain_cpu(at::TensorList parts) {

@@ -84,9 +84,9 @@ class CallMemory {
     thread_local std::unique_ptr<scalar_t[]> kept;
     thread_local size_t kept_size = 0;
     thread_local bool kept_in_use = false;
-    size_t total = 0;
+    size_t offset[N], total = 0;
     for (size_t i = 0; i < N; ++i) {
-      offset_[i] = total;
+      offset[i] = total;
       total += (size_t(counts[i]) + 15) / 16 * 16;  // whole 16-element vectors per piece
     }
     scalar_t* base;
@@ -102,7 +102,7 @@ class CallMemory {
       in_use_ = &kept_in_use;
       kept_in_use = true;
     }
-    for (size_t i = 0; i < N; ++i) piece_[i] = base + offset_[i];
+    for (size_t i = 0; i < N; ++i) piece_[i] = base + offset[i];
   }
   ~CallMemory() {
     if (in_use_) *in_use_ = false;
@@ -115,7 +115,6 @@ class CallMemory {
  private:
   std::unique_ptr<scalar_t[]> own_;
   bool* in_use_ = nullptr;
-  size_t offset_[N];
   scalar_t* piece_[N];
 };
 
