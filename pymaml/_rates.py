@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _checks
 from ._layout import num_params
 
 # The stored shape of each mode (S = inner steps, P = parameters, L = linear layers):
@@ -90,7 +91,6 @@ def for_steps(rates: torch.Tensor, mode: str, sizes, steps: int) -> torch.Tensor
         else:
             rates = torch.cat([rates, rates[-1:].expand(steps - have, *rates.shape[1:])])
     if mode == "per-layer-step":
-        from .functional import per_layer_rates  # functional imports nothing of this module
         rates = per_layer_rates(rates, list(sizes))
     return rates
 
@@ -154,3 +154,38 @@ def summary(rates: torch.Tensor, mode: str, sizes,
             part = full[k, keep]
             rows.append((f"step {k}", part.mean().item(), part.min().item(), part.max().item()))
     return rows
+
+
+def per_layer_rates(rates: torch.Tensor, sizes) -> torch.Tensor:
+    """MAML++'s per-layer rates (LSLR) as per-parameter ones: rates [..., 2 * layers], one for
+    every weight matrix and every bias vector in the flat order [W0, b0, W1, b1, ...], becomes
+    [..., P], each rate repeated over its tensor's entries. Differentiable: pass the result
+    as inner_lr (e.g. rates [steps, 2 * layers] gives [steps, P])."""
+    sizes = _checks.check_sizes(sizes)
+    if not isinstance(rates, torch.Tensor):
+        raise TypeError(f"rates must be a torch.Tensor, got {type(rates).__name__}")
+    tensors = 2 * (len(sizes) - 1)
+    if rates.dim() < 1 or rates.shape[-1] != tensors:
+        raise ValueError(f"rates must be [..., {tensors}] (one rate per weight and per bias of "
+                         f"{tensors // 2} layers), got shape {list(rates.shape)}")
+    counts = [n for i, o in zip(sizes[:-1], sizes[1:]) for n in (o * i, o)]
+    return torch.repeat_interleave(rates, torch.tensor(counts, device=rates.device), dim=-1,
+                                   output_size=num_params(sizes))
+
+
+def rate_rows(inner_lr, params, steps: int, P: int) -> torch.Tensor:
+    """The rates as the *_rates ops take them: [steps, P] when they differ between steps, else
+    [1, P] (a view where it can be: autograd sums the gradient back to inner_lr's shape)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return params.new_full((1, P), float(inner_lr))
+    if inner_lr.dim() > 2:
+        raise RuntimeError("inner_lr has more than 2 dimensions")
+    if steps == 0 or (inner_lr.dim() == 2 and inner_lr.shape[0] == steps and steps > 1):
+        return inner_lr.expand(steps, P)  # steps 0: [0, P], no rate is read
+    if inner_lr.shape[-1:] == (P,):  # [P] or [1, P]: a view, whose backward is no reduction
+        return inner_lr.view(1, P)
+    return inner_lr.expand(1, P)
+
+
+def reference_rates(inner_lr, steps: int, P: int):
+    return inner_lr.expand(steps, P) if isinstance(inner_lr, torch.Tensor) else inner_lr

@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+from . import _checks
 from . import _io
 from . import _ops
 from . import _rates
@@ -344,8 +345,8 @@ def _add_train_parser(sub, **defaults) -> None:
                    help="meta-learning algorithm (metasgd: per-parameter learned inner rates; "
                         "anil: only the head adapts)")
     t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
-    t.add_argument("--activation", choices=F.ACTIVATIONS, default="relu", help="hidden activation")
-    t.add_argument("--loss", choices=F.LOSSES, default="l1", help="inner and query loss")
+    t.add_argument("--activation", choices=_checks.ACTIVATIONS, default="relu", help="hidden activation")
+    t.add_argument("--loss", choices=_checks.LOSSES, default="l1", help="inner and query loss")
     t.add_argument("--inner-steps", type=_count(0), default=5, help="SGD steps per task")
     t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
     t.add_argument("--inner-batch", type=_count(1), metavar="N",
@@ -364,7 +365,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
     t.add_argument("--init", default="seed", help="seed, torch, or a saved model to start from")
-    t.add_argument("--backend", choices=F.BACKENDS, default="auto", help="fused C++ op or autograd reference")
+    t.add_argument("--backend", choices=_checks.BACKENDS, default="auto", help="fused C++ op or autograd reference")
     t.add_argument("--device", default="cpu", help="torch device")
     t.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter and data dtype")
     t.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the tasks")
@@ -407,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one inner rate for every step (default: the model's learned rates, or "
                         "its inner lr)")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")
-    e.add_argument("--backend", choices=F.BACKENDS, default="auto", help="adaptation backend")
+    e.add_argument("--backend", choices=_checks.BACKENDS, default="auto", help="adaptation backend")
     e.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     e.set_defaults(run=cmd_eval)
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _checks
 from . import _io
 from . import _rates
 from . import distributed as _distributed
@@ -128,14 +129,14 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
                          distributed_timeout, inner_batch, learn_inner_lr,
                          adapt_layers) -> Tuple[RunConfig, RunOptions]:
     """pymaml.train's arguments (see its docstring), checked in the order of its signature."""
-    F._check_choice("algorithm", algorithm, ALGORITHMS)
-    sizes = tuple(F._check_sizes(sizes))
-    F._check_choice("activation", activation, F.ACTIVATIONS)
-    F._check_choice("loss", loss, F.LOSSES)
-    inner_steps = F._check_int("inner_steps", inner_steps, 0)
-    inner_lr = F._check_finite("inner_lr", inner_lr)
-    meta_batch_size = F._check_int("meta_batch_size", meta_batch_size, 1)
-    iterations = F._check_int("iterations", iterations, 0)
+    _checks.check_choice("algorithm", algorithm, ALGORITHMS)
+    sizes = tuple(_checks.check_sizes(sizes))
+    _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
+    _checks.check_choice("loss", loss, _checks.LOSSES)
+    inner_steps = _checks.check_int("inner_steps", inner_steps, 0)
+    inner_lr = _checks.check_finite("inner_lr", inner_lr)
+    meta_batch_size = _checks.check_int("meta_batch_size", meta_batch_size, 1)
+    iterations = _checks.check_int("iterations", iterations, 0)
     optimizer_class, optimizer_name = _optimizer_class(optimizer)
     outer_lr = _positive_real("outer_lr", outer_lr)
     optimizer_kwargs = _optimizer_kwargs(optimizer_kwargs)
@@ -147,18 +148,18 @@ def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_step
                              f"{list(sizes)}")
     if dtype not in DTYPES.values():
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    device = F._check_device("device", device)
-    seed = F._check_seed(seed)
+    device = _checks.check_device("device", device)
+    seed = _checks.check_seed(seed)
     if log_every is not None:
-        log_every = F._check_int("log_every", log_every, 0)
-    checkpoint_every = F._check_int("checkpoint_every", checkpoint_every, 1)
+        log_every = _checks.check_int("log_every", log_every, 0)
+    checkpoint_every = _checks.check_int("checkpoint_every", checkpoint_every, 1)
     init_name = _init_name(init)
     if distributed not in (None, True, False):
         raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
     distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
     checkpoint, resume_from = _checkpoint_paths(checkpoint, resume)
     if inner_batch is not None:
-        inner_batch = F._check_int("inner_batch", inner_batch, 1)
+        inner_batch = _checks.check_int("inner_batch", inner_batch, 1)
         if inner_steps < 1:
             raise ValueError("inner_batch gives each inner step a batch of its own: it needs "
                              f"inner_steps >= 1, got {inner_steps}")
@@ -218,7 +219,7 @@ def _inner_loop_options(algorithm, learn_inner_lr, adapt_layers, sizes,
 
 
 def _positive_real(name, value) -> float:
-    if F._check_finite(name, value) <= 0:
+    if _checks.check_finite(name, value) <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -291,7 +292,7 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
 def _init_name(init) -> str:
     """The name a checkpoint records for `init`: "seed", "torch" or "given" (weights)."""
     if isinstance(init, str):
-        return F._check_choice("init", init, INITS)
+        return _checks.check_choice("init", init, INITS)
     if isinstance(init, (MetaMLP, torch.Tensor)):
         weights = init.params if isinstance(init, MetaMLP) else init
         if weights.is_floating_point() and not torch.isfinite(weights.detach()).all():

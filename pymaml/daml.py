@@ -39,14 +39,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import _ops
+from . import _checks, _ops, _rates, _route
 from . import reference as _reference
+from ._checks import ADAPT_LOSSES, loss_input_width  # noqa: F401 (pymaml.daml's names)
 from ._layout import num_params, unflatten
 
 __all__ = ["daml_loss", "daml_adapt", "reference_loss", "reference_adapt", "loss_input_width",
            "fused_available", "ADAPT_LOSSES"]
 
-ADAPT_LOSSES = ("l1", "mse")
 # the ops pymaml.daml's functions call (the loss ops' value forms, ops.cpp)
 OP_NAMES = ("daml_loss_value", "daml_loss_rates_value", "daml_adapt")
 
@@ -86,103 +86,16 @@ def loss_input_width(sizes: Sequence[int]) -> int:
     return sizes[-1] + sum(sizes[1:-1])
 
 
-def _check_layer_sizes(name: str, sizes, example: str) -> list:
-    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
-        raise TypeError(f"{name} must be a sequence of layer widths like {example}, got {sizes!r}")
-    sizes = list(sizes)
-    if len(sizes) < 2:
-        raise ValueError(f"{name} must list at least an input and an output width, got {sizes}")
-    for n in sizes:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"{name} must hold positive integers, got {sizes}")
-    return [int(n) for n in sizes]
-
-
-def _check_all_sizes(sizes, loss_sizes):
-    sizes = _check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
-    loss_sizes = _check_layer_sizes("loss_sizes", loss_sizes, "[65, 32, 32, 1]")
-    width = loss_input_width(sizes)
-    if loss_sizes[0] != width:
-        hidden = " + ".join(map(str, sizes[1:-1])) or "0"
-        raise ValueError(f"loss_sizes[0] must be the width of the loss network's input u = "
-                         f"[output, last hidden, ..., first hidden], n_out + sum of the hidden "
-                         f"widths = {sizes[-1]} + {hidden} = {width} for sizes {sizes}; got "
-                         f"loss_sizes {loss_sizes}")
-    if loss_sizes[-1] != 1:
-        raise ValueError(f"loss_sizes[-1] must be 1 (the loss network outputs one number per "
-                         f"source point), got loss_sizes {loss_sizes}")
-    return sizes, loss_sizes
-
-
-def _check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of params ({dtype}), got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on the device of params ({device}), got {t.device}")
-    P = num_params(sizes)
-    if t.dim() != 1 or t.shape[0] != P:
-        raise ValueError(f"{name} must be [P] with P = {P} for {size_name} {sizes}, got shape "
-                         f"{list(t.shape)}")
-
-
-def _check_tensor(name: str, t, params) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != params.dtype:
-        raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
-    if t.device != params.device:
-        raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
-
-
-def _check_source(x_source, params, sizes, steps) -> int:
-    """Checks x_source ([T, K_s, n_in] or [T, steps, K_s, n_in]); returns T."""
-    _check_tensor("x_source", x_source, params)
-    n_in = sizes[0]
-    if x_source.dim() == 4:
-        if x_source.shape[1] != steps or x_source.shape[3] != n_in:
-            raise ValueError(f"x_source [T, steps, K_s, {n_in}] holds a batch per inner step "
-                             f"(steps = {steps}), got shape {list(x_source.shape)}")
-    elif x_source.dim() != 3 or x_source.shape[2] != n_in:
-        raise ValueError(f"x_source must be [T, K_s, {n_in}] (the same inputs at every inner "
-                         f"step) or [T, steps, K_s, {n_in}] (a batch per step), got shape "
-                         f"{list(x_source.shape)}")
-    if x_source.shape[0] < 1:
-        raise ValueError(f"the meta-batch needs at least one task, got x_source of shape "
-                         f"{list(x_source.shape)}")
-    if x_source.shape[-2] < 1:
-        raise ValueError(f"x_source needs at least one source point per step, got shape "
-                         f"{list(x_source.shape)}")
-    return x_source.shape[0]
-
-
-def _check_query(x_query, y_query, params, sizes, T) -> None:
-    for name, t, features in (("x_query", x_query, sizes[0]), ("y_query", y_query, sizes[-1])):
-        _check_tensor(name, t, params)
-        if t.dim() != 3 or t.shape[2] != features:
-            raise ValueError(f"{name} must be [T, Q, {features}], got shape {list(t.shape)}")
-        if t.shape[0] != T:
-            raise ValueError(f"{name} has {t.shape[0]} tasks but x_source has {T}")
-        if t.shape[1] < 1:
-            raise ValueError(f"{name} needs at least one point, got shape {list(t.shape)}")
-    if x_query.shape[1] != y_query.shape[1]:
-        raise ValueError(f"x_query and y_query must have the same number of points, got "
-                         f"{list(x_query.shape)} and {list(y_query.shape)}")
-
-
 def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activation, loss,
                 adapt_loss, first_order):
     """The checks common to daml_loss and daml_adapt; returns (sizes, loss_sizes)."""
-    sizes, loss_sizes = _check_all_sizes(sizes, loss_sizes)
-    _check_flat("params", params, sizes, "sizes")
-    _check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
+    sizes, loss_sizes = _checks.check_daml_sizes(sizes, loss_sizes)
+    _checks.check_flat("params", params, sizes, "sizes")
+    _checks.check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
     number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
-    _functional._check_hyper(number, steps, activation, loss, first_order, params.dtype)
-    _functional._check_rates(inner_lr, params, sizes, steps)
-    _functional._check_choice("adapt_loss", adapt_loss, ADAPT_LOSSES)
+    _checks.check_hyper(number, steps, activation, loss, first_order, params.dtype)
+    _checks.check_rates(inner_lr, params, sizes, steps)
+    _checks.check_choice("adapt_loss", adapt_loss, ADAPT_LOSSES)
     if first_order:
         raise ValueError("first_order=True is not supported by DAML: the loss network's "
                          "parameters (loss_params, psi) reach the outer loss only through the "
@@ -215,18 +128,18 @@ def _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) -> Optio
     if torch.is_grad_enabled() and any(t.requires_grad for t in data):
         return ("the fused op differentiates params and loss_params only, and a data tensor "
                 "requires grad")
-    if _functional._under_torch_func((params, *data)):
+    if _route.under_torch_func((params, *data)):
         return "the fused op does not support torch.func transforms (grad, vmap)"
     return None
 
 
 def _choose_backend(backend, op_name, params, sizes, loss_sizes, steps, data,
                     extra_reason=None) -> str:
-    _functional._check_choice("backend", backend, _functional.BACKENDS)
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
     if backend == "reference":
         return backend
     reason = _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) or extra_reason
-    return _functional._backend_for(backend, reason, steps)
+    return _route.backend_for(backend, reason, steps)
 
 
 def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_sizes, inner_lr,
@@ -247,7 +160,7 @@ def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_si
             and isinstance(loss_params, torch.Tensor)
             and all(isinstance(t, torch.Tensor) for t in data)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
-            and not _functional._under_torch_func((params, loss_params, *data))):
+            and not _route.under_torch_func((params, loss_params, *data))):
         return None
     return _op(op_name)
 
@@ -281,16 +194,16 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
                                     activation, loss, adapt_loss, first_order)
-    T = _check_source(x_source, params, sizes, steps)
-    _check_query(x_query, y_query, params, sizes, T)
+    T = _checks.check_source(x_source, params, sizes, steps)
+    _checks.check_query(x_query, y_query, params, sizes, T)
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
     extra = ("the fused op does not support torch.func transforms (grad, vmap)"
-             if learned and _functional._under_torch_func((inner_lr,)) else None)
+             if learned and _route.under_torch_func((inner_lr,)) else None)
     which = _choose_backend(backend, "daml_loss_value", params, sizes, loss_sizes, steps, data,
                             extra)
-    P = _functional.num_params(sizes)
+    P = num_params(sizes)
     if which == "reference":
-        rate = _functional._reference_rates(inner_lr, steps, P) if learned else float(inner_lr)
+        rate = _rates.reference_rates(inner_lr, steps, P) if learned else float(inner_lr)
         return reference_loss(params, loss_params, *data, sizes=sizes, loss_sizes=loss_sizes,
                               inner_lr=rate, steps=int(steps), activation=activation,
                               loss=loss, adapt_loss=adapt_loss)
@@ -299,7 +212,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     need_grad = need_rate_grad or (grad_mode and (params.requires_grad
                                                   or loss_params.requires_grad))
     if learned:
-        rows = _functional._rate_rows(inner_lr, params, steps, P)
+        rows = _rates.rate_rows(inner_lr, params, steps, P)
         return _op("daml_loss_rates_value")(params, loss_params, rows, *data, sizes,
                                             loss_sizes, int(steps), activation, loss,
                                             adapt_loss, need_grad, need_rate_grad)
@@ -330,7 +243,7 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
                                     activation, "l1", adapt_loss, False)
-    _check_source(x_source, params, sizes, steps)
+    _checks.check_source(x_source, params, sizes, steps)
     extra = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
              "grad (use daml_loss for the meta-gradient, or torch.no_grad())") if need_grad else None
     learned = isinstance(inner_lr, torch.Tensor)
@@ -338,7 +251,7 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
         extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
     which = _choose_backend(backend, "daml_adapt", params, sizes, loss_sizes, steps, data, extra)
     if which == "reference":
-        rate = (_functional._reference_rates(inner_lr, steps, _functional.num_params(sizes))
+        rate = (_rates.reference_rates(inner_lr, steps, num_params(sizes))
                 if learned else float(inner_lr))
         return reference_adapt(params, loss_params, x_source, sizes=sizes,
                                loss_sizes=loss_sizes, inner_lr=rate,
@@ -440,9 +353,3 @@ def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, lo
             losses.append(loss_fn(_reference.net(w, xq[t], activation), yq[t]))
         out = torch.stack(losses).mean()
     return out if keep_graph else out.detach()
-
-
-# Last: pymaml.functional re-exports daml_loss and daml_adapt (its final lines import this
-# module), and this module uses its checks at call time; imported here, either module may be
-# imported first.
-from . import functional as _functional  # noqa: E402

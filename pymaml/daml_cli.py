@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from . import _checks
 from . import _io
 from . import daml as _daml
 from . import tasks as _tasks
@@ -28,7 +29,7 @@ def add_train_flags(t) -> None:
     t.add_argument("--loss-hidden", type=_int_list, metavar="W,W",
                    help="DAML: the loss network's hidden widths (default: 32,32; its input is "
                         "n_out + the base network's hidden widths, its output 1)")
-    t.add_argument("--adapt-loss", choices=_daml.ADAPT_LOSSES,
+    t.add_argument("--adapt-loss", choices=_checks.ADAPT_LOSSES,
                    help="DAML: the inner loss on the loss network's output h, mean |h| (l1, "
                         "the default) or mean h^2 (mse)")
 
@@ -76,7 +77,7 @@ def cmd_train(args) -> int:
     if args.loss_hidden is not None:
         if any(w < 1 for w in args.loss_hidden):
             raise cli._FlagError(f"--loss-hidden widths must be >= 1, got {args.loss_hidden}")
-        loss_sizes = [_daml.loss_input_width(args.sizes), *args.loss_hidden, 1]
+        loss_sizes = [_checks.loss_input_width(args.sizes), *args.loss_hidden, 1]
     result = train(args.task, algorithm="daml", sizes=args.sizes, loss_sizes=loss_sizes,
                    adapt_loss=args.adapt_loss, activation=args.activation, loss=args.loss,
                    inner_steps=args.inner_steps, inner_lr=args.inner_lr,

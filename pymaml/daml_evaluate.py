@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import _checks
 from . import functional as F
 from . import tasks as _tasks
 from .daml_model import DAMLModel
@@ -81,11 +82,11 @@ def evaluate_daml(model: DAMLModel, task=None, *, steps: Optional[Sequence[int]]
     steps = list(steps)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
-    num_tasks = F._check_int("num_tasks", num_tasks, 2)
-    grid_points = F._check_int("grid_points", grid_points, 2)
-    seed = F._check_seed(seed)
+    num_tasks = _checks.check_int("num_tasks", num_tasks, 2)
+    grid_points = _checks.check_int("grid_points", grid_points, 2)
+    seed = _checks.check_seed(seed)
     if inner_lr is not None:
-        inner_lr = F._check_finite("inner_lr", inner_lr)
+        inner_lr = _checks.check_finite("inner_lr", inner_lr)
     dtype, device = model.weights.dtype, model.weights.device
     g = torch.Generator().manual_seed(seed)
     phased = all(hasattr(family, a) for a in ("phases", "sample_phase", "target", "grid"))

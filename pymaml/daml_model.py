@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from . import _checks
 from . import _io
 from . import daml as _daml
 from . import functional as F
@@ -38,7 +39,7 @@ DEFAULT_LOSS_HIDDEN = (32, 32)  # the seed's adaptation-loss network: (65)-32-32
 def default_loss_sizes(sizes, hidden=DEFAULT_LOSS_HIDDEN) -> list:
     """The loss network's layer sizes for a base network of `sizes`: [n_out + sum of the
     hidden widths, *hidden, 1] ([65, 32, 32, 1] for the seed's 1-32-32-1)."""
-    return [_daml.loss_input_width(list(sizes)), *hidden, 1]
+    return [_checks.loss_input_width(list(sizes)), *hidden, 1]
 
 
 def init_weights(sizes, loss_sizes, *, init: str = "seed", generator=None,
@@ -46,7 +47,7 @@ def init_weights(sizes, loss_sizes, *, init: str = "seed", generator=None,
     """cat[params, loss_params]: the base network's weights, then the loss network's, each as
     pymaml.functional.init_params draws them (init "seed": W uniform in ±1/sqrt(fan_in), zero
     biases; "torch": nn.Linear's default), drawn in that order from `generator`."""
-    zero_bias = F._check_choice("init", init, ("seed", "torch")) == "seed"
+    zero_bias = _checks.check_choice("init", init, ("seed", "torch")) == "seed"
     parts = [F.init_params(s, generator=generator, dtype=dtype, device=device,
                            zero_bias=zero_bias) for s in (sizes, loss_sizes)]
     return torch.cat(parts)
@@ -72,17 +73,17 @@ class DAMLModel(nn.Module):
                  info: Optional[Dict[str, Any]] = None):
         super().__init__()
         if loss_sizes is None:
-            loss_sizes = default_loss_sizes(F._check_sizes(sizes))
-        self.sizes, self.loss_sizes = _daml._check_all_sizes(sizes, loss_sizes)
-        self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
-        self.loss = F._check_choice("loss", loss, F.LOSSES)
-        self.adapt_loss = F._check_choice("adapt_loss", adapt_loss, _daml.ADAPT_LOSSES)
-        self.inner_lr = F._check_finite("inner_lr", inner_lr)
-        self.inner_steps = F._check_int("inner_steps", inner_steps, 1)
+            loss_sizes = default_loss_sizes(_checks.check_sizes(sizes))
+        self.sizes, self.loss_sizes = _checks.check_daml_sizes(sizes, loss_sizes)
+        self.activation = _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
+        self.loss = _checks.check_choice("loss", loss, _checks.LOSSES)
+        self.adapt_loss = _checks.check_choice("adapt_loss", adapt_loss, _checks.ADAPT_LOSSES)
+        self.inner_lr = _checks.check_finite("inner_lr", inner_lr)
+        self.inner_steps = _checks.check_int("inner_steps", inner_steps, 1)
         self.info = _io.plain("info", dict(info or {}))
         P, P_loss = num_params(self.sizes), num_params(self.loss_sizes)
         if device is not None:
-            device = F._check_device("device", device)
+            device = _checks.check_device("device", device)
         with torch.inference_mode(False):
             if weights is not None:
                 if params is not None or loss_params is not None:
@@ -99,8 +100,8 @@ class DAMLModel(nn.Module):
                 if params is None or loss_params is None:
                     raise ValueError("params and loss_params go together (the base network's "
                                      "weights and the loss network's)")
-                _daml._check_flat("params", params, self.sizes, "sizes")
-                _daml._check_flat("loss_params", loss_params, self.loss_sizes, "loss_sizes",
+                _checks.check_flat("params", params, self.sizes, "sizes")
+                _checks.check_flat("loss_params", loss_params, self.loss_sizes, "loss_sizes",
                                   params.dtype, params.device)
                 w = torch.cat([params.detach(), loss_params.detach()])
             else:
@@ -162,8 +163,8 @@ class DAMLModel(nn.Module):
             raise ValueError(f"x_source must be {want}, got shape {list(x_source.shape)}")
         single = per_step or x_source.dim() == 2
         xs = x_source.unsqueeze(0) if single else x_source
-        steps = self.inner_steps if steps is None else F._check_int("steps", steps, 1)
-        rate = self.inner_lr if inner_lr is None else F._check_finite("inner_lr", inner_lr)
+        steps = self.inner_steps if steps is None else _checks.check_int("steps", steps, 1)
+        rate = self.inner_lr if inner_lr is None else _checks.check_finite("inner_lr", inner_lr)
         if xs.dim() == 4 and xs.shape[1] > steps:  # batches for more steps: the first ones
             xs = xs[:, :steps]
         with torch.no_grad():
@@ -223,7 +224,7 @@ class DAMLModel(nn.Module):
     def load(cls, path, *, device=None) -> "DAMLModel":
         """A model saved by `save`, or the model in a DAML training checkpoint (checked whole
         first: a damaged checkpoint is refused, not half used)."""
-        device = F._check_device("device", device) if device is not None else None
+        device = _checks.check_device("device", device) if device is not None else None
         return _from_file(path, _io.load_file(path), device, want=cls)
 
     def extra_repr(self) -> str:
@@ -264,7 +265,7 @@ def is_daml_file(path) -> bool:
 def load_any(path, *, device=None):
     """pymaml.load(path): the model in a pymaml file, a MetaMLP (MAML model or checkpoint) or
     a DAMLModel (DAML model or checkpoint)."""
-    device = F._check_device("device", device) if device is not None else None
+    device = _checks.check_device("device", device) if device is not None else None
     d = _io.load_file(path)
     if d["format"] in _io.DAML_FORMATS:
         return _from_file(path, d, device)

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _checks
 from . import _io, _ops
 from . import checkpoint as _checkpoint
 from . import config as _config
@@ -123,21 +124,21 @@ def _config_from(args: Dict[str, Any]) -> Tuple[DAMLConfig, _Options]:
         task = "daml-sine"
     family = _tasks.checked_daml(_tasks.get_daml_family(task, shots=args["shots"],
                                                         queries=args["queries"]))
-    sizes = tuple(F._check_sizes(args["sizes"]))
+    sizes = tuple(_checks.check_sizes(args["sizes"]))
     loss_sizes = args.get("loss_sizes")
     loss_sizes = default_loss_sizes(sizes) if loss_sizes is None else loss_sizes
-    sizes, loss_sizes = (tuple(s) for s in _daml._check_all_sizes(sizes, loss_sizes))
-    activation = F._check_choice("activation", args["activation"], F.ACTIVATIONS)
-    loss = F._check_choice("loss", args["loss"], F.LOSSES)
+    sizes, loss_sizes = (tuple(s) for s in _checks.check_daml_sizes(sizes, loss_sizes))
+    activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
+    loss = _checks.check_choice("loss", args["loss"], _checks.LOSSES)
     adapt_loss = args.get("adapt_loss") or "l1"
-    adapt_loss = F._check_choice("adapt_loss", adapt_loss, _daml.ADAPT_LOSSES)
-    inner_steps = F._check_int("inner_steps", args["inner_steps"], 0)
+    adapt_loss = _checks.check_choice("adapt_loss", adapt_loss, _checks.ADAPT_LOSSES)
+    inner_steps = _checks.check_int("inner_steps", args["inner_steps"], 0)
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1 for DAML: with no inner step the loss "
                          f"network is never used and gets no gradient; got {inner_steps}")
-    inner_lr = F._check_finite("inner_lr", args["inner_lr"])
-    meta_batch_size = F._check_int("meta_batch_size", args["meta_batch_size"], 1)
-    iterations = F._check_int("iterations", args["iterations"], 0)
+    inner_lr = _checks.check_finite("inner_lr", args["inner_lr"])
+    meta_batch_size = _checks.check_int("meta_batch_size", args["meta_batch_size"], 1)
+    iterations = _checks.check_int("iterations", args["iterations"], 0)
     optimizer_class, optimizer_name = _config._optimizer_class(args["optimizer"])
     outer_lr = _config._positive_real("outer_lr", args["outer_lr"])
     optimizer_kwargs = _config._optimizer_kwargs(args["optimizer_kwargs"])
@@ -149,21 +150,21 @@ def _config_from(args: Dict[str, Any]) -> Tuple[DAMLConfig, _Options]:
     dtype = args["dtype"]
     if dtype not in _config.DTYPES.values():
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    device = F._check_device("device", args["device"])
-    seed = F._check_seed(args["seed"])
+    device = _checks.check_device("device", args["device"])
+    seed = _checks.check_seed(args["seed"])
     log_every = args["log_every"]
     if log_every is not None:
-        log_every = F._check_int("log_every", log_every, 0)
-    checkpoint_every = F._check_int("checkpoint_every", args["checkpoint_every"], 1)
+        log_every = _checks.check_int("log_every", log_every, 0)
+    checkpoint_every = _checks.check_int("checkpoint_every", args["checkpoint_every"], 1)
     init = args["init"]
     if isinstance(init, str):
-        init_name = F._check_choice("init", init, ("seed", "torch"))
+        init_name = _checks.check_choice("init", init, ("seed", "torch"))
     elif isinstance(init, DAMLModel):
         init_name = "given"
     else:
         raise TypeError(f"init must be 'seed', 'torch' or a DAMLModel for algorithm='daml', "
                         f"got {type(init).__name__}")
-    F._check_choice("backend", args["backend"], F.BACKENDS)
+    _checks.check_choice("backend", args["backend"], _checks.BACKENDS)
     checkpoint, resume_from = _config._checkpoint_paths(args["checkpoint"], args["resume"])
     config = DAMLConfig(
         task=family.name, algorithm="daml", sizes=sizes, loss_sizes=loss_sizes,

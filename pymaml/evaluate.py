@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _checks
 from . import _rates
 from . import functional as F
 from . import tasks as _tasks
@@ -110,14 +111,14 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     if not isinstance(steps, Sequence) or isinstance(steps, str):
         raise TypeError(f"steps must be a list of step counts such as [1, 5, 10], got {steps!r}")
     steps = list(steps)
-    F._check_device("the model's device", model.params.device)
-    seed = F._check_seed(seed)
+    _checks.check_device("the model's device", model.params.device)
+    seed = _checks.check_seed(seed)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps}")
-    num_tasks = F._check_int("num_tasks", num_tasks, 2)
+    num_tasks = _checks.check_int("num_tasks", num_tasks, 2)
     if inner_lr is not None:
-        inner_lr = F._check_finite("inner_lr", inner_lr)
-    grid_points = F._check_int("grid_points", grid_points, 2)
+        inner_lr = _checks.check_finite("inner_lr", inner_lr)
+    grid_points = _checks.check_int("grid_points", grid_points, 2)
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.params.dtype, model.params.device

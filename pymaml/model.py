@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from . import _checks
 from . import _io, _rates
 from . import functional as F
 from . import nn as _pnn
@@ -52,11 +53,11 @@ class MetaMLP(nn.Module):
                  info: Optional[Dict[str, Any]] = None, learn_inner_lr: Optional[str] = None,
                  learned_lr: Optional[torch.Tensor] = None, adapt_layers=None):
         super().__init__()
-        self.sizes = F._check_sizes(sizes)
-        self.activation = F._check_choice("activation", activation, F.ACTIVATIONS)
-        self.loss = F._check_choice("loss", loss, F.LOSSES)
-        self.inner_lr = F._check_finite("inner_lr", inner_lr)
-        self.inner_steps = F._check_int("inner_steps", inner_steps, 0)
+        self.sizes = _checks.check_sizes(sizes)
+        self.activation = _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
+        self.loss = _checks.check_choice("loss", loss, _checks.LOSSES)
+        self.inner_lr = _checks.check_finite("inner_lr", inner_lr)
+        self.inner_steps = _checks.check_int("inner_steps", inner_steps, 0)
         self.info = _io.plain("info", dict(info or {}))
         self.learn_inner_lr = _rates.check_mode("learn_inner_lr", learn_inner_lr)
         layers = _rates.check_layers("adapt_layers", adapt_layers, len(self.sizes) - 1)
@@ -65,16 +66,16 @@ class MetaMLP(nn.Module):
             raise ValueError("learned_lr needs learn_inner_lr, the mode its shape follows "
                              f"({', '.join(_rates.MODES)})")
         if device is not None:
-            device = F._check_device("device", device)
+            device = _checks.check_device("device", device)
         # Normal tensors even when made under torch.inference_mode (say, by adapt there):
         # inference tensors never record autograd, and the model may be trained later.
         with torch.inference_mode(False):
             if params is None:
-                F._check_choice("init", init, INITS)
+                _checks.check_choice("init", init, INITS)
                 params = F.init_params(self.sizes, generator=generator, dtype=dtype,
                                        device=device, zero_bias=init == "seed")
             else:
-                F._check_params(params, self.sizes, allow_batched=True)
+                _checks.check_params(params, self.sizes, allow_batched=True)
                 params = params.detach().clone()
             self.params = nn.Parameter(params, requires_grad=params.dim() == 1)
             self.learned_lr = self._learned(learned_lr)
@@ -221,7 +222,7 @@ class MetaMLP(nn.Module):
     def load(cls, path, *, device=None) -> "MetaMLP":
         """A model saved by `save`, or the model inside a training checkpoint (whose fields
         are all checked: a damaged checkpoint is refused, not half used)."""
-        device = F._check_device("device", device) if device is not None else None
+        device = _checks.check_device("device", device) if device is not None else None
         d = _io.load_file(path)
         if d["format"] in _io.DAML_FORMATS:
             raise ValueError(f"{path} holds a DAML model (a base and a loss network), not a "

@@ -7,7 +7,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import _ops, _rates
+from . import _checks, _ops, _rates
+from . import functional as F
 from ._layout import flatten, num_params, unflatten
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -50,11 +51,10 @@ def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]
 
 def to_sequential(params: torch.Tensor, sizes, activation: str = "relu") -> nn.Sequential:
     """An nn.Sequential holding a copy of params [P] (the inverse of from_sequential)."""
-    from .functional import _check_params, _check_sizes, _check_choice, ACTIVATIONS
 
-    sizes = _check_sizes(sizes)
-    _check_params(params, sizes)
-    _check_choice("activation", activation, ACTIVATIONS)
+    sizes = _checks.check_sizes(sizes)
+    _checks.check_params(params, sizes)
+    _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
     layers: List[nn.Module] = []
     for l, (W, b) in enumerate(unflatten(params.detach(), sizes)):
         lin = nn.Linear(sizes[l], sizes[l + 1], dtype=params.dtype, device=params.device)
@@ -96,16 +96,15 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Sequential, *, inner_lr, steps: int, loss: str = "mse",
                  first_order: bool = False, backend: str = "auto", adapt_layers=None):
         super().__init__()
-        from . import functional as F
 
         linears, self.sizes, self.activation = architecture(model)
         dtype = linears[0].weight.dtype
         learned = isinstance(inner_lr, torch.Tensor)
-        F._check_hyper(0.0 if learned else inner_lr, steps, self.activation, loss, first_order,
+        _checks.check_hyper(0.0 if learned else inner_lr, steps, self.activation, loss, first_order,
                        dtype)
         if learned:
             _rates.check_tensor("inner_lr", inner_lr, steps, num_params(self.sizes), dtype)
-        F._check_choice("backend", backend, F.BACKENDS)
+        _checks.check_choice("backend", backend, _checks.BACKENDS)
         layers = _rates.check_layers("adapt_layers", adapt_layers, len(linears))
         self.module = model
         # A tensor is kept as given (an nn.Parameter is registered, so the user's optimizer
@@ -122,9 +121,8 @@ class MAML(nn.Module):
         return _ops.flatten_params([t for m in self._linears for t in (m.weight, m.bias)])
 
     def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
-        from .functional import maml_loss
 
-        return maml_loss(self.flat_params(), x_support, y_support, x_query, y_query,
+        return F.maml_loss(self.flat_params(), x_support, y_support, x_query, y_query,
                          sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
                          activation=self.activation, loss=self.loss,
                          first_order=self.first_order, adapt_layers=self.adapt_layers,
@@ -136,7 +134,6 @@ class MAML(nn.Module):
         The wrapper's inner_lr (a tensor of its rates too) and adapt_layers apply.
         The copies are detached (for gradients through adaptation, use
         pymaml.functional.adapt)."""
-        from .functional import adapt
 
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             raise ValueError("x must be [K, n_in] (one task) or [T, K, n_in] (T tasks), got "
@@ -145,7 +142,7 @@ class MAML(nn.Module):
         if one and isinstance(y, torch.Tensor):
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         with torch.no_grad():
-            adapted = adapt(self.flat_params(), x, y, sizes=self.sizes,
+            adapted = F.adapt(self.flat_params(), x, y, sizes=self.sizes,
                             inner_lr=self.inner_lr if inner_lr is None else inner_lr,
                             steps=self.steps if steps is None else steps,
                             activation=self.activation, loss=self.loss,

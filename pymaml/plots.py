@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from . import _checks
 from . import functional as F
 from . import tasks as _tasks
 from .model import MetaMLP
@@ -46,7 +47,7 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] != width:
         raise ValueError(f"task_ids must be [tasks, {width}] for task {family.name!r}, got shape "
                          f"{list(ids.shape)}")
-    grid_points = F._check_int("grid_points", grid_points, 2)
+    grid_points = _checks.check_int("grid_points", grid_points, 2)
     n = ids.shape[0]
     dtype, device = model.params.dtype, model.params.device
     x = family.inputs(n, family.shots, g)

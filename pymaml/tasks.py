@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .functional import _check_int
+from . import _checks
 
 __all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
            "CheckedTasks", "FAMILIES", "get_family", "checked", "check_batch"]
@@ -83,8 +83,8 @@ class FunctionTasks(TaskFamily):
     task_uniforms: int  # D: uniforms per task turned into its identity by tasks_from_uniforms
 
     def __init__(self, shots: int, queries: Optional[int] = None):
-        self.shots = _check_int("shots", shots, 1)
-        self.queries = self.shots if queries is None else _check_int("queries", queries, 1)
+        self.shots = _checks.check_int("shots", shots, 1)
+        self.queries = self.shots if queries is None else _checks.check_int("queries", queries, 1)
 
     def tasks_from_uniforms(self, u: torch.Tensor) -> torch.Tensor:
         """[T, D'] float64: what identifies each task (amplitude, phase, ...), computed row by
@@ -117,7 +117,7 @@ class FunctionTasks(TaskFamily):
         behind `sample`, for callers that also need each task's identity. One torch.rand call
         (see the class docstring); every later step is elementwise or row by row, so row t
         depends only on row t of the draw."""
-        T = _check_int("T", T, 1)
+        T = _checks.check_int("T", T, 1)
         D = self.task_uniforms
         u = torch.rand(T, D + self.shots + self.queries, generator=generator, dtype=torch.float64)
         tasks = self.tasks_from_uniforms(u[:, :D])
@@ -146,8 +146,8 @@ class FunctionTasks(TaskFamily):
         cls = type(self)
         if cls.sample is not FunctionTasks.sample or cls.draw is not FunctionTasks.draw:
             return None
-        n = _check_int("n", n, 1)
-        T = _check_int("T", T, 1)
+        n = _checks.check_int("n", n, 1)
+        T = _checks.check_int("T", T, 1)
         _, x, y = self.draw(n * T, generator)
         rows = (n, T) + tuple(x.shape[1:])
         return self.split(x.reshape(rows), y.reshape(rows), dtype=dtype, device=device)
@@ -243,7 +243,7 @@ class CallableTasks(TaskFamily):
         self.name = name or getattr(fn, "__name__", "custom")
 
     def sample(self, T, *, generator, dtype=torch.float32, device=None) -> TaskBatch:
-        T = _check_int("T", T, 1)
+        T = _checks.check_int("T", T, 1)
         return check_batch(f"task {self.name!r} (a callable fn(T, generator))",
                            self.fn(T, generator), (T,), dtype=dtype, device=device)
 
@@ -418,8 +418,8 @@ class DAMLSine(DAMLTaskFamily):
     task_uniforms = 1
 
     def __init__(self, shots: int = 1, queries: int = 4):
-        self.shots = _check_int("shots", shots, 1)  # K_s: source inputs per inner step
-        self.queries = _check_int("queries", queries, 1)  # Q: labeled target points
+        self.shots = _checks.check_int("shots", shots, 1)  # K_s: source inputs per inner step
+        self.queries = _checks.check_int("queries", queries, 1)  # Q: labeled target points
 
     def tasks_from_uniforms(self, u: torch.Tensor) -> torch.Tensor:
         # b = pi with probability 1/2 (as SeedSine)
@@ -429,11 +429,11 @@ class DAMLSine(DAMLTaskFamily):
         """[T, 1] float64: T tasks of phase `phase` (0 or pi), e.g. for evaluation per phase."""
         if not any(abs(float(phase) - b) < 1e-12 for b in self.phases):
             raise ValueError(f"phase must be one of {self.phases} for {self.name!r}, got {phase!r}")
-        return torch.full((_check_int("T", T, 1), 1), float(phase), dtype=torch.float64)
+        return torch.full((_checks.check_int("T", T, 1), 1), float(phase), dtype=torch.float64)
 
     def sample_tasks(self, T: int, generator: torch.Generator) -> torch.Tensor:
         """[T, 1] float64: T task phases on their own."""
-        u = torch.rand(_check_int("T", T, 1), 1, generator=generator, dtype=torch.float64)
+        u = torch.rand(_checks.check_int("T", T, 1), 1, generator=generator, dtype=torch.float64)
         return self.tasks_from_uniforms(u)
 
     def target(self, tasks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -457,8 +457,8 @@ class DAMLSine(DAMLTaskFamily):
         float64 on the CPU, from one torch.rand(T, 1 + Q + steps * K_s) call. `tasks` [T, 1]
         (e.g. tasks_of_phase) fixes the phases instead of drawing them (the draw is the same
         size, its task uniforms unused)."""
-        T = _check_int("T", T, 1)
-        steps = _check_int("steps", steps, 1)
+        T = _checks.check_int("T", T, 1)
+        steps = _checks.check_int("steps", steps, 1)
         Q, K = self.queries, self.shots
         u = torch.rand(T, 1 + Q + steps * K, generator=generator, dtype=torch.float64)
         if tasks is None:
@@ -489,7 +489,7 @@ class DAMLSine(DAMLTaskFamily):
         cls = type(self)
         if cls.sample_daml is not DAMLSine.sample_daml or cls.draw_daml is not DAMLSine.draw_daml:
             return None
-        n, T = _check_int("n", n, 1), _check_int("T", T, 1)
+        n, T = _checks.check_int("n", n, 1), _checks.check_int("T", T, 1)
         _, xs, xq, yq = self.draw_daml(n * T, steps, generator)
         return self._cast([t.reshape((n, T) + tuple(t.shape[1:])) for t in (xs, xq, yq)],
                           dtype, device)
@@ -548,7 +548,7 @@ class CallableDAMLTasks(DAMLTaskFamily):
         self.name = name or getattr(fn, "__name__", "custom")
 
     def sample_daml(self, T, *, steps, generator, dtype=torch.float32, device=None) -> DAMLBatch:
-        T = _check_int("T", T, 1)
+        T = _checks.check_int("T", T, 1)
         return check_daml_batch(f"task {self.name!r} (a callable fn(T, steps, generator))",
                                 self.fn(T, steps, generator), (T,), steps=steps, dtype=dtype,
                                 device=device)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _checks
 from . import _io
 from . import checkpoint as _checkpoint
 from . import config as _config
@@ -209,7 +210,7 @@ def _initial_model(config: RunConfig, options: RunOptions,
         raise ValueError(f"init is a MetaMLP with sizes {init.sizes} and activation "
                          f"{init.activation!r}, but training asks for {list(c.sizes)} and "
                          f"{c.activation!r}")
-    F._check_params(start, list(c.sizes))
+    _checks.check_params(start, list(c.sizes))
     # A model that learned rates of this run's kind goes on from them (else: inner_lr).
     rates = getattr(init, "learned_lr", None)
     if getattr(init, "learn_inner_lr", None) != c.learn_inner_lr or getattr(

@@ -1,0 +1,281 @@
+"""pymaml's argument checks, in one place: each raises TypeError / ValueError naming the
+argument and what was expected. Every layer of the package checks with these (the public
+functions, the models, the run configuration), so a rule is written and worded once."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from ._layout import num_params
+
+__all__ = []  # internal: pymaml.functional re-exports the names users read
+
+ACTIVATIONS = ("relu", "tanh")
+LOSSES = ("mse", "l1")
+BACKENDS = ("auto", "fused", "reference")
+ADAPT_LOSSES = ("l1", "mse")  # DAML's inner loss on the loss network's outputs
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def check_sizes(sizes) -> list:
+    return check_layer_sizes("sizes", sizes, "[1, 40, 40, 1]")
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def check_device(name: str, device) -> torch.device:
+    """`device` as a torch.device on which tensors can be made here; ValueError naming `name`
+    and saying why not (the meta device holds no data, a CUDA device needs CUDA)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device like 'cpu' or 'cuda', got "
+                         f"{device!r}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name} 'meta' is not supported: meta tensors hold no numbers to "
+                         "train or adapt; use 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"{name} {str(device)!r} is not usable here: this torch build "
+                             f"({torch.__version__}) has no CUDA support")
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{name} {str(device)!r} is not usable here: this machine has "
+                             f"{count} CUDA device(s) visible to torch")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. a device type this build lacks
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name} {str(device)!r} is not usable here: {text}") from None
+    return device
+
+
+def check_params(params, sizes, allow_batched=False) -> None:
+    if not isinstance(params, torch.Tensor):
+        raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")
+    if not params.is_floating_point():
+        raise TypeError(f"params must be a floating-point tensor, got dtype {params.dtype}")
+    P = num_params(sizes)
+    ranks = "[P] or [T, P]" if allow_batched else "[P]"
+    if params.dim() not in ((1, 2) if allow_batched else (1,)) or params.shape[-1] != P:
+        raise ValueError(f"params must be {ranks} with P = {P} for sizes {sizes}, "
+                         f"got shape {list(params.shape)}")
+
+
+def check_data(params, sizes, steps=None, **named) -> int:
+    """Checks [T, K, features] data tensors against params; returns T. With `steps` given,
+    x_support and y_support may be [T, steps, K, features] instead: a batch per inner step."""
+    T = None
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != params.dtype:
+            raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
+        if t.device != params.device:
+            raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
+        features = sizes[0] if name.startswith("x") else sizes[-1]
+        if steps is not None and name.endswith("_support") and t.dim() == 4:
+            if steps < 1 or t.shape[1] != steps:
+                raise ValueError(f"{name} [T, steps, K, {features}] holds a batch per inner step "
+                                 f"(steps = {steps}, at least 1), got shape {list(t.shape)}")
+            t = t[:, 0]
+        if t.dim() != 3 or t.shape[2] != features:
+            raise ValueError(f"{name} must be [T, K, {features}], got shape {list(t.shape)}")
+        if t.shape[1] < 1:
+            raise ValueError(f"{name} needs at least one point, got shape {list(t.shape)}")
+        if T is None:
+            T = t.shape[0]
+        elif t.shape[0] != T:
+            first = next(iter(named))
+            raise ValueError(f"{name} has {t.shape[0]} tasks but {first} has {T}")
+    if T < 1:
+        raise ValueError(f"the meta-batch needs at least one task, got {T}")
+    names = list(named)
+    for x_name, y_name in zip(names[0::2], names[1::2]):
+        x, y = named[x_name], named[y_name]
+        if x.dim() != y.dim() or x.shape[1:-1] != y.shape[1:-1]:
+            raise ValueError(f"{x_name} and {y_name} must have the same number of points, got "
+                             f"{list(x.shape)} and {list(y.shape)}")
+    return T
+
+
+def check_hyper(inner_lr, steps, activation, loss, first_order, dtype) -> None:
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, numbers.Real):
+        raise TypeError(f"inner_lr must be a real number, got {type(inner_lr).__name__}")
+    try:
+        finite = math.isfinite(inner_lr) and abs(float(inner_lr)) <= torch.finfo(dtype).max
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"inner_lr must be finite in {dtype}, got {inner_lr}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("loss", loss, LOSSES)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+
+
+def check_rates(inner_lr, params, sizes, steps) -> Optional[torch.Tensor]:
+    """A tensor inner_lr, checked (broadcastable to [steps, P], params' dtype and device,
+    finite); None for a number (checked by check_hyper)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return None
+    P = num_params(sizes)
+    if inner_lr.dtype != params.dtype:
+        raise TypeError(f"inner_lr must have the dtype of params ({params.dtype}), got {inner_lr.dtype}")
+    if inner_lr.device != params.device:
+        raise ValueError(f"inner_lr must be on the device of params ({params.device}), got {inner_lr.device}")
+    try:
+        fits = inner_lr.dim() <= 2 and torch.broadcast_shapes(inner_lr.shape, (steps, P)) == (steps, P)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"inner_lr as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
+                         f"[], [{P}] (a rate per parameter), [{steps}, 1] (per step) or "
+                         f"[{steps}, {P}]; got shape {list(inner_lr.shape)}")
+    if not bool(torch.isfinite(inner_lr.detach()).all()):
+        raise ValueError("inner_lr must hold finite rates, got a non-finite entry")
+    return inner_lr
+
+
+def check_adapt_layers(adapt_layers, sizes) -> Optional[list]:
+    """adapt_layers as sorted layer indices, or None when every layer adapts."""
+    if adapt_layers is None:
+        return None
+    depth = len(sizes) - 1
+    if isinstance(adapt_layers, (str, bytes)) or not isinstance(adapt_layers, Sequence):
+        raise TypeError(f"adapt_layers must be None or a list of layer indices like [-1], "
+                        f"got {adapt_layers!r}")
+    layers = []
+    for l in adapt_layers:
+        if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not -depth <= l < depth:
+            raise ValueError(f"adapt_layers entries must be ints in [{-depth}, {depth}) for "
+                             f"{depth} linear layers, got {list(adapt_layers)!r}")
+        layers.append(int(l) % depth)
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"adapt_layers must name at least one layer, each once, got "
+                         f"{list(adapt_layers)!r}")
+    return None if len(layers) == depth else sorted(layers)
+
+
+def check_layer_sizes(name: str, sizes, example: str) -> list:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"{name} must be a sequence of layer widths like {example}, got {sizes!r}")
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"{name} must list at least an input and an output width, got {sizes}")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name} must hold positive integers, got {sizes}")
+    return [int(n) for n in sizes]
+
+
+def loss_input_width(sizes: Sequence[int]) -> int:
+    """loss_sizes[0] for a base network with layer sizes `sizes`: the width of
+    u = cat[output, last hidden, ..., first hidden], n_out + sum of the hidden widths."""
+    return sizes[-1] + sum(sizes[1:-1])
+
+
+def check_daml_sizes(sizes, loss_sizes):
+    sizes = check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
+    loss_sizes = check_layer_sizes("loss_sizes", loss_sizes, "[65, 32, 32, 1]")
+    width = loss_input_width(sizes)
+    if loss_sizes[0] != width:
+        hidden = " + ".join(map(str, sizes[1:-1])) or "0"
+        raise ValueError(f"loss_sizes[0] must be the width of the loss network's input u = "
+                         f"[output, last hidden, ..., first hidden], n_out + sum of the hidden "
+                         f"widths = {sizes[-1]} + {hidden} = {width} for sizes {sizes}; got "
+                         f"loss_sizes {loss_sizes}")
+    if loss_sizes[-1] != 1:
+        raise ValueError(f"loss_sizes[-1] must be 1 (the loss network outputs one number per "
+                         f"source point), got loss_sizes {loss_sizes}")
+    return sizes, loss_sizes
+
+
+def check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of params ({dtype}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the device of params ({device}), got {t.device}")
+    P = num_params(sizes)
+    if t.dim() != 1 or t.shape[0] != P:
+        raise ValueError(f"{name} must be [P] with P = {P} for {size_name} {sizes}, got shape "
+                         f"{list(t.shape)}")
+
+
+def check_tensor(name: str, t, params) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != params.dtype:
+        raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
+    if t.device != params.device:
+        raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
+
+
+def check_source(x_source, params, sizes, steps) -> int:
+    """Checks x_source ([T, K_s, n_in] or [T, steps, K_s, n_in]); returns T."""
+    check_tensor("x_source", x_source, params)
+    n_in = sizes[0]
+    if x_source.dim() == 4:
+        if x_source.shape[1] != steps or x_source.shape[3] != n_in:
+            raise ValueError(f"x_source [T, steps, K_s, {n_in}] holds a batch per inner step "
+                             f"(steps = {steps}), got shape {list(x_source.shape)}")
+    elif x_source.dim() != 3 or x_source.shape[2] != n_in:
+        raise ValueError(f"x_source must be [T, K_s, {n_in}] (the same inputs at every inner "
+                         f"step) or [T, steps, K_s, {n_in}] (a batch per step), got shape "
+                         f"{list(x_source.shape)}")
+    if x_source.shape[0] < 1:
+        raise ValueError(f"the meta-batch needs at least one task, got x_source of shape "
+                         f"{list(x_source.shape)}")
+    if x_source.shape[-2] < 1:
+        raise ValueError(f"x_source needs at least one source point per step, got shape "
+                         f"{list(x_source.shape)}")
+    return x_source.shape[0]
+
+
+def check_query(x_query, y_query, params, sizes, T) -> None:
+    for name, t, features in (("x_query", x_query, sizes[0]), ("y_query", y_query, sizes[-1])):
+        check_tensor(name, t, params)
+        if t.dim() != 3 or t.shape[2] != features:
+            raise ValueError(f"{name} must be [T, Q, {features}], got shape {list(t.shape)}")
+        if t.shape[0] != T:
+            raise ValueError(f"{name} has {t.shape[0]} tasks but x_source has {T}")
+        if t.shape[1] < 1:
+            raise ValueError(f"{name} needs at least one point, got shape {list(t.shape)}")
+    if x_query.shape[1] != y_query.shape[1]:
+        raise ValueError(f"x_query and y_query must have the same number of points, got "
+                         f"{list(x_query.shape)} and {list(y_query.shape)}")
