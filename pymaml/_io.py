@@ -32,6 +32,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from ._checks import check_device
+
 MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
 # DAML's model (both networks) and training checkpoint: pymaml.daml_model, pymaml.daml_train
@@ -382,3 +384,28 @@ def load_file(path, map_location="cpu") -> Dict[str, Any]:
         raise ValueError(f"{path} is not a pymaml model or checkpoint (no pymaml format tag)")
     return obj
 
+
+
+# ---- the model in a file, whatever its format ------------------------------------------------
+
+# format tag -> fn(path, record, device) -> model. Each format's reader is registered by the
+# module that owns the format (model.py, daml_model.py, checkpoint.py), so that reading a file
+# needs no module to know the ones above it.
+_READERS: Dict[str, Any] = {}
+
+
+def register_reader(fmt: str, reader) -> None:
+    _READERS[fmt] = reader
+
+
+def load_model(path, *, device=None, want=None):
+    """pymaml.load: the model in a pymaml file (a saved model, or the model of a training
+    checkpoint, checked whole first), of `want`'s class when given (else a ValueError saying
+    what the file holds)."""
+    device = None if device is None else check_device("device", device)
+    record = load_file(path)
+    model = _READERS[record["format"]](path, record, device)
+    if want is not None and not isinstance(model, want):
+        raise ValueError(f"{path} holds a {model.kind}, not a {want.__name__}: load it with "
+                         f"pymaml.load or pymaml.{type(model).__name__}.load")
+    return model

@@ -15,20 +15,21 @@ naming the file and the field, before anything is loaded from it."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _io, _rates
-from ._layout import num_params
+from . import _io
+from . import algorithms as _algorithms
 from ._version import __version__
-from .config import RunConfig
-from .model import MetaMLP
+from .config import RunConfig, _lists
 
-FORMAT_VERSION = 2  # the newest this version reads; 2: learned inner rates, adapt_layers
+# The newest this version reads. 2: learned inner rates, adapt_layers; 3: DAML's runs (which
+# earlier versions wrote in a format of their own, _io.DAML_CHECKPOINT_FORMAT, still read).
+FORMAT_VERSION = 3
+FORMATS = (_io.CHECKPOINT_FORMAT, _io.DAML_CHECKPOINT_FORMAT)
 _OVERHEAD_BYTES = 64 * 1024  # archive records, pickles and the generator state: ~10 KB measured
 
 
@@ -36,10 +37,7 @@ def estimated_size(config: RunConfig) -> int:
     """Bytes of the run's last checkpoint, about and on the high side: the weights and up to
     three optimizer buffers of their size, 8 bytes of loss history per iteration."""
     element = torch.finfo(getattr(torch, config.dtype)).bits // 8
-    weights = num_params(list(config.sizes))
-    if config.learn_inner_lr is not None:
-        weights += math.prod(_rates.shape(config.learn_inner_lr, config.sizes,
-                                          config.inner_steps))
+    weights = config.entry.weight_count(config)
     return weights * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
 
 
@@ -93,13 +91,13 @@ class Checkpoints:
         return f"; the last checkpoint, {self.path}, is kept{at}"
 
 
-def state(settings: Dict[str, Any], iteration: int, model, optimizer: torch.optim.Optimizer,
-          generator: torch.Generator, losses: List[float]) -> Dict[str, Any]:
-    """A checkpoint of a run at `iteration` (its settings dict, as TrainResult.config). Runs
-    with learned rates or frozen layers write format_version 2 (which earlier versions
-    refuse); the others 1, as earlier versions did."""
-    plain = settings.get("learn_inner_lr") is None and settings.get("adapt_layers") is None
-    return dict(format=_io.CHECKPOINT_FORMAT, format_version=1 if plain else 2,
+def state(config: RunConfig, settings: Dict[str, Any], iteration: int, model,
+          optimizer: torch.optim.Optimizer, generator: torch.Generator,
+          losses: List[float]) -> Dict[str, Any]:
+    """A checkpoint of a run at `iteration` (its settings dict, as TrainResult.config), of
+    the format_version its algorithm says (the oldest that can hold it)."""
+    return dict(format=_io.CHECKPOINT_FORMAT,
+                format_version=config.entry.checkpoint_version(config),
                 pymaml_version=__version__, config=settings, iteration=iteration,
                 model=model.to_dict(), optimizer=optimizer.state_dict(),
                 generator=generator.get_state(),
@@ -180,29 +178,34 @@ def _check_config(path: str, config) -> Dict[str, Any]:
 
 
 def _check_model(path: str, record, config: Dict[str, Any]) -> List[torch.Tensor]:
-    """The checkpoint's weights (params, and the learned rates of a run that learns them),
-    after checking its model record against its settings."""
+    """The checkpoint's trained tensors (what its optimizer steps), after checking its model
+    record against its settings."""
     try:
-        model = MetaMLP.from_dict(record)
+        entry = _algorithms.get(config["algorithm"])
+    except ValueError as exc:
+        raise _bad(path, "config.algorithm", f"is not an algorithm of this pymaml ({exc})"
+                   ) from None
+    try:
+        model = entry.model_class.from_dict(record)
     except ValueError as exc:
         raise _bad(path, "model", f"is not a valid model: {exc}") from None
-    params = model.params.detach()
-    if model.sizes != list(config["sizes"]) or params.dim() != 1:
-        raise _bad(path, "model", f"has sizes {model.sizes} and {list(params.shape)} weights; "
-                                  f"the run's settings say sizes {list(config['sizes'])}")
-    for field in ("activation", "loss", "inner_lr", "inner_steps", "learn_inner_lr",
-                  "adapt_layers"):
-        if getattr(model, field) != config.get(field):
+    weights = [w.detach() for w in entry.weights(model)]
+    if model.sizes != list(config["sizes"]) or weights[0].dim() != 1:
+        raise _bad(path, "model", f"has sizes {model.sizes} and {list(weights[0].shape)} "
+                                  f"weights; the run's settings say sizes "
+                                  f"{list(config['sizes'])}")
+    for field in entry.model_fields:
+        if _lists(getattr(model, field)) != _lists(config.get(field)):
             raise _bad(path, f"model.{field}", f"is {getattr(model, field)!r}; the run's settings "
                                                f"say {config.get(field)!r}")
-    if str(params.dtype).replace("torch.", "") != config["dtype"]:
-        raise _bad(path, "model.params", f"are {params.dtype}; the run's settings say "
+    if str(weights[0].dtype).replace("torch.", "") != config["dtype"]:
+        raise _bad(path, "model.params", f"are {weights[0].dtype}; the run's settings say "
                                          f"{config['dtype']}")
-    if not torch.isfinite(params).all():
+    if not torch.isfinite(weights[0]).all():
         raise _bad(path, "model.params", "hold non-finite weights (a run stops before "
                                          "writing any)")
     # (the learned rates' shape and finiteness: MetaMLP.from_dict checked them)
-    return [params] if model.learned_lr is None else [params, model.learned_lr.detach()]
+    return weights
 
 
 def _check_optimizer(path: str, saved, weights: List[torch.Tensor]) -> None:
@@ -247,7 +250,7 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
             device: torch.device) -> Tuple[int, List[float]]:
     """Loads checkpoint `saved` (read from `path`) into model, optimizer and generator, after
     checking its fields and that it was written by this run; returns (iteration, losses)."""
-    if saved["format"] != _io.CHECKPOINT_FORMAT:
+    if saved["format"] not in FORMATS:
         raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
                          "to start a new run from its weights")
     check(path, saved)
@@ -267,9 +270,21 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
         optimizer.load_state_dict(saved["optimizer"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise _bad(path, "optimizer", f"does not fit the run's optimizer ({exc})") from None
+    entry = config.entry
+    kept = entry.weights(entry.model_class.from_dict(saved["model"]))
     with torch.no_grad():
-        model.params.copy_(saved["model"]["params"].to(device))
-        if model.learned_lr is not None:
-            model.learned_lr.copy_(saved["model"]["learned_lr"].to(device))
+        for w, k in zip(entry.weights(model), kept):
+            w.copy_(k.to(device))
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()
+
+
+def _read(path: str, saved: Dict[str, Any], device):
+    """The model in a training checkpoint, after checking the whole file (pymaml.load)."""
+    check(path, saved)
+    entry = _algorithms.get(saved["config"]["algorithm"])
+    return entry.model_class.from_dict(saved["model"], device=device)
+
+
+for _format in FORMATS:
+    _io.register_reader(_format, _read)

@@ -33,6 +33,7 @@ from . import _rates
 from . import distributed as _distributed
 from ._version import __version__
 from .evaluate import EVAL_SEED, evaluate
+from .daml_model import DAMLModel
 from .model import MetaMLP
 from .tasks import FAMILIES
 from .trainer import ALGORITHMS, DTYPES, TrainingDiverged, train
@@ -260,11 +261,18 @@ def _task_of(args, model) -> str:
     return task
 
 
+def _is_daml(path) -> bool:
+    try:
+        return isinstance(_io.load_model(path), DAMLModel)
+    except (OSError, ValueError):  # the loader words it
+        return False
+
+
 def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import daml_cli, daml_model
-    if daml_model.is_daml_file(args.model):
+    from . import daml_cli
+    if _is_daml(args.model):
         return daml_cli.cmd_eval(args)
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)
@@ -277,8 +285,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from . import daml_cli, daml_model
-    if daml_model.is_daml_file(args.model):
+    from . import daml_cli
+    if _is_daml(args.model):
         return daml_cli.cmd_plot(args)
     model = MetaMLP.load(args.model)
     task = _task_of(args, model)

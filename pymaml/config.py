@@ -18,18 +18,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _checks
-from . import _io
-from . import _rates
+from . import _checks, _io
+from . import algorithms as _algorithms
 from . import distributed as _distributed
-from . import functional as F
-from . import tasks as _tasks
-from .model import INITS, MetaMLP
 
-# metasgd: MAML learning one inner rate per parameter (learn_inner_lr="per-parameter");
-# anil: MAML adapting the head only (adapt_layers=[-1]).
-# daml: a learned inner loss on unlabeled inputs (pymaml.daml_train: a loop of its own).
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "daml")
+ALGORITHMS = _algorithms.NAMES  # the registry's (pymaml.algorithms)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -57,13 +50,17 @@ class RunConfig:
     seed: int
     iterations: int
     processes: int = 1  # of a distributed run: a checkpoint resumes under as many
+    # The algorithms' own settings (each entry's own_fields; None where they do not apply).
     inner_batch: Optional[int] = None  # points per inner step (tasks.per_step_batches)
     learn_inner_lr: Optional[str] = None  # the learned rates' mode (_rates.MODES), resolved
     adapt_layers: Optional[Tuple[int, ...]] = None  # sorted non-negative indices; None: all
+    loss_sizes: Optional[Tuple[int, ...]] = None  # DAML's loss network
+    adapt_loss: Optional[str] = None              # DAML's inner loss on its outputs
 
     @property
-    def first_order(self) -> bool:
-        return self.algorithm == "fomaml"
+    def entry(self):
+        """The run's algorithm (pymaml.algorithms)."""
+        return _algorithms.get(self.algorithm)
 
     @property
     def plain(self) -> bool:
@@ -72,14 +69,21 @@ class RunConfig:
         return self.learn_inner_lr is None and self.adapt_layers is None
 
     def to_dict(self) -> Dict[str, Any]:
-        """The settings as plain values (what a checkpoint stores)."""
-        layers = None if self.adapt_layers is None else list(self.adapt_layers)
-        return dict(dataclasses.asdict(self), sizes=list(self.sizes), adapt_layers=layers)
+        """The settings as plain values (what a checkpoint stores): the common ones and the
+        algorithm's own, tuples as lists."""
+        keep = _COMMON + self.entry.own_fields
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        for k in ("sizes", "adapt_layers", "loss_sizes"):
+            if d.get(k) is not None:
+                d[k] = list(d[k])
+        return d
 
     def differences(self, saved: Dict[str, Any]) -> List[str]:
         """The settings (all but iterations, which may grow, and processes) in which a
         checkpoint's config dict `saved` differs from this run's, one line each."""
-        return differences(self.to_dict(), saved, _RUN_KEYS)
+        mine = self.to_dict()
+        return differences(mine, saved, [k for k in mine if k not in ("iterations",
+                                                                       "processes")])
 
 
 def differences(mine: Dict[str, Any], saved: Dict[str, Any], keys) -> List[str]:
@@ -89,8 +93,8 @@ def differences(mine: Dict[str, Any], saved: Dict[str, Any], keys) -> List[str]:
             if _lists(saved.get(k)) != _lists(mine[k])]
 
 
-_RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig)
-                  if f.name not in ("iterations", "processes"))
+_OWN = {name for entry in _algorithms.REGISTRY.values() for name in entry.own_fields}
+_COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _OWN)
 
 
 def _lists(value):
@@ -106,7 +110,7 @@ def _lists(value):
 class RunOptions:
     """The rest of a train() call, checked: what the settings name, and what may change
     between a run and its resume."""
-    family: _tasks.TaskFamily
+    family: Any
     optimizer_class: type
     init: Any                 # "seed" | "torch" | MetaMLP | [P] tensor
     dtype: torch.dtype
@@ -122,100 +126,63 @@ class RunOptions:
     distributed_timeout: float
 
 
-def from_train_arguments(task, *, algorithm, sizes, activation, loss, inner_steps, inner_lr,
-                         meta_batch_size, iterations, optimizer, outer_lr, optimizer_kwargs,
-                         shots, queries, init, backend, device, dtype, seed, log_every,
-                         progress, checkpoint, checkpoint_every, resume, overwrite, distributed,
-                         distributed_timeout, inner_batch, learn_inner_lr,
-                         adapt_layers) -> Tuple[RunConfig, RunOptions]:
-    """pymaml.train's arguments (see its docstring), checked in the order of its signature."""
-    _checks.check_choice("algorithm", algorithm, ALGORITHMS)
-    sizes = tuple(_checks.check_sizes(sizes))
-    _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
-    _checks.check_choice("loss", loss, _checks.LOSSES)
-    inner_steps = _checks.check_int("inner_steps", inner_steps, 0)
-    inner_lr = _checks.check_finite("inner_lr", inner_lr)
-    meta_batch_size = _checks.check_int("meta_batch_size", meta_batch_size, 1)
-    iterations = _checks.check_int("iterations", iterations, 0)
-    optimizer_class, optimizer_name = _optimizer_class(optimizer)
-    outer_lr = _positive_real("outer_lr", outer_lr)
-    optimizer_kwargs = _optimizer_kwargs(optimizer_kwargs)
+def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
+    """pymaml.train's arguments (a dict by name; see its docstring), checked: first the
+    settings every algorithm has, then the run's algorithm's own (pymaml.algorithms)."""
+    entry = _algorithms.get(args["algorithm"])
+    sizes = tuple(_checks.check_sizes(args["sizes"]))
+    activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
+    loss = _checks.check_choice("loss", args["loss"], _checks.LOSSES)
+    inner_steps = _checks.check_int("inner_steps", args["inner_steps"], 0)
+    inner_lr = _checks.check_finite("inner_lr", args["inner_lr"])
+    meta_batch_size = _checks.check_int("meta_batch_size", args["meta_batch_size"], 1)
+    iterations = _checks.check_int("iterations", args["iterations"], 0)
+    optimizer_class, optimizer_name = _optimizer_class(args["optimizer"])
+    outer_lr = _positive_real("outer_lr", args["outer_lr"])
+    optimizer_kwargs = _optimizer_kwargs(args["optimizer_kwargs"])
     check_optimizer_kwargs(optimizer_class, optimizer_kwargs, outer_lr)
-    family = _tasks.checked(_tasks.get_family(task, shots=shots, queries=queries))
+    family = entry.family(args["task"], args["shots"], args["queries"])
     for what, n, want in (("input", family.n_in, sizes[0]), ("output", family.n_out, sizes[-1])):
         if n is not None and n != want:
             raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is "
                              f"{list(sizes)}")
-    if dtype not in DTYPES.values():
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    device = _checks.check_device("device", device)
-    seed = _checks.check_seed(seed)
-    if log_every is not None:
-        log_every = _checks.check_int("log_every", log_every, 0)
-    checkpoint_every = _checks.check_int("checkpoint_every", checkpoint_every, 1)
-    init_name = _init_name(init)
-    if distributed not in (None, True, False):
-        raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
-    distributed_timeout = _positive_real("distributed_timeout", distributed_timeout)
-    checkpoint, resume_from = _checkpoint_paths(checkpoint, resume)
-    if inner_batch is not None:
-        inner_batch = _checks.check_int("inner_batch", inner_batch, 1)
-        if inner_steps < 1:
-            raise ValueError("inner_batch gives each inner step a batch of its own: it needs "
-                             f"inner_steps >= 1, got {inner_steps}")
-        shots, queries = getattr(family, "shots", None), getattr(family, "queries", None)
-        points = shots if algorithm != "reptile" else shots and queries and shots + queries
-        if points and inner_batch > points:  # a family of unknown size: at its first draw
-            raise ValueError(f"inner_batch={inner_batch} is more than the {points} points a "
-                             f"task's inner loop has")
-    learn_inner_lr, adapt_layers = _inner_loop_options(algorithm, learn_inner_lr, adapt_layers,
-                                                       sizes, inner_steps)
-
+    own = entry.settings(args, sizes, inner_steps, family)
     config = RunConfig(
-        task=family.name, algorithm=algorithm, sizes=sizes, activation=activation, loss=loss,
+        task=family.name, algorithm=entry.name, sizes=sizes, activation=activation, loss=loss,
         inner_steps=inner_steps, inner_lr=inner_lr, meta_batch_size=meta_batch_size,
         optimizer=optimizer_name, outer_lr=outer_lr, optimizer_kwargs=optimizer_kwargs,
         shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
-        init=init_name, dtype=str(dtype).replace("torch.", ""), seed=seed,
-        iterations=iterations, inner_batch=inner_batch, learn_inner_lr=learn_inner_lr,
-        adapt_layers=adapt_layers)
-    options = RunOptions(
-        family=family, optimizer_class=optimizer_class, init=init, dtype=dtype,
-        device=_distributed.local_device(device), backend=backend, log_every=log_every,
-        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        resume_from=resume_from, overwrite=overwrite, distributed=distributed,
-        distributed_timeout=distributed_timeout)
-    return config, options
+        init=entry.init_name(args["init"]), dtype=_dtype_name(args["dtype"]),
+        seed=_checks.check_seed(args["seed"]), iterations=iterations, **own)
+    return config, _options(args, family, optimizer_class)
 
 
-def _inner_loop_options(algorithm, learn_inner_lr, adapt_layers, sizes,
-                        inner_steps) -> Tuple[Optional[str], Optional[Tuple[int, ...]]]:
-    """(the learned rates' mode, the adapted layers) the run uses: the arguments, checked,
-    with what "metasgd" (per-parameter rates) and "anil" (the head only) stand for."""
-    _rates.check_mode("learn_inner_lr", learn_inner_lr)
-    depth = len(sizes) - 1
-    adapt_layers = _rates.check_layers("adapt_layers", adapt_layers, depth)
-    if algorithm == "metasgd":
-        if learn_inner_lr not in (None, "per-parameter"):
-            raise ValueError(f"algorithm='metasgd' learns one inner rate per parameter; "
-                             f"learn_inner_lr={learn_inner_lr!r} asks for another kind: use "
-                             f"algorithm='maml' with it")
-        learn_inner_lr = "per-parameter"
-    if algorithm == "anil":
-        if adapt_layers not in (None, (depth - 1,)):
-            raise ValueError(f"algorithm='anil' adapts the head only; adapt_layers="
-                             f"{list(adapt_layers)} asks for other layers: use algorithm='maml' "
-                             "with them")
-        adapt_layers = (depth - 1,)
-    if learn_inner_lr is not None:
-        if algorithm == "reptile":
-            raise ValueError("learn_inner_lr: Reptile cannot learn inner rates (its outer "
-                             "update is no gradient of the rates); use algorithm='maml', "
-                             "'fomaml' or 'metasgd'")
-        if inner_steps < 1:
-            raise ValueError(f"learn_inner_lr needs inner_steps >= 1 (with no inner step there "
-                             f"is no rate to learn), got {inner_steps}")
-    return learn_inner_lr, adapt_layers
+def _dtype_name(dtype) -> str:
+    if dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return str(dtype).replace("torch.", "")
+
+
+def _options(args: Dict[str, Any], family, optimizer_class) -> RunOptions:
+    """The rest of train()'s arguments, checked."""
+    device = _checks.check_device("device", args["device"])
+    log_every = args["log_every"]
+    if log_every is not None:
+        log_every = _checks.check_int("log_every", log_every, 0)
+    checkpoint_every = _checks.check_int("checkpoint_every", args["checkpoint_every"], 1)
+    distributed = args["distributed"]
+    if distributed not in (None, True, False):
+        raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
+    timeout = _positive_real("distributed_timeout", args["distributed_timeout"])
+    _checks.check_choice("backend", args["backend"], _checks.BACKENDS)
+    checkpoint, resume_from = _checkpoint_paths(args["checkpoint"], args["resume"])
+    return RunOptions(
+        family=family, optimizer_class=optimizer_class, init=args["init"], dtype=args["dtype"],
+        device=_distributed.local_device(device), backend=args["backend"],
+        log_every=log_every, progress=args["progress"], checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume_from=resume_from,
+        overwrite=bool(args["overwrite"]), distributed=distributed,
+        distributed_timeout=timeout)
 
 
 def _positive_real(name, value) -> float:
@@ -287,20 +254,6 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
     except Exception as exc:  # a user's optimizer class may raise anything
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{name} {kwargs}: {cls} refuses them: {text}") from None
-
-
-def _init_name(init) -> str:
-    """The name a checkpoint records for `init`: "seed", "torch" or "given" (weights)."""
-    if isinstance(init, str):
-        return _checks.check_choice("init", init, INITS)
-    if isinstance(init, (MetaMLP, torch.Tensor)):
-        weights = init.params if isinstance(init, MetaMLP) else init
-        if weights.is_floating_point() and not torch.isfinite(weights.detach()).all():
-            raise ValueError("init holds non-finite weights (NaN or infinite): training from "
-                             "them would stop at the first iteration")
-        return "given"
-    raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got "
-                    f"{type(init).__name__}")
 
 
 def _checkpoint_paths(checkpoint, resume) -> Tuple[Optional[str], Optional[str]]:

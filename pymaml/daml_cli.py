@@ -20,7 +20,7 @@ from . import tasks as _tasks
 from .daml_evaluate import evaluate_daml
 from .daml_model import DAMLModel
 
-__all__ = ["add_train_flags", "cmd_train", "cmd_eval", "cmd_plot", "plot_daml"]
+__all__ = ["add_train_flags", "cmd_train", "cmd_eval", "cmd_plot"]
 
 
 def add_train_flags(t) -> None:
@@ -96,11 +96,11 @@ def cmd_train(args) -> int:
         held_out = evaluate_daml(model, args.task, shots=args.shots)
         print("after adapting from unlabeled source inputs alone, mean absolute error on a "
               "100-point grid over [-2pi, 2pi] (600 held-out source draws per phase): "
-              + ", ".join(f"phase {_phase_name(r['phase'])} {r['mae']:.4f}"
+              + ", ".join(f"phase {plots._phase_name(r['phase'])} {r['mae']:.4f}"
                           for r in held_out.rows))
     if not args.no_plots:
         with cli._writing(out["figure"]):
-            maes = plot_daml(model, out["figure"], task=args.task, shots=args.shots,
+            maes = plots.plot_daml(model, out["figure"], task=args.task, shots=args.shots,
                              seed=args.seed)
         with cli._writing(out["loss_figure"]):
             plots.plot_losses(result.losses, out["loss_figure"], title=f"daml on {args.task}")
@@ -109,59 +109,6 @@ def cmd_train(args) -> int:
               + f";  {out['loss_figure']}: the loss curve")
     print(f"evaluate with: python -m pymaml eval {out['model']}")
     return 0
-
-
-def _phase_name(phase) -> str:
-    if phase is None:
-        return "all"
-    return "pi" if abs(phase - math.pi) < 1e-9 else f"{phase:g}"
-
-
-def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0),
-              shots=None, steps=None, seed: int = 0, grid_points: int = 100):
-    """One panel per phase (default: pi, then 0): the true sine and the base network after
-    `steps` (default: the model's) inner steps on one draw of unlabeled source inputs (marked
-    on the x axis), over [-2pi, 2pi]. Returns each panel's mean absolute error on
-    `grid_points` evenly spaced inputs."""
-    from .plots import _figure
-    family = _tasks.get_daml_family(task, shots=shots)
-    if not isinstance(family, _tasks.DAMLSine):
-        raise ValueError("the DAML figure needs a family with phases and a known target "
-                         "(daml-sine)")
-    steps = model.inner_steps if steps is None else steps
-    g = torch.Generator().manual_seed(seed)
-    dtype, device = model.weights.dtype, model.weights.device
-    fig = _figure(figsize=(6.4 * len(phases), 4.8))
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
-    maes = []
-    for ax, phase in zip(axes, phases):
-        batch = family.sample_phase(phase, 1, steps=steps, generator=g, dtype=torch.float64)
-        net = model.adapt(batch.x_source.to(device, dtype), steps=steps)  # [1, ...]: T = 1
-        ids = family.tasks_of_phase(phase, 1)
-
-        def on(n):
-            x = family.grid(n).unsqueeze(0)
-            with torch.no_grad():
-                pred = net(x.to(device, dtype)).double().cpu()
-            return x[0, :, 0], family.target(ids, x)[0, :, 0], pred[0, :, 0]
-
-        _, truth, pred = on(grid_points)
-        maes.append((pred - truth).abs().mean().item())
-        x, truth, pred = on(1000)
-        name = "pi" if phase > 1 else "0"
-        ax.plot(x, truth, label=f"sin(x + {name})" if phase else "sin(x)")
-        ax.plot(x, pred, label=f"net(x) after {steps} steps on source inputs")
-        src = batch.x_source.reshape(-1)
-        ax.plot(src, torch.full_like(src, -1.15), "x", color="C2",
-                label=f"{src.numel()} unlabeled source inputs")
-        ax.set_title(f"{family.name}, phase {name}: grid MAE {maes[-1]:.3f} "
-                     f"({grid_points} points)", fontsize=11)
-        ax.set_ylim(-1.35, 1.35)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return maes
 
 
 def cmd_eval(args) -> int:
@@ -182,13 +129,13 @@ def cmd_eval(args) -> int:
 
 def cmd_plot(args) -> int:
     """`plot` on a DAML model: the DAML figure (both phases)."""
-    from . import cli
+    from . import cli, plots
     model = DAMLModel.load(args.model)
     task = args.task or model.info.get("task") or "daml-sine"
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
                               "figure")
     with cli._writing(path):
-        maes = plot_daml(model, path, task=task, shots=args.shots, steps=args.steps,
+        maes = plots.plot_daml(model, path, task=task, shots=args.shots, steps=args.steps,
                          seed=args.seed)
     print(f"{path}: phases pi and 0, mean absolute error on a 100-point grid: "
           + ", ".join(f"{m:.3f}" for m in maes))

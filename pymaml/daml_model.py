@@ -11,8 +11,7 @@ source inputs only and returns the adapted base network, a pymaml.MetaMLP to pre
 Files: `save` writes a dict of plain tensors and values (pymaml._io: atomic, sealed with a
 digest, loadable with torch.load(weights_only=True)) tagged "pymaml.DAMLModel";
 `DAMLModel.load` reads it (or the model inside a DAML training checkpoint) and refuses a
-damaged or foreign file with one line naming it. `load_any` (pymaml.load) reads either kind
-of pymaml model.
+damaged or foreign file with one line naming it (pymaml._io.load_model, as pymaml.load).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from ._layout import num_params
 from ._version import __version__
 from .model import MetaMLP
 
-__all__ = ["DAMLModel", "load_any", "default_loss_sizes"]
+__all__ = ["DAMLModel", "default_loss_sizes"]
 
 FORMAT_VERSION = 1  # the newest DAML model record this version reads
 DEFAULT_LOSS_HIDDEN = (32, 32)  # the seed's adaptation-loss network: (65)-32-32-1
@@ -62,6 +61,8 @@ class DAMLModel(nn.Module):
 
     Args: weights (cat[params, loss_params], copied) or params and loss_params (copied), or
     none of them to initialise with `init` ("seed" | "torch") from `generator`."""
+
+    kind = "DAML model (a base and a loss network)"  # what a file holding one is called
 
     def __init__(self, sizes=(1, 32, 32, 1), loss_sizes=None, activation: str = "relu", *,
                  params: Optional[torch.Tensor] = None,
@@ -225,7 +226,7 @@ class DAMLModel(nn.Module):
         """A model saved by `save`, or the model in a DAML training checkpoint (checked whole
         first: a damaged checkpoint is refused, not half used)."""
         device = _checks.check_device("device", device) if device is not None else None
-        return _from_file(path, _io.load_file(path), device, want=cls)
+        return _io.load_model(path, device=device, want=cls)
 
     def extra_repr(self) -> str:
         return (f"sizes={self.sizes}, loss_sizes={self.loss_sizes}, "
@@ -234,39 +235,11 @@ class DAMLModel(nn.Module):
                 f"loss={self.loss!r}, dtype={self.weights.dtype}")
 
 
-def _from_file(path, d: Dict[str, Any], device, want=None):
-    """The model in the pymaml file `d` read from `path`: a DAMLModel for DAML files; a
-    MetaMLP for MAML ones unless `want` is DAMLModel (then a ValueError saying what it is)."""
-    fmt = d["format"]
-    if fmt == _io.DAML_CHECKPOINT_FORMAT:
-        from . import daml_train  # imported here: daml_train imports this module
-        daml_train.check_checkpoint(path, d)
-        return DAMLModel.from_dict(d["model"], device=device)
-    if fmt == _io.DAML_MODEL_FORMAT:
-        try:
-            return DAMLModel.from_dict(d, device=device)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-    if want is DAMLModel:
-        raise ValueError(f"{path} holds a MAML model (a MetaMLP), not a DAML model: load it "
-                         "with pymaml.load or pymaml.MetaMLP.load")
-    return MetaMLP.load(path, device=device)
-
-
-def is_daml_file(path) -> bool:
-    """Whether `path` is a DAML model or checkpoint (False for anything else, unreadable
-    files included: their loader words the error)."""
+def _read(path, record, device) -> DAMLModel:
     try:
-        return _io.load_file(path)["format"] in _io.DAML_FORMATS
-    except (OSError, ValueError):
-        return False
+        return DAMLModel.from_dict(record, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
-def load_any(path, *, device=None):
-    """pymaml.load(path): the model in a pymaml file, a MetaMLP (MAML model or checkpoint) or
-    a DAMLModel (DAML model or checkpoint)."""
-    device = _checks.check_device("device", device) if device is not None else None
-    d = _io.load_file(path)
-    if d["format"] in _io.DAML_FORMATS:
-        return _from_file(path, d, device)
-    return MetaMLP.load(path, device=device)
+_io.register_reader(_io.DAML_MODEL_FORMAT, _read)

@@ -93,19 +93,11 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
              steps: Sequence[int] = (1, 5, 10), num_tasks: int = 600, grid_points: int = 100,
              inner_lr: Optional[float] = None, seed: int = EVAL_SEED,
              backend: str = "auto") -> EvalResult:
-    """Evaluates `model` (a MetaMLP; a DAMLModel goes to pymaml.daml_evaluate: grid error per
-    phase after source-only adaptation, default task the model's, default steps the model's)
+    """The MAML paper's protocol (pymaml.evaluate runs it for a MetaMLP): evaluates `model`
     on held-out tasks of `task` (a name, TaskFamily or
     sampler, as in train) with `shots` support and `shots` held-out points per task (default:
     the family's shots). Adaptation uses the model's loss, its learned inner rates if it has
     them, else its inner lr (`inner_lr`, a number, replaces either), and its adapt_layers."""
-    from .daml_model import DAMLModel  # a DAML model: pymaml.daml_evaluate's protocol
-    if isinstance(model, DAMLModel):
-        from .daml_evaluate import evaluate_daml
-        return evaluate_daml(model, None if task == "sine" else task,
-                             steps=None if steps == (1, 5, 10) else steps, num_tasks=num_tasks,
-                             grid_points=grid_points, inner_lr=inner_lr, seed=seed,
-                             shots=shots, backend=backend)
     if not isinstance(model, MetaMLP) or model.num_tasks is not None:
         raise TypeError(f"model must be a (not yet adapted) pymaml MetaMLP, got {type(model).__name__}")
     if not isinstance(steps, Sequence) or isinstance(steps, str):

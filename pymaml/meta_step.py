@@ -16,14 +16,13 @@ from . import _ops, _rates
 from . import functional as F
 from . import reference as _reference
 from . import tasks as _tasks
-from .config import RunConfig
 
 
-def inner_data(config: RunConfig, xs, ys, xq, yq) -> Tuple[torch.Tensor, torch.Tensor]:
+def inner_data(config, reptile: bool, xs, ys, xq, yq) -> Tuple[torch.Tensor, torch.Tensor]:
     """The points the inner loop of `config`'s algorithm trains on, [..., N, features]: the
     support set (Reptile: support and query), whole for every step, or cut into a minibatch
     per step ([..., steps, inner_batch, features]) when inner_batch is set."""
-    if config.algorithm == "reptile":
+    if reptile:
         xs, ys = torch.cat([xs, xq], dim=-2), torch.cat([ys, yq], dim=-2)
     if config.inner_batch is None:
         return xs, ys
@@ -31,32 +30,33 @@ def inner_data(config: RunConfig, xs, ys, xq, yq) -> Tuple[torch.Tensor, torch.T
                  for t in (xs, ys))
 
 
-def for_run(config: RunConfig, backend: str) -> Callable:
+def for_run(config, backend: str, algorithm) -> Callable:
     """fn(weights, TaskBatch) -> (meta-loss 0-d, [gradient of each weight] for the optimizer),
     where weights are [params [P]] or, for a run that learns its inner rates, [params,
     rates] (detached). The arguments were checked once; a plain run's fused backend calls
     the op directly (no autograd wrapper, no per-call Python checks beyond the op's own)."""
+    reptile = algorithm.reptile_update
     if not config.plain:
-        return _general_step(config, backend)
+        return _general_step(config, backend, algorithm)
     c, sizes = config, list(config.sizes)
     hyper = dict(sizes=sizes, inner_lr=c.inner_lr, steps=c.inner_steps,
                  activation=c.activation, loss=c.loss)
     fused_args = (sizes, c.inner_lr, c.inner_steps, c.activation, c.loss)
-    first_order = c.first_order
+    first_order = algorithm.first_order
     loss_fn = _reference.LOSSES[c.loss]
 
     def step(weights, batch):
         (params,) = weights
         xq, yq = batch.x_query, batch.y_query
-        x, y = inner_data(c, *batch)
-        if backend == "fused" and c.algorithm == "reptile":
+        x, y = inner_data(c, reptile, *batch)
+        if backend == "fused" and reptile:
             value, direction = _ops.ops.reptile(params, x, y, xq, yq, *fused_args)
             return value, [direction]
         if backend == "fused":
             value, grad = _ops.ops.maml_loss(params, x, y, xq, yq, *fused_args, first_order,
                                              True)
             return value, [grad]
-        if c.algorithm == "reptile":
+        if reptile:
             with torch.no_grad():
                 adapted = _reference.adapt(params, x, y, first_order=True, **hyper)
                 predicted = F.mlp_forward(adapted, xq, sizes=sizes, activation=c.activation)
@@ -67,7 +67,7 @@ def for_run(config: RunConfig, backend: str) -> Callable:
     return step
 
 
-def _general_step(config: RunConfig, backend: str) -> Callable:
+def _general_step(config, backend: str, algorithm) -> Callable:
     """for_run's function for a run with learned rates or frozen layers: through the public
     functional API (the raw ops take one fixed rate and adapt every layer), on `backend`.
     The rates' gradient is the functional API's, exact like the weights'."""
@@ -76,11 +76,12 @@ def _general_step(config: RunConfig, backend: str) -> Callable:
                  adapt_layers=None if c.adapt_layers is None else list(c.adapt_layers),
                  backend=backend)
     loss_fn = _reference.LOSSES[c.loss]
+    reptile = algorithm.reptile_update
 
     def step(weights, batch):
         xq, yq = batch.x_query, batch.y_query
-        x, y = inner_data(c, *batch)
-        if c.algorithm == "reptile":  # its inner loop moves the adapted layers only
+        x, y = inner_data(c, reptile, *batch)
+        if reptile:  # its inner loop moves the adapted layers only
             (params,) = weights
             with torch.no_grad():
                 adapted = F.adapt(params, x, y, inner_lr=c.inner_lr, first_order=True,
@@ -91,6 +92,6 @@ def _general_step(config: RunConfig, backend: str) -> Callable:
         rate = c.inner_lr if len(weights) == 1 else \
             _rates.for_steps(weights[1], c.learn_inner_lr, sizes, c.inner_steps)
         value = F.maml_loss(weights[0], x, y, xq, yq, inner_lr=rate,
-                            first_order=c.first_order, **hyper)
+                            first_order=algorithm.first_order, **hyper)
         return value.detach(), list(torch.autograd.grad(value, weights))
     return step

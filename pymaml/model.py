@@ -17,13 +17,14 @@ from . import functional as F
 from . import nn as _pnn
 from ._version import __version__
 
-__all__ = ["MetaMLP", "load"]
+__all__ = ["MetaMLP"]
 
 INITS = ("seed", "torch")
 FORMAT_VERSION = 2  # the newest model record this version reads (2: learned rates, layers)
 
 
 class MetaMLP(nn.Module):
+    kind = "MAML model (a MetaMLP)"  # what a file holding one is called in messages
     """An MLP with layer sizes [n_in, hidden..., n_out], one activation between layers and a
     linear output, stored as one flat parameter tensor `params` [P] (pymaml's layout).
 
@@ -223,18 +224,7 @@ class MetaMLP(nn.Module):
         """A model saved by `save`, or the model inside a training checkpoint (whose fields
         are all checked: a damaged checkpoint is refused, not half used)."""
         device = _checks.check_device("device", device) if device is not None else None
-        d = _io.load_file(path)
-        if d["format"] in _io.DAML_FORMATS:
-            raise ValueError(f"{path} holds a DAML model (a base and a loss network), not a "
-                             "MetaMLP: load it with pymaml.load or pymaml.DAMLModel.load")
-        if d["format"] == _io.CHECKPOINT_FORMAT:
-            from . import checkpoint  # imported here: checkpoint -> config -> model
-            checkpoint.check(path, d)
-            return cls.from_dict(d["model"], device=device)
-        try:
-            return cls.from_dict(d, device=device)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        return _io.load_model(path, device=device, want=cls)
 
     def extra_repr(self) -> str:
         batch = f", tasks={self.num_tasks}" if self.num_tasks is not None else ""
@@ -248,8 +238,11 @@ class MetaMLP(nn.Module):
                 f"dtype={self.params.dtype}{batch}")
 
 
-def load(path, *, device=None) -> MetaMLP:
-    """pymaml.load(path): a model saved with MetaMLP.save, or the model in a checkpoint; for
-    DAML's files, a pymaml.DAMLModel (pymaml.daml_model.load_any)."""
-    from .daml_model import load_any  # imported here: daml_model imports this module
-    return load_any(path, device=device)
+def _read(path, record, device) -> MetaMLP:
+    try:
+        return MetaMLP.from_dict(record, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+_io.register_reader(_io.MODEL_FORMAT, _read)

@@ -12,9 +12,10 @@ import torch
 from . import _checks
 from . import functional as F
 from . import tasks as _tasks
+from .daml_model import DAMLModel
 from .model import MetaMLP
 
-__all__ = ["plot_adaptation", "plot_losses"]
+__all__ = ["plot_adaptation", "plot_losses", "plot_daml"]
 
 
 def _figure(**kwargs):
@@ -112,3 +113,55 @@ def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss"
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _phase_name(phase) -> str:
+    if phase is None:
+        return "all"
+    return "pi" if abs(phase - math.pi) < 1e-9 else f"{phase:g}"
+
+
+def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0),
+              shots=None, steps=None, seed: int = 0, grid_points: int = 100):
+    """One panel per phase (default: pi, then 0): the true sine and the base network after
+    `steps` (default: the model's) inner steps on one draw of unlabeled source inputs (marked
+    on the x axis), over [-2pi, 2pi]. Returns each panel's mean absolute error on
+    `grid_points` evenly spaced inputs."""
+    family = _tasks.get_daml_family(task, shots=shots)
+    if not isinstance(family, _tasks.DAMLSine):
+        raise ValueError("the DAML figure needs a family with phases and a known target "
+                         "(daml-sine)")
+    steps = model.inner_steps if steps is None else steps
+    g = torch.Generator().manual_seed(seed)
+    dtype, device = model.weights.dtype, model.weights.device
+    fig = _figure(figsize=(6.4 * len(phases), 4.8))
+    axes = fig.subplots(1, len(phases), squeeze=False)[0]
+    maes = []
+    for ax, phase in zip(axes, phases):
+        batch = family.sample_phase(phase, 1, steps=steps, generator=g, dtype=torch.float64)
+        net = model.adapt(batch.x_source.to(device, dtype), steps=steps)  # [1, ...]: T = 1
+        ids = family.tasks_of_phase(phase, 1)
+
+        def on(n):
+            x = family.grid(n).unsqueeze(0)
+            with torch.no_grad():
+                pred = net(x.to(device, dtype)).double().cpu()
+            return x[0, :, 0], family.target(ids, x)[0, :, 0], pred[0, :, 0]
+
+        _, truth, pred = on(grid_points)
+        maes.append((pred - truth).abs().mean().item())
+        x, truth, pred = on(1000)
+        name = "pi" if phase > 1 else "0"
+        ax.plot(x, truth, label=f"sin(x + {name})" if phase else "sin(x)")
+        ax.plot(x, pred, label=f"net(x) after {steps} steps on source inputs")
+        src = batch.x_source.reshape(-1)
+        ax.plot(src, torch.full_like(src, -1.15), "x", color="C2",
+                label=f"{src.numel()} unlabeled source inputs")
+        ax.set_title(f"{family.name}, phase {name}: grid MAE {maes[-1]:.3f} "
+                     f"({grid_points} points)", fontsize=11)
+        ax.set_ylim(-1.35, 1.35)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return maes

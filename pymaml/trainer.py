@@ -31,13 +31,10 @@ from . import _io
 from . import checkpoint as _checkpoint
 from . import config as _config
 from . import distributed as _distributed
-from . import fast_path, meta_step
-from . import functional as F
 from . import outer_optim
 from . import progress as _progress
 from . import reference as _reference
 from .config import ALGORITHMS, DTYPES, OPTIMIZERS, RunConfig, RunOptions  # noqa: F401 (API)
-from .model import MetaMLP
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "ALGORITHMS", "OPTIMIZERS"]
 
@@ -160,14 +157,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     iteration, before the weights are updated with it (as do weights that an optimizer step
     made non-finite); the last checkpoint is kept.
     """
-    if algorithm == "daml":  # DAML's own loop (pymaml.daml_train); its model is a DAMLModel
-        from . import daml_train
-        return daml_train.train_daml(dict(locals()))
-    if loss_sizes is not None or adapt_loss is not None:
-        raise ValueError("loss_sizes and adapt_loss (the learned inner loss) apply to "
-                         "algorithm='daml' only")
-    del loss_sizes, adapt_loss
-    config, options = _config.from_train_arguments(**locals())  # every argument, by name
+    config, options = _config.from_train_arguments(dict(locals()))  # every argument, by name
     group = _distributed.Group.join(options.distributed, options.device,
                                     options.distributed_timeout)
     try:
@@ -177,47 +167,6 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     finally:
         if group is not None:
             group.close()
-
-
-def _backend(config: RunConfig, options: RunOptions, params: torch.Tensor) -> str:
-    """The backend that serves the run: options.backend, or under "auto" the fused op where it
-    can (a batch per inner step, inner_batch, and learned rates or frozen layers run on the
-    CPU kernels or the reference)."""
-    backend = F._choose_backend(options.backend, params.detach(), list(config.sizes),
-                                config.inner_steps, (), rule=not config.plain)
-    if backend == "fused" and config.inner_batch is not None and params.device.type != "cpu":
-        if options.backend == "fused":
-            raise ValueError(f"inner_batch (a batch per inner step) runs on the CPU kernels or "
-                             f"backend='reference', not on {params.device.type}")
-        return "reference"
-    return backend
-
-
-def _initial_model(config: RunConfig, options: RunOptions,
-                   generator: torch.Generator) -> MetaMLP:
-    c, init = config, options.init
-    settings = dict(loss=c.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
-                    info=dict(task=c.task, algorithm=c.algorithm, shots=c.shots),
-                    learn_inner_lr=c.learn_inner_lr, adapt_layers=c.adapt_layers)
-    if isinstance(init, str):
-        # Drawn on the CPU from the run's generator, then moved: the same start on every device.
-        model = MetaMLP(c.sizes, c.activation, init=init, generator=generator,
-                        dtype=torch.float64, **settings)
-        return model.to(device=options.device, dtype=options.dtype)
-    start = init.params if isinstance(init, MetaMLP) else init
-    if isinstance(init, MetaMLP) and (init.sizes != list(c.sizes)
-                                      or init.activation != c.activation):
-        raise ValueError(f"init is a MetaMLP with sizes {init.sizes} and activation "
-                         f"{init.activation!r}, but training asks for {list(c.sizes)} and "
-                         f"{c.activation!r}")
-    _checks.check_params(start, list(c.sizes))
-    # A model that learned rates of this run's kind goes on from them (else: inner_lr).
-    rates = getattr(init, "learned_lr", None)
-    if getattr(init, "learn_inner_lr", None) != c.learn_inner_lr or getattr(
-            init, "inner_steps", None) != c.inner_steps:
-        rates = None
-    return MetaMLP(c.sizes, c.activation, **settings, learned_lr=rates,
-                   params=start.detach().to(device=options.device, dtype=options.dtype))
 
 
 class _Run:
@@ -239,38 +188,39 @@ class _Run:
             self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
                                                                    options.overwrite),
                            "checking the checkpoint path")
+        self.entry = entry = config.entry
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.model = _initial_model(config, options, self.generator)
-        self.params = self.model.params
-        # What the outer optimizer steps: the weights, and the inner rates a run learns.
-        self.weights = [p for p in (self.params, self.model.learned_lr) if p is not None]
+        self.model = entry.initial_model(config, options.init, self.generator, options.dtype,
+                                         options.device)
+        # What the outer optimizer steps: the weights (and the inner rates a run learns).
+        self.weights = entry.weights(self.model)
         # Rank 0 draws its tasks from the run's generator, the others from their own streams.
         self.task_generator = self.generator if self.rank == 0 else \
             torch.Generator().manual_seed(_distributed.task_seed(config.seed, self.rank))
         if group is not None:  # the same start everywhere, whatever `init` each was given
             for w in self.weights:
                 group.broadcast(w, "sharing rank 0's initial weights")
-        self.backend = _backend(config, options, self.params)
-        servable = fast_path.servable(self.backend, options.device, config)
-        self.optimizer = self._optimizer(servable)
+        self.backend = entry.backend(config, options.backend, self.model)
+        self.optimizer = self._optimizer(entry.chunkable(config, self.backend, options.device))
         self.losses: List[float] = []
         self.start = 0
         if options.resume_from is not None:
             self._resume(options.resume_from)
         self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
-        self.meta_step = meta_step.for_run(config, self.backend)
+        self.meta_step = entry.meta_step(config, self.backend)
         # One process only: the all-reduce sits between an iteration's gradient and its step.
         self.fast = None
-        if servable and processes == 1 and self.start < config.iterations:
-            self.fast = fast_path.FastPath.for_run(config, self.optimizer, options.family,
-                                                   self.task_generator, options.dtype)
+        if processes == 1 and self.start < config.iterations:
+            self.fast = entry.fast_path(config, self.optimizer, options.family,
+                                        self.task_generator, options.dtype, self.backend,
+                                        options.device)
         self.fast_iterations = 0
 
-    def _optimizer(self, servable: bool) -> torch.optim.Optimizer:
-        """The outer optimizer; "sgd" / "adam" with the fused kernel train_chunk steps with,
-        where it may serve the run (pymaml.outer_optim)."""
+    def _optimizer(self, chunkable: bool) -> torch.optim.Optimizer:
+        """The outer optimizer; "sgd" / "adam" with the fused kernel the chunk ops step with,
+        where they may serve the run (pymaml.outer_optim)."""
         kwargs = self.config.optimizer_kwargs
-        if servable and self.config.optimizer in OPTIMIZERS:
+        if chunkable and self.config.optimizer in OPTIMIZERS:
             kwargs = outer_optim.build_kwargs(kwargs)
         return self.options.optimizer_class(self.weights, lr=self.config.outer_lr, **kwargs)
 
@@ -331,8 +281,9 @@ class _Run:
     def _one_iteration(self, it: int, interrupt) -> Tuple[float, bool]:
         """Iteration `it` on its own: its meta-loss, the weights updated, and whether to stop
         after it (Ctrl-C here, or in a distributed run, in any process)."""
-        batch = self.options.family.sample(self.local_batch, generator=self.task_generator,
-                                           dtype=self.options.dtype, device=self.options.device)
+        o = self.options
+        batch = self.entry.sample(o.family, self.config, self.local_batch, self.task_generator,
+                                  o.dtype, o.device)
         value, grads = self.meta_step([w.detach() for w in self.weights], batch)
         stop = interrupt.requested
         if self.group is not None:
@@ -384,8 +335,8 @@ class _Run:
     def _save(self, iteration: int) -> None:
         if self.checkpoints.path is None:
             return
-        state = _checkpoint.state(self.settings, iteration, self.model, self.optimizer,
-                                  self.generator, self.losses)
+        state = _checkpoint.state(self.config, self.settings, iteration, self.model,
+                                  self.optimizer, self.generator, self.losses)
         if self.group is not None:
             # Every process's task stream (rank 0's is `generator`), so that a resumed run
             # draws the tasks an uninterrupted one would.

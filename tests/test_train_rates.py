@@ -119,20 +119,20 @@ def test_fused_and_reference_loss_histories_agree(mode):
 
 @pytest.mark.parametrize("mode", ["per-step", "per-layer-step", "anil-lslr"])
 def test_tied_learned_rates_never_take_the_chunked_path(mode):
-    config, _ = from_train_arguments(**_train_defaults(**MODES[mode][0]))
-    assert not fast_path.servable("fused", torch.device("cpu"), config)
-    assert fast_path.unserved(config)
-    plain, _ = from_train_arguments(**_train_defaults())
-    assert fast_path.servable("fused", torch.device("cpu"), plain)
-    assert fast_path.unserved(plain) is None
+    config, _ = from_train_arguments(_train_defaults(**MODES[mode][0]))
+    cpu = torch.device("cpu")
+    assert not config.entry.chunkable(config, "fused", cpu)
+    assert fast_path.unserved(config, config.entry)
+    plain, _ = from_train_arguments(_train_defaults())
+    assert plain.entry.chunkable(plain, "fused", cpu)
+    assert fast_path.unserved(plain, plain.entry) is None
 
 
 def _train_defaults(**overrides):
     """train()'s arguments, by name, with its defaults."""
     import inspect
     params = inspect.signature(pymaml.train).parameters
-    takes = inspect.signature(from_train_arguments).parameters  # not DAML's own arguments
-    return {**{k: p.default for k, p in params.items() if k in takes}, **overrides}
+    return {**{k: p.default for k, p in params.items()}, **overrides}
 
 
 @pytest.mark.parametrize("mode", ["metasgd", "anil-lslr"])

@@ -1,0 +1,196 @@
+"""What an algorithm is to pymaml: the class every entry of the registry is an instance of.
+
+The trainer, the run configuration, the checkpoint, the evaluation and the command line are
+written once; they ask the run's algorithm for what differs (docs/design.md §6.2):
+
+- `settings`: its own run settings (the RunConfig fields it adds or fixes), checked;
+- `family`: the task family it trains on; `sample`: one meta-batch of it;
+- `initial_model`, `model_class`, `weights`: the model it trains and the tensors the outer
+  optimizer steps;
+- `backend`, `meta_step`: one iteration's meta-loss and gradients; `fast_path`: many
+  iterations per C++ call, or None;
+- `evaluate`, `add_flags` / `train_kwargs`, `figure`: its evaluation protocol, its command
+  line flags and its figure.
+
+This base class is MAML's (exact second order, every layer adapting at one rate); the other
+entries change a few attributes or methods (pymaml/algorithms/maml.py, daml.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import _checks, _rates
+from .. import functional as F
+from .. import tasks as _tasks
+from .. import fast_path as _fast_path
+from .. import meta_step as _meta_step
+from .. import plots as _plots
+from ..evaluate import evaluate as evaluate_maml
+from ..model import INITS, MetaMLP
+
+
+class Algorithm:
+    name = "maml"
+    summary = "exact second-order MAML"
+    first_order = False    # the meta-gradient drops the inner loop's second-order terms
+    # Reptile's rule: the inner loop trains on support and query, and the optimizer is handed
+    # the direction params - mean adapted params instead of a gradient.
+    reptile_update = False
+    op_algorithm = "maml"  # what the chunked op's `algorithm` argument says
+    model_class = MetaMLP
+    # The RunConfig fields of this algorithm's own (a checkpoint stores them); the common
+    # ones every run has are RunConfig's first fields.
+    own_fields: Tuple[str, ...] = ("inner_batch", "learn_inner_lr", "adapt_layers")
+    # The model record's fields a checkpoint's settings must agree with.
+    model_fields: Tuple[str, ...] = ("activation", "loss", "inner_lr", "inner_steps",
+                                     "learn_inner_lr", "adapt_layers")
+    default_task = "seed-sine"
+
+    # ---- the run's settings -----------------------------------------------------------------
+
+    def settings(self, args: Dict[str, Any], sizes: Tuple[int, ...], inner_steps: int,
+                 family) -> Dict[str, Any]:
+        """This algorithm's own RunConfig fields from train()'s arguments `args`, checked
+        (sizes and inner_steps checked already)."""
+        for name in ("loss_sizes", "adapt_loss"):
+            if args.get(name) is not None:
+                raise ValueError("loss_sizes and adapt_loss (the learned inner loss) apply to "
+                                 "algorithm='daml' only")
+        inner_batch = args.get("inner_batch")
+        if inner_batch is not None:
+            inner_batch = self._inner_batch(inner_batch, inner_steps, family)
+        learn_inner_lr, adapt_layers = self.inner_rule(args.get("learn_inner_lr"),
+                                                       args.get("adapt_layers"), sizes)
+        if learn_inner_lr is not None and inner_steps < 1:
+            raise ValueError(f"learn_inner_lr needs inner_steps >= 1 (with no inner step there "
+                             f"is no rate to learn), got {inner_steps}")
+        return dict(inner_batch=inner_batch, learn_inner_lr=learn_inner_lr,
+                    adapt_layers=adapt_layers)
+
+    def inner_rule(self, learn_inner_lr, adapt_layers, sizes):
+        """(the learned rates' mode, the adapted layers), checked; entries that stand for a
+        rule (metasgd, anil) fix theirs."""
+        _rates.check_mode("learn_inner_lr", learn_inner_lr)
+        return learn_inner_lr, _rates.check_layers("adapt_layers", adapt_layers, len(sizes) - 1)
+
+    def inner_points(self, family) -> Optional[int]:
+        """The points a task's inner loop trains on (None: unknown until the first draw)."""
+        return getattr(family, "shots", None)
+
+    def _inner_batch(self, inner_batch, inner_steps, family) -> int:
+        inner_batch = _checks.check_int("inner_batch", inner_batch, 1)
+        if inner_steps < 1:
+            raise ValueError("inner_batch gives each inner step a batch of its own: it needs "
+                             f"inner_steps >= 1, got {inner_steps}")
+        points = self.inner_points(family)
+        if points and inner_batch > points:
+            raise ValueError(f"inner_batch={inner_batch} is more than the {points} points a "
+                             f"task's inner loop has")
+        return inner_batch
+
+    def family(self, task, shots, queries):
+        """The run's task family, its draws checked."""
+        task = self.default_task if task is None else task
+        return _tasks.checked(_tasks.get_family(task, shots=shots, queries=queries))
+
+    def init_name(self, init) -> str:
+        """The name a checkpoint records for `init`: "seed", "torch" or "given" (weights)."""
+        if isinstance(init, str):
+            return _checks.check_choice("init", init, INITS)
+        if isinstance(init, (MetaMLP, torch.Tensor)):
+            weights = init.params if isinstance(init, MetaMLP) else init
+            if weights.is_floating_point() and not torch.isfinite(weights.detach()).all():
+                raise ValueError("init holds non-finite weights (NaN or infinite): training "
+                                 "from them would stop at the first iteration")
+            return "given"
+        raise TypeError(f"init must be 'seed', 'torch', a MetaMLP or a [P] tensor, got "
+                        f"{type(init).__name__}")
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def initial_model(self, config, init, generator: torch.Generator, dtype,
+                      device) -> MetaMLP:
+        c = config
+        settings = dict(loss=c.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
+                        info=dict(task=c.task, algorithm=c.algorithm, shots=c.shots),
+                        learn_inner_lr=c.learn_inner_lr, adapt_layers=c.adapt_layers)
+        if isinstance(init, str):
+            # Drawn on the CPU from the run's generator, then moved: the same start anywhere.
+            model = MetaMLP(c.sizes, c.activation, init=init, generator=generator,
+                            dtype=torch.float64, **settings)
+            return model.to(device=device, dtype=dtype)
+        start = init.params if isinstance(init, MetaMLP) else init
+        if isinstance(init, MetaMLP) and (init.sizes != list(c.sizes)
+                                          or init.activation != c.activation):
+            raise ValueError(f"init is a MetaMLP with sizes {init.sizes} and activation "
+                             f"{init.activation!r}, but training asks for {list(c.sizes)} and "
+                             f"{c.activation!r}")
+        _checks.check_params(start, list(c.sizes))
+        # A model that learned rates of this run's kind goes on from them (else: inner_lr).
+        rates = getattr(init, "learned_lr", None)
+        if getattr(init, "learn_inner_lr", None) != c.learn_inner_lr or getattr(
+                init, "inner_steps", None) != c.inner_steps:
+            rates = None
+        return MetaMLP(c.sizes, c.activation, **settings, learned_lr=rates,
+                       params=start.detach().to(device=device, dtype=dtype))
+
+    def weights(self, model) -> List[torch.Tensor]:
+        """What the outer optimizer steps: the weights, and the inner rates a run learns."""
+        return [p for p in (model.params, model.learned_lr) if p is not None]
+
+    def weight_count(self, config) -> int:
+        """Elements of the trained tensors (a checkpoint's size), from the settings alone."""
+        n = F.num_params(list(config.sizes))
+        if config.learn_inner_lr is not None:
+            shape = _rates.shape(config.learn_inner_lr, config.sizes, config.inner_steps)
+            n += int(torch.Size(shape).numel())
+        return n
+
+    def checkpoint_version(self, config) -> int:
+        """The checkpoint format_version a run writes: 2 with learned rates or frozen layers
+        (which earlier versions refuse), else 1, as earlier versions wrote."""
+        return 1 if config.learn_inner_lr is None and config.adapt_layers is None else 2
+
+    # ---- one iteration, many iterations ----------------------------------------------------
+
+    def backend(self, config, requested: str, model) -> str:
+        """The backend that serves the run: `requested`, or under "auto" the fused op where
+        it can (a batch per inner step runs on the CPU kernels or the reference)."""
+        params = model.params.detach()
+        plain = config.learn_inner_lr is None and config.adapt_layers is None
+        backend = F._choose_backend(requested, params, list(config.sizes), config.inner_steps,
+                                    (), rule=not plain)
+        if backend == "fused" and config.inner_batch is not None and params.device.type != "cpu":
+            if requested == "fused":
+                raise ValueError(f"inner_batch (a batch per inner step) runs on the CPU kernels "
+                                 f"or backend='reference', not on {params.device.type}")
+            return "reference"
+        return backend
+
+    def sample(self, family, config, tasks: int, generator, dtype, device):
+        return family.sample(tasks, generator=generator, dtype=dtype, device=device)
+
+    def meta_step(self, config, backend: str) -> Callable:
+        """fn(weights, batch) -> (meta-loss 0-d, [gradient of each weight])."""
+        return _meta_step.for_run(config, backend, self)
+
+    def chunkable(self, config, backend: str, device) -> bool:
+        """Whether the chunk ops may serve the run (then "sgd" / "adam" are built with
+        torch's fused step, the kernel the chunk ops run: pymaml.outer_optim)."""
+        return _fast_path.servable(backend, device, config, self)
+
+    def fast_path(self, config, optimizer, family, generator, dtype, backend, device):
+        """The chunked path of a run (pymaml.fast_path), or None where it cannot serve it."""
+        if not self.chunkable(config, backend, device):
+            return None
+        return _fast_path.FastPath.for_maml(config, self, optimizer, family, generator, dtype)
+
+    # ---- after training ---------------------------------------------------------------------
+
+    def evaluate(self, model, task, **kwargs):
+        return evaluate_maml(model, "sine" if task is None else task, **kwargs)
+
+    def figure(self, model, path, task, title: str) -> None:
+        _plots.plot_adaptation(model, path, task=task, title=title)

@@ -1,0 +1,153 @@
+"""DAML as an entry of the registry (the worked example of docs/design.md §6.2): what it adds
+to MAML's run is a second network, the adaptation-loss network, trained with the base one.
+
+- settings: loss_sizes (default [n_out + sum hidden, 32, 32, 1]) and adapt_loss; inner_steps
+  >= 1; the MAML-only settings refused;
+- the model: a DAMLModel, whose one flat parameter `weights` = cat[params, loss_params] the
+  outer optimizer steps;
+- the task family: a DAML family (unlabeled source inputs per inner step, labeled targets),
+  "daml-sine" by default;
+- one iteration: pymaml.daml.daml_loss and its gradients to both networks; many iterations:
+  torch.ops.pymaml.daml_train_chunk;
+- evaluation: pymaml.daml_evaluate's grid error per phase; the figure: plots.plot_daml.
+
+The seed's DAML experiment is the default setting (pymaml.train(algorithm="daml"))."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from .. import _checks, _ops, outer_optim
+from .. import daml as _daml
+from .. import fast_path as _fast_path
+from .. import plots as _plots
+from .. import tasks as _tasks
+from .._layout import num_params
+from ..daml_evaluate import evaluate_daml
+from ..daml_model import DAMLModel, default_loss_sizes
+from .base import Algorithm
+
+# pymaml.train's arguments that DAML has no use for, with the value that means "unset".
+_MAML_ONLY = dict(inner_batch=None, learn_inner_lr=None, adapt_layers=None)
+
+
+class DAML(Algorithm):
+    name = "daml"
+    summary = "MAML with a learned inner loss on unlabeled inputs (Yu, Finn et al., 2018)"
+    op_algorithm = None
+    model_class = DAMLModel
+    own_fields = ("loss_sizes", "adapt_loss")
+    model_fields = ("loss_sizes", "activation", "loss", "adapt_loss", "inner_lr", "inner_steps")
+    default_task = "daml-sine"
+
+    def settings(self, args: Dict[str, Any], sizes, inner_steps, family) -> Dict[str, Any]:
+        for name, unset in _MAML_ONLY.items():
+            if args.get(name) is not unset:
+                raise ValueError(f"{name} does not apply to algorithm='daml' (DAML's inner "
+                                 f"loop adapts every layer of the base network at one fixed "
+                                 f"rate, on its own source batch per step); leave it unset")
+        loss_sizes = args.get("loss_sizes")
+        loss_sizes = default_loss_sizes(sizes) if loss_sizes is None else loss_sizes
+        _, loss_sizes = _checks.check_daml_sizes(sizes, loss_sizes)
+        adapt_loss = _checks.check_choice("adapt_loss", args.get("adapt_loss") or "l1",
+                                          _checks.ADAPT_LOSSES)
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1 for DAML: with no inner step the loss "
+                             f"network is never used and gets no gradient; got {inner_steps}")
+        return dict(loss_sizes=tuple(loss_sizes), adapt_loss=adapt_loss)
+
+    def family(self, task, shots, queries):
+        # train()'s default task is the seed's, and DAML's seed experiment is daml-sine
+        task = self.default_task if task in (None, "seed-sine") else task
+        return _tasks.checked_daml(_tasks.get_daml_family(task, shots=shots, queries=queries))
+
+    def init_name(self, init) -> str:
+        if isinstance(init, str):
+            return _checks.check_choice("init", init, ("seed", "torch"))
+        if isinstance(init, DAMLModel):
+            return "given"
+        raise TypeError(f"init must be 'seed', 'torch' or a DAMLModel for algorithm='daml', "
+                        f"got {type(init).__name__}")
+
+    def initial_model(self, config, init, generator, dtype, device) -> DAMLModel:
+        c = config
+        settings = dict(loss=c.loss, adapt_loss=c.adapt_loss, inner_lr=c.inner_lr,
+                        inner_steps=c.inner_steps,
+                        info=dict(task=c.task, algorithm="daml", shots=c.shots,
+                                  queries=c.queries))
+        if isinstance(init, str):
+            # Drawn in float64 on the CPU from the run's generator, then cast: the same start
+            # on every device and dtype (as MAML's).
+            w = DAMLModel(c.sizes, c.loss_sizes, c.activation, init=init,
+                          generator=generator, dtype=torch.float64).weights.detach()
+        else:
+            if (init.sizes != list(c.sizes) or init.loss_sizes != list(c.loss_sizes)
+                    or init.activation != c.activation):
+                raise ValueError(f"init is a DAMLModel with sizes {init.sizes}, loss_sizes "
+                                 f"{init.loss_sizes} and activation {init.activation!r}, but "
+                                 f"training asks for {list(c.sizes)}, {list(c.loss_sizes)} and "
+                                 f"{c.activation!r}")
+            w = init.weights.detach()
+        return DAMLModel(c.sizes, c.loss_sizes, c.activation,
+                         weights=w.to(device=device, dtype=dtype), **settings)
+
+    def weights(self, model) -> List[torch.Tensor]:
+        return [model.weights]
+
+    def weight_count(self, config) -> int:
+        return num_params(list(config.sizes)) + num_params(list(config.loss_sizes))
+
+    def checkpoint_version(self, config) -> int:
+        return 3
+
+    def backend(self, config, requested: str, model) -> str:
+        return _daml._choose_backend(requested, "daml_loss", model.params.detach(),
+                                     list(config.sizes), list(config.loss_sizes),
+                                     config.inner_steps, ())
+
+    def sample(self, family, config, tasks: int, generator, dtype, device):
+        return family.sample_daml(tasks, steps=config.inner_steps, generator=generator,
+                                  dtype=dtype, device=device)
+
+    def meta_step(self, config, backend: str):
+        c, P = config, num_params(list(config.sizes))
+        hyper = dict(sizes=list(c.sizes), loss_sizes=list(c.loss_sizes), inner_lr=c.inner_lr,
+                     steps=c.inner_steps, activation=c.activation, loss=c.loss,
+                     adapt_loss=c.adapt_loss, backend=backend)
+
+        def step(weights, batch) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+            (w,) = weights
+            params, loss_params = w[:P].requires_grad_(), w[P:].requires_grad_()
+            value = _daml.daml_loss(params, loss_params, *batch, **hyper)
+            g_params, g_loss = torch.autograd.grad(value, [params, loss_params])
+            return value.detach(), [torch.cat([g_params, g_loss])]
+        return step
+
+    def chunkable(self, config, backend: str, device) -> bool:
+        return backend == "fused" and device.type == "cpu"
+
+    def fast_path(self, config, optimizer, family, generator, dtype, backend, device):
+        spec = outer_optim.chunk_spec(optimizer) if self.chunkable(config, backend,
+                                                                   device) else None
+        if spec is None:
+            return None
+        c = config
+
+        def draw(n, device):
+            batch = family.sample_daml_many(n, c.meta_batch_size, steps=c.inner_steps,
+                                            generator=generator, dtype=dtype, device=device)
+            return None if batch is None else (batch.x_source, batch.x_query, batch.y_query)
+
+        def call(weights, state, data, spec):
+            return _ops.ops.daml_train_chunk(
+                weights[0].detach(), state, *data, list(c.sizes), list(c.loss_sizes),
+                c.inner_lr, c.inner_steps, c.activation, c.loss, c.adapt_loss, *spec)
+        return _fast_path.FastPath(spec, c.iterations, draw, call)
+
+    def evaluate(self, model, task, **kwargs):
+        return evaluate_daml(model, task, **kwargs)
+
+    def figure(self, model, path, task, title: str) -> None:
+        _plots.plot_daml(model, path, task=task)
