@@ -254,3 +254,15 @@ def test_daml_model_with_a_wide_loss_network(tmp_path):
     m.save(path)
     back = DAMLModel.load(path)
     assert back.loss_sizes == [9, 6, 4] and torch.equal(back.weights, m.weights)
+
+
+@requires_fused_daml
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_reference_serves_a_wide_loss_network():
+    # DAML has no CUDA kernels: "auto" runs the reference there, at any output width.
+    pb = wide_problem(4300, torch.float64, 3, "mse", True)
+    cuda = dataclasses.replace(pb, **{f: getattr(pb, f).cuda() for f in
+                                      ("params", "loss_params", "xs", "xq", "yq")})
+    got = backend_outputs(cuda, "auto")
+    assert_close_all({k: v.cpu() for k, v in got.items()}, backend_outputs(pb, "fused"),
+                     torch.float64, "cuda (reference) vs cpu (fused)")
