@@ -18,9 +18,9 @@ first_order=True is refused, as is steps=0, where psi would get no gradient eith
 Layouts (as pymaml.functional): params is the base MLP's flat [W0, b0, W1, b1, ...] for layer
 sizes `sizes` = [n_in, hidden..., n_out]; loss_params the loss MLP's, for `loss_sizes` with
 loss_sizes[0] == n_out + sum(hidden widths) and any output width loss_sizes[-1] >= 1 (ReLU
-hidden layers, linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in] (the same
-inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k); x_query
-[T, Q, n_in], y_query [T, Q, n_out].
+hidden layers, linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in]
+(the same inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k);
+x_query [T, Q, n_in], y_query [T, Q, n_out].
 
 This module holds:
 
