@@ -1,10 +1,11 @@
 // DAML's fused meta-gradient (docs/design.md §8.3): MAML whose inner loss is a learned network.
 //
 // The inner loop has no labels. A second MLP, the loss network g_psi (shape `ls`: ReLU hidden
-// layers, linear output of width 1), reads at every source point the taps
+// layers, linear output of any width m = ls.n_out()), reads at every source point the taps
 // u = [A_last, A_{depth-2}, ..., A_0] of the base network (maml_math.h tap_offset) and the
-// inner loss is La = mean over points of |g_psi(u)| or g_psi(u)^2 (LossFn against 0). The inner
-// loop moves theta only; the outer loss is the supervised loss of the adapted base network.
+// inner loss is La = mean over the points and the m outputs of |g_psi(u)| or g_psi(u)^2
+// (LossFn against 0: its seeds and curvature scale by 1 / (K m)). The inner loop moves theta
+// only; the outer loss is the supervised loss of the adapted base network.
 //
 // The walk is MAML's on the vector [theta, psi] with a zero rate on psi: g starts as
 // [grad Lq(theta^S), 0] and each step subtracts the Hessian-vector product of La along

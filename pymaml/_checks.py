@@ -216,10 +216,7 @@ def check_daml_sizes(sizes, loss_sizes):
                          f"[output, last hidden, ..., first hidden], n_out + sum of the hidden "
                          f"widths = {sizes[-1]} + {hidden} = {width} for sizes {sizes}; got "
                          f"loss_sizes {loss_sizes}")
-    if loss_sizes[-1] != 1:
-        raise ValueError(f"loss_sizes[-1] must be 1 (the loss network outputs one number per "
-                         f"source point), got loss_sizes {loss_sizes}")
-    return sizes, loss_sizes
+    return sizes, loss_sizes  # any output width: La is the mean over all of h's entries
 
 
 def check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> None:

@@ -7,7 +7,9 @@ source batch the vector
 
 (the base network's output, then its hidden activations from the LAST hidden layer to the
 FIRST), and the inner loss is La = mean |g_psi(u)| (adapt_loss="l1") or mean g_psi(u)^2
-("mse"). The inner loop takes `steps` SGD steps on the base weights theta with La (no labels);
+("mse"), the mean over the points and over ALL of the loss network's outputs (with m =
+loss_sizes[-1] outputs, "mse" is the mean over the points of the squared norm |g_psi(u)|^2,
+divided by m). The inner loop takes `steps` SGD steps on the base weights theta with La (no labels);
 the outer loss is the ordinary supervised loss ("l1" or "mse") of the adapted base network on
 labeled target (query) data, averaged over the tasks. theta and psi are meta-trained together;
 psi gets its gradient only through the second-order terms (DAML is second order by nature:
@@ -15,10 +17,10 @@ first_order=True is refused, as is steps=0, where psi would get no gradient eith
 
 Layouts (as pymaml.functional): params is the base MLP's flat [W0, b0, W1, b1, ...] for layer
 sizes `sizes` = [n_in, hidden..., n_out]; loss_params the loss MLP's, for `loss_sizes` with
-loss_sizes[0] == n_out + sum(hidden widths) and loss_sizes[-1] == 1 (ReLU hidden layers,
-linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in] (the same
-inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k); x_query
-[T, Q, n_in], y_query [T, Q, n_out].
+loss_sizes[0] == n_out + sum(hidden widths) and any output width loss_sizes[-1] >= 1 (ReLU
+hidden layers, linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in]
+(the same inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k);
+x_query [T, Q, n_in], y_query [T, Q, n_out].
 
 This module holds:
 
@@ -79,12 +81,6 @@ def fused_available() -> bool:
 
 
 # ---- argument checks ------------------------------------------------------------------------
-
-def loss_input_width(sizes: Sequence[int]) -> int:
-    """loss_sizes[0] for a base network with layer sizes `sizes`: the width of
-    u = cat[output, last hidden, ..., first hidden], n_out + sum of the hidden widths."""
-    return sizes[-1] + sum(sizes[1:-1])
-
 
 def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activation, loss,
                 adapt_loss, first_order):
@@ -176,8 +172,9 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     step). `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
 
     params [P] (base MLP, `sizes`), loss_params [P_psi] (loss MLP, `loss_sizes`,
-    loss_sizes[0] == n_out + sum of the hidden widths, loss_sizes[-1] == 1); adapt_loss: the
-    inner loss, "l1" (mean |g_psi(u)|) or "mse" (mean g_psi(u)^2). first_order=True is refused
+    loss_sizes[0] == n_out + sum of the hidden widths, any output width loss_sizes[-1]);
+    adapt_loss: the inner loss, "l1" (mean |g_psi(u)|) or "mse" (mean g_psi(u)^2), the mean
+    over the source points and all the loss network's outputs. first_order=True is refused
     (psi would get no gradient). backend: "auto", "fused" or "reference". inner_lr may be a
     tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
     [steps, P]); one that requires grad gets its gradient too."""
@@ -284,7 +281,8 @@ def taps(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch
 
 def adaptation_loss(weights, loss_weights, x, *, activation: str, adapt_loss: str) -> torch.Tensor:
     """La: the loss MLP (ReLU hidden layers, linear output) on the taps of x [K, n_in]; the mean
-    of |g_psi(u)| or of g_psi(u)^2 over the K points."""
+    of |g_psi(u)| or of g_psi(u)^2 over the K points and the loss_sizes[-1] outputs (all K * m
+    entries of h [K, m])."""
     h = _reference.net(loss_weights, taps(weights, x, activation), "relu")
     return _ADAPT_LOSS_FNS[adapt_loss](h)
 

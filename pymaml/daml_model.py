@@ -37,7 +37,8 @@ DEFAULT_LOSS_HIDDEN = (32, 32)  # the seed's adaptation-loss network: (65)-32-32
 
 def default_loss_sizes(sizes, hidden=DEFAULT_LOSS_HIDDEN) -> list:
     """The loss network's layer sizes for a base network of `sizes`: [n_out + sum of the
-    hidden widths, *hidden, 1] ([65, 32, 32, 1] for the seed's 1-32-32-1)."""
+    hidden widths, *hidden, 1] ([65, 32, 32, 1] for the seed's 1-32-32-1). One output is the
+    default (the seed's); any output width may be given as loss_sizes."""
     return [_checks.loss_input_width(list(sizes)), *hidden, 1]
 
 
@@ -55,8 +56,9 @@ def init_weights(sizes, loss_sizes, *, init: str = "seed", generator=None,
 class DAMLModel(nn.Module):
     """A base MLP (`sizes`, `activation`) with its learned adaptation loss: the loss MLP
     (`loss_sizes`, ReLU hidden layers, linear output; loss_sizes[0] = n_out + sum of the base
-    network's hidden widths, loss_sizes[-1] = 1) read at every unlabeled point, the inner
-    loss mean |h| ("l1") or mean h^2 ("mse") (`adapt_loss`), `inner_steps` SGD steps at
+    network's hidden widths, any output width loss_sizes[-1]) read at every unlabeled point,
+    the inner loss mean |h| ("l1") or mean h^2 ("mse") over the points and all of h's outputs
+    (`adapt_loss`), `inner_steps` SGD steps at
     `inner_lr`. `loss` is the supervised target-domain loss it was meta-trained with.
 
     Args: weights (cat[params, loss_params], copied) or params and loss_params (copied), or

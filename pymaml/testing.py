@@ -424,21 +424,25 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
 
     The base MLP (`sizes`, `activation`) feeds, at every unlabeled source point, the vector
     cat[output, last hidden activation, ..., first hidden activation] to the loss MLP
-    (`loss_sizes`, ReLU hidden layers, linear output); the inner loss is the mean |h|
-    (adapt_loss "l1") or mean h^2 ("mse") of its output; `steps` SGD steps at `inner_lr` on
-    the base weights, second order (the inner gradients keep their graph); the outer loss is
-    `loss` ("l1" | "mse") of the adapted base network on the query points, averaged over tasks.
+    (`loss_sizes`, ReLU hidden layers, linear output of any width); the inner loss is the mean
+    |h| (adapt_loss "l1") or mean h^2 ("mse") of its output h [K_s, loss_sizes[-1]], over all
+    its entries; `steps` SGD steps at `inner_lr` on the base weights, second order (the inner
+    gradients keep their graph); the outer loss is `loss` ("l1" | "mse") of the adapted base
+    network on the query points, averaged over tasks.
 
     Returns (meta_loss, adapt): meta_loss(params [P], loss_params [P_psi], x_source, x_query,
-    y_query) -> the mean query loss, to differentiate with torch.func.grad(meta_loss,
-    argnums=(0, 1)); adapt(params, loss_params, x_source) -> [T, P]. x_source is
-    [T, K_s, n_in] (the same inputs at every step) or [T, steps, K_s, n_in] (step k reads
-    batch k)."""
+    y_query, rates=None) -> the mean query loss, to differentiate with
+    torch.func.grad(meta_loss, argnums=(0, 1)) (argnums=(0, 1, 5) with rates);
+    adapt(params, loss_params, x_source, rates=None) -> [T, P]. x_source is [T, K_s, n_in]
+    (the same inputs at every step) or [T, steps, K_s, n_in] (step k reads batch k). rates,
+    learned inner rates broadcastable to [steps, P] (step k's row cut like the flat params),
+    take the place of inner_lr."""
     base, loss_net = _func_sequential(sizes, activation), _func_sequential(loss_sizes, "relu")
     base_spec = [(name, p.shape) for name, p in base.named_parameters()]
     psi_spec = [(name, p.shape) for name, p in loss_net.named_parameters()]
     loss_fn = _FUNC_LOSSES[loss]
     inner_fn = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}[adapt_loss]
+    P = sum(shape.numel() for _, shape in base_spec)
 
     def taps(theta, x):  # the base network layer by layer, keeping each hidden activation
         h, hidden = x, []
@@ -456,25 +460,30 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
 
     inner_grad = torch.func.grad(inner_loss)  # in the base weights only
 
-    def adapt_one(flat, psi_flat, xs):  # one task: xs [K_s, n_in] or [steps, K_s, n_in]
+    def adapt_one(flat, psi_flat, xs, rates=None):  # one task: xs [K_s, n_in] or [steps, K_s, n_in]
         theta, psi = _func_split(flat, base_spec), _func_split(psi_flat, psi_spec)
+        rows = None if rates is None else rates.expand(steps, P)
         for k in range(steps):
             grads = inner_grad(theta, psi, xs[k] if xs.dim() == 3 else xs)
-            theta = {n: w - inner_lr * grads[n] for n, w in theta.items()}
+            rate = ({n: inner_lr for n in theta} if rows is None
+                    else _func_split(rows[k], base_spec))
+            theta = {n: w - rate[n] * grads[n] for n, w in theta.items()}
         return theta
 
-    def query_loss(flat, psi_flat, xs, xq, yq):
-        return loss_fn(torch.func.functional_call(base, adapt_one(flat, psi_flat, xs), (xq,)), yq)
+    def query_loss(flat, psi_flat, xs, xq, yq, rates=None):
+        return loss_fn(torch.func.functional_call(base, adapt_one(flat, psi_flat, xs, rates),
+                                                  (xq,)), yq)
 
-    def meta_loss(params, loss_params, x_source, x_query, y_query):
-        per_task = torch.vmap(query_loss, in_dims=(None, None, 0, 0, 0))
-        return per_task(params, loss_params, x_source, x_query, y_query).mean()
+    def meta_loss(params, loss_params, x_source, x_query, y_query, rates=None):
+        per_task = torch.vmap(query_loss, in_dims=(None, None, 0, 0, 0, None))
+        return per_task(params, loss_params, x_source, x_query, y_query, rates).mean()
 
-    def adapt_flat(flat, psi_flat, xs):
-        adapted = adapt_one(flat, psi_flat, xs)
+    def adapt_flat(flat, psi_flat, xs, rates=None):
+        adapted = adapt_one(flat, psi_flat, xs, rates)
         return torch.cat([adapted[name].reshape(-1) for name, _ in base_spec])
 
-    def adapt(params, loss_params, x_source):
-        return torch.vmap(adapt_flat, in_dims=(None, None, 0))(params, loss_params, x_source)
+    def adapt(params, loss_params, x_source, rates=None):
+        return torch.vmap(adapt_flat, in_dims=(None, None, 0, None))(params, loss_params,
+                                                                     x_source, rates)
 
     return meta_loss, adapt

@@ -62,15 +62,15 @@ class Problem:
 
 
 def random_problem(seed, dtype=torch.float64, *, max_hidden=3, max_width=8, max_steps=4,
-                   max_tasks=3, min_hidden=1):
+                   max_tasks=3, min_hidden=1, loss_out=1):
     """A seeded random DAML configuration: base MLP with min_hidden..max_hidden hidden layers,
-    a loss MLP of 1-3 layers, every activation / loss / adapt loss, a shared source batch or
-    one per step."""
+    a loss MLP of 1-3 layers with loss_out outputs, every activation / loss / adapt loss, a
+    shared source batch or one per step."""
     rng = random.Random(seed)
     hidden = [rng.randint(1, max_width) for _ in range(rng.randint(min_hidden, max_hidden))]
     sizes = [rng.randint(1, 3)] + hidden + [rng.randint(1, 2)]
     loss_sizes = ([daml.loss_input_width(sizes)]
-                  + [rng.randint(1, max_width) for _ in range(rng.randint(0, 2))] + [1])
+                  + [rng.randint(1, max_width) for _ in range(rng.randint(0, 2))] + [loss_out])
     T, K, Q = rng.randint(1, max_tasks), rng.randint(1, 4), rng.randint(1, 4)
     steps = rng.randint(1, max_steps)
     per_step = rng.random() < 0.5
@@ -280,7 +280,7 @@ def _seed_call():
 
 BAD = [
     (dict(loss_sizes=[7, 5, 1]), ValueError, r"loss_sizes\[0\] must be .* 1 \+ 4 \+ 3 = 8"),
-    (dict(loss_sizes=[8, 5, 2]), ValueError, r"loss_sizes\[-1\] must be 1"),
+    (dict(loss_sizes=[8, 5, 0]), ValueError, "loss_sizes must hold positive integers"),
     (dict(loss_sizes=[8]), ValueError, "loss_sizes must list"),
     (dict(loss_sizes="8,1"), TypeError, "loss_sizes must be a sequence"),
     (dict(sizes=[1, 4, 0, 1]), ValueError, "sizes must hold positive integers"),

@@ -35,12 +35,12 @@ MlpShape parse_loss_sizes(const char* op, c10::IntArrayRef loss_sizes, const Mlp
   TORCH_CHECK_VALUE(loss_sizes[0] == base.sum_width, op, ": loss_sizes[0] must be ",
                     base.sum_width, " (the base network's output plus hidden widths, the taps "
                     "the loss network reads), got ", loss_sizes);
-  TORCH_CHECK_VALUE(loss_sizes[depth] == 1, op, ": loss_sizes must end in 1 (one loss value "
-                    "per point), got ", loss_sizes);
-  for (int64_t l = 1; l < depth; ++l)
+  // Any output width: the adaptation loss is the mean of |h| or h^2 over all of the loss
+  // network's K * loss_sizes[-1] outputs (loss_and_seed, LossFn).
+  for (int64_t l = 1; l <= depth; ++l)
     TORCH_CHECK_VALUE(loss_sizes[l] >= 1 && loss_sizes[l] <= kMaxWidth, op,
-                      ": hidden widths of loss_sizes must be in [1, ", kMaxWidth, "], got ",
-                      loss_sizes);
+                      ": the hidden and output widths of loss_sizes must be in [1, ", kMaxWidth,
+                      "], got ", loss_sizes);
   return make_shape(loss_sizes.data(), int(depth));
 }
 
