@@ -179,32 +179,32 @@ def compare_trees(args) -> None:
     """--trees OLD NEW: args.runs pairs of fresh processes, OLD first then NEW first in turn;
     per row and tree the median and minimum over all its timings, NEW / OLD, and the range of
     NEW / OLD (medians) over the pairs; the targets' ratios on each tree."""
-    old, new = trees = args.trees
     here = os.path.abspath(__file__)
-    script = {t: os.path.join(t, "benchmarks", "in_turns.py") if args.tree_suite else here
-              for t in trees}
-    pooled, pairs = {old: {}, new: {}}, []
+    scripts = [os.path.join(t, "benchmarks", "in_turns.py") if args.tree_suite else here
+               for t in args.trees]
+    pairs = []  # [[OLD's output, NEW's output] per run]
     for run in range(args.runs):
-        pairs.append({t: run_child(script[t], t, args) for t in (trees if run % 2 == 0
-                                                                  else trees[::-1])})
-        for t in trees:
-            for label, ts in pairs[-1][t]["times"].items():
-                pooled[t].setdefault(label, []).extend(ts)
+        pair = [None, None]
+        for i in ((0, 1) if run % 2 == 0 else (1, 0)):
+            pair[i] = run_child(scripts[i], args.trees[i], args)
+        pairs.append(pair)
         print(f"pair {run + 1} of {args.runs} done", file=sys.stderr, flush=True)
+    old, new = ({label: [t for pair in pairs for t in pair[i]["times"][label]]
+                 for label in pairs[0][i]["times"]} for i in (0, 1))
     med = statistics.median
-    print(f"OLD {old}\nNEW {new}\n{args.runs} processes each, {args.rounds} rounds of "
-          f"{args.block} calls per row and process, {clock_name(args)} time")
+    print(f"OLD {args.trees[0]}\nNEW {args.trees[1]}\n{args.runs} processes each, {args.rounds} "
+          f"rounds of {args.block} calls per row and process, {clock_name(args)} time")
     print(f"{'row':28s} {'OLD median':>13s} {'NEW median':>13s} {'NEW/OLD':>8s} "
           f"{'OLD min':>13s} {'NEW min':>13s} {'NEW/OLD':>8s}  per pair (medians)")
-    for label in pooled[old]:
-        a, b = pooled[old][label], pooled[new][label]
-        each = [med(p[new]["times"][label]) / med(p[old]["times"][label]) for p in pairs]
+    for label, a in old.items():
+        b = new[label]
+        each = [med(p[1]["times"][label]) / med(p[0]["times"][label]) for p in pairs]
         print(f"{label:28s} {us(med(a))} {us(med(b))} {med(b) / med(a):7.3f}x "
               f"{us(min(a))} {us(min(b))} {min(b) / min(a):7.3f}x  "
               f"{min(each):.3f}-{max(each):.3f}x")
-    for what, num, den, target in pairs[0][old]["targets"]:
-        print(f"{what} (target {target}), medians: OLD {ratio(pooled[old], num, den, med):.2f}x, "
-              f"NEW {ratio(pooled[new], num, den, med):.2f}x")
+    for what, num, den, target in pairs[0][0]["targets"]:
+        print(f"{what} (target {target}), medians: OLD {ratio(old, num, den, med):.2f}x, "
+              f"NEW {ratio(new, num, den, med):.2f}x")
 
 
 def clock_name(args) -> str:
