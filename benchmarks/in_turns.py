@@ -11,14 +11,14 @@ then the rows to time on it, until the next workload: the rows of harness.IMPLEM
 fused_op, train_chunk, reference, torchfunc); NAME-no-step, the row's meta-gradient alone; on
 W1 and W2 the train rows of test_bench_train.py, ALGORITHM-PATH (maml-chunked,
 reptile-mb4-per-iteration, metasgd-chunked, ...: one pymaml.train call of 5,000 (W1) or 100
-(W2) iterations, ~0.1 s, per timing). Every meta-iteration row is checked against the
+(W2) iterations per timing, 0.04-1 s). Every meta-iteration row is checked against the
 reference before it is timed.
 
     taskset -c 1 python benchmarks/in_turns.py W1 fused jax fused_op [--rounds 30] [--block 20]
     taskset -c 1 python benchmarks/in_turns.py W2 fused W2-Meta-SGD fused W2-ANIL fused --block 10
     taskset -c 1 python benchmarks/in_turns.py D1 fused reference fused_op train_chunk
     taskset -c 1 python benchmarks/in_turns.py W1 fomaml-chunked reptile-chunked --block 2
-    taskset -c 1 python benchmarks/in_turns.py W1 fused W2 fused --trees OLD NEW [--runs 4]
+    taskset -c 1 python benchmarks/in_turns.py W1 fused W2 fused --trees OLD NEW [--runs 6]
 
 Per round, each row in turn runs an untimed call then `--block` timed ones (harness.
 time_in_turns): a training loop calls one row back to back, and a call right after another
@@ -30,7 +30,8 @@ thread of its own, which this thread's time does not see (W1: 63 us thread time,
 --trees OLD NEW: `--runs` pairs of fresh processes of this script, PYTHONPATH=OLD and
 PYTHONPATH=NEW (OLD first, then NEW first, in turn), each timing the rows as above; per tree,
 the median and minimum over all its processes' timings, NEW / OLD, and the range of NEW / OLD
-over the pairs. pymaml comes from each tree, the rows (harness.py, test_bench_*.py) from the
+over the pairs (read the pooled medians: one process against another of the same tree
+moves by 5-15 %, the medians of six each by <= 1.5 %; NOTES.md). pymaml comes from each tree, the rows (harness.py, test_bench_*.py) from the
 benchmarks/ beside this file; with --tree-suite each tree's own benchmarks/in_turns.py runs
 instead (both trees then need this tool), for trees whose pymaml the other's harness cannot
 call (a renamed raw op, a moved module).
@@ -220,7 +221,7 @@ def main():
     ap.add_argument("--wall", action="store_true", help="wall-clock time, not thread CPU time")
     ap.add_argument("--trees", nargs=2, metavar=("OLD", "NEW"),
                     help="time the rows on two source trees, in alternated fresh processes")
-    ap.add_argument("--runs", type=int, default=4, help="with --trees: processes per tree")
+    ap.add_argument("--runs", type=int, default=6, help="with --trees: processes per tree")
     ap.add_argument("--tree-suite", action="store_true",
                     help="with --trees: run each tree's own benchmarks/in_turns.py")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
