@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pymaml
-from harness import train_kwargs
+from harness import Runner, train_kwargs
 from pymaml import tasks
 from workloads import W1, W2
 
@@ -34,20 +34,26 @@ CASES = [pytest.param(w, algorithm, path, id=f"train-{w.base}-{algorithm}-{path}
          for algorithm in algorithms for path in PATHS]
 
 
-@pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
-@pytest.mark.parametrize("w, algorithm, path", CASES)
-def test_train(benchmark, w, algorithm, path):
+def train_runner(w, algorithm: str, path: str) -> Runner:
+    """The row: step() is one pymaml.train call of ITERATIONS[w.base] iterations, and returns
+    its result. No meta_grad or weights: the train rows are not checked against the reference
+    (tests/ checks pymaml.train). benchmarks/in_turns.py times these rows too."""
     kwargs = dict(train_kwargs(w), backend="fused", algorithm=algorithm.split("-")[0],
-                  **ALGORITHMS[algorithm])
-    iterations = ITERATIONS[w.base]
+                  **ALGORITHMS[algorithm], iterations=ITERATIONS[w.base])
     if path == "per-iteration":
         family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
         kwargs.update(task=lambda T, generator: tuple(family.sample(T, generator=generator)),
                       shots=None, queries=None)
+    return Runner(None, lambda: pymaml.train(**kwargs), None, ITERATIONS[w.base])
+
+
+@pytest.mark.skipif(not pymaml.fused_available(), reason="pymaml._C is not built")
+@pytest.mark.parametrize("w, algorithm, path", CASES)
+def test_train(benchmark, w, algorithm, path):
+    runner = train_runner(w, algorithm, path)
     benchmark.group = f"train: {w.label()}, pymaml.train per iteration"
     benchmark.extra_info.update(section="train", workload=w.label(), order=w.order,
                                 impl=f"pymaml.train {algorithm} {path}", device="cpu", threads=1,
-                                iterations=iterations)
-    run = benchmark.pedantic(pymaml.train, kwargs=dict(kwargs, iterations=iterations),
-                             rounds=3, warmup_rounds=1)
-    assert run.iterations == iterations and torch.isfinite(run.losses).all()
+                                iterations=runner.iterations)
+    run = benchmark.pedantic(runner.step, rounds=3, warmup_rounds=1)
+    assert run.iterations == runner.iterations and torch.isfinite(run.losses).all()

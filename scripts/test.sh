@@ -14,7 +14,8 @@ cmake --build build/cmake -j2
 ctest --test-dir build/cmake --output-on-failure
 bash scripts/check_cuda.sh
 # the benchmarks' smoke pass: W1's rows, pymaml.train and a threads group briefly timed into a
-# JSON, the report's table and figure from it, the fresh-process scripts at their smallest
+# JSON, the report's table and figure from it, the fresh-process scripts at their smallest, and
+# in_turns.py's rows in turns and its two-tree mode (this tree twice)
 bench_dir=$(mktemp -d)
 trap 'rm -rf "$bench_dir"' EXIT
 "$PY" -m pytest benchmarks -q -k "core-W1 or layers-W1 or train-W1 or threads-W2-2nd or daml" \
@@ -23,3 +24,4 @@ trap 'rm -rf "$bench_dir"' EXIT
 "$PY" benchmarks/memory.py --quick >/dev/null
 "$PY" benchmarks/processes.py --quick >/dev/null
 "$PY" benchmarks/in_turns.py W1 fused fused_op --rounds 1 --block 1 >/dev/null
+"$PY" benchmarks/in_turns.py W1 fused --trees . . --runs 1 --rounds 1 --block 1 >/dev/null
