@@ -174,13 +174,6 @@ class DAMLTaskFamily(TaskFamily):
 
 # ---- pymaml's own families ----------------------------------------------------------------------
 
-def _draws_as_built(family, base: type, *methods: str) -> bool:
-    """Whether `family` draws with `base`'s own `methods`. The many-batch samplers' promise
-    holds only for the one-call draws written here: a subclass that changes how a meta-batch
-    is drawn gets the per-batch path."""
-    return all(getattr(type(family), m) is getattr(base, m) for m in methods)
-
-
 class _Uniform:
     """What the function families and daml-sine share: inputs uniform over [x_low, x_high),
     and task identities computed from `task_uniforms` uniforms per task."""
@@ -211,6 +204,15 @@ class _Uniform:
     def grid(self, N: int) -> torch.Tensor:
         """[N, 1] float64: N evenly spaced inputs over the input range, both ends included."""
         return torch.linspace(self.x_low, self.x_high, N, dtype=torch.float64).unsqueeze(1)
+
+    def _many(self, n: int, T: int, draw: Callable, base: type, *methods: str):
+        """n meta-batches of T tasks, draw(n * T)'s tensors [n * T, ...] as [n, T, ...]; None
+        (nothing drawn) when the family's class changes one of `base`'s `methods`: the promise
+        of the many-batch samplers holds only for the one-call draws written here."""
+        if any(getattr(type(self), m) is not getattr(base, m) for m in methods):
+            return None
+        n, T = _checks.check_int("n", n, 1), _checks.check_int("T", T, 1)
+        return [t.reshape((n, T) + tuple(t.shape[1:])) for t in draw(n * T)]
 
     def __repr__(self):
         return f"{type(self).__name__}(shots={self.shots}, queries={self.queries})"
@@ -265,13 +267,9 @@ class FunctionTasks(_Uniform, TaskFamily):
         return self.split(x, y, dtype=dtype, device=device)
 
     def sample_many(self, n, T, *, generator, dtype=torch.float32, device=None):
-        if not _draws_as_built(self, FunctionTasks, "sample", "draw"):
-            return None
-        n = _checks.check_int("n", n, 1)
-        T = _checks.check_int("T", T, 1)
-        _, x, y = self.draw(n * T, generator)
-        rows = (n, T) + tuple(x.shape[1:])
-        return self.split(x.reshape(rows), y.reshape(rows), dtype=dtype, device=device)
+        xy = self._many(n, T, lambda N: self.draw(N, generator)[1:], FunctionTasks, "sample",
+                        "draw")
+        return None if xy is None else self.split(*xy, dtype=dtype, device=device)
 
 
 class _PhaseSine(_Uniform):
@@ -320,15 +318,11 @@ class Sine(FunctionTasks):
 
 
 class DAMLSine(_PhaseSine, DAMLTaskFamily):
-    """The seed's DAML experiment: target y = sin(x + b), b in {0, pi} with equal probability,
-    x ~ U(-2pi, 2pi); `queries` labeled target points (4); `shots` unlabeled source inputs per
-    inner step (1), fresh at every step, x_s ~ U(pi/4, pi/2) when b = 0 and U(-pi/2, -pi/4)
-    when b = pi.
-
-    A task's identity is its phase b, [T, 1] float64 (as SeedSine's). All the randomness of a
-    meta-batch of T tasks is one `torch.rand(T, 1 + Q + steps * K_s)` call (the task's
-    uniform, its Q target inputs', its source inputs'), so sample_daml_many(n, T) is bitwise
-    n calls of sample_daml(T)."""
+    """The seed's DAML experiment: seed-sine's targets, `queries` labeled target points (4);
+    `shots` unlabeled source inputs per inner step (1), fresh at every step, x_s ~ U(pi/4, pi/2)
+    when b = 0 and U(-pi/2, -pi/4) when b = pi (the sign of a source input tells the phase).
+    A meta-batch's randomness is one `torch.rand(T, 1 + Q + steps * K_s)` call (a task's
+    uniform, its Q target inputs', its source inputs')."""
 
     name = "daml-sine"
     n_in = 1
@@ -385,12 +379,9 @@ class DAMLSine(_PhaseSine, DAMLTaskFamily):
         return _cast(DAMLBatch, self.draw_daml(T, steps, generator, tasks)[1:], dtype, device)
 
     def sample_daml_many(self, n, T, *, steps, generator, dtype=torch.float32, device=None):
-        if not _draws_as_built(self, DAMLSine, "sample_daml", "draw_daml"):
-            return None
-        n, T = _checks.check_int("n", n, 1), _checks.check_int("T", T, 1)
-        _, xs, xq, yq = self.draw_daml(n * T, steps, generator)
-        return _cast(DAMLBatch, [t.reshape((n, T) + tuple(t.shape[1:])) for t in (xs, xq, yq)],
-                     dtype, device)
+        parts = self._many(n, T, lambda N: self.draw_daml(N, steps, generator)[1:], DAMLSine,
+                           "sample_daml", "draw_daml")
+        return None if parts is None else _cast(DAMLBatch, parts, dtype, device)
 
 
 # ---- a user's families: what they draw is checked, not trained on blindly -----------------------
@@ -412,7 +403,7 @@ class _Callable:
         T = _checks.check_int("T", T, 1)
         out = self.fn(T, generator) if steps is None else self.fn(T, steps, generator)
         return self._kind.check(f"task {self.name!r} (a callable {self._kind.call})", out,
-                      (T,), steps=steps, dtype=dtype, device=device)
+                                (T,), steps=steps, dtype=dtype, device=device)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
