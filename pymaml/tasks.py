@@ -1,7 +1,9 @@
 """Task families: each samples a whole meta-batch of tasks in one vectorised call.
 
-Two protocols, one per kind of batch (pymaml's own families, a user's subclass, or a user's
-callable, wrapped by get_family / get_daml_family and checked at every draw):
+Two protocols, one per kind of batch, each served by pymaml's own families, a user's subclass
+(wrapped by checked / checked_daml) or a user's callable (wrapped by get_family /
+get_daml_family); what a user's code returns is checked at every draw, by code written once for
+both protocols (_Kind):
 
 - MAML's (MAML, FO-MAML, Reptile, Meta-SGD, ANIL): TaskFamily.sample(T, *, generator,
   dtype=torch.float32, device=None) -> TaskBatch of labeled support and query points,
@@ -28,7 +30,7 @@ rows draws exactly what n calls of T rows draw, in the same order.
 
 - "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
 - "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
-- "daml-sine" (DAMLSine): the seed's DAML experiment, seed-sine's targets, one source input per step.
+- "daml-sine" (DAMLSine): the seed's DAML experiment: seed-sine's targets, a source input a step.
 """
 
 from __future__ import annotations

@@ -243,7 +243,8 @@ def test_a_user_daml_familys_bad_draws_are_refused(spoil):
     for method, draw in (("sample_daml", lambda: family.sample_daml(3, steps=5, generator=gen())),
                          ("sample_daml_many",
                           lambda: family.sample_daml_many(2, 3, steps=5, generator=gen()))):
-        with pytest.raises(error, match=f"task family 'custom' \\(_DAMLFamily\\).{method} .*{words}"):
+        where = f"task family 'custom' \\(_DAMLFamily\\).{method} "
+        with pytest.raises(error, match=where + f".*{words}"):
             draw()
     with pytest.raises(error, match=words):
         pymaml.train(_DAMLFamily(change), algorithm="daml", iterations=2, progress=False,
