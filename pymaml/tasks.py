@@ -444,6 +444,10 @@ class _Checked:
     n_out = property(lambda self: self.family.n_out)
 
     def __getattr__(self, name):
+        # Reached only for what the wrapper lacks. A copy or an unpickled wrapper has no family
+        # yet while copy / pickle look for their hooks: those are missing, not a KeyError.
+        if "family" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["family"], name)
 
     def _sampled(self, method: str, lead: tuple, steps, generator, dtype, device):

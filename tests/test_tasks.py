@@ -1,5 +1,6 @@
 """Task families: shapes, the distributions they promise, determinism under a seed, user tasks."""
 
+import copy
 import math
 
 import pytest
@@ -277,6 +278,9 @@ def test_the_checking_wrappers_are_the_familys_own():
     # attributes forwarded, the wrapper's class attributes included (name, n_in, n_out)
     assert (wrapped.name, wrapped.n_in, wrapped.tag, wrapped.queries) == ("daml-sine", 1, 7, 4)
     assert repr(wrapped).startswith("CheckedDAMLTasks(")
+    # a wrapper copies (and pickles, with its family) as a plain object does
+    twin = copy.deepcopy(wrapped)
+    assert type(twin) is tasks.CheckedDAMLTasks and twin.tag == 7 and twin.family is not sub_daml
     # a subclass that draws its own way cannot promise many at once: nothing drawn, None passed on
     own_way = type("OwnWay", (tasks.DAMLSine,), {
         "draw_daml": lambda self, *a, **k: tasks.DAMLSine.draw_daml(self, *a, **k)})()
