@@ -118,7 +118,7 @@ class TaskFamily:
 
 
 class DAMLTaskFamily(TaskFamily):
-    """A distribution over DAML tasks (see the module docstring). Subclasses implement
+    """A distribution over DAML tasks (the protocol: pymaml.tasks). Subclasses implement
     `sample_daml`; `sample_daml_many` is optional. (`sample_many` is TaskFamily's: None.)"""
 
     algorithm = "daml"
