@@ -1,5 +1,6 @@
 """Task families: shapes, the distributions they promise, determinism under a seed, user tasks."""
 
+import copy
 import math
 
 import pytest
@@ -200,3 +201,117 @@ def test_a_function_family_whose_target_is_misshapen_is_refused():
         with pytest.raises(ValueError, match=r"\(TwoOutputs\).target must return real y shaped "
                                              r"like x"):
             draw(TwoOutputs())
+
+
+# ---- a user's DAML family: the same checks, DAML's fields ------------------------------------
+
+class _DAMLFamily(tasks.DAMLTaskFamily):
+    """A user's DAML family whose draws `change` spoils, drawing many at once too."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def sample_daml(self, T, *, steps, generator, dtype=torch.float32, device=None):
+        b = tasks.DAMLSine().sample_daml(T, steps=steps, generator=generator, dtype=dtype,
+                                         device=device)
+        return self.change(T, b)
+
+    def sample_daml_many(self, n, T, *, steps, generator, dtype=torch.float32, device=None):
+        b = tasks.DAMLSine().sample_daml_many(n, T, steps=steps, generator=generator,
+                                              dtype=dtype, device=device)
+        return self.change(T, b)
+
+
+SPOILED_DAML = {
+    "more tasks": (lambda T, b: tasks.DAMLSine().sample_daml(T + 1, steps=5, generator=gen()),
+                   ValueError, r"x_source as a tensor \[(n=\d+, )?T=\d+, steps, K_s, n_in\] or "),
+    "complex": (lambda T, b: b._replace(y_query=b.y_query.to(torch.complex64)), TypeError,
+                "y_query of dtype torch.complex64: pymaml trains on real numbers"),
+    "points differ": (lambda T, b: b._replace(y_query=b.y_query[..., :2, :]), ValueError,
+                      "x_query and y_query with different numbers of points"),
+    "other steps": (lambda T, b: b._replace(x_source=b.x_source[..., :2, :, :]), ValueError,
+                    "x_source with a batch for 2 inner steps, but steps = 5"),
+    "other widths": (lambda T, b: b._replace(x_source=b.x_source.repeat_interleave(2, -1)),
+                     ValueError, "x_source and x_query with different input widths"),
+    "two tensors": (lambda T, b: tuple(b)[:2], ValueError, "must return \\(x_source, x_query"),
+}
+
+
+@pytest.mark.parametrize("spoil", SPOILED_DAML)
+def test_a_user_daml_familys_bad_draws_are_refused(spoil):
+    change, error, words = SPOILED_DAML[spoil]
+    family = tasks.checked_daml(tasks.get_daml_family(_DAMLFamily(change)))
+    for method, draw in (("sample_daml", lambda: family.sample_daml(3, steps=5, generator=gen())),
+                         ("sample_daml_many",
+                          lambda: family.sample_daml_many(2, 3, steps=5, generator=gen()))):
+        where = f"task family 'custom' \\(_DAMLFamily\\).{method} "
+        with pytest.raises(error, match=where + f".*{words}"):
+            draw()
+    with pytest.raises(error, match=words):
+        pymaml.train(_DAMLFamily(change), algorithm="daml", iterations=2, progress=False,
+                     log_every=0)
+
+
+def test_a_user_daml_family_in_another_dtype_is_cast():
+    family = tasks.checked_daml(_DAMLFamily(lambda T, b: tasks.DAMLBatch(*(t.double() for t in b))))
+    got = family.sample_daml(3, steps=5, generator=gen(7))
+    want = tasks.DAMLSine().sample_daml(3, steps=5, generator=gen(7))
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    # the same inputs at every step: x_source [T, K_s, n_in] is accepted as it is
+    same = tasks.checked_daml(_DAMLFamily(lambda T, b: b._replace(x_source=b.x_source[:, 0])))
+    assert same.sample_daml(3, steps=5, generator=gen()).x_source.shape == (3, 1, 1)
+
+
+def test_the_checking_wrappers_are_the_familys_own():
+    # pymaml's own classes are not wrapped (exact types: a subclass may draw its own way)
+    own = [tasks.SeedSine(), tasks.Sine(), tasks.get_family(lambda T, g: None)]
+    assert all(tasks.checked(f) is f for f in own)
+    sub = type("Sub", (tasks.SeedSine,), {})()
+    assert type(tasks.checked(sub)) is tasks.CheckedTasks
+    wrapped = tasks.checked(sub)
+    assert tasks.checked(wrapped) is wrapped
+    own_daml = [tasks.DAMLSine(), tasks.get_daml_family(lambda T, s, g: None)]
+    assert all(tasks.checked_daml(f) is f for f in own_daml)
+    sub_daml = type("SubDAML", (tasks.DAMLSine,), {"tag": 7})()
+    wrapped = tasks.checked_daml(sub_daml)
+    assert type(wrapped) is tasks.CheckedDAMLTasks and isinstance(wrapped, tasks.DAMLTaskFamily)
+    # attributes forwarded, the wrapper's class attributes included (name, n_in, n_out)
+    assert (wrapped.name, wrapped.n_in, wrapped.tag, wrapped.queries) == ("daml-sine", 1, 7, 4)
+    assert repr(wrapped).startswith("CheckedDAMLTasks(")
+    # a wrapper copies (and pickles, with its family) as a plain object does
+    twin = copy.deepcopy(wrapped)
+    assert type(twin) is tasks.CheckedDAMLTasks and twin.tag == 7 and twin.family is not sub_daml
+    # a subclass that draws its own way cannot promise many at once: nothing drawn, None passed on
+    own_way = type("OwnWay", (tasks.DAMLSine,), {
+        "draw_daml": lambda self, *a, **k: tasks.DAMLSine.draw_daml(self, *a, **k)})()
+    g = gen(1)
+    before = g.get_state()
+    assert tasks.checked_daml(own_way).sample_daml_many(2, 3, steps=2, generator=g) is None
+    assert torch.equal(g.get_state(), before)
+
+
+def test_lookup_errors_name_the_protocol():
+    with pytest.raises(ValueError, match="one of 'daml-sine' for DAML, a DAMLTaskFamily"):
+        tasks.get_daml_family("sine")
+    with pytest.raises(TypeError, match=r"callable fn\(T, steps, generator\), got 42"):
+        tasks.get_daml_family(42)
+    with pytest.raises(TypeError, match=r"a TaskFamily or a callable fn\(T, generator\), got 42"):
+        tasks.get_family(42)
+    with pytest.raises(ValueError, match="your own DAMLTaskFamily or sampler"):
+        tasks.get_daml_family(tasks.DAMLSine(), shots=2)
+    with pytest.raises(TypeError, match=r"DAMLTaskFamily instance: pass DAMLSine\(\)"):
+        tasks.get_daml_family(tasks.DAMLSine)
+    # a DAML family is a task family: its name works everywhere, its MAML draw says why not
+    assert isinstance(tasks.get_family("daml-sine"), tasks.DAMLSine)
+    assert tasks.get_daml_family("daml-sine", shots=2, queries=3).queries == 3
+
+
+@pytest.mark.parametrize("name", ["seed-sine", "sine", "daml-sine"])
+def test_task_identities_on_their_own(name):
+    fam = tasks.get_family(name)
+    ids = fam.sample_tasks(5, gen(2))
+    assert ids.shape == (5, fam.task_uniforms) and ids.dtype == torch.float64
+    assert torch.equal(fam.grid(7)[[0, -1], 0], torch.tensor([fam.x_low, fam.x_high],
+                                                              dtype=torch.float64))
+    with pytest.raises(ValueError, match="T must be"):
+        fam.sample_tasks(0, gen())

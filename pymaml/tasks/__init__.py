@@ -1,0 +1,117 @@
+"""Task families: each samples a whole meta-batch of tasks in one vectorised call.
+
+Two protocols, one per kind of batch:
+
+- MAML's (MAML, FO-MAML, Reptile, Meta-SGD, ANIL): TaskFamily.sample(T, *, generator,
+  dtype=torch.float32, device=None) -> TaskBatch of labeled support and query points,
+  x [T, K, n_in], y [T, K, n_out]; or a callable `fn(T, generator) -> (xs, ys, xq, yq)`.
+- DAML's (pymaml.daml): no labeled support set; the inner loop adapts from unlabeled SOURCE
+  inputs alone (through the learned inner loss), the outer loss is the supervised loss on
+  labeled TARGET points. DAMLTaskFamily.sample_daml(T, *, steps, generator, ...) -> DAMLBatch
+  (x_source, x_query, y_query); or a callable `fn(T, steps, generator) -> (x_source, x_query,
+  y_query)`. A DAML family's `sample` raises (no support set for MAML's inner loop); its name
+  is valid everywhere (FAMILIES holds it too).
+
+Randomness comes only from the torch.Generator passed in (always a CPU generator, so that a
+run's sampler state is one tensor a checkpoint can hold, and the same seed gives the same tasks
+on every device and dtype: draws are made in float64 on the CPU, then cast and moved).
+`sample_many(n, T, ...)` / `sample_daml_many(n, T, *, steps, ...)` draw n meta-batches at once,
+bitwise n single draws, or return None (the default) when the family cannot promise that: the
+trainer hands many iterations' tasks to one fused training call with them.
+
+A user's callable is wrapped by get_family / get_daml_family, a user's subclass by checked /
+checked_daml; what their code returns is checked at every draw, by code written once for both
+protocols (tasks/base.py). pymaml's own families (tasks/sines.py):
+
+- "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
+- "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
+- "daml-sine" (DAMLSine): the seed's DAML experiment: seed-sine's targets, a source input a step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import (CallableDAMLTasks, CallableTasks, CheckedDAMLTasks, CheckedTasks, DAMLBatch,
+                   DAMLTaskFamily, TaskBatch, TaskFamily, _DAML, _Kind, _MAML, check_batch,
+                   check_daml_batch)
+from .sines import DAMLSine, FunctionTasks, SeedSine, Sine
+
+__all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
+           "CheckedTasks", "FAMILIES", "get_family", "checked", "check_batch",
+           "DAMLBatch", "DAMLTaskFamily", "DAMLSine", "CallableDAMLTasks", "CheckedDAMLTasks",
+           "DAML_FAMILIES", "get_daml_family", "checked_daml", "check_daml_batch"]
+
+
+# pymaml's own classes, whose shapes and dtypes are right by construction or already checked.
+# Exact types: a user's subclass of SeedSine, say, may change what it draws, so it is checked.
+_TRUSTED = (SeedSine, Sine, CallableTasks, CheckedTasks)
+_TRUSTED_DAML = (DAMLSine, CallableDAMLTasks, CheckedDAMLTasks)
+
+
+def checked(family: TaskFamily) -> TaskFamily:
+    """`family`, its outputs checked on every draw unless it is one of pymaml's own (whose
+    shapes and dtypes are right by construction) or already checks them."""
+    return family if type(family) in _TRUSTED else CheckedTasks(family)
+
+
+def checked_daml(family: DAMLTaskFamily) -> DAMLTaskFamily:
+    """`family`, its outputs checked on every draw unless it is one of pymaml's own."""
+    return family if type(family) in _TRUSTED_DAML else CheckedDAMLTasks(family)
+
+
+# ---- by name ------------------------------------------------------------------------------------
+
+DAML_FAMILIES = {DAMLSine.name: DAMLSine}
+FAMILIES = {SeedSine.name: SeedSine, Sine.name: Sine, **DAML_FAMILIES}
+
+
+def _family(kind: _Kind, named: dict, base: type, wrap: type, task, shots, queries):
+    """get_family and get_daml_family: a family of `base` from a name in `named`, a family
+    (as is) or a callable (wrapped in `wrap`)."""
+    if isinstance(task, str):
+        if task not in named:
+            raise ValueError(f"task must be one of {', '.join(map(repr, named))}{kind.scope}, a "
+                             f"{kind.family} or a callable {kind.call}; got {task!r}")
+        kwargs = {k: v for k, v in (("shots", shots), ("queries", queries)) if v is not None}
+        return named[task](**kwargs)
+    if shots is not None or queries is not None:
+        raise ValueError("shots and queries apply to the named task families only; set them "
+                         f"on your own {kind.family} or sampler")
+    if isinstance(task, base):
+        return task
+    if isinstance(task, TaskFamily):  # a MAML family asked for DAML (a DAML one is a TaskFamily)
+        raise TypeError(f"task {task!r} is a MAML task family (labeled support sets); DAML "
+                        "needs a DAMLTaskFamily (unlabeled source inputs, labeled target points)")
+    if isinstance(task, type) and issubclass(task, TaskFamily):
+        raise TypeError(f"task must be a {kind.family} instance: pass {task.__name__}(), not "
+                        "the class")
+    return wrap(task)
+
+
+def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = None) -> TaskFamily:
+    """A TaskFamily from a name in FAMILIES (with optional shots / queries), a TaskFamily
+    (returned as is), or a callable sampler fn(T, generator) -> (xs, ys, xq, yq)."""
+    return _family(_MAML, FAMILIES, TaskFamily, CallableTasks, task, shots, queries)
+
+
+def get_daml_family(task, *, shots: Optional[int] = None,
+                    queries: Optional[int] = None) -> DAMLTaskFamily:
+    """A DAMLTaskFamily from a name in DAML_FAMILIES (shots: source inputs per inner step,
+    queries: labeled target points), a DAMLTaskFamily (returned as is) or a callable
+    fn(T, steps, generator) -> (x_source, x_query, y_query)."""
+    return _family(_DAML, DAML_FAMILIES, DAMLTaskFamily, CallableDAMLTasks, task, shots, queries)
+
+
+def per_step_batches(x: torch.Tensor, steps: int, size: int, name: str = "inner_batch"):
+    """x [..., N, features] cut into `steps` batches of `size` points, [..., steps, size,
+    features]: step k takes points k * size, k * size + 1, ... (mod N), cycling through the N
+    points as epochs over a task's data do. The points of a task are drawn independently, so
+    consecutive slices are random minibatches, with no draw of their own (which keeps a
+    chunk of iterations bitwise the iterations one by one)."""
+    n = x.shape[-2]
+    if size > n:
+        raise ValueError(f"{name}={size} is more than the {n} points a task's inner loop has")
+    index = (torch.arange(steps)[:, None] * size + torch.arange(size)) % n
+    return x[..., index.to(x.device), :]
