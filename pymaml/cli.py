@@ -2,13 +2,18 @@
 
     train  meta-train (with no options: the seed's experiment) and write the adapted-sine
            figure, the loss curve, the model and a checkpoint
-    eval   the MAML paper's evaluation protocol on a saved model, as a table
+    eval   the evaluation protocol of a saved model's algorithm (the MAML paper's; DAML's grid
+           error per phase), as a table
     plot   figures of a saved model adapted to several tasks
     demo   a short run on the seed's task with the fused op and the autograd reference, timed
     info   build facts: version, whether the fused op and its CUDA kernels are compiled in
 
 Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
 files and runs); Ctrl-C during training writes the checkpoint and exits with code 130.
+
+The commands are written once for every algorithm: what differs (an algorithm's own flags,
+its output names, what it prints and draws of a trained model, its evaluation) they ask of the
+run's or the saved model's entry of pymaml.algorithms.
 
 `torchrun --nproc_per_node=N -m pymaml train ...` trains data-parallel over N processes
 (pymaml.distributed); rank 0 alone prints and writes the model, the figures and the checkpoint.
@@ -17,9 +22,7 @@ files and runs); Ctrl-C during training writes the checkpoint and exits with cod
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import math
 import os
 import sys
 import warnings
@@ -30,16 +33,19 @@ from . import _checks
 from . import _io
 from . import _ops
 from . import _rates
+from . import algorithms
 from . import distributed as _distributed
-from ._version import __version__
-from .evaluate import EVAL_SEED, evaluate
-from .daml_model import DAMLModel
-from .model import MetaMLP
-from .tasks import FAMILIES
-from .trainer import ALGORITHMS, DTYPES, TrainingDiverged, train
-from .config import OPTIMIZERS, check_optimizer_kwargs
-from . import functional as F
 from . import plots
+from ._flags import FlagError as _FlagError
+from ._flags import available_cpus as _available_cpus  # noqa: F401 (read as cli's by tests)
+from ._flags import count as _count, int_list as _int_list, key_value as _key_value
+from ._flags import optimizer as _optimizer, threads as _threads
+from ._version import __version__
+from .algorithms import evaluate
+from .config import OPTIMIZERS, check_optimizer_kwargs
+from .evaluate import EVAL_SEED
+from .tasks import FAMILIES
+from .trainer import DTYPES, TrainingDiverged, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,73 +66,8 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-def _count(minimum):
-    """argparse type: an int >= minimum, with an error that names the bound."""
-    def parse(text):
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
-    return parse
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _threads(text):
-    """argparse type for --threads: 1 up to the CPUs this process may run on (torch crashes
-    on a huge count, and more threads than CPUs cannot run at once)."""
-    value = _count(1)(text)
-    cpus = _available_cpus()
-    if value > cpus:
-        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs available to this "
-                                         f"process, got {value}")
-    return value
-
-
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,40,40,1, got {text!r}") from None
-    return values
-
-
-def _optimizer(text):
-    if text.lower() in ("sgd", "adam"):
-        return text.lower()
-    cls = getattr(torch.optim, text, None)
-    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
-        return cls
-    raise argparse.ArgumentTypeError(f"expected sgd, adam or a torch.optim class name such as "
-                                     f"AdamW or RMSprop, got {text!r}")
-
-
-def _key_value(text):
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as momentum=0.9, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value  # a plain string
-
-
-def _outputs(args):
-    if args.out:
-        prefix = args.out
-    else:
-        # A run learning its rates is named after them too: maml-per-layer-step-sine...
-        method = args.algorithm + (f"-{args.learn_inner_lr}" if args.learn_inner_lr else "")
-        if args.task == "seed-sine":
-            prefix = f"{method}-sine"  # the seed's figure is maml-sine.png
-        else:
-            prefix = f"{method}-{args.task}-{args.shots or FAMILIES[args.task]().shots}shot"
+def _outputs(args, entry):
+    prefix = args.out or entry.out_prefix(args)
     return dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
                 checkpoint=args.checkpoint or prefix + ".ckpt")
 
@@ -160,16 +101,13 @@ def _save_and_report(result, out):
 
 
 def cmd_train(args) -> int:
-    if args.task is None:  # DAML trains its own family (pymaml.daml_cli)
-        args.task = "daml-sine" if args.algorithm == "daml" else "seed-sine"
-    if args.algorithm == "daml":
-        from . import daml_cli
-        return daml_cli.cmd_train(args)
-    if args.loss_hidden is not None or args.adapt_loss is not None:
-        raise _FlagError("--loss-hidden and --adapt-loss apply to --algorithm daml only")
+    entry = algorithms.get(args.algorithm)
+    args.task = args.task or entry.default_task
+    _check_algorithm_flags(args, entry)
+    own = entry.train_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = _outputs(args)
+    out = _outputs(args, entry)
     clash = [k for k in ("figure", "loss_figure", "model") if out[k] == out["checkpoint"]]
     if clash:
         raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
@@ -180,10 +118,9 @@ def cmd_train(args) -> int:
             and not (args.resume or args.overwrite)):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
-    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init)
+    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init, entry)
     result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
                    activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
-                   inner_batch=args.inner_batch,
                    inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
                    iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
                    optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
@@ -192,33 +129,45 @@ def cmd_train(args) -> int:
                    progress=args.progress, checkpoint=out["checkpoint"],
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
                    overwrite=args.overwrite, distributed=args.distributed,
-                   distributed_timeout=args.dist_timeout, learn_inner_lr=args.learn_inner_lr,
-                   adapt_layers=args.adapt_layers)
+                   distributed_timeout=args.dist_timeout, **own)
     if result.rank != 0:  # the other processes of a distributed run hold the same model
         return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
         return _interrupted(result)
     model = _save_and_report(result, out)
+    for line in entry.report(model, args.task, args.shots):
+        print(line)
     if not args.no_plots:
-        # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
-        ids = [[math.pi]] if args.task == "seed-sine" else None
         with _writing(out["figure"]):
-            (mae,) = plots.plot_adaptation(model, out["figure"], task=args.task,
-                                           shots=args.shots, task_ids=ids, seed=args.seed)
+            shows = entry.figure(model, out["figure"], args.task, shots=args.shots,
+                                 seed=args.seed)
         with _writing(out["loss_figure"]):
             plots.plot_losses(result.losses, out["loss_figure"],
                               title=f"{result.config['algorithm']} on {args.task}")
-        what = "a phase-pi task" if ids else "a random task"
-        print(f"{out['figure']}: adapted on {model.info['shots'] or '?'} points of {what}, "
-              f"mean absolute error {mae:.4f} on a 100-point grid;  {out['loss_figure']}: the loss curve")
+        print(f"{out['figure']}: {shows};  {out['loss_figure']}: the loss curve")
     print(f"evaluate with: python -m pymaml eval {out['model']}")
     return 0
 
 
-def _load(flag: str, path: str) -> MetaMLP:
-    """The model a flag names, its errors prefixed with the flag."""
+def _check_algorithm_flags(args, entry) -> None:
+    """--task and the algorithms' own flags (their `flags`) fit the run's algorithm."""
+    if args.task not in entry.task_names:
+        raise _FlagError(f"--algorithm {entry.name} trains {entry.task_kind} "
+                         f"({', '.join(entry.task_names)}), not --task {args.task}")
+    for other in algorithms.REGISTRY.values():
+        foreign = [flag for flag in other.flags if flag not in entry.flags]
+        if any(getattr(args, _dest(flag)) is not None for flag in foreign):
+            raise _FlagError(f"{' and '.join(foreign)} apply to --algorithm {other.name} only")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")  # as argparse names a flag's attribute
+
+
+def _load(flag: str, path: str, entry):
+    """The model of `entry`'s kind a flag names, its errors prefixed with the flag."""
     try:
-        return MetaMLP.load(path)
+        return entry.model_class.load(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{flag} {exc}") from None  # the command line shows only the words
 
@@ -230,10 +179,6 @@ def _writing(path):
         yield
     except OSError as exc:
         raise _io.io_error(exc, path, "writing") from None
-
-
-class _FlagError(ValueError):
-    """A flag's value found wrong after parsing: exit code 2, as argparse's own."""
 
 
 def _check_train_outputs(args, out) -> None:
@@ -253,50 +198,44 @@ def _check_train_outputs(args, out) -> None:
         _io.check_writable(out["loss_figure"], "figure")
 
 
-def _task_of(args, model) -> str:
-    task = args.task or model.info.get("task") or "sine"
-    if task not in FAMILIES:
-        raise ValueError(f"{args.model} was trained on task {task!r}, which the command line "
-                         f"does not know: pass --task ({', '.join(FAMILIES)})")
-    return task
-
-
-def _is_daml(path) -> bool:
-    try:
-        return isinstance(_io.load_model(path), DAMLModel)
-    except (OSError, ValueError):  # the loader words it
-        return False
+def _saved_model(args):
+    """(the model in args.model, whatever its algorithm; that algorithm's entry; the task to
+    run it on: --task, else the one it was trained on, else the algorithm's default)."""
+    model = _io.load_model(args.model)
+    entry = algorithms.for_model(model)
+    task = args.task or model.info.get("task") or entry.eval_task
+    if task not in entry.task_names:
+        names = ", ".join(entry.task_names)
+        if args.task is None:
+            raise ValueError(f"{args.model} was trained on task {task!r}, which the command "
+                             f"line does not know: pass --task ({names})")
+        raise ValueError(f"{args.model} holds a {model.kind}: use it on {entry.task_kind} "
+                         f"({names}), not {task!r}")
+    return model, entry, task
 
 
 def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import daml_cli
-    if _is_daml(args.model):
-        return daml_cli.cmd_eval(args)
-    model = MetaMLP.load(args.model)
-    task = _task_of(args, model)
-    result = evaluate(model, task, shots=args.shots, steps=args.steps or [1, 5, 10],
-                      num_tasks=args.tasks,
-                      inner_lr=args.inner_lr, seed=args.seed, backend=args.backend)
-    print(f"{args.model}: {model.extra_repr()}")
+    model, _, task = _saved_model(args)
+    options = dict(shots=args.shots, num_tasks=args.tasks, inner_lr=args.inner_lr,
+                   seed=args.seed, backend=args.backend)
+    if args.steps is not None:  # else the protocol's own (MAML's 1, 5, 10; DAML's model's)
+        options["steps"] = args.steps
+    result = evaluate(model, task, **options)
+    print(f"{args.model}: {type(model).__name__}({model.extra_repr()})")
     print(result.table())
     return 0
 
 
 def cmd_plot(args) -> int:
-    from . import daml_cli
-    if _is_daml(args.model):
-        return daml_cli.cmd_plot(args)
-    model = MetaMLP.load(args.model)
-    task = _task_of(args, model)
+    model, entry, task = _saved_model(args)
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
                               "figure")
     with _writing(path):
-        maes = plots.plot_adaptation(model, path, task=task, shots=args.shots,
-                                     num_tasks=args.tasks, steps=args.steps, seed=args.seed)
-    print(f"{path}: {len(maes)} tasks, mean absolute error on a 100-point grid: "
-          + ", ".join(f"{m:.3f}" for m in maes))
+        shows = entry.plot(model, path, task, shots=args.shots, num_tasks=args.tasks,
+                           steps=args.steps, seed=args.seed)
+    print(f"{path}: {shows}")
     return 0
 
 
@@ -349,7 +288,7 @@ def _add_train_parser(sub, **defaults) -> None:
                    help="task family (default: seed-sine; daml-sine for --algorithm daml)")
     t.add_argument("--shots", type=_count(1), help="support points per task (default: the task's)")
     t.add_argument("--queries", type=_count(1), help="query points per task (default: = shots)")
-    t.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
+    t.add_argument("--algorithm", choices=algorithms.NAMES, default="maml",
                    help="meta-learning algorithm (metasgd: per-parameter learned inner rates; "
                         "anil: only the head adapts)")
     t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
@@ -393,8 +332,10 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--dist-timeout", type=float, default=_distributed.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="how long a process waits for the others before the "
                                            "run stops with an error")
-    from . import daml_cli
-    daml_cli.add_train_flags(t)
+    # Each algorithm's own flags (entry.flags), once where entries share them.
+    own = {flag: kw for entry in algorithms.REGISTRY.values() for flag, kw in entry.flags.items()}
+    for flag, keywords in own.items():
+        t.add_argument(flag, **keywords)
     t.set_defaults(run=cmd_train)
 
 

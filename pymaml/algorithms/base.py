@@ -9,14 +9,17 @@ written once; they ask the run's algorithm for what differs (docs/design.md §6.
   optimizer steps;
 - `backend`, `meta_step`: one iteration's meta-loss and gradients; `fast_path`: many
   iterations per C++ call, or None;
-- `evaluate`, `add_flags` / `train_kwargs`, `figure`: its evaluation protocol, its command
-  line flags and its figure.
+- `evaluate`: its evaluation protocol; `report`, `figure`, `plot`: what the command line
+  prints and draws of a trained model;
+- `flags`, `train_kwargs`, `out_prefix`, `task_names`: its command line flags, how they become
+  train()'s arguments, its output names and the task families it runs on.
 
 This base class is MAML's (exact second order, every layer adapting at one rate); the other
 entries change a few attributes or methods (pymaml/algorithms/maml.py, daml.py)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -192,5 +195,49 @@ class Algorithm:
     def evaluate(self, model, task, **kwargs):
         return evaluate_maml(model, "sine" if task is None else task, **kwargs)
 
-    def figure(self, model, path, task, title: str) -> None:
-        _plots.plot_adaptation(model, path, task=task, title=title)
+    def report(self, model, task, shots) -> List[str]:
+        """Lines `train` prints about the trained model (MAML's: none; its figure says it)."""
+        return []
+
+    def figure(self, model, path, task, *, shots, seed) -> str:
+        """Draws `train`'s figure of the trained model at `path`; returns what it shows."""
+        # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
+        ids = [[math.pi]] if task == "seed-sine" else None
+        (mae,) = _plots.plot_adaptation(model, path, task=task, shots=shots, task_ids=ids,
+                                        seed=seed)
+        what = "a phase-pi task" if ids else "a random task"
+        return (f"adapted on {model.info['shots'] or '?'} points of {what}, mean absolute error "
+                f"{mae:.4f} on a 100-point grid")
+
+    def plot(self, model, path, task, *, shots, num_tasks, steps, seed) -> str:
+        """Draws `plot`'s figure of a saved model at `path`; returns what it shows."""
+        maes = _plots.plot_adaptation(model, path, task=task, shots=shots, num_tasks=num_tasks,
+                                      steps=steps, seed=seed)
+        return (f"{len(maes)} tasks, mean absolute error on a 100-point grid: "
+                + ", ".join(f"{m:.3f}" for m in maes))
+
+    # ---- the command line (pymaml.cli) --------------------------------------------------------
+
+    # `train`'s flags of its own: flag -> argparse keywords, unset = None. The command line
+    # refuses them for every other algorithm. MAML's (--inner-batch, --learn-inner-lr,
+    # --adapt-layers) are the command line's own, since five entries read them.
+    flags: Dict[str, Dict[str, Any]] = {}
+    # The named task families its runs and models take, in words and by name ("every one":
+    # train() and evaluate() say why a DAML family does not fit), and eval's default task for
+    # a model that does not say its own.
+    task_kind = "a task family"
+    task_names: Tuple[str, ...] = tuple(_tasks.FAMILIES)
+    eval_task = "sine"
+
+    def train_kwargs(self, args) -> Dict[str, Any]:
+        """train()'s arguments of this algorithm's own, from `train`'s parsed flags `args`."""
+        return dict(inner_batch=args.inner_batch, learn_inner_lr=args.learn_inner_lr,
+                    adapt_layers=args.adapt_layers)
+
+    def out_prefix(self, args) -> str:
+        """`train`'s output name prefix without --out."""
+        # A run learning its rates is named after them too: maml-per-layer-step-sine...
+        method = self.name + (f"-{args.learn_inner_lr}" if args.learn_inner_lr else "")
+        if args.task == "seed-sine":
+            return f"{method}-sine"  # the seed's figure is maml-sine.png
+        return f"{method}-{args.task}-{args.shots or _tasks.FAMILIES[args.task]().shots}shot"

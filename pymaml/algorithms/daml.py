@@ -9,7 +9,8 @@ to MAML's run is a second network, the adaptation-loss network, trained with the
   "daml-sine" by default;
 - one iteration: pymaml.daml.daml_loss and its gradients to both networks; many iterations:
   torch.ops.pymaml.daml_train_chunk;
-- evaluation: pymaml.daml_evaluate's grid error per phase; the figure: plots.plot_daml.
+- evaluation: pymaml.daml_evaluate's grid error per phase; the figure: plots.plot_daml;
+- the command line: --loss-hidden and --adapt-loss; outputs daml-sine.* by default.
 
 The seed's DAML experiment is the default setting (pymaml.train(algorithm="daml"))."""
 
@@ -19,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .. import _checks, _ops, outer_optim
+from .. import _checks, _flags, _ops, outer_optim
 from .. import daml as _daml
 from .. import fast_path as _fast_path
 from .. import plots as _plots
@@ -149,5 +150,50 @@ class DAML(Algorithm):
     def evaluate(self, model, task, **kwargs):
         return evaluate_daml(model, task, **kwargs)
 
-    def figure(self, model, path, task, title: str) -> None:
-        _plots.plot_daml(model, path, task=task)
+    def report(self, model, task, shots) -> List[str]:
+        if not isinstance(_tasks.get_daml_family(task), _tasks.DAMLSine):
+            return []  # the grid error per phase needs a family with phases
+        held_out = evaluate_daml(model, task, shots=shots)
+        return ["after adapting from unlabeled source inputs alone, mean absolute error on a "
+                "100-point grid over [-2pi, 2pi] (600 held-out source draws per phase): "
+                + ", ".join(f"phase {_plots._phase_name(r['phase'])} {r['mae']:.4f}"
+                            for r in held_out.rows)]
+
+    def figure(self, model, path, task, *, shots, seed) -> str:
+        maes = _plots.plot_daml(model, path, task=task, shots=shots, seed=seed)
+        return ("the phase-pi and phase-0 tasks after adapting from one draw of source inputs, "
+                "grid MAE " + ", ".join(f"{m:.4f}" for m in maes))
+
+    def plot(self, model, path, task, *, shots, num_tasks, steps, seed) -> str:
+        # One panel per phase: the figure has no room for more tasks (num_tasks).
+        maes = _plots.plot_daml(model, path, task=task, shots=shots, steps=steps, seed=seed)
+        return ("phases pi and 0, mean absolute error on a 100-point grid: "
+                + ", ".join(f"{m:.3f}" for m in maes))
+
+    flags = {
+        "--loss-hidden": dict(type=_flags.int_list, metavar="W,W", help=(
+            "DAML: the loss network's hidden widths (default: 32,32; its input is n_out + the "
+            "base network's hidden widths, its output 1)")),
+        "--adapt-loss": dict(choices=_checks.ADAPT_LOSSES, help=(
+            "DAML: the inner loss on the loss network's output h, mean |h| (l1, the default) "
+            "or mean h^2 (mse)")),
+    }
+    task_kind = "a DAML task family"
+    task_names = tuple(_tasks.DAML_FAMILIES)
+    eval_task = "daml-sine"
+
+    def train_kwargs(self, args) -> Dict[str, Any]:
+        # Refused here in flag words, before any file is touched (settings() says it too).
+        for name in _MAML_ONLY:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to --algorithm daml")
+        loss_sizes = None
+        if args.loss_hidden is not None:
+            if any(w < 1 for w in args.loss_hidden):
+                raise _flags.FlagError(f"--loss-hidden widths must be >= 1, got "
+                                       f"{args.loss_hidden}")
+            loss_sizes = [_checks.loss_input_width(args.sizes), *args.loss_hidden, 1]
+        return dict(loss_sizes=loss_sizes, adapt_loss=args.adapt_loss)
+
+    def out_prefix(self, args) -> str:
+        return "daml-sine" if args.task == "daml-sine" else f"daml-{args.task}"
