@@ -204,13 +204,14 @@ def train_calls(out, iterations):
         for optimizer in ("sgd", "adam"):
             for fused in (True, False):
                 kw = dict(run, iterations=iterations, optimizer=optimizer, seed=i,
-                          progress=False)
+                          progress=False, log_every=0)
                 if not fused:
                     kw["optimizer_kwargs"] = {"fused": False}  # the per-iteration path
                 result = pymaml.train(**kw)
                 key = f"train/{i}-{run['algorithm']}/{optimizer}/fused={fused}"
                 out[f"{key}/losses"] = result.losses
                 out[f"{key}/weights"] = [t.detach() for t in result.model.state_dict().values()]
+                out[f"{key}/fast_iterations"] = result.fast_iterations  # the path taken
 
 
 def dump(path, seeds, iterations):
@@ -266,9 +267,12 @@ def main():
     differ = [k for k in old if not same_bits(old[k], new[k])]
     groups = {}
     for k in old:
-        groups.setdefault(k.split("/")[0], set()).add("/".join(k.split("/")[:3]))
+        groups.setdefault(k.split("/")[0], set()).add(k.rsplit("/", 1)[0])
     print("compared:", ", ".join(f"{g}: {len(c)} configurations" for g, c in groups.items()),
           f"({len(old)} outputs)")
+    fast = [k for k in new if k.endswith("/fast_iterations")]
+    print(f"pymaml.train runs on the chunked fast path: {sum(new[k] > 0 for k in fast)} of "
+          f"{len(fast)}")
     for k in differ:
         print("DIFFERS:", k)
     print("bitwise identical" if not differ else f"{len(differ)} outputs differ")
