@@ -393,7 +393,7 @@ def _daml_op(w, batch, params, loss_params):
             w.adapt_loss, True)
 
     def meta_grad():
-        loss, g_params, g_loss_params, _ = torch.ops.pymaml.daml_loss(
+        loss, g_params, g_loss_params = torch.ops.pymaml.daml_loss(
             params.detach(), loss_params.detach(), *batch, *args)
         return loss, torch.cat([g_params, g_loss_params])
     return meta_grad, None

@@ -14,7 +14,6 @@
 // rates come after every other tensor argument, so the others' indices are the same both ways
 // whether rates is given or not.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
@@ -136,14 +135,14 @@ Tensor adapt_autograd(const Tensor& params, const Tensor& xs, const Tensor& ys,
 }
 
 // ---- the loss ops: maml_loss, daml_loss -----------------------------------------------------
-// Their forward computes the loss and its gradients in one sweep (outputs 1, 2, ...: one per
-// differentiable input, in order), so the backward only has the incoming gradient to apply.
-// Without keep_grad the gradients are outputs, saved for the backward, which multiplies them
-// by the incoming gradient even when that is 1: the caller may hold them, and a .grad made of
-// them (or of a view of them further down) would change under the caller's hands (measured:
-// benchmarks/NOTES.md).
-// With keep_grad (the value form, the public API's door) the gradient outputs are empty and
-// the gradients stay in the context, where nothing else can reach them, so the backward hands
+// Their forward computes the loss and its gradients in one sweep ([loss, then one gradient per
+// differentiable input given], ops.cpp), so the backward only has the incoming gradient to
+// apply. Without keep_grad the gradients are outputs, saved for the backward, which multiplies
+// them by the incoming gradient even when that is 1: the caller may hold them, and a .grad
+// made of them (or of a view of them further down) would change under the caller's hands
+// (measured: benchmarks/NOTES.md).
+// With keep_grad (the value form, the public API's door) the op returns [loss] alone and the
+// gradients stay in the context, where nothing else can reach them, so the backward hands
 // them over instead of scaling copies: as they are when the incoming gradient is 1 (the usual
 // loss.backward()), scaled in place otherwise. A graph kept for another backward
 // (retain_graph=True) gets products, as without keep_grad. benchmarks/NOTES.md has the
@@ -162,23 +161,25 @@ const std::string kept_key[] = {"grad0", "grad1", "grad2"};
 // loss_params' are never empty, the rates' [R, P] always 2-D.
 bool computed(const Tensor& g) { return g.dim() == 2 || g.sym_numel() != 0; }
 
-// The forward's end, after the op ran below autograd without keep_grad: out = {loss, the
-// gradient of each differentiable input}; `inputs` those given (the rates, last, may not be).
-// With keep_grad, gradient i is kept when input i requires grad and it was computed, else None.
+// The forward's end, after the op ran below autograd without keep_grad: out = [loss, the
+// gradient of each input in `inputs`] (those given: the rates, last, may not be). With
+// keep_grad, gradient i is kept when input i requires grad and it was computed (else None),
+// and the loss alone is returned.
 variable_list finish_forward(AutogradContext* ctx, variable_list out,
                              std::initializer_list<const Tensor*> inputs, bool keep_grad) {
   if (!keep_grad) {
-    ctx->save_for_backward(variable_list(out.begin() + 1, out.begin() + 1 + inputs.size()));
-  } else {
-    size_t i = 0;
-    for (const Tensor* in : inputs) {
-      Tensor& g = out[i + 1];
-      const bool keep = in->requires_grad() && g.sym_sizes() == in->sym_sizes();
-      ctx->saved_data[kept_key[i++]] = keep ? c10::IValue(std::move(g)) : c10::IValue();
-      if (!g.defined() || computed(g)) g = at::empty({0}, out[0].options());
-    }
+    const variable_list grads(out.begin() + 1, out.end());
+    ctx->save_for_backward(grads);
+    ctx->mark_non_differentiable(grads);
+    return out;
   }
-  ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+  size_t i = 0;
+  for (const Tensor* in : inputs) {
+    Tensor& g = out[i + 1];
+    const bool keep = in->requires_grad() && g.sym_sizes() == in->sym_sizes();
+    ctx->saved_data[kept_key[i++]] = keep ? c10::IValue(std::move(g)) : c10::IValue();
+  }
+  out.resize(1);
   return out;
 }
 
@@ -234,28 +235,26 @@ variable_list loss_backward(const char* name, AutogradContext* ctx, const Tensor
   return out;
 }
 
-using MamlLossSig = std::tuple<Tensor, Tensor, Tensor>(
+using MamlLossSig = std::vector<Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
-    double, int64_t, string_view, string_view, bool, bool, const OptTensor&,
-    at::OptionalIntArrayRef, bool, bool);
+    double, int64_t, string_view, string_view, bool, bool, bool, const OptTensor&,
+    at::OptionalIntArrayRef, bool);
 
 struct MamlLossFunction : torch::autograd::Function<MamlLossFunction> {
   static constexpr const char* name = "pymaml::maml_loss";
-  static constexpr GradInput grad_inputs[] = {{"params", 0, 0}, {"rates", 5, 12}};
+  static constexpr GradInput grad_inputs[] = {{"params", 0, 0}, {"rates", 5, 13}};
 
   static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& xs,
                                const Tensor& ys, const Tensor& xq, const Tensor& yq,
                                c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                                string_view activation, string_view loss, bool first_order,
-                               bool need_grad, const OptTensor& rates,
-                               at::OptionalIntArrayRef adapt_layers, bool need_rate_grad,
-                               bool keep_grad) {
+                               bool need_grad, bool keep_grad, const OptTensor& rates,
+                               at::OptionalIntArrayRef adapt_layers, bool need_rate_grad) {
     static const auto op = find_op<MamlLossSig>(name);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [value, grad, rate_grad] =
+    variable_list out =
         op.call(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation, loss, first_order,
-                need_grad, rates, adapt_layers, need_rate_grad, /*keep_grad=*/false);
-    variable_list out{value, grad, rate_grad};
+                need_grad, /*keep_grad=*/false, rates, adapt_layers, need_rate_grad);
     if (rates.has_value())
       return finish_forward(ctx, std::move(out), {&params, &*rates}, keep_grad);
     return finish_forward(ctx, std::move(out), {&params}, keep_grad);
@@ -266,40 +265,38 @@ struct MamlLossFunction : torch::autograd::Function<MamlLossFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> maml_loss_autograd(
+std::vector<Tensor> maml_loss_autograd(
     const Tensor& params, const Tensor& xs, const Tensor& ys, const Tensor& xq, const Tensor& yq,
     c10::IntArrayRef sizes, double inner_lr, int64_t steps, string_view activation,
-    string_view loss, bool first_order, bool need_grad, const OptTensor& rates,
-    at::OptionalIntArrayRef adapt_layers, bool need_rate_grad, bool keep_grad) {
-  auto out = MamlLossFunction::apply(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation,
-                                     loss, first_order, need_grad, rates, adapt_layers,
-                                     need_rate_grad, keep_grad);
-  return {out[0], out[1], out[2]};
+    string_view loss, bool first_order, bool need_grad, bool keep_grad, const OptTensor& rates,
+    at::OptionalIntArrayRef adapt_layers, bool need_rate_grad) {
+  return MamlLossFunction::apply(params, xs, ys, xq, yq, sizes, inner_lr, steps, activation,
+                                 loss, first_order, need_grad, keep_grad, rates, adapt_layers,
+                                 need_rate_grad);
 }
 
-using DamlLossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+using DamlLossSig = std::vector<Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
-    c10::IntArrayRef, double, int64_t, string_view, string_view, string_view, bool,
-    const OptTensor&, bool, bool);
+    c10::IntArrayRef, double, int64_t, string_view, string_view, string_view, bool, bool,
+    const OptTensor&, bool);
 
 struct DamlLossFunction : torch::autograd::Function<DamlLossFunction> {
   static constexpr const char* name = "pymaml::daml_loss";
   static constexpr GradInput grad_inputs[] = {
-      {"params", 0, 0}, {"loss_params", 1, 1}, {"rates", 5, 13}};
+      {"params", 0, 0}, {"loss_params", 1, 1}, {"rates", 5, 14}};
 
   static variable_list forward(AutogradContext* ctx, const Tensor& params,
                                const Tensor& loss_params, const Tensor& xs, const Tensor& xq,
                                const Tensor& yq, c10::IntArrayRef sizes,
                                c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps,
                                string_view activation, string_view loss, string_view adapt_loss,
-                               bool need_grad, const OptTensor& rates, bool need_rate_grad,
-                               bool keep_grad) {
+                               bool need_grad, bool keep_grad, const OptTensor& rates,
+                               bool need_rate_grad) {
     static const auto op = find_op<DamlLossSig>(name);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [value, grad, grad_loss, rate_grad] =
+    variable_list out =
         op.call(params, loss_params, xs, xq, yq, sizes, loss_sizes, inner_lr, steps, activation,
-                loss, adapt_loss, need_grad, rates, need_rate_grad, /*keep_grad=*/false);
-    variable_list out{value, grad, grad_loss, rate_grad};
+                loss, adapt_loss, need_grad, /*keep_grad=*/false, rates, need_rate_grad);
     if (rates.has_value())
       return finish_forward(ctx, std::move(out), {&params, &loss_params, &*rates}, keep_grad);
     return finish_forward(ctx, std::move(out), {&params, &loss_params}, keep_grad);
@@ -310,15 +307,14 @@ struct DamlLossFunction : torch::autograd::Function<DamlLossFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> daml_loss_autograd(
+std::vector<Tensor> daml_loss_autograd(
     const Tensor& params, const Tensor& loss_params, const Tensor& xs, const Tensor& xq,
     const Tensor& yq, c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, double inner_lr,
     int64_t steps, string_view activation, string_view loss, string_view adapt_loss,
-    bool need_grad, const OptTensor& rates, bool need_rate_grad, bool keep_grad) {
-  auto out = DamlLossFunction::apply(params, loss_params, xs, xq, yq, sizes, loss_sizes,
-                                     inner_lr, steps, activation, loss, adapt_loss, need_grad,
-                                     rates, need_rate_grad, keep_grad);
-  return {out[0], out[1], out[2], out[3]};
+    bool need_grad, bool keep_grad, const OptTensor& rates, bool need_rate_grad) {
+  return DamlLossFunction::apply(params, loss_params, xs, xq, yq, sizes, loss_sizes, inner_lr,
+                                 steps, activation, loss, adapt_loss, need_grad, keep_grad,
+                                 rates, need_rate_grad);
 }
 
 // ---- the ops without a derivative ------------------------------------------------------------

@@ -3,7 +3,8 @@
 // (pymaml/_ops.py).
 //
 // The families' variants are trailing arguments with defaults, so that a plain call names
-// none of them (docs/design.md §7):
+// none of them (docs/design.md §7; the loss ops take keep_grad first, so that the public
+// API's plain call passes it alone):
 //   Tensor? rates       learned inner rates [R, P] (R = 1: every step; R = steps: a row per
 //                       step) in place of inner_lr, which is then not read (§8.1). None: the
 //                       scalar inner_lr, the kernels' scalar path.
@@ -12,11 +13,13 @@
 //                       and their rates are not read (§8.2). None: every layer.
 //   bool need_rate_grad the rates' gradient [R, P] is computed (with rates and need_grad).
 //   bool keep_grad      the value form, the public API's door (pymaml.functional): the loss
-//                       ops' gradient outputs come back empty, and the gradients their
-//                       forward computes stay with autograd, which hands them to the backward
-//                       without a copy (csrc/autograd.cpp, §7.7).
-// A gradient output not computed (need_grad / need_rate_grad false, no rates, keep_grad) is
-// an empty [0] tensor.
+//                       ops return [loss] alone, and the gradients their forward computes
+//                       stay with autograd, which hands them to the backward without a copy
+//                       (csrc/autograd.cpp, §7.7).
+// The loss ops return a list: [loss, then the gradient of each differentiable input given]
+// (the rates' only with rates), or [loss] with keep_grad. So a call returns as many tensors
+// as it has use for (each output costs its caller ~0.5 us at the seed's sizes). A gradient
+// not computed (need_grad / need_rate_grad false) is an empty [0] tensor.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pymaml, m) {
@@ -36,13 +39,13 @@ TORCH_LIBRARY(pymaml, m) {
       "int[] sizes, float inner_lr, int steps, str activation, str loss, Tensor? rates=None, "
       "int[]? adapt_layers=None, bool first_order=False, bool need_rate_grad=False) "
       "-> (Tensor, Tensor)");
-  // MAML / FO-MAML: the mean query loss after adaptation, its meta-gradient [P] (need_grad)
-  // and the rates' gradient [R, P] (need_rate_grad), computed together in one pass.
+  // MAML / FO-MAML: [the mean query loss after adaptation, its meta-gradient [P] (need_grad),
+  // the rates' gradient [R, P] (with rates; need_rate_grad)], computed together in one pass.
   m.def(
       "maml_loss(Tensor params, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, int[] sizes, float inner_lr, int steps, str activation, str loss, "
-      "bool first_order, bool need_grad, Tensor? rates=None, int[]? adapt_layers=None, "
-      "bool need_rate_grad=False, bool keep_grad=False) -> (Tensor, Tensor, Tensor)");
+      "bool first_order, bool need_grad, bool keep_grad=False, Tensor? rates=None, "
+      "int[]? adapt_layers=None, bool need_rate_grad=False) -> Tensor[]");
   // Reptile: the mean query loss after adapting on (x_support, y_support), and the direction
   // params - mean_t theta_t^S [P] that Reptile feeds its outer optimizer as a gradient. Not
   // differentiable (a direction, not a derivative).
@@ -54,15 +57,15 @@ TORCH_LIBRARY(pymaml, m) {
   // unlabeled x_source ([T, K, n_in], or [T, steps, K, n_in]: a batch per step) with the loss
   // mean |h| ("l1") or mean h^2 ("mse") of the loss network h = g(u) (loss_params, `loss_sizes`,
   // ReLU hidden layers, u = [output, last hidden, ..., first hidden] of the base network);
-  // daml_loss returns the mean `loss` of the adapted network on (x_query, y_query) and, if
-  // need_grad, its gradients in params and loss_params, then the rates' gradient (every layer
-  // adapts: no adapt_layers); daml_adapt returns the adapted parameters [T, P] (not
+  // daml_loss returns [the mean `loss` of the adapted network on (x_query, y_query), its
+  // gradients in params and loss_params (need_grad), the rates' gradient (with rates; every
+  // layer adapts: no adapt_layers)]; daml_adapt returns the adapted parameters [T, P] (not
   // differentiable).
   m.def(
       "daml_loss(Tensor params, Tensor loss_params, Tensor x_source, Tensor x_query, "
       "Tensor y_query, int[] sizes, int[] loss_sizes, float inner_lr, int steps, str activation, "
-      "str loss, str adapt_loss, bool need_grad, Tensor? rates=None, bool need_rate_grad=False, "
-      "bool keep_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "str loss, str adapt_loss, bool need_grad, bool keep_grad=False, Tensor? rates=None, "
+      "bool need_rate_grad=False) -> Tensor[]");
   m.def(
       "daml_adapt(Tensor params, Tensor loss_params, Tensor x_source, int[] sizes, "
       "int[] loss_sizes, float inner_lr, int steps, str activation, str adapt_loss) -> Tensor");

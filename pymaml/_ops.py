@@ -49,10 +49,20 @@ if _C is not None:
     ops = torch.ops.pymaml
 
     # ---- fake kernels: shapes only, one per schema (csrc/ops.cpp) -------------------------
-    # A gradient output not computed is [0]: need_grad / need_rate_grad false, no rates, or
-    # keep_grad (the gradients stay with autograd).
+    # A gradient not computed (need_grad / need_rate_grad false) is [0].
     def _grad(params, t, wanted):
         return params.new_empty(t.shape if wanted else (0,))
+
+    def _loss_outputs(params, keep_grad, need_grad, inputs, rates, need_rate_grad):
+        """The loss ops' list: [loss, a gradient per input (the rates' with rates)], or [loss]
+        with keep_grad."""
+        out = [params.new_empty(())]
+        if keep_grad:
+            return out
+        out += [_grad(params, t, need_grad) for t in inputs]
+        if rates is not None:
+            out.append(_grad(params, rates, need_grad and need_rate_grad))
+        return out
 
     @torch.library.register_fake("pymaml::adapt")
     def _adapt_fake(params, x_support, y_support, sizes, inner_lr, steps, activation, loss,
@@ -68,20 +78,16 @@ if _C is not None:
 
     @torch.library.register_fake("pymaml::maml_loss")
     def _maml_loss_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
-                        activation, loss, first_order, need_grad, rates=None, adapt_layers=None,
-                        need_rate_grad=False, keep_grad=False):
-        grad = need_grad and not keep_grad
-        rate_grad = grad and rates is not None and need_rate_grad
-        return params.new_empty(()), _grad(params, params, grad), _grad(params, rates, rate_grad)
+                        activation, loss, first_order, need_grad, keep_grad=False, rates=None,
+                        adapt_layers=None, need_rate_grad=False):
+        return _loss_outputs(params, keep_grad, need_grad, [params], rates, need_rate_grad)
 
     @torch.library.register_fake("pymaml::daml_loss")
     def _daml_loss_fake(params, loss_params, x_source, x_query, y_query, sizes, loss_sizes,
-                        inner_lr, steps, activation, loss, adapt_loss, need_grad, rates=None,
-                        need_rate_grad=False, keep_grad=False):
-        grad = need_grad and not keep_grad
-        rate_grad = grad and rates is not None and need_rate_grad
-        return (params.new_empty(()), _grad(params, params, grad),
-                _grad(params, loss_params, grad), _grad(params, rates, rate_grad))
+                        inner_lr, steps, activation, loss, adapt_loss, need_grad,
+                        keep_grad=False, rates=None, need_rate_grad=False):
+        return _loss_outputs(params, keep_grad, need_grad, [params, loss_params], rates,
+                             need_rate_grad)
 
     @torch.library.register_fake("pymaml::daml_adapt")
     def _daml_adapt_fake(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,

@@ -276,7 +276,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
             need_grad = torch.is_grad_enabled() and (params.requires_grad
                                                      or loss_params.requires_grad)
             return op(params, loss_params, *data, sizes, loss_sizes, inner_lr, steps,
-                      activation, loss, adapt_loss, need_grad, None, False, True)[0]
+                      activation, loss, adapt_loss, need_grad, True)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
@@ -302,11 +302,10 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     if learned:
         rows = _functional._rate_rows(inner_lr, params, steps, P)
         return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, 0.0, int(steps),
-                                activation, loss, adapt_loss, need_grad, rows, need_rate_grad,
-                                True)[0]
+                                activation, loss, adapt_loss, need_grad, True, rows,
+                                need_rate_grad)[0]
     return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
-                            int(steps), activation, loss, adapt_loss, need_grad, None, False,
-                            True)[0]
+                            int(steps), activation, loss, adapt_loss, need_grad, True)[0]
 
 
 def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,

@@ -471,14 +471,14 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
             if not rule:  # the value form (keep_grad): the loss alone
                 return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation,
                                           loss, first_order, grad_mode and params.requires_grad,
-                                          None, None, False, True)[0]
+                                          True)[0]
             direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
             if direct is not None:
                 need_rate_grad = grad_mode and isinstance(inner_lr, torch.Tensor) and inner_lr.requires_grad
                 need_grad = need_rate_grad or (grad_mode and params.requires_grad)
                 return _ops.ops.maml_loss(params, *data, sizes, 0.0, steps, activation, loss,
-                                          first_order, need_grad, *direct, need_rate_grad,
-                                          True)[0]
+                                          first_order, need_grad, True, *direct,
+                                          need_rate_grad)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
@@ -498,10 +498,11 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     if rule:
         need_rate_grad = need_grad and rates is not None and rates.requires_grad
         return _ops.ops.maml_loss(params, *data, sizes, 0.0, int(steps), activation, loss,
-                                  first_order, need_grad, _rate_rows(inner_lr, params, steps, P),
-                                  layers, need_rate_grad, True)[0]
+                                  first_order, need_grad, True,
+                                  _rate_rows(inner_lr, params, steps, P), layers,
+                                  need_rate_grad)[0]
     return _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation, loss,
-                              first_order, need_grad, None, None, False, True)[0]
+                              first_order, need_grad, True)[0]
 
 
 # ---- DAML: a learned inner loss on unlabeled inputs (pymaml/daml.py) ------------------------

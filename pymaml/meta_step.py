@@ -53,8 +53,8 @@ def for_run(config: RunConfig, backend: str) -> Callable:
             value, direction = _ops.ops.reptile(params, x, y, xq, yq, *fused_args)
             return value, [direction]
         if backend == "fused":
-            value, grad, _ = _ops.ops.maml_loss(params, x, y, xq, yq, *fused_args, first_order,
-                                                True)
+            value, grad = _ops.ops.maml_loss(params, x, y, xq, yq, *fused_args, first_order,
+                                             True)
             return value, [grad]
         if c.algorithm == "reptile":
             with torch.no_grad():

@@ -483,8 +483,7 @@ def _op_samples(name):
             samples.append((pb.params, pb.loss_params, *pb.data, *hyper, pb.loss, pb.adapt_loss,
                             False))
             # the value form (keep_grad): the gradients stay with autograd
-            samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True, None, False,
-                            True))
+            samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True, True))
         else:
             samples.append((pb.params, pb.loss_params, pb.xs, *hyper, pb.adapt_loss))
     return samples
@@ -574,12 +573,12 @@ def test_learned_rates_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
     rows = rates.expand(pb.steps, -1).contiguous().requires_grad_()
     args = (*inputs[:2], *pb.data, pb.sizes, pb.loss_sizes, 0.0, pb.steps, pb.activation,
-            pb.loss, pb.adapt_loss, True, rows, True)
+            pb.loss, pb.adapt_loss, True)
     for keep_grad in (False, True):  # the full form, then the value form
-        torch.library.opcheck(torch.ops.pymaml.daml_loss.default, (*args, keep_grad))
+        torch.library.opcheck(torch.ops.pymaml.daml_loss.default, (*args, keep_grad, rows, True))
     # fixed rates: their gradient not asked for
-    fixed = (*args[:-2], rows.detach(), False)
-    torch.library.opcheck(torch.ops.pymaml.daml_loss.default, (*fixed, False))
+    torch.library.opcheck(torch.ops.pymaml.daml_loss.default,
+                          (*args, False, rows.detach(), False))
 
 
 def test_learned_rates_adapt_and_equal_rates():
@@ -605,9 +604,9 @@ def test_the_value_form_hands_both_gradients_over():
     pb = random_problem(3100, torch.float64)
     args = (*pb.data, pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss,
             pb.adapt_loss, True)
-    _, g, g_psi, _ = torch.ops.pymaml.daml_loss(pb.params, pb.loss_params, *args)
+    _, g, g_psi = torch.ops.pymaml.daml_loss(pb.params, pb.loss_params, *args)
     p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
-    value = lambda p, q: torch.ops.pymaml.daml_loss(p, q, *args, keep_grad=True)[0]
+    value = lambda p, q: torch.ops.pymaml.daml_loss(p, q, *args, True)[0]
     loss = value(p, q)
     loss.backward(torch.tensor(0.5, dtype=torch.float64), retain_graph=True)
     loss.backward()

@@ -75,7 +75,7 @@ def reference_iterations(pb, data, opt, p, first, n, algo=None):
         if algo == "reptile":
             loss, grad = ops.reptile(p.detach(), *batch, *hyper)
         else:
-            loss, grad, _ = ops.maml_loss(p.detach(), *batch, *hyper, algo == "fomaml", True)
+            loss, grad = ops.maml_loss(p.detach(), *batch, *hyper, algo == "fomaml", True)
         losses.append(loss)
         p.grad = grad
         opt.step()

@@ -192,12 +192,14 @@ at::Tensor check_daml_rates(const char* op, DamlArgs& a,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss(
+// [loss, params' and loss_params' gradients, the rates' (listed with rates)], or [loss] alone
+// with keep_grad (ops.cpp).
+std::vector<at::Tensor> daml_loss(
     const at::Tensor& params, const at::Tensor& loss_params, const at::Tensor& x_source,
     const at::Tensor& x_query, const at::Tensor& y_query, c10::IntArrayRef sizes,
     c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps, std::string_view activation,
-    std::string_view loss, std::string_view adapt_loss, bool need_grad,
-    const std::optional<at::Tensor>& rates_in, bool need_rate_grad, bool keep_grad) {
+    std::string_view loss, std::string_view adapt_loss, bool need_grad, bool keep_grad,
+    const std::optional<at::Tensor>& rates_in, bool need_rate_grad) {
   constexpr const char* op = "pymaml::daml_loss";
   const DamlConfig config = parse_daml_config(
       op, sizes, loss_sizes, scalar_lr(inner_lr, rates_in), steps, activation, loss, adapt_loss);
@@ -206,24 +208,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss(
   need_grad = need_grad && !keep_grad;  // as maml_loss: below autograd nothing would keep them
   need_rate_grad = need_rate_grad && need_grad && rates.defined();
   const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
-  at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
-  at::Tensor grad_psi = at::empty({need_grad ? Pl : 0}, a.params.options());
-  at::Tensor rate_grad = need_rate_grad
-                             ? at::empty({a.config.base.rate_rows, P}, a.params.options())
-                             : at::empty({0}, a.params.options());
+  const auto options = a.params.options();
+  std::vector<at::Tensor> out;
+  out.reserve(4);
+  out.push_back(at::empty({}, options));
+  if (!keep_grad) {
+    out.push_back(at::empty({need_grad ? P : 0}, options));
+    out.push_back(at::empty({need_grad ? Pl : 0}, options));
+  }
+  if (!keep_grad && rates.defined())
+    out.push_back(need_rate_grad ? at::empty({a.config.base.rate_rows, P}, options)
+                                 : at::empty({0}, options));
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_cpu", [&] {
-    const auto ptr = [](const at::Tensor& t, bool use) {
-      return use ? t.data_ptr<scalar_t>() : nullptr;
+    const auto ptr = [&](size_t i, bool use) {
+      return use ? out[i].data_ptr<scalar_t>() : nullptr;
     };
     DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride, need_rate_grad);
-    *out_loss.data_ptr<scalar_t>() = batch.run(
+    *out[0].data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
         a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
-        ptr(grad, need_grad), ptr(grad_psi, need_grad), ptr(rates, rates.defined()),
-        ptr(rate_grad, need_rate_grad));
+        ptr(1, need_grad), ptr(2, need_grad),
+        rates.defined() ? rates.data_ptr<scalar_t>() : nullptr, ptr(3, need_rate_grad));
   });
-  return {out_loss, grad, grad_psi, rate_grad};
+  return out;
 }
 
 at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,

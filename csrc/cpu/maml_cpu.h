@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace pymaml::cpu {
 
@@ -25,13 +26,13 @@ std::tuple<at::Tensor, at::Tensor> adapt_backward(
     at::OptionalIntArrayRef adapt_layers = std::nullopt, bool first_order = false,
     bool need_rate_grad = false);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss(
+std::vector<at::Tensor> maml_loss(
     const at::Tensor& params, const at::Tensor& x_support, const at::Tensor& y_support,
     const at::Tensor& x_query, const at::Tensor& y_query, c10::IntArrayRef sizes,
     double inner_lr, int64_t steps, std::string_view activation, std::string_view loss,
-    bool first_order, bool need_grad, const std::optional<at::Tensor>& rates = std::nullopt,
-    at::OptionalIntArrayRef adapt_layers = std::nullopt, bool need_rate_grad = false,
-    bool keep_grad = false);
+    bool first_order, bool need_grad, bool keep_grad = false,
+    const std::optional<at::Tensor>& rates = std::nullopt,
+    at::OptionalIntArrayRef adapt_layers = std::nullopt, bool need_rate_grad = false);
 
 std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params,
                                            const at::Tensor& x_support,

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "../op_args.h"
 #include "maml_cuda.h"
@@ -124,15 +125,16 @@ std::tuple<at::Tensor, at::Tensor> adapt_backward_op(
   return {out, at::empty({0}, params.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_op(
+// [loss, meta-gradient [P] or empty], or [loss] with keep_grad (as on the CPU, maml_cpu.cpp).
+std::vector<at::Tensor> maml_loss_op(
     const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
     const at::Tensor& xq_in, const at::Tensor& yq_in, c10::IntArrayRef sizes, double inner_lr,
     int64_t steps, std::string_view activation, std::string_view loss, bool first_order,
-    bool need_grad, const std::optional<at::Tensor>& rates, at::OptionalIntArrayRef adapt_layers,
-    bool /*need_rate_grad*/, bool keep_grad) {
+    bool need_grad, bool keep_grad, const std::optional<at::Tensor>& rates,
+    at::OptionalIntArrayRef adapt_layers, bool /*need_rate_grad*/) {
   constexpr const char* op = "pymaml::maml_loss";
   refuse_rule(op, rates, adapt_layers);
-  need_grad = need_grad && !keep_grad;  // as on the CPU (maml_cpu.cpp)
+  need_grad = need_grad && !keep_grad;
   const c10::DeviceGuard guard(params_in.device());
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
                                  ys_in, xq_in, yq_in);
@@ -152,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_op(
                        ptr<scalar_t>(scratch), ptr<scalar_t>(partial), ptr<scalar_t>(mean_loss),
                        ptr<scalar_t>(meta_grad), current_stream(params.device())));
   });
-  return {mean_loss, meta_grad, at::empty({0}, params.options())};
+  if (keep_grad) return {mean_loss};
+  return {mean_loss, meta_grad};
 }
 
 }  // namespace
