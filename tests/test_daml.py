@@ -484,13 +484,18 @@ def _op_samples(name):
                             False))
             # the value form (keep_grad): the gradients stay with autograd
             samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True, True))
+        elif name == "daml_train_chunk":  # two meta-batches, SGD (weights updated in place)
+            chunk = [torch.stack([t, 0.5 * t]) for t in pb.data]
+            weights = torch.cat([pb.params, pb.loss_params])
+            samples.append((weights, [], *chunk, *hyper, pb.loss, pb.adapt_loss, "sgd",
+                            [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0]))
         else:
             samples.append((pb.params, pb.loss_params, pb.xs, *hyper, pb.adapt_loss))
     return samples
 
 
 @requires_fused_daml
-@pytest.mark.parametrize("name", ["daml_loss", "daml_adapt"])
+@pytest.mark.parametrize("name", ["daml_loss", "daml_adapt", "daml_train_chunk"])
 def test_opcheck(name):
     for args in _op_samples(name):
         torch.library.opcheck(getattr(torch.ops.pymaml, name).default, args)
