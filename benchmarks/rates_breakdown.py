@@ -29,10 +29,10 @@ def cases():
     both = torch.optim.Adam([p, rates], lr=1e-3, fused=True)
     p.grad, rates.grad = torch.zeros_like(p), torch.zeros_like(rates)
     both.step()  # the state exists, as in a training loop
-    hyper = (sizes, steps, "relu", "mse", False)
+    hyper = (sizes, 0.0, steps, "relu", "mse", False, True, False)
 
     def raw_rates(layers, rate_grad):
-        return lambda: ops.maml_loss_rates(p.detach(), row, *data, *hyper, layers, True, rate_grad)
+        return lambda: ops.maml_loss(p.detach(), *data, *hyper, row, layers, rate_grad)
     return {
         "raw maml_loss": lambda: ops.maml_loss(p.detach(), *data, sizes, 0.01, steps, "relu",
                                                "mse", False, True),

@@ -142,10 +142,10 @@ OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, in
   return a;
 }
 
-void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
-                     c10::IntArrayRef adapt_layers) {
-  OpConfig& c = a.config;
-  const int64_t depth = c.shape.depth, P = c.shape.num_params;
+namespace {
+
+void check_adapt_layers(const char* op, OpConfig& c, c10::IntArrayRef adapt_layers) {
+  const int64_t depth = c.shape.depth;
   TORCH_CHECK_VALUE(!adapt_layers.empty(), op, ": adapt_layers must name at least one layer");
   uint32_t moving = 0;
   for (int64_t l : adapt_layers) {
@@ -158,7 +158,11 @@ void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
   }
   c.frozen = ~moving & ((1u << depth) - 1u);
   while (!((moving >> c.first_adapted) & 1u)) ++c.first_adapted;
+}
 
+void check_rates(const char* op, OpArgs& a, const at::Tensor& rates) {
+  OpConfig& c = a.config;
+  const int64_t P = c.shape.num_params;
   TORCH_CHECK_TYPE(rates.scalar_type() == a.params.scalar_type(), op,
                    ": rates must have the dtype of params (", a.params.scalar_type(), "), got ",
                    rates.scalar_type());
@@ -176,6 +180,14 @@ void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
   });
   TORCH_CHECK_VALUE(finite, op, ": rates must be finite");
   c.rate_rows = rates.size(0);  // 0 with steps = 0: no rate is read
+}
+
+}  // namespace
+
+void check_rule(const char* op, OpArgs& a, const std::optional<at::Tensor>& rates,
+                at::OptionalIntArrayRef adapt_layers) {
+  if (adapt_layers.has_value()) check_adapt_layers(op, a.config, *adapt_layers);
+  if (rates.has_value()) check_rates(op, a, *rates);
 }
 
 }  // namespace pymaml

@@ -4,7 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/OptionalArrayRef.h>
 
+#include <optional>
 #include <string_view>
 
 #include "maml_math.h"
@@ -18,7 +20,7 @@ struct OpConfig {
   Loss loss;
   int64_t steps;
   double inner_lr;
-  // The inner rule of the *_rates ops (docs/design.md §8.1); the other ops keep the defaults.
+  // The inner rule (check_rule, docs/design.md §8.1-§8.2); a plain call keeps the defaults.
   uint32_t frozen = 0;      // bit l: linear layer l does not move in the inner loop
   int first_adapted = 0;    // the lowest layer that moves
   int64_t rate_rows = 0;    // rows R of the rates tensor [R, P]; 0: the scalar inner_lr
@@ -70,11 +72,16 @@ OpArgs check_op_args(const char* op, c10::IntArrayRef sizes, double inner_lr, in
                      const at::Tensor& xq = at::Tensor(), const at::Tensor& yq = at::Tensor(),
                      const at::Tensor& grad = at::Tensor(), bool allow_per_step = false);
 
-// The *_rates ops' extra arguments, into `a` (after check_op_args): rates [R, P] with R = 1
-// (every step) or steps, the dtype and device of params, finite; adapt_layers the distinct
-// linear layers that move in the inner loop (negative indices count from the last), at least
-// one.
-void check_rate_args(const char* op, OpArgs& a, const at::Tensor& rates,
-                     c10::IntArrayRef adapt_layers);
+// The inner rule's arguments (ops.cpp), into `a` after check_op_args: adapt_layers (None: every
+// layer moves) the distinct linear layers that move in the inner loop (negative indices count
+// from the last), at least one; rates (None: the scalar inner_lr) [R, P] with R = 1 (every
+// step) or steps, the dtype and device of params, finite.
+void check_rule(const char* op, OpArgs& a, const std::optional<at::Tensor>& rates,
+                at::OptionalIntArrayRef adapt_layers);
+
+// The inner_lr to parse: a call with rates does not read it (nor check it).
+inline double scalar_lr(double inner_lr, const std::optional<at::Tensor>& rates) {
+  return rates.has_value() ? 0.0 : inner_lr;
+}
 
 }  // namespace pymaml

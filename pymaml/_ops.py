@@ -45,66 +45,49 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return f"the fused ops have no kernels for device type '{device.type}'"
 
 
-def _scalar_like_params(params, *rest):
-    return params.new_empty(())
-
-
 if _C is not None:
     ops = torch.ops.pymaml
 
-    # ---- fake kernels: shapes only --------------------------------------------------------
+    # ---- fake kernels: shapes only, one per schema (csrc/ops.cpp) -------------------------
+    # A gradient not computed (need_grad / need_rate_grad false) is [0].
+    def _grad(params, t, wanted):
+        return params.new_empty(t.shape if wanted else (0,))
+
+    def _loss_outputs(params, keep_grad, need_grad, inputs, rates, need_rate_grad):
+        """The loss ops' list: [loss, a gradient per input (the rates' with rates)], or [loss]
+        with keep_grad."""
+        out = [params.new_empty(())]
+        if keep_grad:
+            return out
+        out += [_grad(params, t, need_grad) for t in inputs]
+        if rates is not None:
+            out.append(_grad(params, rates, need_grad and need_rate_grad))
+        return out
+
     @torch.library.register_fake("pymaml::adapt")
     def _adapt_fake(params, x_support, y_support, sizes, inner_lr, steps, activation, loss,
-                    first_order):
+                    first_order, rates=None, adapt_layers=None):
         return params.new_empty((x_support.shape[0], params.shape[0]))
 
     @torch.library.register_fake("pymaml::adapt_backward")
     def _adapt_backward_fake(grad, params, x_support, y_support, sizes, inner_lr, steps,
-                             activation, loss):
-        return params.new_empty(params.shape)
+                             activation, loss, rates=None, adapt_layers=None, first_order=False,
+                             need_rate_grad=False):
+        rate_grad = rates is not None and need_rate_grad
+        return params.new_empty(params.shape), _grad(params, rates, rate_grad)
 
     @torch.library.register_fake("pymaml::maml_loss")
     def _maml_loss_fake(params, x_support, y_support, x_query, y_query, sizes, inner_lr, steps,
-                        activation, loss, first_order, need_grad):
-        width = params.shape[0] if need_grad else 0
-        return params.new_empty(()), params.new_empty((width,))
-
-    @torch.library.register_fake("pymaml::adapt_rates")
-    def _adapt_rates_fake(params, rates, x_support, y_support, sizes, steps, activation, loss,
-                          first_order, adapt_layers):
-        return params.new_empty((x_support.shape[0], params.shape[0]))
-
-    @torch.library.register_fake("pymaml::adapt_rates_backward")
-    def _adapt_rates_backward_fake(grad, params, rates, x_support, y_support, sizes, steps,
-                                   activation, loss, first_order, adapt_layers, need_rate_grad):
-        return params.new_empty(params.shape), params.new_empty(rates.shape if need_rate_grad else (0,))
-
-    @torch.library.register_fake("pymaml::maml_loss_rates")
-    def _maml_loss_rates_fake(params, rates, x_support, y_support, x_query, y_query, sizes,
-                              steps, activation, loss, first_order, adapt_layers, need_grad,
-                              need_rate_grad):
-        width = params.shape[0] if need_grad else 0
-        rate_shape = rates.shape if need_grad and need_rate_grad else (0,)
-        return params.new_empty(()), params.new_empty((width,)), params.new_empty(rate_shape)
+                        activation, loss, first_order, need_grad, keep_grad=False, rates=None,
+                        adapt_layers=None, need_rate_grad=False):
+        return _loss_outputs(params, keep_grad, need_grad, [params], rates, need_rate_grad)
 
     @torch.library.register_fake("pymaml::daml_loss")
     def _daml_loss_fake(params, loss_params, x_source, x_query, y_query, sizes, loss_sizes,
-                        inner_lr, steps, activation, loss, adapt_loss, need_grad):
-        return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
-                params.new_empty((loss_params.shape[0] if need_grad else 0,)))
-
-    @torch.library.register_fake("pymaml::daml_loss_rates")
-    def _daml_loss_rates_fake(params, loss_params, rates, x_source, x_query, y_query, sizes,
-                              loss_sizes, steps, activation, loss, adapt_loss, need_grad,
-                              need_rate_grad):
-        return (params.new_empty(()), params.new_empty((params.shape[0] if need_grad else 0,)),
-                params.new_empty((loss_params.shape[0] if need_grad else 0,)),
-                params.new_empty(rates.shape if need_grad and need_rate_grad else (0,)))
-
-    # The loss ops' values alone (ops.cpp): a scalar of params' dtype.
-    for name in ("maml_loss_value", "maml_loss_rates_value", "daml_loss_value",
-                 "daml_loss_rates_value"):
-        torch.library.register_fake(f"pymaml::{name}")(_scalar_like_params)
+                        inner_lr, steps, activation, loss, adapt_loss, need_grad,
+                        keep_grad=False, rates=None, need_rate_grad=False):
+        return _loss_outputs(params, keep_grad, need_grad, [params, loss_params], rates,
+                             need_rate_grad)
 
     @torch.library.register_fake("pymaml::daml_adapt")
     def _daml_adapt_fake(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,
@@ -123,14 +106,9 @@ if _C is not None:
     @torch.library.register_fake("pymaml::train_chunk")
     def _train_chunk_fake(params, optimizer_state, x_support, y_support, x_query, y_query, sizes,
                           inner_lr, steps, activation, loss, algorithm, optimizer,
-                          optimizer_hyper):
-        # losses [n] and the count of iterations done; params and the state change in place
-        return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
-
-    @torch.library.register_fake("pymaml::train_chunk_rates")
-    def _train_chunk_rates_fake(params, rates, optimizer_state, x_support, y_support, x_query,
-                                y_query, sizes, steps, activation, loss, algorithm, adapt_layers,
-                                learn_rates, optimizer, optimizer_hyper):
+                          optimizer_hyper, rates=None, adapt_layers=None, learn_rates=False):
+        # losses [n] and the count of iterations done; params, the rates and the state change
+        # in place
         return params.new_empty((x_support.shape[0],)), params.new_empty((), dtype=torch.int64)
 
     @torch.library.register_fake("pymaml::daml_train_chunk")

@@ -49,8 +49,8 @@ from ._layout import num_params, unflatten
 __all__ = ["daml_loss", "daml_adapt", "reference_loss", "reference_adapt", "loss_input_width",
            "fused_available", "ADAPT_LOSSES"]
 
-# the ops pymaml.daml's functions call (the loss ops' value forms, ops.cpp)
-OP_NAMES = ("daml_loss_value", "daml_loss_rates_value", "daml_adapt")
+# the ops pymaml.daml's functions call (csrc/ops.cpp)
+OP_NAMES = ("daml_loss", "daml_adapt")
 
 
 # ---- the fused ops, where this build has them ----------------------------------------------
@@ -179,14 +179,14 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
     [steps, P]); one that requires grad gets its gradient too."""
     data = (x_source, x_query, y_query)
-    op = _direct_to_fused("daml_loss_value", backend, params, loss_params, data, sizes,
+    op = _direct_to_fused("daml_loss", backend, params, loss_params, data, sizes,
                           loss_sizes, inner_lr, steps, activation, loss, adapt_loss, first_order)
     if op is not None:
         try:
             need_grad = torch.is_grad_enabled() and (params.requires_grad
                                                      or loss_params.requires_grad)
             return op(params, loss_params, *data, sizes, loss_sizes, inner_lr, steps,
-                      activation, loss, adapt_loss, need_grad)
+                      activation, loss, adapt_loss, need_grad, True)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
@@ -196,7 +196,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
     extra = ("the fused op does not support torch.func transforms (grad, vmap)"
              if learned and _route.under_torch_func((inner_lr,)) else None)
-    which = _choose_backend(backend, "daml_loss_value", params, sizes, loss_sizes, steps, data,
+    which = _choose_backend(backend, "daml_loss", params, sizes, loss_sizes, steps, data,
                             extra)
     P = num_params(sizes)
     if which == "reference":
@@ -208,14 +208,14 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     need_rate_grad = grad_mode and learned and inner_lr.requires_grad
     need_grad = need_rate_grad or (grad_mode and (params.requires_grad
                                                   or loss_params.requires_grad))
+    # the value form (keep_grad): the loss alone
     if learned:
         rows = _rates.rate_rows(inner_lr, params, steps, P)
-        return _op("daml_loss_rates_value")(params, loss_params, rows, *data, sizes,
-                                            loss_sizes, int(steps), activation, loss,
-                                            adapt_loss, need_grad, need_rate_grad)
-    return _op("daml_loss_value")(params, loss_params, *data, sizes, loss_sizes,
-                                  float(inner_lr), int(steps), activation, loss, adapt_loss,
-                                  need_grad)
+        return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, 0.0, int(steps),
+                                activation, loss, adapt_loss, need_grad, True, rows,
+                                need_rate_grad)[0]
+    return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
+                            int(steps), activation, loss, adapt_loss, need_grad, True)[0]
 
 
 def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,

@@ -66,10 +66,10 @@ def _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, 
 
 
 def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
-    """For a call with learned rates or adapt_layers that may go straight to the *_rates ops
-    (as _direct_to_fused says for the rest): (rates [R, P], layers); None otherwise. The op
-    checks the rest (finite rates, layer range, duplicates) and any error it raises sends the
-    call down the checked path."""
+    """For a call with learned rates or adapt_layers that may go straight to the ops with
+    rates (as _direct_to_fused says for the rest): (rates [R, P], layers, None for every
+    layer); None otherwise. The op checks the rest (finite rates, layer range, duplicates) and
+    any error it raises sends the call down the checked path."""
     if type(adapt_layers) not in (list, tuple, type(None)):
         return None
     if adapt_layers is not None and not all(type(l) is int for l in adapt_layers):
@@ -85,11 +85,11 @@ def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
         rates = _rates.rate_rows(inner_lr, params, steps, P)
     except RuntimeError:  # a shape that does not broadcast: the checked path says so
         return None
-    return rates, list(range(len(sizes) - 1)) if adapt_layers is None else list(adapt_layers)
+    return rates, None if adapt_layers is None else list(adapt_layers)
 
 
 def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
-    """rule: the call has learned rates or frozen layers (the *_rates ops, CPU only)."""
+    """rule: the call has learned rates or frozen layers (rates and adapt_layers, CPU only)."""
     _checks.check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return backend
@@ -176,8 +176,8 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
                                       activation, loss, first_order)
             direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
             if direct is not None:
-                return _ops.ops.adapt_rates(params, direct[0], x_support, y_support, sizes,
-                                            steps, activation, loss, first_order, direct[1])
+                return _ops.ops.adapt(params, x_support, y_support, sizes, 0.0, steps,
+                                      activation, loss, first_order, *direct)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
@@ -192,9 +192,9 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
                                 activation=activation, loss=loss, first_order=first_order,
                                 adapt_layers=layers)
     if rule:
-        return _ops.ops.adapt_rates(params, _rates.rate_rows(inner_lr, params, steps, P), x_support,
-                                    y_support, sizes, int(steps), activation, loss, first_order,
-                                    layers or list(range(len(sizes) - 1)))
+        return _ops.ops.adapt(params, x_support, y_support, sizes, 0.0, int(steps), activation,
+                              loss, first_order, _rates.rate_rows(inner_lr, params, steps, P),
+                              layers)
     return _ops.ops.adapt(params, x_support, y_support, sizes, float(inner_lr), int(steps),
                           activation, loss, first_order)
 
@@ -223,17 +223,17 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
                         activation, loss, first_order):
         try:
             grad_mode = torch.is_grad_enabled()
-            if not rule:
-                return _ops.ops.maml_loss_value(params, *data, sizes, inner_lr, steps,
-                                                activation, loss, first_order,
-                                                grad_mode and params.requires_grad)
+            if not rule:  # the value form (keep_grad): the loss alone
+                return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation,
+                                          loss, first_order, grad_mode and params.requires_grad,
+                                          True)[0]
             direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
             if direct is not None:
                 need_rate_grad = grad_mode and isinstance(inner_lr, torch.Tensor) and inner_lr.requires_grad
                 need_grad = need_rate_grad or (grad_mode and params.requires_grad)
-                return _ops.ops.maml_loss_rates_value(params, direct[0], *data, sizes, steps,
-                                                      activation, loss, first_order, direct[1],
-                                                      need_grad, need_rate_grad)
+                return _ops.ops.maml_loss(params, *data, sizes, 0.0, steps, activation, loss,
+                                          first_order, need_grad, True, *direct,
+                                          need_rate_grad)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
@@ -252,9 +252,9 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     need_grad = grad_mode and (params.requires_grad or (rates is not None and rates.requires_grad))
     if rule:
         need_rate_grad = need_grad and rates is not None and rates.requires_grad
-        return _ops.ops.maml_loss_rates_value(params, _rates.rate_rows(inner_lr, params, steps, P),
-                                              *data, sizes, int(steps), activation, loss,
-                                              first_order, layers or list(range(len(sizes) - 1)),
-                                              need_grad, need_rate_grad)
-    return _ops.ops.maml_loss_value(params, *data, sizes, float(inner_lr), int(steps),
-                                    activation, loss, first_order, need_grad)
+        return _ops.ops.maml_loss(params, *data, sizes, 0.0, int(steps), activation, loss,
+                                  first_order, need_grad, True,
+                                  _rates.rate_rows(inner_lr, params, steps, P), layers,
+                                  need_rate_grad)[0]
+    return _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation, loss,
+                              first_order, need_grad, True)[0]

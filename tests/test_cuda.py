@@ -142,6 +142,24 @@ def test_task_too_big_names_what_to_reduce():
 
 
 @requires_cuda
+def test_rates_and_frozen_layers_run_on_the_cpu_kernels_only():
+    # The CUDA kernels take one scalar rate and every layer adapting: the ops refuse rates and
+    # adapt_layers by name, and pymaml.functional serves such calls with the reference there.
+    pb = to_device(random_problem(3, torch.float32), "cuda")
+    P = pb.params.numel()
+    rates = torch.full((1, P), pb.inner_lr, device="cuda")
+    args = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order)
+    for rule in ((rates, None), (None, [-1])):
+        with pytest.raises(NotImplementedError, match="CPU kernels only"):
+            ops.maml_loss(pb.params, *pb.data, *args, True, False, *rule)
+        with pytest.raises(NotImplementedError, match="CPU kernels only"):
+            ops.adapt(pb.params, pb.xs, pb.ys, *args, *rule)
+    got = F.maml_loss(pb.params, *pb.data, adapt_layers=[-1], **pb.hyper)
+    want = F.maml_loss(pb.params, *pb.data, adapt_layers=[-1], backend="reference", **pb.hyper)
+    assert torch.equal(got, want)
+
+
+@requires_cuda
 def test_train_on_cuda():
     # MSE: no sign flips of L1 residuals near zero to amplify float32 rounding differences.
     kw = dict(iterations=30, meta_batch_size=4, loss="mse", inner_lr=0.01, progress=False,

@@ -478,17 +478,24 @@ def _op_samples(name):
         pb = random_problem(3000 + seed, dtype)
         hyper = (pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation)
         p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
-        if name in ("daml_loss", "daml_loss_value"):
+        if name == "daml_loss":
             samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True))
             samples.append((pb.params, pb.loss_params, *pb.data, *hyper, pb.loss, pb.adapt_loss,
                             False))
+            # the value form (keep_grad): the gradients stay with autograd
+            samples.append((p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True, True))
+        elif name == "daml_train_chunk":  # two meta-batches, SGD (weights updated in place)
+            chunk = [torch.stack([t, 0.5 * t]) for t in pb.data]
+            weights = torch.cat([pb.params, pb.loss_params])
+            samples.append((weights, [], *chunk, *hyper, pb.loss, pb.adapt_loss, "sgd",
+                            [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0]))
         else:
             samples.append((pb.params, pb.loss_params, pb.xs, *hyper, pb.adapt_loss))
     return samples
 
 
 @requires_fused_daml
-@pytest.mark.parametrize("name", ["daml_loss", "daml_loss_value", "daml_adapt"])
+@pytest.mark.parametrize("name", ["daml_loss", "daml_adapt", "daml_train_chunk"])
 def test_opcheck(name):
     for args in _op_samples(name):
         torch.library.opcheck(getattr(torch.ops.pymaml, name).default, args)
@@ -569,10 +576,14 @@ def test_learned_rates_gradcheck_and_opcheck():
 
     inputs = tuple(t.clone().requires_grad_() for t in (pb.params, pb.loss_params, rates))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
-    args = (*inputs[:2], rates.expand(pb.steps, -1).contiguous().requires_grad_(), *pb.data,
-            pb.sizes, pb.loss_sizes, pb.steps, pb.activation, pb.loss, pb.adapt_loss, True, True)
-    torch.library.opcheck(torch.ops.pymaml.daml_loss_rates.default, args)
-    torch.library.opcheck(torch.ops.pymaml.daml_loss_rates_value.default, args)
+    rows = rates.expand(pb.steps, -1).contiguous().requires_grad_()
+    args = (*inputs[:2], *pb.data, pb.sizes, pb.loss_sizes, 0.0, pb.steps, pb.activation,
+            pb.loss, pb.adapt_loss, True)
+    for keep_grad in (False, True):  # the full form, then the value form
+        torch.library.opcheck(torch.ops.pymaml.daml_loss.default, (*args, keep_grad, rows, True))
+    # fixed rates: their gradient not asked for
+    torch.library.opcheck(torch.ops.pymaml.daml_loss.default,
+                          (*args, False, rows.detach(), False))
 
 
 def test_learned_rates_adapt_and_equal_rates():
@@ -593,17 +604,18 @@ def test_learned_rates_adapt_and_equal_rates():
 
 
 @requires_fused_daml
-def test_the_value_op_hands_both_gradients_over():
-    # daml_loss_value: the full op's gradients, handed to both networks (autograd.cpp).
+def test_the_value_form_hands_both_gradients_over():
+    # daml_loss with keep_grad: the full op's gradients, handed to both networks (autograd.cpp).
     pb = random_problem(3100, torch.float64)
     args = (*pb.data, pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss,
             pb.adapt_loss, True)
     _, g, g_psi = torch.ops.pymaml.daml_loss(pb.params, pb.loss_params, *args)
     p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
-    loss = torch.ops.pymaml.daml_loss_value(p, q, *args)
+    value = lambda p, q: torch.ops.pymaml.daml_loss(p, q, *args, True)[0]
+    loss = value(p, q)
     loss.backward(torch.tensor(0.5, dtype=torch.float64), retain_graph=True)
     loss.backward()
     assert torch.equal(p.grad, 1.5 * g) and torch.equal(q.grad, 1.5 * g_psi)
     p.grad = None
-    torch.ops.pymaml.daml_loss_value(p, pb.loss_params, *args).backward()  # psi not learned
+    value(p, pb.loss_params).backward()  # psi not learned
     assert torch.equal(p.grad, g)

@@ -179,9 +179,10 @@ def test_opcheck_wide_loss_network():
         pb = wide_problem(4100 + seed, dtype, 4, "mse", seed == 0)
         hyper = (pb.sizes, pb.loss_sizes, pb.inner_lr, pb.steps, pb.activation)
         p, q = pb.params.clone().requires_grad_(), pb.loss_params.clone().requires_grad_()
-        for name in ("daml_loss", "daml_loss_value"):
-            torch.library.opcheck(getattr(torch.ops.pymaml, name).default,
-                                  (p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True))
+        for keep_grad in (False, True):  # the gradients as outputs, or kept for autograd
+            torch.library.opcheck(torch.ops.pymaml.daml_loss.default,
+                                  (p, q, *pb.data, *hyper, pb.loss, pb.adapt_loss, True,
+                                   keep_grad))
         torch.library.opcheck(torch.ops.pymaml.daml_adapt.default,
                               (pb.params, pb.loss_params, pb.xs, *hyper, pb.adapt_loss))
 

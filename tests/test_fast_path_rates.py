@@ -1,4 +1,4 @@
-"""The chunked fast path with learned inner rates and frozen layers (train_chunk_rates):
+"""The chunked fast path with learned inner rates and frozen layers (train_chunk with rates):
 Meta-SGD and per-parameter-step rates, ANIL and other layer subsets, Reptile with frozen
 layers, with SGD (with and without momentum) and Adam, give bitwise the per-iteration path's
 losses, weights and rates; tied modes and Reptile with frozen layers keep the per-iteration

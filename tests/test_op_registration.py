@@ -54,8 +54,23 @@ def optimizer_samples(P, dtype, g, device):
     ]
 
 
+def _rule(pb, seed, dtype, device):
+    """The inner rule's trailing arguments for a sample (ops.cpp): (rates, adapt_layers), each
+    given or None by turns: learned rates [steps, P] or [1, P], frozen layers (the head, or
+    the last two), both, or neither."""
+    P, depth = pb.params.numel(), len(pb.sizes) - 1
+    g = torch.Generator().manual_seed(100 + seed)
+    rows = pb.steps if seed % 2 else 1
+    rates = (pb.inner_lr * (0.5 + torch.rand(rows, P, generator=g, dtype=torch.float64)))
+    rates = rates.to(dtype).to(device).requires_grad_()
+    layers = [-1] if seed % 2 else list(range(max(0, depth - 2), depth))
+    return [(None, None), (rates, None), (None, layers), (rates, layers)]
+
+
 def sample_inputs(name, device):
-    """Argument tuples for op `name` on `device`, over dtypes, both orders and both losses."""
+    """Argument tuples for op `name` on `device`, over dtypes, both orders and both losses;
+    on the CPU also with the inner rule's optional arguments (rates, adapt_layers: the CUDA
+    kernels take neither) given and None, and each loss op's value form (keep_grad)."""
     samples = []
     for seed, dtype in ((0, torch.float64), (1, torch.float32), (2, torch.float64)):
         pb = to_device(random_problem(seed, dtype, max_tasks=3), device)
@@ -63,35 +78,70 @@ def sample_inputs(name, device):
         hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss)
         p = pb.params.clone().requires_grad_()
         g = torch.Generator().manual_seed(seed)
+        rules = _rule(pb, seed, dtype, device) if device == "cpu" else [(None, None)]
         if name == "adapt":
             samples.append((p, pb.xs, pb.ys, *hyper, pb.first_order))
+            for rates, layers in rules[1:]:
+                samples.append((p, pb.xs, pb.ys, *hyper, pb.first_order, rates, layers))
         elif name == "adapt_backward":
             cot = torch.randn(pb.xs.shape[0], p.numel(), generator=g, dtype=torch.float64)
-            samples.append((cot.to(dtype).to(device), pb.params, pb.xs, pb.ys, *hyper))
-        elif name in ("maml_loss", "maml_loss_value"):
+            cot = cot.to(dtype).to(device)
+            samples.append((cot, pb.params, pb.xs, pb.ys, *hyper))
+            for rates, layers in rules[1:]:
+                r = None if rates is None else rates.detach()
+                samples.append((cot, pb.params, pb.xs, pb.ys, *hyper, r, layers, pb.first_order,
+                                r is not None))
+        elif name == "maml_loss":
             samples.append((p, *pb.data, *hyper, pb.first_order, True))
             samples.append((pb.params, *pb.data, *hyper, pb.first_order, False))
+            for (rates, layers), keep_grad in zip(rules, (True, False, True, False)):
+                samples.append((p, *pb.data, *hyper, pb.first_order, True, keep_grad, rates,
+                                layers, rates is not None))
+            for r in [rules[1][0].detach()] if device == "cpu" else []:
+                # fixed rates (their gradient not asked for), then no gradient at all
+                samples.append((p, *pb.data, *hyper, pb.first_order, True, True, r, None, False))
+                samples.append((pb.params, *pb.data, *hyper, pb.first_order, False, False, r,
+                                None, True))
         elif name == "reptile":
             samples.append((pb.params, *pb.data, *hyper))
         elif name == "train_chunk":
             # the training ops update params and the optimizer state in place (declared mutable)
             chunk = [torch.stack([t, t.flip(0), 0.5 * t]) for t in pb.data]  # 3 meta-batches
+            algorithm = "fomaml" if pb.first_order else "maml"
             for state, opt, opt_hyper in optimizer_samples(p.numel(), dtype, g, device):
-                algorithm = "fomaml" if pb.first_order else "maml"
                 samples.append((pb.params.clone(), state, *chunk, *hyper, algorithm, opt,
                                 opt_hyper))
+            # with the inner rule: fixed rates with frozen layers, learned rates (their
+            # optimizer state after params')
+            rates, layers = rules[3]
+            samples.append((pb.params.clone(), [], *chunk, *hyper, algorithm, "sgd",
+                            [1e-2, 0.0, 0.0, 0.0, 0.0, 0.0], rates.detach().clone(), layers,
+                            False))
+            momentum = [torch.zeros_like(pb.params), torch.zeros_like(rates.detach())]
+            samples.append((pb.params.clone(), momentum, *chunk, *hyper, algorithm, "sgd",
+                            [1e-2, 0.9, 0.0, 0.0, 0.0, 0.0], rates.detach().clone(), None,
+                            True))
         else:
             raise ValueError(name)
     return samples
 
 
-@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "maml_loss_value",
-                                  "reptile", *CPU_ONLY_OPS])
+@pytest.mark.parametrize("name", ["adapt", "adapt_backward", "maml_loss", "reptile",
+                                  *CPU_ONLY_OPS])
 def test_opcheck(device, name):
     if device != "cpu" and name in CPU_ONLY_OPS:
         pytest.skip(f"pymaml::{name} has no {device} kernel (the training loop's ops are CPU-only)")
     for args in sample_inputs(name, device):
         torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_one_schema_per_op_family():
+    # Learned rates, frozen layers and the value form are arguments of one schema per family
+    # (csrc/ops.cpp), each with one fake kernel (pymaml/_ops.py) and one autograd formula.
+    names = sorted(s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("pymaml::"))
+    assert names == sorted(f"pymaml::{n}" for n in (
+        "flatten_params", "adapt", "adapt_backward", "maml_loss", "reptile", "daml_loss",
+        "daml_adapt", "train_chunk", "daml_train_chunk")), names
 
 
 # One problem per dtype, so that the four compiles (each several seconds on the CPU) cover two
@@ -131,7 +181,7 @@ def test_backward_without_meta_gradient_is_an_error(device):
     pb = to_device(random_problem(2, torch.float64), device)
     p = pb.params.clone().requires_grad_()
     hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order)
-    loss, _ = ops.maml_loss(p, *pb.data, *hyper, False)
+    loss = ops.maml_loss(p, *pb.data, *hyper, False)[0]
     with pytest.raises(RuntimeError, match="need_grad"):
         loss.backward()
 
@@ -203,17 +253,20 @@ def test_the_backward_never_aliases_a_gradient_the_caller_holds():
 
 
 @requires_fused
-def test_the_value_ops_hand_their_gradient_over_once():
-    # maml_loss_value keeps the gradient its forward computed and hands it over without a copy
-    # unless the graph is kept: a retained graph, an incoming gradient other than 1,
-    # torch.autograd.grad, a user's in-place step on .grad and a second backward of a freed
-    # graph must all see the right values (or torch's error).
+def test_the_value_form_hands_its_gradient_over_once():
+    # maml_loss with keep_grad (the value form) keeps the gradient its forward computed and
+    # hands it over without a copy unless the graph is kept: a retained graph, an incoming
+    # gradient other than 1, torch.autograd.grad, a user's in-place step on .grad and a second
+    # backward of a freed graph must all see the right values (or torch's error).
     pb = random_problem(2, torch.float64)
     pb.first_order = False
     args = (*pb.data, pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, False)
     expected = ops.maml_loss(pb.params, *args, True)[1]
+    value = lambda params, need_grad: ops.maml_loss(params, *args, need_grad, True)
     params = pb.params.clone().requires_grad_()
-    loss = ops.maml_loss_value(params, *args, True)
+    out = value(params, True)
+    assert len(out) == 1  # the loss alone: the gradient stays with autograd
+    loss = out[0]
     assert torch.equal(loss, ops.maml_loss(pb.params, *args, False)[0])
     loss.backward(retain_graph=True)
     loss.backward(retain_graph=True)
@@ -222,18 +275,20 @@ def test_the_value_ops_hand_their_gradient_over_once():
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
     params.grad = None
-    ops.maml_loss_value(params, *args, True).backward(torch.tensor(-2.0, dtype=torch.float64))
+    value(params, True)[0].backward(torch.tensor(-2.0, dtype=torch.float64))
     assert torch.equal(params.grad, -2 * expected)
     params.grad.add_(1.0)
-    (grad,) = torch.autograd.grad(ops.maml_loss_value(params, *args, True), params)
+    (grad,) = torch.autograd.grad(value(params, True)[0], params)
     assert torch.equal(grad, expected)
     params.grad = None
-    ops.maml_loss_value(params.view(-1), *args, True).backward()
+    value(params.view(-1), True)[0].backward()
     assert torch.equal(params.grad, expected)
     with pytest.raises(RuntimeError, match="need_grad=False"):
-        ops.maml_loss_value(params, *args, False).backward()
+        value(params, False)[0].backward()
     with torch.inference_mode():
-        assert torch.equal(ops.maml_loss_value(pb.params, *args, False), loss.detach())
+        assert torch.equal(value(pb.params, False)[0], loss.detach())
+        # below autograd nothing would keep the gradients: none is computed
+        assert [t.shape for t in value(pb.params, True)] == [()]
 
 
 @requires_fused
@@ -246,17 +301,49 @@ def test_a_refused_value_backward_leaves_the_graph_whole():
     sizes, P = pb.sizes, pb.params.numel()
     params = pb.params.clone().requires_grad_()
     rates = torch.full((1, P), 0.05, dtype=torch.float64, requires_grad=True)
-    args = (*pb.data, sizes, pb.steps, pb.activation, pb.loss, False,
-            list(range(len(sizes) - 1)))
-    loss = ops.maml_loss_rates_value(params, rates, *args, True, False)
+    args = (*pb.data, sizes, 0.0, pb.steps, pb.activation, pb.loss, False, True)
+    value = lambda p, r, need_rate_grad: ops.maml_loss(p, *args, True, r, None,
+                                                       need_rate_grad)[0]
+    loss = value(params, rates, False)
     with pytest.raises(RuntimeError, match="gradient for rates"):
         loss.backward()
     (grad,) = torch.autograd.grad(loss, params)
-    expected = ops.maml_loss_rates(pb.params, rates.detach(), *args, True, False)[1]
+    expected = ops.maml_loss(pb.params, *args, False, rates.detach(), None, False)[1]
     assert torch.equal(grad, expected)
     # the rates' gradient computed but not asked for (rates fixed), then backward(inputs=...)
-    ops.maml_loss_rates_value(params, rates.detach(), *args, True, True).backward()
+    value(params, rates.detach(), True).backward()
     assert torch.equal(params.grad, expected)
     params.grad = None
-    ops.maml_loss_rates_value(params, rates, *args, True, True).backward(inputs=[params])
+    value(params, rates, True).backward(inputs=[params])
     assert torch.equal(params.grad, expected) and rates.grad is None
+
+
+@requires_fused
+def test_scalar_rate_with_frozen_layers():
+    # adapt_layers without rates: the scalar rate's kernels with frozen layers, which match
+    # rates [1, P] holding that rate (the route pymaml.functional takes) and the reference.
+    for seed in range(12):
+        pb = random_problem(40 + seed, torch.float64)
+        depth, P = len(pb.sizes) - 1, pb.params.numel()
+        layers = [-1] if seed % 2 else [0]
+        hyper = (pb.sizes, pb.inner_lr, pb.steps, pb.activation, pb.loss, pb.first_order)
+        rows = torch.full((1, P), pb.inner_lr, dtype=torch.float64)
+        scalar = ops.maml_loss(pb.params, *pb.data, *hyper, True, False, None, layers)
+        ruled = ops.maml_loss(pb.params, *pb.data, *hyper, True, False, rows, layers)
+        # the rates' gradient is listed with rates only
+        assert len(scalar) == 2 and ruled[2].shape == (0,)
+        p = pb.params.clone().requires_grad_()
+        ref = F.maml_loss(p, *pb.data, backend="reference", adapt_layers=layers, **pb.hyper)
+        (ref_grad,) = torch.autograd.grad(ref, p)
+        for got in (scalar, ruled):
+            torch.testing.assert_close(got[0], ref.detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[1], ref_grad, rtol=1e-9, atol=1e-11)
+        adapted = ops.adapt(pb.params, pb.xs, pb.ys, *hyper, None, layers)
+        want = F.adapt(pb.params, pb.xs, pb.ys, backend="reference", adapt_layers=layers,
+                       **pb.hyper)
+        torch.testing.assert_close(adapted, want, rtol=1e-10, atol=1e-12)
+        moving = {l % depth for l in layers}
+        for l in set(range(depth)) - moving:  # a frozen layer keeps its weights
+            for got, start in zip(F.unflatten(adapted, pb.sizes)[l],
+                                  F.unflatten(pb.params, pb.sizes)[l]):
+                assert torch.equal(got, start.expand_as(got))

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -174,65 +175,62 @@ scalar_t DamlBatch<scalar_t>::run(const scalar_t* theta, const scalar_t* psi, co
 template class DamlBatch<float>;
 template class DamlBatch<double>;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> daml_loss(
+namespace {
+
+// The rates, checked as the MAML ops check them (op_args.h check_rule), every layer adapting:
+// the contiguous rates, with their rows in a.config, or an undefined tensor without rates.
+at::Tensor check_daml_rates(const char* op, DamlArgs& a,
+                            const std::optional<at::Tensor>& rates) {
+  if (!rates.has_value()) return at::Tensor();
+  OpArgs rule;
+  rule.config = a.config.base;
+  rule.params = a.params;
+  check_rule(op, rule, rates, std::nullopt);
+  a.config.base = rule.config;
+  return rule.rates;
+}
+
+}  // namespace
+
+// [loss, params' and loss_params' gradients, the rates' (listed with rates)], or [loss] alone
+// with keep_grad (ops.cpp).
+std::vector<at::Tensor> daml_loss(
     const at::Tensor& params, const at::Tensor& loss_params, const at::Tensor& x_source,
     const at::Tensor& x_query, const at::Tensor& y_query, c10::IntArrayRef sizes,
     c10::IntArrayRef loss_sizes, double inner_lr, int64_t steps, std::string_view activation,
-    std::string_view loss, std::string_view adapt_loss, bool need_grad) {
+    std::string_view loss, std::string_view adapt_loss, bool need_grad, bool keep_grad,
+    const std::optional<at::Tensor>& rates_in, bool need_rate_grad) {
   constexpr const char* op = "pymaml::daml_loss";
-  const DamlArgs a = check_daml_args(
-      op, parse_daml_config(op, sizes, loss_sizes, inner_lr, steps, activation, loss, adapt_loss),
-      params, loss_params, x_source, x_query, y_query);
+  const DamlConfig config = parse_daml_config(
+      op, sizes, loss_sizes, scalar_lr(inner_lr, rates_in), steps, activation, loss, adapt_loss);
+  DamlArgs a = check_daml_args(op, config, params, loss_params, x_source, x_query, y_query);
+  const at::Tensor rates = check_daml_rates(op, a, rates_in);
+  need_grad = need_grad && !keep_grad;  // as maml_loss: below autograd nothing would keep them
+  need_rate_grad = need_rate_grad && need_grad && rates.defined();
   const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
-  at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
-  at::Tensor grad_psi = at::empty({need_grad ? Pl : 0}, a.params.options());
+  const auto options = a.params.options();
+  std::vector<at::Tensor> out;
+  out.reserve(4);
+  out.push_back(at::empty({}, options));
+  if (!keep_grad) {
+    out.push_back(at::empty({need_grad ? P : 0}, options));
+    out.push_back(at::empty({need_grad ? Pl : 0}, options));
+  }
+  if (!keep_grad && rates.defined())
+    out.push_back(need_rate_grad ? at::empty({a.config.base.rate_rows, P}, options)
+                                 : at::empty({0}, options));
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_cpu", [&] {
-    DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride);
-    *out_loss.data_ptr<scalar_t>() = batch.run(
-        a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
-        a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
-        need_grad ? grad.data_ptr<scalar_t>() : nullptr,
-        need_grad ? grad_psi.data_ptr<scalar_t>() : nullptr);
-  });
-  return {out_loss, grad, grad_psi};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> daml_loss_rates(
-    const at::Tensor& params, const at::Tensor& loss_params, const at::Tensor& rates,
-    const at::Tensor& x_source, const at::Tensor& x_query, const at::Tensor& y_query,
-    c10::IntArrayRef sizes, c10::IntArrayRef loss_sizes, int64_t steps,
-    std::string_view activation, std::string_view loss, std::string_view adapt_loss,
-    bool need_grad, bool need_rate_grad) {
-  constexpr const char* op = "pymaml::daml_loss_rates";
-  DamlArgs a = check_daml_args(
-      op, parse_daml_config(op, sizes, loss_sizes, 0.0, steps, activation, loss, adapt_loss),
-      params, loss_params, x_source, x_query, y_query);
-  OpArgs rule;  // the rates' checks of the MAML rate ops, every layer adapting
-  rule.config = a.config.base;
-  rule.params = a.params;
-  std::vector<int64_t> every(size_t(rule.config.shape.depth));
-  for (size_t l = 0; l < every.size(); ++l) every[l] = int64_t(l);
-  check_rate_args(op, rule, rates, every);
-  a.config.base = rule.config;
-  need_rate_grad = need_rate_grad && need_grad;
-  const int64_t P = a.config.base.shape.num_params, Pl = a.config.loss_shape.num_params;
-  at::Tensor out_loss = at::empty({}, a.params.options());
-  at::Tensor grad = at::empty({need_grad ? P : 0}, a.params.options());
-  at::Tensor grad_psi = at::empty({need_grad ? Pl : 0}, a.params.options());
-  at::Tensor rate_grad = need_rate_grad
-                             ? at::empty({a.config.base.rate_rows, P}, a.params.options())
-                             : at::empty({0}, a.params.options());
-  AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_daml_loss_rates_cpu", [&] {
+    const auto ptr = [&](size_t i, bool use) {
+      return use ? out[i].data_ptr<scalar_t>() : nullptr;
+    };
     DamlBatch<scalar_t> batch(a.config, a.T, a.K, a.Q, a.batch_stride, need_rate_grad);
-    *out_loss.data_ptr<scalar_t>() = batch.run(
+    *out[0].data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.loss_params.data_ptr<scalar_t>(),
         a.xs.data_ptr<scalar_t>(), a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
-        need_grad ? grad.data_ptr<scalar_t>() : nullptr,
-        need_grad ? grad_psi.data_ptr<scalar_t>() : nullptr, rule.rates.data_ptr<scalar_t>(),
-        need_rate_grad ? rate_grad.data_ptr<scalar_t>() : nullptr);
+        ptr(1, need_grad), ptr(2, need_grad),
+        rates.defined() ? rates.data_ptr<scalar_t>() : nullptr, ptr(3, need_rate_grad));
   });
-  return {out_loss, grad, grad_psi, rate_grad};
+  return out;
 }
 
 at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
@@ -272,7 +270,6 @@ at::Tensor daml_adapt(const at::Tensor& params, const at::Tensor& loss_params,
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("daml_loss", &daml_loss);
   m.impl("daml_adapt", &daml_adapt);
-  m.impl("daml_loss_rates", &daml_loss_rates);
 }
 
 }  // namespace pymaml::cpu

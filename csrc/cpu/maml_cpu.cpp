@@ -28,7 +28,7 @@ const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-// [T, P]: every task's adapted parameters (a.rates: the *_rates op; undefined: the scalar rate).
+// [T, P]: every task's adapted parameters (a.rates defined: learned rates; else the scalar rate).
 at::Tensor adapt_impl(const OpArgs& a) {
   const OpConfig& c = a.config;
   const int64_t T = a.T, K = a.K, P = c.shape.num_params, steps = c.steps;
@@ -105,40 +105,26 @@ std::tuple<at::Tensor, at::Tensor> adapt_backward_impl(const OpArgs& a, bool fir
 
 at::Tensor adapt(const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
                  c10::IntArrayRef sizes, double inner_lr, int64_t steps,
-                 std::string_view activation, std::string_view loss, bool /*first_order*/) {
-  return adapt_impl(check_op_args("pymaml::adapt", sizes, inner_lr, steps, activation, loss,
-                                  params, xs, ys, at::Tensor(), at::Tensor(), at::Tensor(), true));
-}
-
-at::Tensor adapt_backward(const at::Tensor& grad, const at::Tensor& params, const at::Tensor& xs,
-                          const at::Tensor& ys, c10::IntArrayRef sizes, double inner_lr,
-                          int64_t steps, std::string_view activation, std::string_view loss) {
-  const OpArgs a = check_op_args("pymaml::adapt_backward", sizes, inner_lr, steps, activation,
-                                 loss, params, xs, ys, at::Tensor(), at::Tensor(), grad, true);
-  return std::get<0>(adapt_backward_impl(a, false, false));
-}
-
-at::Tensor adapt_rates(const at::Tensor& params, const at::Tensor& rates, const at::Tensor& xs,
-                       const at::Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
-                       std::string_view activation, std::string_view loss, bool /*first_order*/,
-                       c10::IntArrayRef adapt_layers) {
-  constexpr const char* op = "pymaml::adapt_rates";
-  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys,
-                           at::Tensor(), at::Tensor(), at::Tensor(), true);
-  check_rate_args(op, a, rates, adapt_layers);
+                 std::string_view activation, std::string_view loss, bool /*first_order*/,
+                 const std::optional<at::Tensor>& rates, at::OptionalIntArrayRef adapt_layers) {
+  constexpr const char* op = "pymaml::adapt";
+  OpArgs a = check_op_args(op, sizes, scalar_lr(inner_lr, rates), steps, activation, loss, params,
+                           xs, ys, at::Tensor(), at::Tensor(), at::Tensor(), true);
+  check_rule(op, a, rates, adapt_layers);
   return adapt_impl(a);
 }
 
-std::tuple<at::Tensor, at::Tensor> adapt_rates_backward(
-    const at::Tensor& grad, const at::Tensor& params, const at::Tensor& rates,
-    const at::Tensor& xs, const at::Tensor& ys, c10::IntArrayRef sizes, int64_t steps,
-    std::string_view activation, std::string_view loss, bool first_order,
-    c10::IntArrayRef adapt_layers, bool need_rate_grad) {
-  constexpr const char* op = "pymaml::adapt_rates_backward";
-  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys,
-                           at::Tensor(), at::Tensor(), grad, true);
-  check_rate_args(op, a, rates, adapt_layers);
-  auto [dparams, drates] = adapt_backward_impl(a, first_order, need_rate_grad);
+std::tuple<at::Tensor, at::Tensor> adapt_backward(
+    const at::Tensor& grad, const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys,
+    c10::IntArrayRef sizes, double inner_lr, int64_t steps, std::string_view activation,
+    std::string_view loss, const std::optional<at::Tensor>& rates,
+    at::OptionalIntArrayRef adapt_layers, bool first_order, bool need_rate_grad) {
+  constexpr const char* op = "pymaml::adapt_backward";
+  OpArgs a = check_op_args(op, sizes, scalar_lr(inner_lr, rates), steps, activation, loss, params,
+                           xs, ys, at::Tensor(), at::Tensor(), grad, true);
+  check_rule(op, a, rates, adapt_layers);
+  auto [dparams, drates] =
+      adapt_backward_impl(a, first_order, need_rate_grad && rates.has_value());
   if (!drates.defined()) drates = at::empty({0}, params.options());
   return {dparams, drates};
 }
@@ -218,55 +204,49 @@ template class MetaBatch<double>;
 
 namespace {
 
-// maml_loss and maml_loss_rates: (mean loss, meta-gradient [P] or empty, rates' gradient
-// [R, P] or empty).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_impl(const OpArgs& a, bool first_order,
-                                                              bool need_grad,
-                                                              bool need_rate_grad) {
+// maml_loss: [mean loss, meta-gradient [P] or empty, rates' gradient [R, P] or empty (listed
+// with rates)], or [mean loss] alone with keep_grad (ops.cpp).
+std::vector<at::Tensor> maml_loss_impl(const OpArgs& a, bool first_order, bool need_grad,
+                                       bool need_rate_grad, bool keep_grad) {
   const OpConfig& c = a.config;
   const int64_t P = c.shape.num_params;
-  need_rate_grad = need_rate_grad && need_grad;
-  at::Tensor meta_grad = at::empty({need_grad ? P : 0}, a.params.options());
-  at::Tensor rate_grad = need_rate_grad ? at::empty({c.rate_rows, P}, a.params.options())
-                                        : at::empty({0}, a.params.options());
-  at::Tensor mean_loss = at::empty({}, a.params.options());
+  const bool rates = a.rates.defined();
+  need_grad = need_grad && !keep_grad;
+  need_rate_grad = need_rate_grad && need_grad && rates;
+  const auto options = a.params.options();
+  std::vector<at::Tensor> out;
+  out.reserve(3);
+  out.push_back(at::empty({}, options));
+  if (!keep_grad) out.push_back(at::empty({need_grad ? P : 0}, options));
+  if (!keep_grad && rates)
+    out.push_back(need_rate_grad ? at::empty({c.rate_rows, P}, options) : at::empty({0}, options));
   AT_DISPATCH_FLOATING_TYPES(a.params.scalar_type(), "pymaml_maml_loss_cpu", [&] {
     MetaBatch<scalar_t> batch(c, a.T, a.K, a.Q, a.batch_stride, need_rate_grad);
-    *mean_loss.data_ptr<scalar_t>() = batch.run(
+    *out[0].data_ptr<scalar_t>() = batch.run(
         a.params.data_ptr<scalar_t>(), a.xs.data_ptr<scalar_t>(), a.ys.data_ptr<scalar_t>(),
         a.xq.data_ptr<scalar_t>(), a.yq.data_ptr<scalar_t>(),
         first_order ? Direction::FirstOrder : Direction::MAML,
-        need_grad ? meta_grad.data_ptr<scalar_t>() : nullptr, data_or_null<scalar_t>(a.rates),
-        need_rate_grad ? rate_grad.data_ptr<scalar_t>() : nullptr);
+        need_grad ? out[1].data_ptr<scalar_t>() : nullptr, data_or_null<scalar_t>(a.rates),
+        need_rate_grad ? out[2].data_ptr<scalar_t>() : nullptr);
   });
-  return {mean_loss, meta_grad, rate_grad};
+  return out;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> maml_loss(const at::Tensor& params, const at::Tensor& xs,
-                                             const at::Tensor& ys, const at::Tensor& xq,
-                                             const at::Tensor& yq, c10::IntArrayRef sizes,
-                                             double inner_lr, int64_t steps,
-                                             std::string_view activation,
-                                             std::string_view loss, bool first_order,
-                                             bool need_grad) {
-  const OpArgs a = check_op_args("pymaml::maml_loss", sizes, inner_lr, steps, activation, loss,
-                                 params, xs, ys, xq, yq, at::Tensor(), true);
-  auto [value, meta_grad, unused] = maml_loss_impl(a, first_order, need_grad, false);
-  return {value, meta_grad};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_loss_rates(
-    const at::Tensor& params, const at::Tensor& rates, const at::Tensor& xs, const at::Tensor& ys,
-    const at::Tensor& xq, const at::Tensor& yq, c10::IntArrayRef sizes, int64_t steps,
-    std::string_view activation, std::string_view loss, bool first_order,
-    c10::IntArrayRef adapt_layers, bool need_grad, bool need_rate_grad) {
-  constexpr const char* op = "pymaml::maml_loss_rates";
-  OpArgs a = check_op_args(op, sizes, 0.0, steps, activation, loss, params, xs, ys, xq, yq,
-                           at::Tensor(), true);
-  check_rate_args(op, a, rates, adapt_layers);
-  return maml_loss_impl(a, first_order, need_grad, need_rate_grad);
+std::vector<at::Tensor> maml_loss(
+    const at::Tensor& params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+    const at::Tensor& yq, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+    std::string_view activation, std::string_view loss, bool first_order, bool need_grad,
+    bool keep_grad, const std::optional<at::Tensor>& rates, at::OptionalIntArrayRef adapt_layers,
+    bool need_rate_grad) {
+  constexpr const char* op = "pymaml::maml_loss";
+  OpArgs a = check_op_args(op, sizes, scalar_lr(inner_lr, rates), steps, activation, loss, params,
+                           xs, ys, xq, yq, at::Tensor(), true);
+  check_rule(op, a, rates, adapt_layers);
+  // keep_grad: autograd, which keeps the gradients, calls this kernel without it
+  // (autograd.cpp); below autograd nothing would keep them, so none is computed.
+  return maml_loss_impl(a, first_order, need_grad, need_rate_grad, keep_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> reptile(const at::Tensor& params_in, const at::Tensor& xs_in,
@@ -295,9 +275,6 @@ TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("adapt_backward", &adapt_backward);
   m.impl("maml_loss", &maml_loss);
   m.impl("reptile", &reptile);
-  m.impl("adapt_rates", &adapt_rates);
-  m.impl("adapt_rates_backward", &adapt_rates_backward);
-  m.impl("maml_loss_rates", &maml_loss_rates);
 }
 
 }  // namespace pymaml::cpu

@@ -249,9 +249,8 @@ int64_t run_chunk(int64_t n, at::TensorList weights, at::TensorList grads, Outer
 
 namespace {
 
-// train_chunk and train_chunk_rates: `a` holds the checked config (with the inner rule, and
-// a.rates defined for the rates form) and params; the optimizer steps params, and the rates
-// too when learn_rates.
+// train_chunk: `a` holds the checked config (with the inner rule, and a.rates defined with
+// learned rates) and params; the optimizer steps params, and the rates too when learn_rates.
 std::tuple<at::Tensor, at::Tensor> maml_chunk(const char* op, OpArgs a, Direction direction,
                                               bool learn_rates, at::TensorList optimizer_state,
                                               const at::Tensor& xs_in, const at::Tensor& ys_in,
@@ -314,38 +313,24 @@ std::tuple<at::Tensor, at::Tensor> train_chunk(
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, c10::IntArrayRef sizes,
     double inner_lr, int64_t steps, std::string_view activation, std::string_view loss,
     std::string_view algorithm, std::string_view optimizer,
-    c10::ArrayRef<double> optimizer_hyper) {
+    c10::ArrayRef<double> optimizer_hyper, const std::optional<at::Tensor>& rates,
+    at::OptionalIntArrayRef adapt_layers, bool learn_rates) {
   constexpr const char* op = "pymaml::train_chunk";
   OpArgs a;
-  a.config = parse_config(op, sizes, inner_lr, steps, activation, loss);
+  a.config = parse_config(op, sizes, scalar_lr(inner_lr, rates), steps, activation, loss);
   const Direction direction = parse_algorithm(op, algorithm);
-  check_params(op, params, a.config);
-  TORCH_CHECK_VALUE(params.is_contiguous(), op,
-                    ": params is updated in place and must be contiguous");
-  a.params = params;
-  return maml_chunk(op, a, direction, false, optimizer_state, xs, ys, xq, yq, optimizer,
-                    optimizer_hyper);
-}
-
-std::tuple<at::Tensor, at::Tensor> train_chunk_rates(
-    const at::Tensor& params, const at::Tensor& rates, at::TensorList optimizer_state,
-    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-    c10::IntArrayRef sizes, int64_t steps, std::string_view activation, std::string_view loss,
-    std::string_view algorithm, c10::IntArrayRef adapt_layers, bool learn_rates,
-    std::string_view optimizer, c10::ArrayRef<double> optimizer_hyper) {
-  constexpr const char* op = "pymaml::train_chunk_rates";
-  OpArgs a;
-  a.config = parse_config(op, sizes, 0.0, steps, activation, loss);
-  const Direction direction = parse_algorithm(op, algorithm);
+  TORCH_CHECK_VALUE(!learn_rates || rates.has_value(), op, ": learn_rates needs the rates to "
+                    "learn (rates is None)");
   TORCH_CHECK_VALUE(!(learn_rates && direction == Direction::Reptile), op,
                     ": Reptile's direction gives the rates no gradient: learn_rates must be "
                     "false with algorithm 'reptile'");
   check_params(op, params, a.config);
   a.params = params;
-  check_rate_args(op, a, rates, adapt_layers);
-  TORCH_CHECK_VALUE(params.is_contiguous() && rates.is_contiguous(), op,
-                    ": params and rates are updated in place and must be contiguous");
-  a.rates = rates;  // the tensor itself: the optimizer updates it in place
+  check_rule(op, a, rates, adapt_layers);
+  TORCH_CHECK_VALUE(params.is_contiguous() && (!rates.has_value() || rates->is_contiguous()),
+                    op, ": params", rates.has_value() ? " and rates are" : " is",
+                    " updated in place and must be contiguous");
+  if (rates.has_value()) a.rates = *rates;  // the tensor itself: the optimizer steps it in place
   return maml_chunk(op, a, direction, learn_rates, optimizer_state, xs, ys, xq, yq, optimizer,
                     optimizer_hyper);
 }
@@ -393,7 +378,6 @@ std::tuple<at::Tensor, at::Tensor> daml_train_chunk(
 
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("train_chunk", &train_chunk);
-  m.impl("train_chunk_rates", &train_chunk_rates);
   m.impl("daml_train_chunk", &daml_train_chunk);
 }
 

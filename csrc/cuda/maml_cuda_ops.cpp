@@ -10,8 +10,10 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "../op_args.h"
 #include "maml_cuda.h"
@@ -61,10 +63,20 @@ at::Tensor buffer(int64_t n, const at::Tensor& like) {
   return n ? at::empty({n}, like.options()) : at::Tensor();
 }
 
+// The CUDA kernels have one scalar rate and every layer adapting: learned rates and frozen
+// layers run on the CPU kernels (pymaml.functional sends such calls to the reference on a GPU).
+void refuse_rule(const char* op, const std::optional<at::Tensor>& rates,
+                 at::OptionalIntArrayRef adapt_layers) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!rates.has_value() && !adapt_layers.has_value(), op,
+                              ": rates and adapt_layers run on the CPU kernels only");
+}
+
 at::Tensor adapt_op(const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
-                 c10::IntArrayRef sizes, double inner_lr, int64_t steps,
-                 std::string_view activation, std::string_view loss, bool /*first_order*/) {
+                    c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+                    std::string_view activation, std::string_view loss, bool /*first_order*/,
+                    const std::optional<at::Tensor>& rates, at::OptionalIntArrayRef adapt_layers) {
   constexpr const char* op = "pymaml::adapt";
+  refuse_rule(op, rates, adapt_layers);
   const c10::DeviceGuard guard(params_in.device());
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
                                  ys_in);
@@ -83,11 +95,16 @@ at::Tensor adapt_op(const at::Tensor& params_in, const at::Tensor& xs_in, const 
   return out;
 }
 
-at::Tensor adapt_backward_op(const at::Tensor& grad_in, const at::Tensor& params_in,
-                          const at::Tensor& xs_in, const at::Tensor& ys_in,
-                          c10::IntArrayRef sizes, double inner_lr, int64_t steps,
-                          std::string_view activation, std::string_view loss) {
+// Second order (adapt's autograd sums grad over the tasks itself for the first-order product).
+std::tuple<at::Tensor, at::Tensor> adapt_backward_op(
+    const at::Tensor& grad_in, const at::Tensor& params_in, const at::Tensor& xs_in,
+    const at::Tensor& ys_in, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
+    std::string_view activation, std::string_view loss, const std::optional<at::Tensor>& rates,
+    at::OptionalIntArrayRef adapt_layers, bool first_order, bool /*need_rate_grad*/) {
   constexpr const char* op = "pymaml::adapt_backward";
+  refuse_rule(op, rates, adapt_layers);
+  TORCH_CHECK_NOT_IMPLEMENTED(!first_order, op, ": the CUDA kernel computes the second-order "
+                              "product only (first order: grad.sum(0))");
   const c10::DeviceGuard guard(params_in.device());
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
                                  ys_in, at::Tensor(), at::Tensor(), grad_in);
@@ -105,17 +122,19 @@ at::Tensor adapt_backward_op(const at::Tensor& grad_in, const at::Tensor& params
                        ptr<scalar_t>(ys), ptr<scalar_t>(scratch), ptr<scalar_t>(partial),
                        ptr<scalar_t>(out), current_stream(params.device())));
   });
-  return out;
+  return {out, at::empty({0}, params.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor> maml_loss_op(const at::Tensor& params_in,
-                                                const at::Tensor& xs_in, const at::Tensor& ys_in,
-                                                const at::Tensor& xq_in, const at::Tensor& yq_in,
-                                                c10::IntArrayRef sizes, double inner_lr,
-                                                int64_t steps, std::string_view activation,
-                                                std::string_view loss, bool first_order,
-                                                bool need_grad) {
+// [loss, meta-gradient [P] or empty], or [loss] with keep_grad (as on the CPU, maml_cpu.cpp).
+std::vector<at::Tensor> maml_loss_op(
+    const at::Tensor& params_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, c10::IntArrayRef sizes, double inner_lr,
+    int64_t steps, std::string_view activation, std::string_view loss, bool first_order,
+    bool need_grad, bool keep_grad, const std::optional<at::Tensor>& rates,
+    at::OptionalIntArrayRef adapt_layers, bool /*need_rate_grad*/) {
   constexpr const char* op = "pymaml::maml_loss";
+  refuse_rule(op, rates, adapt_layers);
+  need_grad = need_grad && !keep_grad;
   const c10::DeviceGuard guard(params_in.device());
   const OpArgs a = check_op_args(op, sizes, inner_lr, steps, activation, loss, params_in, xs_in,
                                  ys_in, xq_in, yq_in);
@@ -135,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> maml_loss_op(const at::Tensor& params_in,
                        ptr<scalar_t>(scratch), ptr<scalar_t>(partial), ptr<scalar_t>(mean_loss),
                        ptr<scalar_t>(meta_grad), current_stream(params.device())));
   });
+  if (keep_grad) return {mean_loss};
   return {mean_loss, meta_grad};
 }
 

@@ -195,17 +195,18 @@ std::vector<T> cpu_reference(Op op, const Inputs<T>& in) {
   const char* loss = pb.loss == Loss::L1 ? "l1" : "mse";
   torch::Tensor flat;
   if (op == Op::MamlLoss) {
-    auto [l, g] = pymaml::cpu::maml_loss(in.params, in.xs, in.ys, in.xq, in.yq, in.sizes,
-                                         pb.inner_lr, pb.steps, act, loss, in.first_order,
-                                         in.need_grad);
+    const auto out = pymaml::cpu::maml_loss(in.params, in.xs, in.ys, in.xq, in.yq, in.sizes,
+                                            pb.inner_lr, pb.steps, act, loss, in.first_order,
+                                            in.need_grad);
+    const torch::Tensor &l = out[0], &g = out[1];
     flat = torch::cat({g.reshape({-1}), l.reshape({1})});
   } else if (op == Op::Adapt) {
     flat = pymaml::cpu::adapt(in.params, in.xs, in.ys, in.sizes, pb.inner_lr, pb.steps, act,
                               loss, in.first_order)
                .reshape({-1});
   } else {
-    flat = pymaml::cpu::adapt_backward(in.grad, in.params, in.xs, in.ys, in.sizes, pb.inner_lr,
-                                       pb.steps, act, loss);
+    flat = std::get<0>(pymaml::cpu::adapt_backward(in.grad, in.params, in.xs, in.ys, in.sizes,
+                                                   pb.inner_lr, pb.steps, act, loss));
   }
   flat = flat.contiguous();
   return std::vector<T>(flat.data_ptr<T>(), flat.data_ptr<T>() + flat.numel());
