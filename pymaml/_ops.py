@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from . import _layout, reference
+
 try:
     from . import _C  # noqa: F401  (registers the ops)
 
@@ -122,11 +124,9 @@ if _C is not None:
         def _reptile_cuda(params, x_support, y_support, x_query, y_query, sizes, inner_lr,
                           steps, activation, loss):
             # The CUDA kernels have no Reptile mode: the fused adapt, then torch for the rest.
-            from . import functional, reference
             adapted = ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
                                 activation, loss, True)
-            predicted = functional.mlp_forward(adapted, x_query, sizes=sizes,
-                                               activation=activation)
+            predicted = reference.flat_net(adapted, x_query, sizes, activation)
             value = reference.LOSSES[loss](predicted, y_query)
             return value, params - adapted.mean(0)
 
@@ -139,6 +139,5 @@ def flatten_params(parts) -> torch.Tensor:
     (one autograd node, each part's gradient a view of the flat one) where the compiled core is
     loaded, else pymaml._layout.flatten (torch.cat of reshapes)."""
     if _C is None:
-        from ._layout import flatten
-        return flatten(parts)
+        return _layout.flatten(parts)
     return ops.flatten_params(parts)

@@ -36,8 +36,7 @@ This module holds:
 
 from __future__ import annotations
 
-import numbers
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 

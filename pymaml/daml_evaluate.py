@@ -19,7 +19,6 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import _checks
-from . import functional as F
 from . import tasks as _tasks
 from .daml_model import DAMLModel
 

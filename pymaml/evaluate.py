@@ -19,7 +19,6 @@ import torch
 
 from . import _checks
 from . import _rates
-from . import functional as F
 from . import tasks as _tasks
 from .model import MetaMLP
 

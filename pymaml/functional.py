@@ -14,9 +14,7 @@ naming the argument) and runs on one of two backends:
 from __future__ import annotations
 
 import math
-import numbers
-import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -143,15 +141,7 @@ def mlp_forward(params: torch.Tensor, x: torch.Tensor, *, sizes, activation: str
     if x.dim() < 1 or x.shape[-1] != sizes[0] or (batched and (x.dim() != 3 or x.shape[0] != params.shape[0])):
         want = f"[{params.shape[0]}, N, {sizes[0]}]" if batched else f"[..., {sizes[0]}]"
         raise ValueError(f"x must be {want}, got shape {list(x.shape)}")
-    act = _reference.ACTIVATIONS[activation]
-    layers = unflatten(params, sizes)
-    h = x
-    for l, (W, b) in enumerate(layers):
-        # [T, N, in] @ [T, in, out] + [T, 1, out]  or  [..., in] @ [in, out] + [out]
-        h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2)) if batched else torch.nn.functional.linear(h, W, b)
-        if l + 1 < len(layers):
-            h = act(h)
-    return h
+    return _reference.flat_net(params, x, sizes, activation)
 
 
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",

@@ -10,7 +10,6 @@ from typing import List, Optional
 import torch
 
 from . import _checks
-from . import functional as F
 from . import tasks as _tasks
 from .daml_model import DAMLModel
 from .model import MetaMLP

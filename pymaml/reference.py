@@ -38,6 +38,22 @@ def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.
     return x
 
 
+def flat_net(params: torch.Tensor, x: torch.Tensor, sizes: Sequence[int],
+             activation: str) -> torch.Tensor:
+    """The MLP of the flat layout: params [P] on x [..., n_in], or per-task params [T, P] on
+    x [T, N, n_in] (unchecked: pymaml.functional.mlp_forward checks)."""
+    act = ACTIVATIONS[activation]
+    layers = unflatten(params, sizes)
+    h = x
+    for l, (W, b) in enumerate(layers):
+        # [T, N, in] @ [T, in, out] + [T, 1, out]  or  [..., in] @ [in, out] + [out]
+        h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2)) if params.dim() == 2 \
+            else F.linear(h, W, b)
+        if l + 1 < len(layers):
+            h = act(h)
+    return h
+
+
 def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
                functional=False, sizes=None, adapt_layers=None):
     """`steps` SGD steps on (x, y) [K, n] from `weights` (or x, y [steps, K, n]: a batch per

@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _checks
 from . import _io
 from . import checkpoint as _checkpoint
 from . import config as _config
@@ -76,7 +75,7 @@ class TrainResult:
     fast_iterations: how many of this call's iterations ran on the chunked fast path
         (pymaml.fast_path; the others ran one by one).
     """
-    model: MetaMLP
+    model: torch.nn.Module  # a MetaMLP, or the algorithm's own model (DAMLModel)
     losses: torch.Tensor
     wall_time: float
     iterations: int
