@@ -1,8 +1,10 @@
-"""pymaml.train: meta-training with MAML, FO-MAML, Reptile, Meta-SGD or ANIL on a task family.
+"""pymaml.train: meta-training with any algorithm of the registry (pymaml.algorithms: MAML,
+FO-MAML, Reptile, Meta-SGD, ANIL, DAML) on a task family.
 
-A run is a loop (_Run.loop): sample a meta-batch of tasks, ask the functional core for the
-meta-gradient of the whole batch (one fused op call on the fused backend, no autograd graph),
-hand it to the outer torch.optim optimizer, log, checkpoint. Around it:
+A run is one loop for every algorithm (_Run.loop; the registry's entry supplies what
+differs): sample a meta-batch of tasks, ask the functional core for the meta-gradient of the
+whole batch (one fused op call on the fused backend, no autograd graph), hand it to the outer
+torch.optim optimizer, log, checkpoint. Around it:
   config.py      the run's settings, checked once (RunConfig: what a checkpoint stores)
   meta_step.py   one iteration's gradient for the optimizer, per algorithm and backend
   fast_path.py   many iterations per C++ call where the run allows it, bitwise the same
@@ -117,9 +119,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         the model holds them (MetaMLP.learned_lr) and adapts with them.
     adapt_layers: None (every layer adapts in the inner loop) or the indices of the linear
         layers that do ([-1]: the head); the meta-gradient still reaches every layer (for
-        Reptile, only these layers move). Runs with learned rates or adapt_layers take the
-        per-iteration path, through pymaml.functional.
-    algorithm="daml" (pymaml.daml_train): DAML, MAML with a learned inner loss on unlabeled
+        Reptile, only these layers move). Runs with rates tied across parameters
+        (per-step, per-layer-step) take the per-iteration path (pymaml.fast_path.unserved).
+    algorithm="daml" (pymaml/algorithms/daml.py): DAML, MAML with a learned inner loss on unlabeled
         source inputs, on a DAML task family ("daml-sine"; the default task "seed-sine"
         stands for it), returning a pymaml.daml_model.DAMLModel (model.adapt(x_source));
         loss_sizes (default [n_out + sum hidden, 32, 32, 1]) and adapt_loss ("l1" | "mse")
