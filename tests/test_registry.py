@@ -2,7 +2,8 @@
 (pymaml.algorithms.NAMES): a resumed run is bitwise the uninterrupted one; the fused backend
 trains as the autograd reference does; a saved model loads back as the same algorithm's model
 with the same tensors; a damaged checkpoint is refused before any work; a bad setting is refused
-naming the argument. A new entry of the registry is checked by these tests without a line more.
+naming the argument, and on the command line in one line with exit code 1 (a bad flag value:
+2). A new entry of the registry is checked by these tests without a line more.
 """
 
 import pytest
@@ -12,7 +13,7 @@ import pymaml
 import pymaml.trainer
 from pymaml import algorithms
 
-from conftest import requires_fused
+from conftest import assert_one_line, requires_fused, run_cli
 
 QUIET = dict(progress=False, log_every=0)
 ALGORITHMS = pytest.mark.parametrize("name", algorithms.NAMES)
@@ -93,3 +94,19 @@ def test_a_damaged_checkpoint_is_refused_before_any_work(tmp_path, name):
 def test_a_bad_setting_is_refused_naming_it(name, bad, match):
     with pytest.raises((TypeError, ValueError), match=match):
         run(name, **bad)
+
+
+@ALGORITHMS
+@pytest.mark.parametrize("argv, code, match", [
+    (["--inner-lr", "nan"], 1, "inner_lr"),
+    (["--sizes", "2,8,1"], 1, "sizes"),
+    (["--meta-batch-size", "0"], 2, "--meta-batch-size"),
+    (["--iterations", "many"], 2, "--iterations")])
+def test_the_command_line_refuses_a_bad_setting_in_one_line(name, argv, code, match, tmp_path,
+                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    got, out, err = run_cli(capsys, "train", "--algorithm", name, "--iterations", "3",
+                            "--no-progress", *argv)
+    assert got == code and match in err
+    assert_one_line(err)
+    assert not list(tmp_path.iterdir())  # nothing written
