@@ -1,5 +1,6 @@
 """The package's shape, checked mechanically (docs/design.md §6.1): no import circle, counting
-imports inside functions; no module over 450 lines; no function over 80 lines."""
+imports inside functions; no import up the layers; no module over 450 lines; no function over
+80 lines."""
 
 import ast
 import os
@@ -73,6 +74,39 @@ def test_no_import_circle():
                  not (modules[d].endswith("__init__.py") and m.startswith(d + "."))}
              for m, p in modules.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+# The layers of docs/design.md §6.1, top (1) to floor (5); a module not named here is refused
+# until it is placed.
+LAYERS = {
+    1: ["pymaml", "pymaml.__main__", "pymaml.cli"],
+    2: ["pymaml.trainer", "pymaml.checkpoint", "pymaml.config"],
+    3: ["pymaml.algorithms*", "pymaml.tasks*", "pymaml.meta_step", "pymaml.fast_path",
+        "pymaml.outer_optim", "pymaml.model", "pymaml.daml_model", "pymaml.evaluate",
+        "pymaml.daml_evaluate", "pymaml.plots", "pymaml.progress", "pymaml.distributed",
+        "pymaml.nn", "pymaml.testing", "pymaml.func_oracles"],
+    4: ["pymaml.functional", "pymaml.daml", "pymaml._route", "pymaml.reference", "pymaml._ops"],
+    5: ["pymaml._checks", "pymaml._rates", "pymaml._layout", "pymaml._io", "pymaml._flags",
+        "pymaml._version"],
+}
+
+
+def _layer(module):
+    for layer, names in LAYERS.items():
+        for name in names:
+            if module == name or (name.endswith("*") and (module == name[:-1]
+                                                           or module.startswith(name[:-1] + "."))):
+                return layer
+    raise AssertionError(f"{module} is in no layer of docs/design.md §6.1 (tests/test_structure.py)")
+
+
+def test_no_import_runs_up_the_layers():
+    modules = _modules()
+    for m, path in modules.items():
+        for d in _imports(m, path, modules):
+            if d == "pymaml" and m != "pymaml":  # `from . import _C`: the compiled core
+                continue
+            assert _layer(d) >= _layer(m), f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
 
 
 @pytest.mark.parametrize("name", sorted(_modules()))
