@@ -94,12 +94,7 @@ def check_data(params, sizes, steps=None, **named) -> int:
     x_support and y_support may be [T, steps, K, features] instead: a batch per inner step."""
     T = None
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != params.dtype:
-            raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
-        if t.device != params.device:
-            raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
+        check_tensor(name, t, params)
         features = sizes[0] if name.startswith("x") else sizes[-1]
         if steps is not None and name.endswith("_support") and t.dim() == 4:
             if steps < 1 or t.shape[1] != steps:
