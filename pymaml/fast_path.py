@@ -6,10 +6,10 @@ backend, for MAML, FO-MAML and Reptile, and with learned untied rates (Meta-SGD)
 layers (ANIL) (see `unserved`), on a family that can draw many meta-batches at once
 (TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the trainer
 draws a chunk of iterations' tasks in one call and runs them in one torch.ops.pymaml.train_chunk
-(or train_chunk with rates) call, which also applies the optimizer's steps to the real optimizer's
-state (to the weights and the learned rates, as one parameter group). Chunking changes
-no result: the loss history, the weights, the optimizer state and the generator state are
-bitwise those of the per-iteration path, which every other run takes (custom samplers, other
+call (with rates for learned rates and frozen layers), which also applies the optimizer's steps
+to the real optimizer's state (to the weights and the learned rates, as one parameter
+group). Chunking changes no result: the loss history, the weights, the optimizer state and
+the generator state are bitwise those of the per-iteration path, which every other run takes (custom samplers, other
 optimizers or settings, the reference backend, several processes). The optimizer's steps are
 ATen's fused kernels, which torch.optim's fused=True step runs too (pymaml.outer_optim)."""
 
@@ -33,8 +33,8 @@ _UNTIED = ("per-parameter", "per-parameter-step")
 
 
 def servable(backend: str, device: torch.device, config=None, algorithm=None) -> bool:
-    """Whether train_chunk (train_chunk with rates for learned rates and frozen layers) can run a
-    run's iterations: the fused backend on the CPU (`unserved` says which inner loops; the
+    """Whether train_chunk (with rates for learned rates and frozen layers) can run a run's
+    iterations: the fused backend on the CPU (`unserved` says which inner loops; the
     optimizer and the family decide the rest, as the run goes)."""
     return backend == "fused" and device.type == "cpu" and (
         config is None or unserved(config, algorithm) is None)
@@ -45,7 +45,7 @@ def unserved(config, algorithm) -> Optional[str]:
     tied across parameters (per-step, per-layer-step) go the per-iteration way, through the
     functional API, whose autograd sums their gradient over the ties."""
     if config.learn_inner_lr is not None and config.learn_inner_lr not in _UNTIED:
-        return f"train_chunk with rates learns untied rates only, not {config.learn_inner_lr!r} ones"
+        return f"train_chunk learns untied rates only, not {config.learn_inner_lr!r} ones"
     if algorithm.reptile_update and config.adapt_layers is not None:
         # its per-iteration step is the functional adapt and torch's mean, rounded otherwise
         return "Reptile with frozen layers runs per iteration"
