@@ -1,37 +1,14 @@
-"""DAML (Yu, Finn et al., 2018): MAML with a learned inner loss on unlabeled inputs.
+"""DAML (Yu, Finn et al., 2018): MAML with a learned inner loss on unlabeled inputs
+(docs/design.md §2b has the math). A loss MLP reads, at every unlabeled source point, the base
+network's output and hidden activations ("taps"); the inner loop takes SGD steps on the mean
+|h| or h^2 of its outputs; the outer loss is the supervised loss on labeled query data. Both
+networks are meta-trained together (second order only: the loss network's gradient is all
+second-order terms).
 
-A second MLP g_psi, the adaptation-loss network, reads at every point of an unlabeled
-source batch the vector
-
-    u = cat[A_L, A_{L-1}, ..., A_1]
-
-(the base network's output, then its hidden activations from the LAST hidden layer to the
-FIRST), and the inner loss is La = mean |g_psi(u)| (adapt_loss="l1") or mean g_psi(u)^2
-("mse"), the mean over the points and over ALL of the loss network's outputs (with m =
-loss_sizes[-1] outputs, "mse" is the mean over the points of the squared norm |g_psi(u)|^2,
-divided by m). The inner loop takes `steps` SGD steps on the base weights theta with La (no labels);
-the outer loss is the ordinary supervised loss ("l1" or "mse") of the adapted base network on
-labeled target (query) data, averaged over the tasks. theta and psi are meta-trained together;
-psi gets its gradient only through the second-order terms (DAML is second order by nature:
-first_order=True is refused, as is steps=0, where psi would get no gradient either).
-
-Layouts (as pymaml.functional): params is the base MLP's flat [W0, b0, W1, b1, ...] for layer
-sizes `sizes` = [n_in, hidden..., n_out]; loss_params the loss MLP's, for `loss_sizes` with
-loss_sizes[0] == n_out + sum(hidden widths) and any output width loss_sizes[-1] >= 1 (ReLU
-hidden layers, linear output; W in nn.Linear's [out, in] layout). x_source is [T, K_s, n_in]
-(the same inputs at every inner step) or [T, steps, K_s, n_in] (step k reads batch k);
-x_query [T, Q, n_in], y_query [T, Q, n_out].
-
-This module holds:
-
-- the public API, `daml_loss` and `daml_adapt` (exported by pymaml.functional and pymaml),
-  which check their arguments (ValueError / TypeError naming the argument) and route to a
-  backend: "fused" (torch.ops.pymaml.daml_loss / daml_adapt, the compiled op, CPU,
-  float32 / float64), "reference" (below) or "auto" (fused when it can serve the call);
-- the pure-autograd reference, `reference_loss` and `reference_adapt`: the oracle the fused
-  op is checked against, written like pymaml.reference's MAML (a Python loop over tasks and
-  steps, torch.autograd.grad with create_graph=True; torch.func.grad under torch.func
-  transforms); also the fallback backend (any device, dtype, gradients to the data).
+This module holds the public API, `daml_loss` and `daml_adapt` (checked, then routed to the
+fused op or the reference as pymaml.functional's calls are), and the pure-autograd reference,
+`reference_loss` and `reference_adapt`, written like pymaml.reference's MAML: the oracle the
+fused op is checked against, and the fallback for what it does not serve.
 """
 
 from __future__ import annotations

@@ -27,11 +27,10 @@ from . import daml as _daml
 from . import functional as F
 from ._layout import num_params
 from ._version import __version__
-from .model import MetaMLP
+from .model import MetaMLP, SavedModel
 
 __all__ = ["DAMLModel", "default_loss_sizes"]
 
-FORMAT_VERSION = 1  # the newest DAML model record this version reads
 DEFAULT_LOSS_HIDDEN = (32, 32)  # the seed's adaptation-loss network: (65)-32-32-1
 
 
@@ -53,7 +52,7 @@ def init_weights(sizes, loss_sizes, *, init: str = "seed", generator=None,
     return torch.cat(parts)
 
 
-class DAMLModel(nn.Module):
+class DAMLModel(SavedModel):
     """A base MLP (`sizes`, `activation`) with its learned adaptation loss: the loss MLP
     (`loss_sizes`, ReLU hidden layers, linear output; loss_sizes[0] = n_out + sum of the base
     network's hidden widths, any output width loss_sizes[-1]) read at every unlabeled point,
@@ -65,6 +64,10 @@ class DAMLModel(nn.Module):
     none of them to initialise with `init` ("seed" | "torch") from `generator`."""
 
     kind = "DAML model (a base and a loss network)"  # what a file holding one is called
+    FORMAT, RECORD = _io.DAML_MODEL_FORMAT, "DAML model"
+    FIELDS = ("sizes", "loss_sizes", "activation", "loss", "adapt_loss", "inner_lr",
+              "inner_steps", "params", "loss_params")
+    TENSORS = ("params", "loss_params")
 
     def __init__(self, sizes=(1, 32, 32, 1), loss_sizes=None, activation: str = "relu", *,
                  params: Optional[torch.Tensor] = None,
@@ -182,7 +185,7 @@ class DAMLModel(nn.Module):
     def to_dict(self) -> Dict[str, Any]:
         """The model as plain tensors and values (what `save` writes)."""
         w = self.weights.detach().cpu()
-        return dict(format=_io.DAML_MODEL_FORMAT, format_version=FORMAT_VERSION,
+        return dict(format=self.FORMAT, format_version=self.FORMAT_VERSION,
                     pymaml_version=__version__, sizes=list(self.sizes),
                     loss_sizes=list(self.loss_sizes), activation=self.activation,
                     loss=self.loss, adapt_loss=self.adapt_loss, inner_lr=self.inner_lr,
@@ -190,45 +193,11 @@ class DAMLModel(nn.Module):
                     params=w[:self._split].clone(), loss_params=w[self._split:].clone())
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any], *, device=None) -> "DAMLModel":
-        """The model of a record written by to_dict; ValueError naming the field that is
-        missing or holds what a DAML model cannot have."""
-        if not isinstance(d, dict):
-            raise ValueError(f"the DAML model record is a {type(d).__name__}, not a dict")
-        fields = ("sizes", "loss_sizes", "activation", "loss", "adapt_loss", "inner_lr",
-                  "inner_steps", "params", "loss_params")
-        for field in fields:
-            if field not in d:
-                raise ValueError(f"field {field!r} of the DAML model record is missing")
-        for field in ("params", "loss_params"):
-            if not isinstance(d[field], torch.Tensor):
-                raise ValueError(f"field {field!r} of the DAML model record is a "
-                                 f"{type(d[field]).__name__}, not a tensor")
-        version = d.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"field 'format_version' of the DAML model record is {version!r}: "
-                             f"written by a newer pymaml (this is {__version__}, which reads "
-                             f"up to {FORMAT_VERSION})")
-        if "info" in d and not isinstance(d["info"], (dict, type(None))):
-            raise ValueError("field 'info' of the DAML model record is not a dict")
-        try:
-            return cls(d["sizes"], d["loss_sizes"], d["activation"],
-                       params=d["params"].to(device), loss_params=d["loss_params"].to(device),
-                       loss=d["loss"], adapt_loss=d["adapt_loss"], inner_lr=d["inner_lr"],
-                       inner_steps=d["inner_steps"], info=d.get("info"))
-        except (TypeError, ValueError) as exc:  # the argument checks name the field
-            raise ValueError(f"the DAML model record holds an invalid value: {exc}") from None
-
-    def save(self, path) -> None:
-        """Writes the model atomically (torch.load(path, weights_only=True) reads it)."""
-        _io.atomic_save(self.to_dict(), path)
-
-    @classmethod
-    def load(cls, path, *, device=None) -> "DAMLModel":
-        """A model saved by `save`, or the model in a DAML training checkpoint (checked whole
-        first: a damaged checkpoint is refused, not half used)."""
-        device = _checks.check_device("device", device) if device is not None else None
-        return _io.load_model(path, device=device, want=cls)
+    def _from_record(cls, d, to_device) -> "DAMLModel":
+        return cls(d["sizes"], d["loss_sizes"], d["activation"], params=to_device(d["params"]),
+                   loss_params=to_device(d["loss_params"]), loss=d["loss"],
+                   adapt_loss=d["adapt_loss"], inner_lr=d["inner_lr"],
+                   inner_steps=d["inner_steps"], info=d.get("info"))
 
     def extra_repr(self) -> str:
         return (f"sizes={self.sizes}, loss_sizes={self.loss_sizes}, "
@@ -236,12 +205,3 @@ class DAMLModel(nn.Module):
                 f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}, "
                 f"loss={self.loss!r}, dtype={self.weights.dtype}")
 
-
-def _read(path, record, device) -> DAMLModel:
-    try:
-        return DAMLModel.from_dict(record, device=device)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-
-
-_io.register_reader(_io.DAML_MODEL_FORMAT, _read)

@@ -20,11 +20,74 @@ from ._version import __version__
 __all__ = ["MetaMLP"]
 
 INITS = ("seed", "torch")
-FORMAT_VERSION = 2  # the newest model record this version reads (2: learned rates, layers)
 
 
-class MetaMLP(nn.Module):
-    kind = "MAML model (a MetaMLP)"  # what a file holding one is called in messages
+class SavedModel(nn.Module):
+    """What a pymaml model is as a file (MetaMLP, DAMLModel): its `to_dict` record, written
+    atomically and sealed (pymaml._io), read back by `from_dict`, which names the field that is
+    missing or holds the wrong thing. A subclass names its format and fields; defining it
+    registers its reader, so pymaml.load reads its files."""
+
+    FORMAT: str  # the record's format tag
+    FORMAT_VERSION = 1  # the newest record this version reads
+    RECORD = "model"  # what the record is called in messages
+    FIELDS = ()  # the fields every record has
+    TENSORS = ()  # the fields that must be tensors; OPTIONAL_TENSORS: tensors or None
+    OPTIONAL_TENSORS = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "FORMAT" in cls.__dict__:  # the format's own class (not a user's subclass of it)
+            _io.register_reader(cls.FORMAT, cls._read)
+
+    @classmethod
+    def _read(cls, path, record, device):
+        try:
+            return cls.from_dict(record, device=device)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], *, device=None):
+        """The model of a record written by to_dict; ValueError naming the field that is
+        missing or holds what such a model cannot have."""
+        name = f"the {cls.RECORD} record"
+        if not isinstance(d, dict):
+            raise ValueError(f"{name} is a {type(d).__name__}, not a dict")
+        for field in cls.FIELDS:
+            if field not in d:
+                raise ValueError(f"field {field!r} of {name} is missing")
+        for field, want, kind in ([(f, torch.Tensor, "tensor") for f in cls.TENSORS]
+                                  + [(f, (torch.Tensor, type(None)), "tensor")
+                                     for f in cls.OPTIONAL_TENSORS]
+                                  + [("info", (dict, type(None)), "dict")]):
+            if field in d and not isinstance(d[field], want):
+                raise ValueError(f"field {field!r} of {name} is a {type(d[field]).__name__}, "
+                                 f"not a {kind}")
+        version = d.get("format_version", 1)
+        if not isinstance(version, int) or version > cls.FORMAT_VERSION:
+            raise ValueError(f"field 'format_version' of {name} is {version!r}: written by a "
+                             f"newer pymaml (this is {__version__}, which reads up to "
+                             f"{cls.FORMAT_VERSION})")
+        try:  # the argument checks name the field
+            return cls._from_record(d, lambda t: None if t is None else t.to(device))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} holds an invalid value: {exc}") from None
+
+    def save(self, path) -> None:
+        """Writes the model atomically with torch.save: plain tensors and metadata only, so
+        torch.load(path, weights_only=True) reads it."""
+        _io.atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path, *, device=None):
+        """A model saved by `save`, or the model inside a training checkpoint (whose fields
+        are all checked: a damaged checkpoint is refused, not half used)."""
+        device = _checks.check_device("device", device) if device is not None else None
+        return _io.load_model(path, device=device, want=cls)
+
+
+class MetaMLP(SavedModel):
     """An MLP with layer sizes [n_in, hidden..., n_out], one activation between layers and a
     linear output, stored as one flat parameter tensor `params` [P] (pymaml's layout).
 
@@ -46,6 +109,13 @@ class MetaMLP(nn.Module):
     A model adapted to several tasks at once holds per-task parameters [T, P] and is called
     with x [T, N, n_in].
     """
+
+    kind = "MAML model (a MetaMLP)"  # what a file holding one is called in messages
+    FORMAT = _io.MODEL_FORMAT
+    FORMAT_VERSION = 2  # 2: learned rates, frozen layers
+    FIELDS = ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params")
+    TENSORS = ("params",)
+    OPTIONAL_TENSORS = ("learned_lr",)
 
     def __init__(self, sizes, activation: str = "relu", *, params: Optional[torch.Tensor] = None,
                  loss: str = "mse", inner_lr: float = 0.01, inner_steps: int = 1,
@@ -181,50 +251,12 @@ class MetaMLP(nn.Module):
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any], *, device=None) -> "MetaMLP":
-        """The model of a record written by to_dict; ValueError naming the field that is
-        missing or holds what a model cannot have."""
-        if not isinstance(d, dict):
-            raise ValueError(f"the model record is a {type(d).__name__}, not a dict")
-        for field in ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params"):
-            if field not in d:
-                raise ValueError(f"field {field!r} of the model record is missing")
-        params = d["params"]
-        if not isinstance(params, torch.Tensor):
-            raise ValueError(f"field 'params' of the model record is a {type(params).__name__}, "
-                             "not a tensor")
-        if "info" in d and not isinstance(d["info"], (dict, type(None))):
-            raise ValueError(f"field 'info' of the model record is a {type(d['info']).__name__}, "
-                             "not a dict")
-        version = d.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"field 'format_version' of the model record is {version!r}: "
-                             f"written by a newer pymaml (this is {__version__}, which reads "
-                             f"up to {FORMAT_VERSION})")
-        learned = d.get("learned_lr")
-        if learned is not None and not isinstance(learned, torch.Tensor):
-            raise ValueError(f"field 'learned_lr' of the model record is a "
-                             f"{type(learned).__name__}, not a tensor")
-        try:  # version 1 records have none of the last three fields: their defaults
-            return cls(d["sizes"], d["activation"], params=params.to(device), loss=d["loss"],
-                       inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"),
-                       learn_inner_lr=d.get("learn_inner_lr"),
-                       learned_lr=None if learned is None else learned.to(device),
-                       adapt_layers=d.get("adapt_layers"))
-        except (TypeError, ValueError) as exc:  # the argument checks name the field
-            raise ValueError(f"the model record holds an invalid value: {exc}") from None
-
-    def save(self, path) -> None:
-        """Writes the model atomically with torch.save: plain tensors and metadata only, so
-        torch.load(path, weights_only=True) reads it."""
-        _io.atomic_save(self.to_dict(), path)
-
-    @classmethod
-    def load(cls, path, *, device=None) -> "MetaMLP":
-        """A model saved by `save`, or the model inside a training checkpoint (whose fields
-        are all checked: a damaged checkpoint is refused, not half used)."""
-        device = _checks.check_device("device", device) if device is not None else None
-        return _io.load_model(path, device=device, want=cls)
+    def _from_record(cls, d, to_device) -> "MetaMLP":
+        # version 1 records have none of the last three fields: their defaults
+        return cls(d["sizes"], d["activation"], params=to_device(d["params"]), loss=d["loss"],
+                   inner_lr=d["inner_lr"], inner_steps=d["inner_steps"], info=d.get("info"),
+                   learn_inner_lr=d.get("learn_inner_lr"),
+                   learned_lr=to_device(d.get("learned_lr")), adapt_layers=d.get("adapt_layers"))
 
     def extra_repr(self) -> str:
         batch = f", tasks={self.num_tasks}" if self.num_tasks is not None else ""
@@ -237,12 +269,3 @@ class MetaMLP(nn.Module):
                 f"inner_lr={self.inner_lr:g}, inner_steps={self.inner_steps}{more}, "
                 f"dtype={self.params.dtype}{batch}")
 
-
-def _read(path, record, device) -> MetaMLP:
-    try:
-        return MetaMLP.from_dict(record, device=device)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-
-
-_io.register_reader(_io.MODEL_FORMAT, _read)

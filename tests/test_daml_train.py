@@ -14,7 +14,7 @@ from pymaml import daml as D
 from pymaml import tasks as T
 from pymaml.cli import main
 from pymaml.daml_model import DAMLModel, default_loss_sizes
-from pymaml.daml_evaluate import evaluate_daml
+from pymaml.evaluate import evaluate_daml
 
 pytestmark = pytest.mark.skipif(not D.fused_available(), reason="the fused DAML ops are not built")
 

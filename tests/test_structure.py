@@ -83,7 +83,7 @@ LAYERS = {
     2: ["pymaml.trainer", "pymaml.checkpoint", "pymaml.config"],
     3: ["pymaml.algorithms*", "pymaml.tasks*", "pymaml.meta_step", "pymaml.fast_path",
         "pymaml.outer_optim", "pymaml.model", "pymaml.daml_model", "pymaml.evaluate",
-        "pymaml.daml_evaluate", "pymaml.plots", "pymaml.progress", "pymaml.distributed",
+        "pymaml.plots", "pymaml.progress", "pymaml.distributed",
         "pymaml.nn", "pymaml.testing", "pymaml.func_oracles"],
     4: ["pymaml.functional", "pymaml.daml", "pymaml._route", "pymaml.reference", "pymaml._ops"],
     5: ["pymaml._checks", "pymaml._rates", "pymaml._layout", "pymaml._io", "pymaml._flags",

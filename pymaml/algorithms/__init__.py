@@ -36,5 +36,5 @@ def for_model(model) -> Algorithm:
 def evaluate(model, task=None, **kwargs):
     """pymaml.evaluate: the model's algorithm's evaluation protocol (the MAML paper's for a
     MetaMLP, pymaml.evaluate_maml; the grid error per phase for a DAMLModel,
-    pymaml.daml_evaluate). See each for its arguments."""
+    pymaml.evaluate.evaluate_daml). See each for its arguments."""
     return for_model(model).evaluate(model, task, **kwargs)

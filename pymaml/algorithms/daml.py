@@ -9,7 +9,7 @@ to MAML's run is a second network, the adaptation-loss network, trained with the
   "daml-sine" by default;
 - one iteration: pymaml.daml.daml_loss and its gradients to both networks; many iterations:
   torch.ops.pymaml.daml_train_chunk;
-- evaluation: pymaml.daml_evaluate's grid error per phase; the figure: plots.plot_daml;
+- evaluation: pymaml.evaluate.evaluate_daml's grid error per phase; the figure: plots.plot_daml;
 - the command line: --loss-hidden and --adapt-loss; outputs daml-sine.* by default.
 
 The seed's DAML experiment is the default setting (pymaml.train(algorithm="daml"))."""
@@ -26,7 +26,7 @@ from .. import fast_path as _fast_path
 from .. import plots as _plots
 from .. import tasks as _tasks
 from .._layout import num_params
-from ..daml_evaluate import evaluate_daml
+from ..evaluate import evaluate_daml
 from ..daml_model import DAMLModel, default_loss_sizes
 from .base import Algorithm
 
