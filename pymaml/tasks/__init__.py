@@ -36,12 +36,15 @@ import torch
 from .base import (CallableDAMLTasks, CallableTasks, CheckedDAMLTasks, CheckedTasks, DAMLBatch,
                    DAMLTaskFamily, TaskBatch, TaskFamily, _DAML, _Kind, _MAML, check_batch,
                    check_daml_batch)
+from .episodes import Episodes, split_classes
+from .omniglot import load_omniglot
 from .sines import DAMLSine, FunctionTasks, SeedSine, Sine
 
 __all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
            "CheckedTasks", "FAMILIES", "get_family", "checked", "check_batch",
            "DAMLBatch", "DAMLTaskFamily", "DAMLSine", "CallableDAMLTasks", "CheckedDAMLTasks",
-           "DAML_FAMILIES", "get_daml_family", "checked_daml", "check_daml_batch"]
+           "DAML_FAMILIES", "get_daml_family", "checked_daml", "check_daml_batch",
+           "Episodes", "split_classes", "load_omniglot"]
 
 
 # pymaml's own classes, whose shapes and dtypes are right by construction or already checked.
