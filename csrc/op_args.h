@@ -27,7 +27,9 @@ struct OpConfig {
 };
 
 constexpr int64_t kMaxSteps = 100;
-constexpr int64_t kMaxWidth = 512;
+// Widths are a sanity bound, not a buffer size (every workspace is sized from the call's
+// shapes): 2048 admits images flattened to inputs (Omniglot's 784) and 1024-wide layers.
+constexpr int64_t kMaxWidth = 2048;
 
 OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, int64_t steps,
                       std::string_view activation, std::string_view loss);

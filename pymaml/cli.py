@@ -42,9 +42,9 @@ from ._flags import count as _count, int_list as _int_list, key_value as _key_va
 from ._flags import optimizer as _optimizer, threads as _threads
 from ._version import __version__
 from .algorithms import evaluate
-from .config import OPTIMIZERS, check_optimizer_kwargs
+from .config import DEFAULTS, OPTIMIZERS, check_optimizer_kwargs
 from .evaluate import EVAL_SEED
-from .tasks import FAMILIES
+from .tasks import DATA_FAMILIES, FAMILIES
 from .trainer import DTYPES, TrainingDiverged, train
 
 
@@ -124,7 +124,8 @@ def cmd_train(args) -> int:
                    inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
                    iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
                    optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
-                   queries=args.queries, init=init, backend=args.backend, device=args.device,
+                   queries=args.queries, data=args.data, ways=args.ways, init=init,
+                   backend=args.backend, device=args.device,
                    dtype=DTYPES[args.dtype], seed=args.seed, log_every=args.log_every,
                    progress=args.progress, checkpoint=out["checkpoint"],
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
@@ -140,7 +141,7 @@ def cmd_train(args) -> int:
     if not args.no_plots:
         with _writing(out["figure"]):
             shows = entry.figure(model, out["figure"], args.task, shots=args.shots,
-                                 seed=args.seed)
+                                 seed=args.seed, data=args.data)
         with _writing(out["loss_figure"]):
             plots.plot_losses(result.losses, out["loss_figure"],
                               title=f"{result.config['algorithm']} on {args.task}")
@@ -184,12 +185,16 @@ def _writing(path):
 def _check_train_outputs(args, out) -> None:
     """Before training: the flags' values train() would only find wrong later, and every file
     train writes after the run (model, figures; train() checks the checkpoint) writable."""
-    optimizer = OPTIMIZERS.get(args.optimizer, args.optimizer)
-    try:
-        check_optimizer_kwargs(optimizer, dict(args.optimizer_arg), args.outer_lr,
-                               name="--optimizer-arg")
-    except ValueError as exc:
-        raise _FlagError(str(exc)) from None
+    # Flags left out take the task's defaults (a data set's family's: train checks them then).
+    defaults = {} if args.task in DATA_FAMILIES else DEFAULTS
+    optimizer = args.optimizer or defaults.get("optimizer")
+    outer_lr = defaults.get("outer_lr") if args.outer_lr is None else args.outer_lr
+    if optimizer is not None and outer_lr is not None:
+        try:
+            check_optimizer_kwargs(OPTIMIZERS.get(optimizer, optimizer),
+                                   dict(args.optimizer_arg), outer_lr, name="--optimizer-arg")
+        except ValueError as exc:
+            raise _FlagError(str(exc)) from None
     if _distributed.env_rank() != 0:
         return  # rank 0 writes the files
     _io.check_writable(out["model"], "model file")
@@ -220,6 +225,10 @@ def cmd_eval(args) -> int:
     model, _, task = _saved_model(args)
     options = dict(shots=args.shots, num_tasks=args.tasks, inner_lr=args.inner_lr,
                    seed=args.seed, backend=args.backend)
+    if task in DATA_FAMILIES:
+        options.update(data=args.data, ways=args.ways, queries=args.queries)
+    elif args.data or args.ways or args.queries:
+        raise _FlagError("--data, --ways and --queries apply to --task omniglot")
     if args.steps is not None:  # else the protocol's own (MAML's 1, 5, 10; DAML's model's)
         options["steps"] = args.steps
     result = evaluate(model, task, **options)
@@ -234,7 +243,7 @@ def cmd_plot(args) -> int:
                               "figure")
     with _writing(path):
         shows = entry.plot(model, path, task, shots=args.shots, num_tasks=args.tasks,
-                           steps=args.steps, seed=args.seed)
+                           steps=args.steps, seed=args.seed, data=args.data)
     print(f"{path}: {shows}")
     return 0
 
@@ -291,11 +300,15 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--algorithm", choices=algorithms.NAMES, default="maml",
                    help="meta-learning algorithm (metasgd: per-parameter learned inner rates; "
                         "anil: only the head adapts)")
-    t.add_argument("--sizes", type=_int_list, default=[1, 32, 32, 1], help="layer widths, e.g. 1,40,40,1")
+    t.add_argument("--data", metavar="DIR", help="the Omniglot archives' directory (--task omniglot)")
+    t.add_argument("--ways", type=_count(2), help="classes per episode (--task omniglot; default 5)")
+    t.add_argument("--sizes", type=_int_list, help="layer widths, e.g. 1,40,40,1 (default: the "
+                   "task's: 1,32,32,1; omniglot: 784,256,128,64,64,WAYS)")
     t.add_argument("--activation", choices=_checks.ACTIVATIONS, default="relu", help="hidden activation")
-    t.add_argument("--loss", choices=_checks.LOSSES, default="l1", help="inner and query loss")
-    t.add_argument("--inner-steps", type=_count(0), default=5, help="SGD steps per task")
-    t.add_argument("--inner-lr", type=float, default=3e-2, help="inner SGD step size")
+    t.add_argument("--loss", choices=_checks.LOSSES,
+                   help="inner and query loss (default: l1; omniglot: cross_entropy)")
+    t.add_argument("--inner-steps", type=_count(0), help="SGD steps per task (default: 5; omniglot: 1)")
+    t.add_argument("--inner-lr", type=float, help="inner SGD step size (default: 0.03; omniglot: 0.4)")
     t.add_argument("--inner-batch", type=_count(1), metavar="N",
                    help="points per inner step, a minibatch of its own each (default: all)")
     t.add_argument("--learn-inner-lr", choices=_rates.MODES, metavar="MODE",
@@ -304,11 +317,15 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--adapt-layers", type=_int_list, metavar="I,J",
                    help="the linear layers that adapt in the inner loop, e.g. -1 for the head "
                         "(anil); default: all")
-    t.add_argument("--meta-batch-size", type=_count(1), default=1, help="tasks per meta-iteration")
-    t.add_argument("--iterations", type=_count(1), default=275_000, help="meta-iterations")
-    t.add_argument("--optimizer", type=_optimizer, default="sgd",
-                   help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...)")
-    t.add_argument("--outer-lr", type=float, default=1e-2, help="outer optimizer learning rate")
+    t.add_argument("--meta-batch-size", type=_count(1),
+                   help="tasks per meta-iteration (default: 1; omniglot: 32)")
+    t.add_argument("--iterations", type=_count(1),
+                   help="meta-iterations (default: 275000; omniglot: 60000)")
+    t.add_argument("--optimizer", type=_optimizer,
+                   help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...; default: "
+                        "sgd; omniglot: adam)")
+    t.add_argument("--outer-lr", type=float,
+                   help="outer optimizer learning rate (default: 0.01; omniglot: 0.001)")
     t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
     t.add_argument("--init", default="seed", help="seed, torch, or a saved model to start from")
@@ -350,8 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
     e.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
     e.add_argument("--shots", type=_count(1), help="support = held-out points per task (default: the task's)")
+    e.add_argument("--data", metavar="DIR", help="the Omniglot archives' directory (--task omniglot)")
+    e.add_argument("--ways", type=_count(2), help="classes per episode (default: the model's outputs)")
+    e.add_argument("--queries", type=_count(1), help="query examples per class (omniglot; default 15)")
     e.add_argument("--steps", type=_int_list,
-                   help="adaptation steps, e.g. 0,1,5,10 (default: 1,5,10; a DAML model's own)")
+                   help="adaptation steps, e.g. 0,1,5,10 (default: 1,5,10; omniglot: 1,3,10; "
+                        "a DAML model's own)")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
     e.add_argument("--inner-lr", type=float,
                    help="one inner rate for every step (default: the model's learned rates, or "
@@ -365,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a saved model (.pt) or checkpoint (.ckpt)")
     p.add_argument("--task", choices=list(FAMILIES), help="default: the task the model was trained on")
     p.add_argument("--shots", type=_count(1), help="examples per task (default: the task's)")
+    p.add_argument("--data", metavar="DIR", help="the Omniglot archives' directory (--task omniglot)")
     p.add_argument("--tasks", type=_count(1), default=6, help="how many tasks to draw")
     p.add_argument("--steps", type=_count(0), help="adaptation steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the tasks drawn")

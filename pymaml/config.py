@@ -20,11 +20,13 @@ import torch
 
 from . import _checks, _io
 from . import algorithms as _algorithms
+from . import tasks as _tasks
 from . import distributed as _distributed
 
 ALGORITHMS = _algorithms.NAMES  # the registry's (pymaml.algorithms)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULTS = _tasks.SEED_DEFAULTS  # train()'s for the arguments it leaves None (the seed's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +132,10 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     """pymaml.train's arguments (a dict by name; see its docstring), checked: first the
     settings every algorithm has, then the run's algorithm's own (pymaml.algorithms)."""
     entry = _algorithms.get(args["algorithm"])
+    family = entry.family(args["task"], args["shots"], args["queries"], args.get("data"),
+                          args.get("ways"))
+    defaults = family.run_defaults() if isinstance(family, _tasks.TaskFamily) else DEFAULTS
+    args = {k: defaults[k] if v is None and k in defaults else v for k, v in args.items()}
     sizes = tuple(_checks.check_sizes(args["sizes"]))
     activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
     loss = _checks.check_choice("loss", args["loss"], _checks.LOSSES)
@@ -141,7 +147,6 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     outer_lr = _positive_real("outer_lr", args["outer_lr"])
     optimizer_kwargs = _optimizer_kwargs(args["optimizer_kwargs"])
     check_optimizer_kwargs(optimizer_class, optimizer_kwargs, outer_lr)
-    family = entry.family(args["task"], args["shots"], args["queries"])
     for what, n, want in (("input", family.n_in, sizes[0]), ("output", family.n_out, sizes[-1])):
         if n is not None and n != want:
             raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is "

@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import _checks
 from . import _rates
 from . import tasks as _tasks
+from . import functional as F
 from .daml_model import DAMLModel
 from .model import MetaMLP
 
-__all__ = ["evaluate", "EvalResult", "evaluate_daml", "DAMLEvalResult"]
+__all__ = ["evaluate", "EvalResult", "AccuracyResult", "evaluate_daml", "DAMLEvalResult"]
 
 EVAL_SEED = 2_147_483_647  # held-out tasks: a stream no training run uses by default
 
@@ -112,19 +113,37 @@ def _mean_ci(per_task: torch.Tensor):
 
 
 def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
-             steps: Sequence[int] = (1, 5, 10), num_tasks: int = 600, grid_points: int = 100,
-             inner_lr: Optional[float] = None, seed: int = EVAL_SEED,
-             backend: str = "auto") -> EvalResult:
-    """The MAML paper's protocol (pymaml.evaluate runs it for a MetaMLP): evaluates `model`
-    on held-out tasks of `task` (a name, TaskFamily or
-    sampler, as in train) with `shots` support and `shots` held-out points per task (default:
-    the family's shots). Adaptation uses the model's loss, its learned inner rates if it has
-    them, else its inner lr (`inner_lr`, a number, replaces either), and its adapt_layers."""
+             steps: Optional[Sequence[int]] = None, num_tasks: int = 600,
+             grid_points: int = 100, inner_lr: Optional[float] = None, seed: int = EVAL_SEED,
+             backend: str = "auto", data=None, ways: Optional[int] = None,
+             queries: Optional[int] = None):
+    """The MAML paper's protocols (pymaml.evaluate runs them for a MetaMLP): evaluates `model`
+    on held-out tasks of `task` (a name, TaskFamily or sampler, as in train) after each number
+    of adaptation `steps` (an int or a list). Adaptation uses the model's loss, its learned
+    inner rates if it has them, else its inner lr (`inner_lr`, a number, replaces either), and
+    its adapt_layers.
+
+    Regression (default steps 1, 5, 10): `shots` support and `shots` held-out points per task
+    (default: the family's shots); returns an EvalResult. Classification, for "omniglot"
+    (data=DIR, ways: default the model's outputs; its characters as they are, unrotated) or
+    an Episodes family (default steps 1, 3, 10): `num_tasks` episodes of `ways` classes with
+    `shots` support and `queries` (default 15) query examples per class; returns an
+    AccuracyResult (.accuracy, .ci95, .table()) with two baselines on the same episodes."""
     if not isinstance(model, MetaMLP) or model.num_tasks is not None:
         raise TypeError(f"model must be a (not yet adapted) pymaml MetaMLP, got {type(model).__name__}")
     _checks.check_device("the model's device", model.params.device)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        steps = [steps]
+    if task == "omniglot" or isinstance(task, _tasks.Episodes):
+        family = _episodes(task, data, ways or model.sizes[-1], shots, queries)
+        steps, num_tasks, _, seed, inner_lr = _check_protocol(
+            (1, 3, 10) if steps is None else steps, num_tasks, 2, seed, inner_lr)
+        return _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend)
+    if data is not None or ways is not None or queries is not None:
+        raise ValueError("data, ways and queries apply to classification episodes (task "
+                         "'omniglot' or an Episodes family)")
     steps, num_tasks, grid_points, seed, inner_lr = _check_protocol(
-        steps, num_tasks, grid_points, seed, inner_lr)
+        (1, 5, 10) if steps is None else steps, num_tasks, grid_points, seed, inner_lr)
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.params.dtype, model.params.device
@@ -169,6 +188,110 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
                                                   model.sizes, model.adapt_layers)
                       if learned else None,
                       adapt_layers=model.adapt_layers)
+
+
+# ---- classification episodes -------------------------------------------------------------------
+
+SCRATCH_STEPS = 100  # the from-scratch baseline's SGD steps on each support set
+
+
+@dataclasses.dataclass
+class AccuracyResult:
+    """Per number of adaptation steps (`steps[i]`): the query accuracy's mean over the
+    `num_tasks` episodes (in [0, 1]), its 95 % interval (1.96 * std / sqrt(num_tasks)) and the
+    mean query cross-entropy. `baselines`: name -> (accuracy, interval) on the same episodes
+    without meta-learning: the nearest class mean of the inputs (pixels), and the same MLP
+    from a fresh initialisation fitted by SCRATCH_STEPS SGD steps at the model's inner lr."""
+    task: str
+    ways: int
+    shots: int
+    queries: int
+    num_tasks: int
+    inner_lr: float
+    steps: List[int]
+    accuracies: List[float]
+    accuracy_ci95s: List[float]
+    losses: List[float]
+    baselines: Dict[str, Tuple[float, float]]
+
+    @property
+    def accuracy(self) -> float:
+        """The accuracy after the last of `steps`."""
+        return self.accuracies[-1]
+
+    @property
+    def ci95(self) -> float:
+        """Its 95 % interval (half-width)."""
+        return self.accuracy_ci95s[-1]
+
+    def table(self) -> str:
+        pct = lambda a, ci: f"{100 * a:6.2f} ± {100 * ci:4.2f} %"
+        lines = [f"{self.num_tasks} held-out {self.ways}-way {self.shots}-shot episodes of "
+                 f"'{self.task}' ({self.queries} queries per class), inner lr "
+                 f"{self.inner_lr:g}; mean ± 1.96·std/√{self.num_tasks}",
+                 f"{'':<34}  {'accuracy':>16}  {'query loss':>10}"]
+        lines += [f"{f'meta-learned, {s} step(s)':<34}  {pct(a, ci):>16}  {l:>10.4f}"
+                  for s, a, ci, l in zip(self.steps, self.accuracies, self.accuracy_ci95s,
+                                         self.losses)]
+        lines += [f"{name:<34}  {pct(a, ci):>16}" for name, (a, ci) in self.baselines.items()]
+        return "\n".join(lines)
+
+
+def _episodes(task, data, ways, shots, queries):
+    """The evaluation's Episodes family: "omniglot" under `data`, unrotated, or `task`."""
+    if isinstance(task, _tasks.Episodes):
+        if any(v is not None for v in (data, shots, queries)):
+            raise ValueError("data, shots and queries are set on the Episodes family itself")
+        return task
+    return _tasks.Omniglot(data, ways=ways, shots=1 if shots is None else shots,
+                           queries=15 if queries is None else queries, rotations=False)
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[T]: each episode's share of query points classified right."""
+    return (logits.argmax(-1) == y).double().mean(dim=1)
+
+
+def _nearest_mean(batch, ways: int) -> torch.Tensor:
+    """[T] accuracies of the nearest class mean of the support inputs (Euclidean)."""
+    one_hot = torch.nn.functional.one_hot(batch.y_support, ways).to(batch.x_support.dtype)
+    means = one_hot.transpose(1, 2) @ batch.x_support / one_hot.sum(1)[..., None]
+    return _accuracy(-torch.cdist(batch.x_query, means), batch.y_query)
+
+
+def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
+                       chunk: int = 100) -> AccuracyResult:
+    """Accuracy per step count, and the baselines, on `num_tasks` episodes drawn at once
+    (adapted `chunk` at a time: per-task parameters of a large MLP are large)."""
+    if family.n_in != model.sizes[0] or family.ways != model.sizes[-1]:
+        raise ValueError(f"the episodes have {family.n_in} inputs and {family.ways} classes, "
+                         f"the model sizes {model.sizes}")
+    dtype, device = model.params.dtype, model.params.device
+    batch = family.sample(num_tasks, generator=torch.Generator().manual_seed(seed),
+                          dtype=dtype, device=device)
+    rate = model.inner_lr if inner_lr is None else inner_lr
+    fresh = model._like(F.init_params(model.sizes, generator=torch.Generator().manual_seed(seed),
+                                      dtype=dtype, device=device))
+    runs = [(model, s, inner_lr) for s in steps] + [(fresh, SCRATCH_STEPS, rate)]
+    accs, losses = [], []
+    for net, s, lr in runs:
+        acc, loss = [], []
+        for at in range(0, num_tasks, chunk):
+            part = [t[at:at + chunk] for t in batch]
+            with torch.no_grad():
+                logits = net.adapt(part[0], part[1], steps=s, inner_lr=lr, backend=backend)(part[2])
+            acc.append(_accuracy(logits, part[3]))
+            loss.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(),
+                                                          part[3].flatten(), reduction="sum"))
+        accs.append(_mean_ci(torch.cat(acc)))
+        losses.append(sum(loss).item() / (num_tasks * part[3].shape[1]))
+    baselines = {"nearest class mean (pixels)": _mean_ci(_nearest_mean(batch, family.ways)),
+                 f"same MLP from scratch ({SCRATCH_STEPS} steps)": accs.pop()}
+    return AccuracyResult(task=family.name, ways=family.ways, shots=family.shots,
+                          queries=family.queries, num_tasks=num_tasks, inner_lr=rate,
+                          steps=list(steps), accuracies=[a for a, _ in accs],
+                          accuracy_ci95s=[ci for _, ci in accs], losses=losses[:len(steps)],
+                          baselines=baselines)
 
 
 @dataclasses.dataclass

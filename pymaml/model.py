@@ -187,7 +187,8 @@ class MetaMLP(SavedModel):
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
               inner_lr=None, backend: str = "auto") -> "MetaMLP":
         """Test-time adaptation: a new model after `steps` SGD steps (default: the training
-        setting) on the examples x [K, n_in], y [K, n_out]; or, for x [T, K, n_in], a model
+        setting) on the examples x [K, n_in], y [K, n_out] (or class indices y [K] for
+        loss="cross_entropy"); or, for x [T, K, n_in], a model
         holding T adapted parameter sets. The rate is the learned rates if the model has
         them (`rates`), else inner_lr; `inner_lr` (a number, or a tensor broadcastable to
         [steps, P]) replaces it. Only the adapt_layers move. The result is detached from this
@@ -195,12 +196,15 @@ class MetaMLP(SavedModel):
         if self.num_tasks is not None:
             raise ValueError("this model is already adapted to several tasks; adapt the model "
                              "it came from")
-        for name, t in (("x", x), ("y", y)):
-            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+        # y: targets [..., K, n_out], or class indices [..., K] (int64, loss "cross_entropy")
+        indices = isinstance(y, torch.Tensor) and not y.is_floating_point()
+        for name, t, extra in (("x", x, 0), ("y", y, -1 if indices else 0)):
+            if not isinstance(t, torch.Tensor) or t.dim() - extra not in (2, 3):
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be [K, features] or [T, K, features], got {got}")
-        if x.dim() != y.dim():
-            raise ValueError(f"x and y must both be [K, features] or both [T, K, features], got "
+                want = "[K] or [T, K] (class indices)" if extra else "[K, features] or [T, K, features]"
+                raise ValueError(f"{name} must be {want}, got {got}")
+        if x.dim() != y.dim() + (1 if indices else 0):
+            raise ValueError(f"x and y must both be for one task or both for T tasks, got "
                              f"{list(x.shape)} and {list(y.shape)}")
         single = x.dim() == 2
         xs, ys = (x.unsqueeze(0), y.unsqueeze(0)) if single else (x, y)

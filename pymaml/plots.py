@@ -14,7 +14,7 @@ from . import tasks as _tasks
 from .daml_model import DAMLModel
 from .model import MetaMLP
 
-__all__ = ["plot_adaptation", "plot_losses", "plot_daml"]
+__all__ = ["plot_adaptation", "plot_losses", "plot_daml", "plot_episodes"]
 
 
 def _figure(**kwargs):
@@ -164,3 +164,36 @@ def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return maes
+
+
+def plot_episodes(model: MetaMLP, path, family, *, episodes: int = 3, steps: Optional[int] = None,
+                  seed: int = 0) -> float:
+    """Draws `episodes` classification episodes of `family` (an Episodes of square images):
+    per episode a row of its support images (one per class, titled with the label) and one
+    query image per class, titled with the label the adapted model predicts (green when
+    right, red when wrong). Returns the accuracy over the drawn queries."""
+    batch = family.sample(episodes, generator=torch.Generator().manual_seed(seed),
+                          dtype=model.params.dtype, device=model.params.device)
+    with torch.no_grad():
+        predicted = model.adapt(batch.x_support, batch.y_support, steps=steps)(
+            batch.x_query).argmax(-1)
+    W, side = family.ways, int(round(math.sqrt(family.n_in)))
+    fig = _figure(figsize=(1.1 * 2 * W, 1.3 * episodes))
+    axes = fig.subplots(episodes, 2 * W, squeeze=False)
+    for e in range(episodes):
+        for j in range(W):  # points are ordered class by class (Episodes)
+            s, q = j * family.shots, j * family.queries
+            right = predicted[e, q].item() == j
+            for ax, x, title, color in (
+                    (axes[e, j], batch.x_support[e, s], f"class {j}", "black"),
+                    (axes[e, W + j], batch.x_query[e, q], f"→ {predicted[e, q].item()}",
+                     "green" if right else "red")):
+                ax.imshow(x.reshape(side, side).cpu(), cmap="Greys", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=8, color=color)
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(f"{W}-way {family.shots}-shot episodes: support (left), queries and the "
+                 "adapted model's predictions (right)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return (predicted == batch.y_query).double().mean().item()

@@ -88,10 +88,11 @@ class TrainResult:
     fast_iterations: int = 0
 
 
-def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
-          activation: str = "relu", loss: str = "l1", inner_steps: int = 5,
-          inner_lr: float = 3e-2, meta_batch_size: int = 1, iterations: int = 275_000,
-          optimizer="sgd", outer_lr: float = 1e-2, optimizer_kwargs: Optional[dict] = None,
+def train(task="seed-sine", *, algorithm: str = "maml", sizes=None,
+          activation: str = "relu", loss: Optional[str] = None, inner_steps: Optional[int] = None,
+          inner_lr: Optional[float] = None, meta_batch_size: Optional[int] = None,
+          iterations: Optional[int] = None, optimizer=None, outer_lr: Optional[float] = None,
+          optimizer_kwargs: Optional[dict] = None,
           shots: Optional[int] = None, queries: Optional[int] = None, init="seed",
           backend: str = "auto", device="cpu", dtype=torch.float32, seed: int = 0,
           log_every: Optional[int] = None, progress: Optional[bool] = None,
@@ -99,18 +100,22 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
           overwrite: bool = False, distributed: Optional[bool] = None,
           distributed_timeout: float = _distributed.DEFAULT_TIMEOUT_S,
           inner_batch: Optional[int] = None, learn_inner_lr: Optional[str] = None,
-          adapt_layers=None, loss_sizes=None, adapt_loss: Optional[str] = None) -> TrainResult:
+          adapt_layers=None, loss_sizes=None, adapt_loss: Optional[str] = None,
+          data=None, ways: Optional[int] = None) -> TrainResult:
     """Meta-trains an MLP and returns a TrainResult (model, loss history, wall time).
 
-    task: "seed-sine", "sine", a pymaml.tasks.TaskFamily, or a callable
+    task: "seed-sine", "sine", "omniglot", a pymaml.tasks.TaskFamily, or a callable
         fn(T, generator) -> (x_support, y_support, x_query, y_query) of [T, points, features];
-        shots / queries set the named families' support / query sizes.
+        shots / queries set the named families' sizes; "omniglot" (pymaml.tasks.Omniglot) also
+        takes data (the Omniglot archives' directory) and ways (classes per episode, 5).
     algorithm: "maml" (exact second order), "fomaml" (first order), "reptile" (outer update
         toward the mean adapted weights; inner loop on support and query together),
         "metasgd" (MAML learning one inner rate per parameter: learn_inner_lr=
         "per-parameter") or "anil" (MAML adapting the head only: adapt_layers=[-1]).
-    sizes, activation ("relu" | "tanh"), loss ("l1" | "mse"), inner_steps, inner_lr: the
-        network and its inner loop. meta_batch_size: tasks per meta-iteration.
+    sizes, activation ("relu" | "tanh"), loss ("l1" | "mse" | "cross_entropy"), inner_steps,
+        inner_lr: the network and its inner loop. meta_batch_size: tasks per meta-iteration.
+        Left None, these and iterations, optimizer, outer_lr take the task's defaults (the
+        seed's, config.DEFAULTS; Omniglot's: the MAML paper's, Omniglot.run_defaults).
     learn_inner_lr: None (the inner rate is inner_lr throughout), or the inner rates to learn
         with the weights, each starting at inner_lr, stepped by the same outer optimizer:
         "per-step" (one per inner step), "per-parameter" (one per weight entry, Meta-SGD),
@@ -121,12 +126,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         layers that do ([-1]: the head); the meta-gradient still reaches every layer (for
         Reptile, only these layers move). Runs with rates tied across parameters
         (per-step, per-layer-step) take the per-iteration path (pymaml.fast_path.unserved).
-    algorithm="daml" (pymaml/algorithms/daml.py): DAML, MAML with a learned inner loss on unlabeled
-        source inputs, on a DAML task family ("daml-sine"; the default task "seed-sine"
-        stands for it), returning a pymaml.daml_model.DAMLModel (model.adapt(x_source));
-        loss_sizes (default [n_out + sum hidden, 32, 32, 1]) and adapt_loss ("l1" | "mse")
-        set its loss network; the defaults are the seed's DAML experiment. inner_batch,
-        learn_inner_lr, adapt_layers and distributed do not apply.
+    algorithm="daml": DAML on a DAML task family ("daml-sine", for which "seed-sine" stands),
+        returning a DAMLModel; loss_sizes and adapt_loss set its loss network (docs/training.md).
     inner_batch: None (every inner step trains on all of the task's inner-loop points), or
         the points of each step's minibatch, as in Reptile's paper: step k takes the next
         inner_batch points, cycling through them (pymaml.tasks.per_step_batches).
@@ -140,8 +141,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
     log_every: a log line every this many iterations (0: none; default: none when the
         progress bar shows, else ten lines per run). progress: the tqdm bar (default: shown
         when stderr is a terminal).
-    checkpoint: a path; written atomically every checkpoint_every iterations, at the end, and
-        on Ctrl-C. An existing checkpoint is never replaced unless resume or overwrite is set.
+    checkpoint: a path, written atomically every checkpoint_every iterations, at the end, on
+        Ctrl-C. An existing checkpoint is never replaced unless resume or overwrite is set.
     resume: True to continue from `checkpoint`, or the path of a checkpoint to continue from
         (then written to `checkpoint`, or to the same path). The run's settings must match.
     distributed: None (default): data-parallel over processes when launched by torchrun with
@@ -150,8 +151,7 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         never. meta_batch_size is the global meta-batch: each of W processes draws
         meta_batch_size / W tasks (W must divide it). See pymaml.distributed.
     distributed_timeout: seconds a process waits for the others at a collective before the
-        run stops with pymaml.distributed.DistributedError (when train() creates the group;
-        torchrun's processes then all stop).
+        run stops with pymaml.distributed.DistributedError (when train() creates the group).
 
     Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk:
     about 50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the

@@ -45,7 +45,7 @@ def test_user_sampler_has_no_grid():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(steps=5), TypeError, "steps must be a list"),
+    (dict(steps="5"), TypeError, "steps must be a list"),
     (dict(steps=[-1]), ValueError, "steps must be a non-empty list"),
     (dict(num_tasks=1), ValueError, "num_tasks must be an int >= 2"),
     (dict(seed=1.5), ValueError, "seed must be an int"),

@@ -93,10 +93,11 @@ class Algorithm:
                              f"task's inner loop has")
         return inner_batch
 
-    def family(self, task, shots, queries):
+    def family(self, task, shots, queries, data=None, ways=None):
         """The run's task family, its draws checked."""
         task = self.default_task if task is None else task
-        return _tasks.checked(_tasks.get_family(task, shots=shots, queries=queries))
+        return _tasks.checked(_tasks.get_family(task, shots=shots, queries=queries, data=data,
+                                                ways=ways))
 
     def init_name(self, init) -> str:
         """The name a checkpoint records for `init`: "seed", "torch" or "given" (weights)."""
@@ -199,8 +200,10 @@ class Algorithm:
         """Lines `train` prints about the trained model (MAML's: none; its figure says it)."""
         return []
 
-    def figure(self, model, path, task, *, shots, seed) -> str:
+    def figure(self, model, path, task, *, shots, seed, data=None) -> str:
         """Draws `train`'s figure of the trained model at `path`; returns what it shows."""
+        if task in _tasks.DATA_FAMILIES:
+            return self._episodes_figure(model, path, shots, 3, None, seed, data)
         # The seed's figure: a phase-pi task (b = pi) for the seed's task, else a random one.
         ids = [[math.pi]] if task == "seed-sine" else None
         (mae,) = _plots.plot_adaptation(model, path, task=task, shots=shots, task_ids=ids,
@@ -209,8 +212,19 @@ class Algorithm:
         return (f"adapted on {model.info['shots'] or '?'} points of {what}, mean absolute error "
                 f"{mae:.4f} on a 100-point grid")
 
-    def plot(self, model, path, task, *, shots, num_tasks, steps, seed) -> str:
+    @staticmethod
+    def _episodes_figure(model, path, shots, episodes, steps, seed, data) -> str:
+        """Classification's figure: episodes of Omniglot's characters (unrotated) and the
+        adapted model's predictions."""
+        family = _tasks.Omniglot(data, ways=model.sizes[-1], shots=shots or 1, queries=1,
+                                 rotations=False)
+        acc = _plots.plot_episodes(model, path, family, episodes=episodes, steps=steps, seed=seed)
+        return f"{episodes} episodes with the adapted model's predictions ({100 * acc:.0f} % right)"
+
+    def plot(self, model, path, task, *, shots, num_tasks, steps, seed, data=None) -> str:
         """Draws `plot`'s figure of a saved model at `path`; returns what it shows."""
+        if task in _tasks.DATA_FAMILIES:
+            return self._episodes_figure(model, path, shots, num_tasks, steps, seed, data)
         maes = _plots.plot_adaptation(model, path, task=task, shots=shots, num_tasks=num_tasks,
                                       steps=steps, seed=seed)
         return (f"{len(maes)} tasks, mean absolute error on a 100-point grid: "
@@ -240,4 +254,6 @@ class Algorithm:
         method = self.name + (f"-{args.learn_inner_lr}" if args.learn_inner_lr else "")
         if args.task == "seed-sine":
             return f"{method}-sine"  # the seed's figure is maml-sine.png
+        if args.task in _tasks.DATA_FAMILIES:
+            return f"{method}-{args.task}-{args.ways or 5}way-{args.shots or 1}shot"
         return f"{method}-{args.task}-{args.shots or _tasks.FAMILIES[args.task]().shots}shot"

@@ -59,9 +59,12 @@ class DAML(Algorithm):
                              f"network is never used and gets no gradient; got {inner_steps}")
         return dict(loss_sizes=tuple(loss_sizes), adapt_loss=adapt_loss)
 
-    def family(self, task, shots, queries):
+    def family(self, task, shots, queries, data=None, ways=None):
         # train()'s default task is the seed's, and DAML's seed experiment is daml-sine
         task = self.default_task if task in (None, "seed-sine") else task
+        if data is not None or ways is not None:
+            raise ValueError("data and ways (classification episodes) do not apply to "
+                             "algorithm 'daml', which trains on DAML task families")
         return _tasks.checked_daml(_tasks.get_daml_family(task, shots=shots, queries=queries))
 
     def init_name(self, init) -> str:
@@ -159,12 +162,12 @@ class DAML(Algorithm):
                 + ", ".join(f"phase {_plots._phase_name(r['phase'])} {r['mae']:.4f}"
                             for r in held_out.rows)]
 
-    def figure(self, model, path, task, *, shots, seed) -> str:
+    def figure(self, model, path, task, *, shots, seed, data=None) -> str:
         maes = _plots.plot_daml(model, path, task=task, shots=shots, seed=seed)
         return ("the phase-pi and phase-0 tasks after adapting from one draw of source inputs, "
                 "grid MAE " + ", ".join(f"{m:.4f}" for m in maes))
 
-    def plot(self, model, path, task, *, shots, num_tasks, steps, seed) -> str:
+    def plot(self, model, path, task, *, shots, num_tasks, steps, seed, data=None) -> str:
         # One panel per phase: the figure has no room for more tasks (num_tasks).
         maes = _plots.plot_daml(model, path, task=task, shots=shots, steps=steps, seed=seed)
         return ("phases pi and 0, mean absolute error on a 100-point grid: "
@@ -192,7 +195,8 @@ class DAML(Algorithm):
             if any(w < 1 for w in args.loss_hidden):
                 raise _flags.FlagError(f"--loss-hidden widths must be >= 1, got "
                                        f"{args.loss_hidden}")
-            loss_sizes = [_checks.loss_input_width(args.sizes), *args.loss_hidden, 1]
+            sizes = args.sizes or _tasks.SEED_DEFAULTS["sizes"]
+            loss_sizes = [_checks.loss_input_width(sizes), *args.loss_hidden, 1]
         return dict(loss_sizes=loss_sizes, adapt_loss=args.adapt_loss)
 
     def out_prefix(self, args) -> str:

@@ -25,7 +25,10 @@ protocols (tasks/base.py). pymaml's own families (tasks/sines.py):
 
 - "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
 - "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
-- "daml-sine" (DAMLSine): the seed's DAML experiment: seed-sine's targets, a source input a step.
+- "daml-sine" (DAMLSine): the seed's DAML experiment: seed-sine's targets, a source input a step;
+- "omniglot" (Omniglot, tasks/omniglot.py): N-way K-shot episodes of the Omniglot characters
+  under a directory (data=DIR, ways=N), drawn by Episodes (tasks/episodes.py), which draws them
+  from any labelled data set; y holds int64 class indices [T, K].
 """
 from __future__ import annotations
 
@@ -34,22 +37,23 @@ from typing import Optional
 import torch
 
 from .base import (CallableDAMLTasks, CallableTasks, CheckedDAMLTasks, CheckedTasks, DAMLBatch,
-                   DAMLTaskFamily, TaskBatch, TaskFamily, _DAML, _Kind, _MAML, check_batch,
+                   DAMLTaskFamily, SEED_DEFAULTS, TaskBatch, TaskFamily, _DAML, _Kind, _MAML,
+                   check_batch,
                    check_daml_batch)
 from .episodes import Episodes, split_classes
-from .omniglot import load_omniglot
+from .omniglot import Omniglot, load_omniglot
 from .sines import DAMLSine, FunctionTasks, SeedSine, Sine
 
 __all__ = ["TaskBatch", "TaskFamily", "FunctionTasks", "SeedSine", "Sine", "CallableTasks",
            "CheckedTasks", "FAMILIES", "get_family", "checked", "check_batch",
            "DAMLBatch", "DAMLTaskFamily", "DAMLSine", "CallableDAMLTasks", "CheckedDAMLTasks",
            "DAML_FAMILIES", "get_daml_family", "checked_daml", "check_daml_batch",
-           "Episodes", "split_classes", "load_omniglot"]
+           "Episodes", "split_classes", "load_omniglot", "Omniglot"]
 
 
 # pymaml's own classes, whose shapes and dtypes are right by construction or already checked.
 # Exact types: a user's subclass of SeedSine, say, may change what it draws, so it is checked.
-_TRUSTED = (SeedSine, Sine, CallableTasks, CheckedTasks)
+_TRUSTED = (SeedSine, Sine, Episodes, Omniglot, CallableTasks, CheckedTasks)
 _TRUSTED_DAML = (DAMLSine, CallableDAMLTasks, CheckedDAMLTasks)
 
 
@@ -67,21 +71,28 @@ def checked_daml(family: DAMLTaskFamily) -> DAMLTaskFamily:
 # ---- by name ------------------------------------------------------------------------------------
 
 DAML_FAMILIES = {DAMLSine.name: DAMLSine}
-FAMILIES = {SeedSine.name: SeedSine, Sine.name: Sine, **DAML_FAMILIES}
+FAMILIES = {SeedSine.name: SeedSine, Sine.name: Sine, "omniglot": Omniglot, **DAML_FAMILIES}
+# The named families that read a data set (data=DIR) and draw classification episodes (ways=N).
+DATA_FAMILIES = ("omniglot",)
 
 
-def _family(kind: _Kind, named: dict, base: type, wrap: type, task, shots, queries):
+def _family(kind: _Kind, named: dict, base: type, wrap: type, task, shots, queries,
+            data=None, ways=None):
     """get_family and get_daml_family: a family of `base` from a name in `named`, a family
     (as is) or a callable (wrapped in `wrap`)."""
     if isinstance(task, str):
         if task not in named:
             raise ValueError(f"task must be one of {', '.join(map(repr, named))}{kind.scope}, a "
                              f"{kind.family} or a callable {kind.call}; got {task!r}")
-        kwargs = {k: v for k, v in (("shots", shots), ("queries", queries)) if v is not None}
+        if task not in DATA_FAMILIES and (data is not None or ways is not None):
+            raise ValueError(f"data and ways apply to the task families read from a data set "
+                             f"({', '.join(DATA_FAMILIES)}), not to {task!r}")
+        kwargs = {k: v for k, v in (("shots", shots), ("queries", queries), ("data", data),
+                                    ("ways", ways)) if v is not None}
         return named[task](**kwargs)
-    if shots is not None or queries is not None:
-        raise ValueError("shots and queries apply to the named task families only; set them "
-                         f"on your own {kind.family} or sampler")
+    if shots is not None or queries is not None or data is not None or ways is not None:
+        raise ValueError("shots, queries, data and ways apply to the named task families only; "
+                         f"set them on your own {kind.family} or sampler")
     if isinstance(task, base):
         return task
     if isinstance(task, TaskFamily):  # a MAML family asked for DAML (a DAML one is a TaskFamily)
@@ -93,10 +104,12 @@ def _family(kind: _Kind, named: dict, base: type, wrap: type, task, shots, queri
     return wrap(task)
 
 
-def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = None) -> TaskFamily:
-    """A TaskFamily from a name in FAMILIES (with optional shots / queries), a TaskFamily
-    (returned as is), or a callable sampler fn(T, generator) -> (xs, ys, xq, yq)."""
-    return _family(_MAML, FAMILIES, TaskFamily, CallableTasks, task, shots, queries)
+def get_family(task, *, shots: Optional[int] = None, queries: Optional[int] = None,
+               data=None, ways: Optional[int] = None) -> TaskFamily:
+    """A TaskFamily from a name in FAMILIES (with optional shots / queries; data and ways for
+    "omniglot"), a TaskFamily (returned as is), or a callable sampler fn(T, generator) ->
+    (xs, ys, xq, yq)."""
+    return _family(_MAML, FAMILIES, TaskFamily, CallableTasks, task, shots, queries, data, ways)
 
 
 def get_daml_family(task, *, shots: Optional[int] = None,

@@ -102,6 +102,12 @@ _DAML = _Kind(DAMLBatch, "DAMLTaskFamily", "fn(T, steps, generator)", " for DAML
 check_batch, check_daml_batch = _MAML.check, _DAML.check
 
 
+# pymaml.train's defaults for the arguments it leaves None: the seed's experiment. A family
+# may have its own (run_defaults; Omniglot's are the MAML paper's).
+SEED_DEFAULTS = dict(sizes=(1, 32, 32, 1), loss="l1", inner_steps=5, inner_lr=3e-2,
+                     meta_batch_size=1, optimizer="sgd", outer_lr=1e-2, iterations=275_000)
+
+
 class TaskFamily:
     """A distribution over tasks. Subclasses implement `sample`; `n_in` / `n_out` are the
     feature counts of x and y (None when the family cannot say before sampling)."""
@@ -109,6 +115,10 @@ class TaskFamily:
     name = "custom"
     n_in: Optional[int] = None
     n_out: Optional[int] = None
+
+    def run_defaults(self) -> dict:
+        """pymaml.train's defaults on this family (SEED_DEFAULTS unless a family says)."""
+        return dict(SEED_DEFAULTS)
 
     def sample(self, T: int, *, generator: torch.Generator, dtype=torch.float32,
                device=None) -> TaskBatch:
@@ -201,6 +211,10 @@ class _Checked:
     name = property(lambda self: self.family.name)
     n_in = property(lambda self: self.family.n_in)
     n_out = property(lambda self: self.family.n_out)
+
+    def run_defaults(self) -> dict:
+        own = getattr(self.family, "run_defaults", None)
+        return own() if callable(own) else dict(SEED_DEFAULTS)
 
     def __getattr__(self, name):
         # Reached only for what the wrapper lacks. A copy or an unpickled wrapper has no family

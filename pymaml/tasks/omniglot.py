@@ -34,13 +34,14 @@ import shutil
 import urllib.request
 import warnings
 import zipfile
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import _checks, _io
+from .episodes import Episodes
 
-__all__ = ["load_omniglot", "ARCHIVES"]
+__all__ = ["load_omniglot", "Omniglot", "ARCHIVES"]
 
 ARCHIVES = ("images_background", "images_evaluation", "images_background_small1",
             "images_background_small2")
@@ -302,3 +303,36 @@ def load_omniglot(root, *, size: int = 28, download: bool = False, cache=True):
             _save_cache(path, size, signature, *got)
     ink, labels, names = got
     return ink.to(torch.float32).div_(255), labels, names
+
+
+class Omniglot(Episodes):
+    """The task family "omniglot" (pymaml.train("omniglot", data=DIR, ways=5, shots=1)):
+    N-way K-shot episodes of every character under `data` (load_omniglot), each character
+    also turned by 90, 180 and 270 degrees as three more classes (the MAML paper's
+    augmentation; rotations=False leaves it out), images flattened to 28 * 28 = 784 inputs.
+    queries: query examples per class (None: as many as shots, as the MAML paper's code
+    draws them). Meta-test on characters never trained on: a directory holding other
+    alphabets (images_evaluation), or Episodes over one side of split_classes."""
+
+    def __init__(self, data=None, *, ways: int = 5, shots: int = 1,
+                 queries: Optional[int] = None, rotations: bool = True, download: bool = False):
+        if data is None:
+            raise ValueError("task 'omniglot' needs data=DIR: the directory holding the "
+                             "Omniglot archives (images_background.zip, ...; "
+                             "download=True fetches the official ones)")
+        x, labels, self.class_names = load_omniglot(data, download=download)
+        super().__init__(x, labels, ways=ways, shots=shots, queries=queries,
+                         rotations=rotations, name="omniglot")
+        self.data = os.fspath(data)
+
+    def run_defaults(self) -> Dict[str, Any]:
+        """pymaml.train's defaults for this family: the MAML paper's non-convolutional
+        Omniglot MLP (256-128-64-64, ReLU; without its batch normalisation) and settings
+        (Finn et al. 2017, its classification experiments and appendix: 5-way: one inner step
+        of 0.4, meta-batch 32; 20-way: five steps of 0.1, meta-batch 16; Adam at 0.001;
+        60,000 iterations)."""
+        wide = self.ways >= 20
+        return dict(sizes=(self.n_in, 256, 128, 64, 64, self.ways), loss="cross_entropy",
+                    inner_steps=5 if wide else 1, inner_lr=0.1 if wide else 0.4,
+                    meta_batch_size=16 if wide else 32, optimizer="adam", outer_lr=1e-3,
+                    iterations=60_000)
