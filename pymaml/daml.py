@@ -36,7 +36,7 @@ This module holds:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -48,35 +48,7 @@ from ._layout import num_params, unflatten
 __all__ = ["daml_loss", "daml_adapt", "reference_loss", "reference_adapt", "loss_input_width",
            "fused_available", "ADAPT_LOSSES"]
 
-# the ops pymaml.daml's functions call (csrc/ops.cpp)
-OP_NAMES = ("daml_loss", "daml_adapt")
-
-
-# ---- the fused ops, where this build has them ----------------------------------------------
-
-_FOUND = {}
-
-
-def _op(name: str):
-    """torch.ops.pymaml.<name>, or None when the compiled core is missing or does not define
-    it (an older build). Found ops are remembered; a missing one is looked up again (a cheap
-    attribute miss) on the reference's path only."""
-    op = _FOUND.get(name)
-    if op is not None:
-        return op
-    if not _ops.available():
-        return None
-    try:
-        op = getattr(torch.ops.pymaml, name)
-    except (AttributeError, RuntimeError):
-        return None
-    _FOUND[name] = op
-    return op
-
-
-def fused_available() -> bool:
-    """Whether the compiled core has the fused DAML ops (OP_NAMES)."""
-    return all(_op(name) is not None for name in OP_NAMES)
+fused_available = _ops.available  # the fused DAML ops are in every build of pymaml._C
 
 
 # ---- argument checks ------------------------------------------------------------------------
@@ -102,62 +74,23 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
     return sizes, loss_sizes
 
 
-def _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) -> Optional[str]:
-    """Why the fused op cannot serve this call, or None when it can."""
-    reason = _ops.unavailable_reason(params.device, params.dtype)
-    if reason:
-        return reason
-    if _op(op_name) is None:
-        return (f"this build of pymaml._C has no fused DAML op (torch.ops.pymaml.{op_name}); "
-                "rebuild it with `pip install --no-build-isolation -e .`")
-    if params.device.type != "cpu":
-        return f"the fused DAML ops run on the CPU kernels only, got device {params.device}"
-    limits = _ops._C
-    for name, s in (("sizes", sizes), ("loss_sizes", loss_sizes)):
-        if len(s) - 1 > limits.max_depth:
-            return f"the fused op supports up to {limits.max_depth} layers, {name} has {len(s) - 1}"
-        if max(s) > limits.max_width:
-            return f"the fused op supports widths up to {limits.max_width}, {name} has {max(s)}"
-    if steps > limits.max_steps:
-        return f"the fused op supports up to {limits.max_steps} steps, got {steps}"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in data):
-        return ("the fused op differentiates params and loss_params only, and a data tensor "
-                "requires grad")
-    if _route.under_torch_func((params, *data)):
-        return "the fused op does not support torch.func transforms (grad, vmap)"
-    return None
+_CPU_ONLY = "the fused DAML ops run"
 
 
-def _choose_backend(backend, op_name, params, sizes, loss_sizes, steps, data,
-                    extra_reason=None) -> str:
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    if backend == "reference":
-        return backend
-    reason = _fused_unsupported(op_name, params, sizes, loss_sizes, steps, data) or extra_reason
-    return _route.backend_for(backend, reason, steps)
-
-
-def _direct_to_fused(op_name, backend, params, loss_params, data, sizes, loss_sizes, inner_lr,
-                     steps, activation, loss, adapt_loss, first_order=False):
-    """The op to call straight away, or None. The op checks every argument itself (in C++);
-    only what it cannot see is looked at here (grad modes, torch.func, torch.compile, types
-    the dispatcher would convert, and DAML's own refusals: first order, steps < 1). Any
-    error the op raises sends the call down the checked path, which words it."""
-    if not ((backend == "auto" or backend == "fused") and first_order is False
-            and type(steps) is int and steps >= 1
-            and isinstance(inner_lr, (float, int)) and type(inner_lr) is not bool
-            and type(sizes) in (list, tuple) and all(type(n) is int for n in sizes)
-            and type(loss_sizes) in (list, tuple) and all(type(n) is int for n in loss_sizes)
-            and type(activation) is str and type(loss) is str and type(adapt_loss) is str
-            and not torch.compiler.is_compiling()
-            and isinstance(params, torch.Tensor) and params.device.type == "cpu"
-            and (params.dtype == torch.float32 or params.dtype == torch.float64)
+def _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
+            strings, first_order=False) -> bool:
+    """Whether a DAML call may go straight to the fused op (_route.direct); DAML's own
+    refusals (first order, steps < 1) take the checked path, which words them."""
+    return (first_order is False and type(steps) is int and steps >= 1
             and isinstance(loss_params, torch.Tensor)
-            and all(isinstance(t, torch.Tensor) for t in data)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
-            and not _route.under_torch_func((params, loss_params, *data))):
-        return None
-    return _op(op_name)
+            and _route.direct(backend, params, data, inner_lr, steps, (sizes, loss_sizes),
+                              strings, ("cpu",))
+            and not _route.under_torch_func((loss_params,)))
+
+
+def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=None) -> str:
+    return _route.choose(backend, params, (("sizes", sizes), ("loss_sizes", loss_sizes)),
+                         steps, data, _CPU_ONLY, refusal)
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -178,14 +111,13 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
     [steps, P]); one that requires grad gets its gradient too."""
     data = (x_source, x_query, y_query)
-    op = _direct_to_fused("daml_loss", backend, params, loss_params, data, sizes,
-                          loss_sizes, inner_lr, steps, activation, loss, adapt_loss, first_order)
-    if op is not None:
+    if _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
+               (activation, loss, adapt_loss), first_order):
         try:
             need_grad = torch.is_grad_enabled() and (params.requires_grad
                                                      or loss_params.requires_grad)
-            return op(params, loss_params, *data, sizes, loss_sizes, inner_lr, steps,
-                      activation, loss, adapt_loss, need_grad, True)[0]
+            return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, inner_lr,
+                                      steps, activation, loss, adapt_loss, need_grad, True)[0]
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
@@ -195,8 +127,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
     extra = ("the fused op does not support torch.func transforms (grad, vmap)"
              if learned and _route.under_torch_func((inner_lr,)) else None)
-    which = _choose_backend(backend, "daml_loss", params, sizes, loss_sizes, steps, data,
-                            extra)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra)
     P = num_params(sizes)
     if which == "reference":
         rate = _rates.reference_rates(inner_lr, steps, P) if learned else float(inner_lr)
@@ -210,11 +141,11 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     # the value form (keep_grad): the loss alone
     if learned:
         rows = _rates.rate_rows(inner_lr, params, steps, P)
-        return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, 0.0, int(steps),
-                                activation, loss, adapt_loss, need_grad, True, rows,
-                                need_rate_grad)[0]
-    return _op("daml_loss")(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
-                            int(steps), activation, loss, adapt_loss, need_grad, True)[0]
+        return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, 0.0,
+                                  int(steps), activation, loss, adapt_loss, need_grad, True,
+                                  rows, need_rate_grad)[0]
+    return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
+                              int(steps), activation, loss, adapt_loss, need_grad, True)[0]
 
 
 def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
@@ -228,13 +159,11 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     need_grad = torch.is_grad_enabled() and (
         (isinstance(params, torch.Tensor) and params.requires_grad)
         or (isinstance(loss_params, torch.Tensor) and loss_params.requires_grad))
-    op = None if need_grad else _direct_to_fused(
-        "daml_adapt", backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
-        activation, "l1", adapt_loss)
-    if op is not None:
+    if not need_grad and _direct(backend, params, loss_params, data, sizes, loss_sizes,
+                                 inner_lr, steps, (activation, adapt_loss)):
         try:
-            return op(params, loss_params, x_source, sizes, loss_sizes, inner_lr, steps,
-                      activation, adapt_loss)
+            return _ops.ops.daml_adapt(params, loss_params, x_source, sizes, loss_sizes,
+                                       inner_lr, steps, activation, adapt_loss)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
@@ -245,15 +174,15 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     learned = isinstance(inner_lr, torch.Tensor)
     if learned and extra is None:  # the fused daml_adapt takes one rate
         extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
-    which = _choose_backend(backend, "daml_adapt", params, sizes, loss_sizes, steps, data, extra)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra)
     if which == "reference":
         rate = (_rates.reference_rates(inner_lr, steps, num_params(sizes))
                 if learned else float(inner_lr))
         return reference_adapt(params, loss_params, x_source, sizes=sizes,
                                loss_sizes=loss_sizes, inner_lr=rate,
                                steps=int(steps), activation=activation, adapt_loss=adapt_loss)
-    return _op("daml_adapt")(params, loss_params, x_source, sizes, loss_sizes, float(inner_lr),
-                             int(steps), activation, adapt_loss)
+    return _ops.ops.daml_adapt(params, loss_params, x_source, sizes, loss_sizes,
+                               float(inner_lr), int(steps), activation, adapt_loss)
 
 
 # ---- the pure-autograd reference --------------------------------------------------------------

@@ -28,44 +28,17 @@ from ._rates import per_layer_rates  # noqa: F401 (pymaml.functional's name)
 __all__ = ["init_params", "mlp_forward", "adapt", "maml_loss", "num_params", "per_layer_rates",
            "daml_loss", "daml_adapt"]
 
-def _fused_unsupported(params, sizes, steps) -> Optional[str]:
-    reason = _ops.unavailable_reason(params.device, params.dtype)
-    if reason:
-        return reason
-    limits = _ops._C  # the compiled core states its own limits (the reference has none)
-    if len(sizes) - 1 > limits.max_depth:
-        return f"the fused op supports up to {limits.max_depth} layers, got {len(sizes) - 1}"
-    if max(sizes) > limits.max_width:
-        return f"the fused op supports widths up to {limits.max_width}, got {max(sizes)}"
-    if steps > limits.max_steps:
-        return f"the fused op supports up to {limits.max_steps} steps, got {steps}"
-    return None
-
-
-def _direct_to_fused(backend, params, data, sizes, inner_lr, steps, activation, loss,
-                     first_order) -> bool:
-    """Whether a call may go straight to the fused op, which checks every argument itself (in
-    C++, csrc/op_args.cpp): the hot path of a user's loop, a few microseconds. Only the
-    conditions the op cannot see are checked here. Any error the op raises sends the call
-    down the checked path, which words it in pymaml's terms or picks the reference backend
-    (steps or widths over the op's limits, half precision, ...): see _choose_backend."""
-    return ((backend == "auto" or backend == "fused") and _ops.available()
-            # The dispatcher converts more than pymaml accepts (a bool for a number and back, a
-            # tensor for a number, bytes for a string): only the plain types go straight on.
-            and isinstance(inner_lr, (float, int)) and type(inner_lr) is not bool
-            and type(steps) is int and (first_order is True or first_order is False)
-            and type(sizes) in (list, tuple) and all(type(n) is int for n in sizes)
-            and type(activation) is str and type(loss) is str
-            and not torch.compiler.is_compiling()  # the checked path traces without breaks
-            and isinstance(params, torch.Tensor) and params.device.type in ("cpu", "cuda")
-            and all(isinstance(t, torch.Tensor) for t in data)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
-            and not _route.under_torch_func((params, *data)))
+def _direct(backend, params, data, sizes, inner_lr, steps, activation, loss,
+            first_order) -> bool:
+    """Whether a MAML call may go straight to the fused op (_route.direct)."""
+    return ((first_order is True or first_order is False)
+            and _route.direct(backend, params, data, inner_lr, steps, (sizes,),
+                              (activation, loss), ("cpu", "cuda")))
 
 
 def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
     """For a call with learned rates or adapt_layers that may go straight to the ops with
-    rates (as _direct_to_fused says for the rest): (rates [R, P], layers, None for every
+    rates (as _direct says for the rest): (rates [R, P], layers, None for every
     layer); None otherwise. The op checks the rest (finite rates, layer range, duplicates) and
     any error it raises sends the call down the checked path."""
     if type(adapt_layers) not in (list, tuple, type(None)):
@@ -88,19 +61,9 @@ def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
 
 def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
     """rule: the call has learned rates or frozen layers (rates and adapt_layers, CPU only)."""
-    _checks.check_choice("backend", backend, BACKENDS)
-    if backend == "reference":
-        return backend
-    reason = _fused_unsupported(params, sizes, steps)
-    if reason is None and rule and params.device.type != "cpu":
-        reason = "tensor rates and adapt_layers run on the CPU kernels only"
-    if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in data):
-        reason = "the fused op differentiates params only, and a data tensor requires grad"
-    if reason is None and data and data[0].dim() == 4 and params.device.type != "cpu":
-        reason = "a support batch per inner step runs on the CPU kernels only"
-    if reason is None and _route.under_torch_func((params, *data)):
-        reason = "the fused op does not support torch.func transforms (grad, vmap)"
-    return _route.backend_for(backend, reason, steps)
+    cpu_only = ("tensor rates and adapt_layers run" if rule else
+                "a support batch per inner step runs" if data and data[0].dim() == 4 else None)
+    return _route.choose(backend, params, (("sizes", sizes),), steps, data, cpu_only)
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -157,36 +120,8 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     per-layer rates); a tensor that requires grad gets its gradient too. adapt_layers: None
     (every layer adapts) or the indices of the linear layers that move ([-1]: ANIL's head);
     the others keep their weights (CPU or reference backend)."""
-    rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
-    if _direct_to_fused(backend, params, (x_support, y_support), sizes,
-                        0.0 if rule else inner_lr, steps, activation, loss, first_order):
-        try:
-            if not rule:
-                return _ops.ops.adapt(params, x_support, y_support, sizes, inner_lr, steps,
-                                      activation, loss, first_order)
-            direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
-            if direct is not None:
-                return _ops.ops.adapt(params, x_support, y_support, sizes, 0.0, steps,
-                                      activation, loss, first_order, *direct)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # the checked path below words the error, or serves the call otherwise
-    sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
-                                       first_order, adapt_layers)
-    _checks.check_data(params, sizes, steps, x_support=x_support, y_support=y_support)
-    rule = rates is not None or layers is not None
-    which = _choose_backend(backend, params, sizes, steps, (x_support, y_support), rule)
-    P = num_params(sizes)
-    if which == "reference":
-        return _reference.adapt(params, x_support, y_support, sizes=sizes,
-                                inner_lr=_rates.reference_rates(inner_lr, steps, P), steps=steps,
-                                activation=activation, loss=loss, first_order=first_order,
-                                adapt_layers=layers)
-    if rule:
-        return _ops.ops.adapt(params, x_support, y_support, sizes, 0.0, int(steps), activation,
-                              loss, first_order, _rates.rate_rows(inner_lr, params, steps, P),
-                              layers)
-    return _ops.ops.adapt(params, x_support, y_support, sizes, float(inner_lr), int(steps),
-                          activation, loss, first_order)
+    return _run("adapt", params, (x_support, y_support), sizes, inner_lr, steps, activation,
+                loss, first_order, adapt_layers, backend)
 
 
 def _check_call(params, sizes, inner_lr, steps, activation, loss, first_order, adapt_layers):
@@ -207,44 +142,59 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     leaves the meta-gradient (MAML, or FO-MAML with first_order=True) in params.grad, ready
     for any torch.optim optimizer, and in inner_lr.grad when inner_lr is a tensor that
     requires grad (learned rates, as adapt describes them; adapt_layers likewise)."""
-    data = (x_support, y_support, x_query, y_query)
+    return _run("maml_loss", params, (x_support, y_support, x_query, y_query), sizes,
+                inner_lr, steps, activation, loss, first_order, adapt_layers, backend)
+
+
+_DATA_NAMES = ("x_support", "y_support", "x_query", "y_query")
+
+
+def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order,
+         adapt_layers, backend):
+    """adapt or maml_loss (`op`): straight to the fused op when the call may go there, else
+    through the checks to the backend that serves it."""
     rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
-    if _direct_to_fused(backend, params, data, sizes, 0.0 if rule else inner_lr, steps,
-                        activation, loss, first_order):
+    if _direct(backend, params, data, sizes, 0.0 if rule else inner_lr, steps, activation,
+               loss, first_order):
         try:
-            grad_mode = torch.is_grad_enabled()
-            if not rule:  # the value form (keep_grad): the loss alone
-                return _ops.ops.maml_loss(params, *data, sizes, inner_lr, steps, activation,
-                                          loss, first_order, grad_mode and params.requires_grad,
-                                          True)[0]
+            if not rule:
+                return _fused(op, params, data, sizes, inner_lr, steps, activation, loss,
+                              first_order)
             direct = _direct_rule(params, inner_lr, adapt_layers, sizes, steps)
             if direct is not None:
-                need_rate_grad = grad_mode and isinstance(inner_lr, torch.Tensor) and inner_lr.requires_grad
-                need_grad = need_rate_grad or (grad_mode and params.requires_grad)
-                return _ops.ops.maml_loss(params, *data, sizes, 0.0, steps, activation, loss,
-                                          first_order, need_grad, True, *direct,
-                                          need_rate_grad)[0]
+                return _fused(op, params, data, sizes, 0.0, steps, activation, loss,
+                              first_order, *direct)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
     sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
                                        first_order, adapt_layers)
-    _checks.check_data(params, sizes, steps, x_support=x_support, y_support=y_support,
-                x_query=x_query, y_query=y_query)
+    _checks.check_data(params, sizes, steps, **dict(zip(_DATA_NAMES, data)))
     rule = rates is not None or layers is not None
     which = _choose_backend(backend, params, sizes, steps, data, rule)
     P = num_params(sizes)
     if which == "reference":
-        return _reference.maml_loss(params, *data, sizes=sizes,
-                                    inner_lr=_rates.reference_rates(inner_lr, steps, P), steps=steps,
-                                    activation=activation, loss=loss, first_order=first_order,
-                                    adapt_layers=layers)
-    grad_mode = torch.is_grad_enabled()
-    need_grad = grad_mode and (params.requires_grad or (rates is not None and rates.requires_grad))
+        return getattr(_reference, op)(params, *data, sizes=sizes,
+                                       inner_lr=_rates.reference_rates(inner_lr, steps, P),
+                                       steps=steps, activation=activation, loss=loss,
+                                       first_order=first_order, adapt_layers=layers)
     if rule:
-        need_rate_grad = need_grad and rates is not None and rates.requires_grad
-        return _ops.ops.maml_loss(params, *data, sizes, 0.0, int(steps), activation, loss,
-                                  first_order, need_grad, True,
-                                  _rates.rate_rows(inner_lr, params, steps, P), layers,
-                                  need_rate_grad)[0]
-    return _ops.ops.maml_loss(params, *data, sizes, float(inner_lr), int(steps), activation, loss,
-                              first_order, need_grad, True)[0]
+        return _fused(op, params, data, sizes, 0.0, int(steps), activation, loss, first_order,
+                      _rates.rate_rows(inner_lr, params, steps, P), layers)
+    return _fused(op, params, data, sizes, float(inner_lr), int(steps), activation, loss,
+                  first_order)
+
+
+def _fused(op, params, data, sizes, rate, steps, activation, loss, first_order, rates=None,
+           layers=None):
+    """The fused op; rates [R, P] and layers only for learned rates or frozen layers (the
+    scalar-rate call keeps the op's scalar kernel)."""
+    args = (params, *data, sizes, rate, steps, activation, loss, first_order)
+    rule = rates is not None or layers is not None
+    if op == "adapt":
+        return _ops.ops.adapt(*args, rates, layers) if rule else _ops.ops.adapt(*args)
+    grad_mode = torch.is_grad_enabled()
+    need_rate_grad = grad_mode and rates is not None and rates.requires_grad
+    need_grad = need_rate_grad or (grad_mode and params.requires_grad)
+    if not rule:  # the value form (keep_grad): the loss alone
+        return _ops.ops.maml_loss(*args, need_grad, True)[0]
+    return _ops.ops.maml_loss(*args, need_grad, True, rates, layers, need_rate_grad)[0]

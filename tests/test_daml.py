@@ -345,10 +345,10 @@ def test_without_fused_ops_auto_runs_the_reference_and_fused_says_why():
     call = _seed_call()
     ref = pymaml.daml_loss(**call, backend="reference")
     torch.testing.assert_close(pymaml.daml_loss(**call), ref, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="backend='fused' cannot serve this call: .*daml_loss"):
+    with pytest.raises(RuntimeError, match="backend=.fused. cannot serve this call: .*pymaml._C"):
         pymaml.daml_loss(**call, backend="fused")
     adapt_call = {k: v for k, v in call.items() if k not in ("x_query", "y_query")}
-    with pytest.raises(RuntimeError, match="backend='fused' cannot serve this call: .*daml_adapt"):
+    with pytest.raises(RuntimeError, match="backend=.fused. cannot serve this call: .*pymaml._C"):
         pymaml.daml_adapt(**adapt_call, backend="fused")
 
 

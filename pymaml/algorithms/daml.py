@@ -104,7 +104,7 @@ class DAML(Algorithm):
         return 3
 
     def backend(self, config, requested: str, model) -> str:
-        return _daml._choose_backend(requested, "daml_loss", model.params.detach(),
+        return _daml._choose_backend(requested, model.params.detach(),
                                      list(config.sizes), list(config.loss_sizes),
                                      config.inner_steps, ())
 
