@@ -150,7 +150,7 @@ struct LossFn<Loss::L1> {
   static PYMAML_HOST_DEVICE T curv_seed(T) { return T(0); }
 };
 
-// Softmax cross-entropy of one point (docs/design.md §2b): output row z [C] (the logits), target
+// Softmax cross-entropy of one point (docs/design.md §2.6): output row z [C] (the logits), target
 // row y [C] (class probabilities: one-hot, or soft; they need not sum to 1), w = sum_c y_c.
 // With p = softmax(z), computed from z - max(z) so that no exp overflows,
 //   loss = sum_c y_c (logsumexp(z) - z_c) = - sum_c y_c log p_c,
@@ -737,8 +737,9 @@ PYMAML_HOST_DEVICE void add_rate_grad(const MlpShape& s, const InnerLR<T>& lr, i
 
 // Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for
 // k = S-1..0, g <- g - H_s(theta^k) (alpha_k * g). Leaves dLoss/dtheta^0 in w.g, and the rates'
-// gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop` (and its
-// batch_stride: step k's Hessian is that of step k's batch).
+// gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop`, and its support
+// batches (Xs, Ys) and batch_stride: step k's Hessian is that of step k's batch (only a row-wise
+// loss reads Ys, for its curvature).
 //
 // Frozen layers below l0 = lr.first_adapted, one batch for every step: their part of each
 // H_s v is deferred (hvp's frozen_acc) and formed once at the end. The sum of R G_{l0-1} is

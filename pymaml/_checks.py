@@ -234,7 +234,7 @@ def check_tensor(name: str, t, params) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != params.dtype:
         hint = (" (integer class labels are for loss='cross_entropy')"
-                if name.startswith("y") and _is_integer(t) else "")
+                if name.startswith("y") and is_integer(t) else "")
         raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got "
                         f"{t.dtype}{hint}")
     if t.device != params.device:
@@ -278,7 +278,8 @@ def check_query(x_query, y_query, params, sizes, T) -> None:
 
 # ---- class labels (loss="cross_entropy") ----------------------------------------------------
 
-def _is_integer(t: torch.Tensor) -> bool:
+def is_integer(t: torch.Tensor) -> bool:
+    """Whether t holds integers (class indices), not real, complex or bool values."""
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
@@ -292,7 +293,7 @@ def class_targets(name: str, y, n_out: int, like: torch.Tensor, ranks=(2,)):
     `like` (params, or the batch's inputs). `ranks`: the numbers of dimensions the indices may
     have ([T, K] by default; None: any). ValueError naming `name` for another shape, another
     device or an index outside [0, n_out)."""
-    if not isinstance(y, torch.Tensor) or not _is_integer(y):
+    if not isinstance(y, torch.Tensor) or not is_integer(y):
         return y
     if ranks is not None and y.dim() not in ranks:
         shapes = " or ".join(_INDEX_SHAPES[r] for r in ranks)

@@ -11,9 +11,10 @@ FIRST), and the inner loss is La = mean |g_psi(u)| (adapt_loss="l1") or mean g_p
 loss_sizes[-1] outputs, "mse" is the mean over the points of the squared norm |g_psi(u)|^2,
 divided by m). The inner loop takes `steps` SGD steps on the base weights theta with La (no labels);
 the outer loss is the ordinary supervised loss ("l1", "mse" or "cross_entropy") of the adapted
-base network on labeled target (query) data, averaged over the tasks. theta and psi are meta-trained together;
-psi gets its gradient only through the second-order terms (DAML is second order by nature:
-first_order=True is refused, as is steps=0, where psi would get no gradient either).
+base network on labeled target (query) data, averaged over the tasks. theta and psi are
+meta-trained together; psi gets its gradient only through the second-order terms (DAML is
+second order by nature: first_order=True is refused, as is steps=0, where psi would get no
+gradient either).
 
 Layouts (as pymaml.functional): params is the base MLP's flat [W0, b0, W1, b1, ...] for layer
 sizes `sizes` = [n_in, hidden..., n_out]; loss_params the loss MLP's, for `loss_sizes` with
@@ -101,7 +102,8 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     """Scalar: the mean over the T tasks of the query loss (`loss`, "l1", "mse" or
     "cross_entropy", whose y_query may be int64 class indices [T, Q]) of the base network
     after `steps` SGD steps (rate `inner_lr`) on the learned inner loss over the unlabeled
-    source inputs x_source ([T, K_s, n_in], or [T, steps, K_s, n_in]: a batch per step). `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
+    source inputs x_source ([T, K_s, n_in], or [T, steps, K_s, n_in]: a batch per step).
+    `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
 
     params [P] (base MLP, `sizes`), loss_params [P_psi] (loss MLP, `loss_sizes`,
     loss_sizes[0] == n_out + sum of the hidden widths, any output width loss_sizes[-1]);

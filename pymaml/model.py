@@ -149,7 +149,7 @@ class MetaMLP(nn.Module):
     def _class_indices(self, y) -> bool:
         # Integer class labels, one per point (no features dimension): cross-entropy's.
         return (self.loss == "cross_entropy" and isinstance(y, torch.Tensor)
-                and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool))
+                and _checks.is_integer(y))
 
     def _like(self, params: torch.Tensor) -> "MetaMLP":
         return MetaMLP(self.sizes, self.activation, params=params, loss=self.loss,

@@ -109,8 +109,8 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=(1, 32, 32, 1),
         toward the mean adapted weights; inner loop on support and query together),
         "metasgd" (MAML learning one inner rate per parameter: learn_inner_lr=
         "per-parameter") or "anil" (MAML adapting the head only: adapt_layers=[-1]).
-    sizes, activation ("relu" | "tanh"), loss ("l1" | "mse" | "cross_entropy"), inner_steps, inner_lr: the
-        network and its inner loop. meta_batch_size: tasks per meta-iteration.
+    sizes, activation ("relu" | "tanh"), loss ("l1" | "mse" | "cross_entropy"), inner_steps,
+        inner_lr: the network and its inner loop. meta_batch_size: tasks per meta-iteration.
     learn_inner_lr: None (the inner rate is inner_lr throughout), or the inner rates to learn
         with the weights, each starting at inner_lr, stepped by the same outer optimizer:
         "per-step" (one per inner step), "per-parameter" (one per weight entry, Meta-SGD),

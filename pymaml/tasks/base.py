@@ -62,10 +62,10 @@ class _Kind(NamedTuple):
         (n, T) for the many-batch samplers), `stepped` possibly [*lead, steps, points,
         features], with the `points` and `widths` of its partner; a y field may instead hold
         integer class indices [*lead, points] (cross-entropy's labels, kept as int64, not cast
-        to `dtype`). ValueError / TypeError naming
-        `where` (the family) and the field otherwise: more tasks than asked, complex numbers
-        (their imaginary part would be dropped), ... are refused, not trained on. (Called once
-        per meta-iteration: cheap checks, messages built only on failure.)"""
+        to `dtype`). ValueError / TypeError naming `where` (the family) and the field
+        otherwise: more tasks than asked, complex numbers (their imaginary part would be
+        dropped), ... are refused, not trained on. (Called once per meta-iteration: cheap
+        checks, messages built only on failure.)"""
         fields = self.batch._fields
         if not isinstance(out, (tuple, list)) or len(out) != len(fields):
             raise ValueError(f"{where} must return ({', '.join(fields)}), got "
@@ -74,7 +74,7 @@ class _Kind(NamedTuple):
         labels = []  # the y fields holding class indices
         for field, t in zip(fields, out):
             if (isinstance(t, torch.Tensor) and t.dim() == n + 1 and field[0] == "y"
-                    and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)):
+                    and _checks.is_integer(t)):
                 labels.append(field)
                 ranks = (n + 1,)
             else:
