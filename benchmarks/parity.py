@@ -1,9 +1,14 @@
 """The worst fused-vs-reference difference over many seeded random configurations, per dtype
 and per quantity, as max |fused - reference| / max(1, max |reference|).
 
-    python benchmarks/parity.py [--configs 320] [--device cuda]
+    python benchmarks/parity.py [--configs 320] [--device cuda] [--loss all]
     python benchmarks/parity.py --learned [--configs 320]
     python benchmarks/parity.py --daml [--configs 320]
+
+Every mode runs its configurations twice, grouped in the report: as regression problems
+(random MSE or L1, "mse/l1") and as classification problems ("cross_entropy": 2 to 20
+classes, labels as int64 indices, one-hot, soft or unnormalised class weights, by seed);
+--loss picks one group.
 
 --device runs the fused op there (the CUDA kernels) and the reference on the CPU. --learned
 takes learned inner rates and frozen layers (pymaml.testing.random_learned_problem: every rate
@@ -20,32 +25,47 @@ import argparse
 
 import torch
 
-from pymaml.testing import (LARGE, backend_outputs, learned_oracle_outputs, learned_outputs,
-                            max_relative, random_learned_problem, random_problem, relative_error,
-                            to_device)
+from pymaml.testing import (LARGE, backend_outputs, class_labels, learned_oracle_outputs,
+                            learned_outputs, max_relative, random_learned_problem, random_problem,
+                            relative_error, to_device)
+
+GROUPS = {"regression": None, "cross_entropy": "cross_entropy"}  # report group: the loss drawn
+
+
+def groups(args):
+    """(report name, random_problem's loss) of the groups to run."""
+    names = GROUPS if args.loss == "all" else [args.loss]
+    return [("mse/l1" if name == "regression" else name, GROUPS[name]) for name in names]
+
+
+def seeded(make, args, dtype, loss):
+    """(seed, problem) of `make` (random_problem or random_learned_problem): small random
+    configurations, then deeper and wider ones with longer inner loops."""
+    problems = [(s, make(s, dtype, loss=loss)) for s in range(args.configs)]
+    return problems + [(s, make(s, dtype, loss=loss, **LARGE)) for s in range(1000, 1012)]
 
 
 def plain(args, dtype):
-    worst = {}
-    # Small random configurations, then deeper and wider ones with longer inner loops.
-    problems = [(s, random_problem(s, dtype)) for s in range(args.configs)]
-    problems += [(s, random_problem(s, dtype, **LARGE)) for s in range(1000, 1012)]
-    for seed, pb in problems:
-        fused = backend_outputs(to_device(pb, args.device), "fused")
-        ref = backend_outputs(pb, "reference")
-        for key in ref:
-            err = relative_error(fused[key], ref[key])
-            if err >= worst.get(key, (-1.0, None))[0]:
-                worst[key] = (err, seed)
-    print(f"{dtype}, {len(problems)} configurations, fused on {args.device}:")
-    for key, (err, seed) in worst.items():
-        print(f"  {key:10s} worst {err:.3e}  (seed {seed})")
+    worst, count = {}, 0
+    for group, loss in groups(args):
+        problems = seeded(random_problem, args, dtype, loss)
+        count += len(problems)
+        for seed, pb in problems:
+            fused = backend_outputs(to_device(pb, args.device), "fused")
+            ref = backend_outputs(pb, "reference")
+            for key in ref:
+                err = relative_error(fused[key], ref[key])
+                if err >= worst.get((group, key), (-1.0, None))[0]:
+                    worst[(group, key)] = (err, seed)
+    print(f"{dtype}, {count} configurations, fused on {args.device}:")
+    for (group, key), (err, seed) in worst.items():
+        print(f"  {group:13s} {key:10s} worst {err:.3e}  (seed {seed})")
 
 
 def learned(args, dtype):
     worst = {}
-    problems = [(s, random_learned_problem(s, dtype)) for s in range(args.configs)]
-    problems += [(s, random_learned_problem(s, dtype, **LARGE)) for s in range(1000, 1012)]
+    problems = [(f"{group} {s}", lp) for group, loss in groups(args)
+                for s, lp in seeded(random_learned_problem, args, dtype, loss)]
     for seed, lp in problems:
         outputs = dict(reference=learned_outputs(lp, "reference"),
                        oracle=learned_oracle_outputs(lp))
@@ -56,18 +76,22 @@ def learned(args, dtype):
         for a, b in pairs:
             for key in outputs[b]:
                 err = max_relative(outputs[a][key], outputs[b][key])
-                if err >= worst.get((a, b, key), (-1.0, None))[0]:
-                    worst[(a, b, key)] = (err, seed)
+                group = seed.rsplit(" ", 1)[0]
+                if err >= worst.get((group, a, b, key), (-1.0, None))[0]:
+                    worst[(group, a, b, key)] = (err, seed.rsplit(" ", 1)[1])
     print(f"{dtype}, {len(problems)} learned-rate configurations:")
-    for (a, b, key), (err, seed) in worst.items():
-        print(f"  {a:9s} vs {b:9s} {key:11s} worst {err:.3e}  (seed {seed})")
+    for (group, a, b, key), (err, seed) in worst.items():
+        print(f"  {group:13s} {a:9s} vs {b:9s} {key:11s} worst {err:.3e}  (seed {seed})")
 
 
-def random_daml(seed, dtype):
-    """A random DAML call's arguments (seeded)."""
+def random_daml(seed, dtype, loss=None):
+    """A random DAML call's arguments (seeded); loss "cross_entropy": 2 to 13 classes (the
+    other draws as for the regression losses) and class labels as y_query."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
     sizes = [pick(1, 3)] + [pick(1, 12) for _ in range(pick(0, 3))] + [pick(1, 3)]
+    if loss == "cross_entropy":
+        sizes[-1] += 1 + seed % 11
     # the loss network's output width cycles through 1 to 5 (the adaptation loss is the mean
     # over all its outputs), crossed with the shared / per-step source batches (seed % 2)
     loss_sizes = [sum(sizes[1:])] + [pick(1, 12) for _ in range(pick(0, 2))] + [1 + seed % 5]
@@ -82,32 +106,40 @@ def random_daml(seed, dtype):
     hyper = dict(sizes=sizes, loss_sizes=loss_sizes, inner_lr=float(torch.rand((), generator=g)) * 0.2,
                  steps=steps, activation=("relu", "tanh")[pick(0, 1)],
                  loss=("l1", "mse")[pick(0, 1)], adapt_loss=("l1", "mse")[pick(0, 1)])
-    return {k: v.to(dtype) for k, v in tensors.items()}, hyper
+    if loss == "cross_entropy":
+        hyper["loss"] = loss
+        tensors["y_query"] = class_labels(tensors["y_query"], seed)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, hyper
 
 
 def daml(args, dtype):
     from pymaml import daml as D
     worst = {}
-    for seed in range(args.configs):
-        tensors, hyper = random_daml(seed, dtype)
-        out = {}
-        for name, fn in (("fused", lambda **kw: D.daml_loss(**kw, backend="fused")),
-                         ("reference", D.reference_loss)):
-            weights = [tensors[k].clone().requires_grad_() for k in ("params", "loss_params")]
-            loss = fn(*weights, tensors["x_source"], tensors["x_query"], tensors["y_query"],
-                      **hyper) if name == "reference" else fn(
-                params=weights[0], loss_params=weights[1], x_source=tensors["x_source"],
-                x_query=tensors["x_query"], y_query=tensors["y_query"], **hyper)
-            out[name] = dict(zip(("loss", "grad params", "grad loss"),
-                                 (loss, *torch.autograd.grad(loss, weights))))
-        widths = "output width 1" if hyper["loss_sizes"][-1] == 1 else "output widths 2-5"
-        for key in out["reference"]:
-            err = max_relative(out["fused"][key], out["reference"][key])
-            if err >= worst.get((widths, key), (-1.0, None))[0]:
-                worst[(widths, key)] = (err, seed)
-    print(f"{dtype}, {args.configs} DAML configurations, fused vs reference:")
-    for (widths, key), (err, seed) in sorted(worst.items()):
-        print(f"  {widths:17s} {key:12s} worst {err:.3e}  (seed {seed})")
+    for group, loss in groups(args):
+        for seed in range(args.configs):
+            daml_config(D, group, seed, *random_daml(seed, dtype, loss), worst)
+    print(f"{dtype}, {args.configs} DAML configurations per group, fused vs reference:")
+    for (group, widths, key), (err, seed) in sorted(worst.items()):
+        print(f"  {group:13s} {widths:17s} {key:12s} worst {err:.3e}  (seed {seed})")
+
+
+def daml_config(D, group, seed, tensors, hyper, worst):
+    """One DAML configuration, fused against the reference: its errors into `worst`."""
+    out = {}
+    for name, fn in (("fused", lambda **kw: D.daml_loss(**kw, backend="fused")),
+                     ("reference", D.reference_loss)):
+        weights = [tensors[k].clone().requires_grad_() for k in ("params", "loss_params")]
+        loss = fn(*weights, tensors["x_source"], tensors["x_query"], tensors["y_query"],
+                  **hyper) if name == "reference" else fn(
+            params=weights[0], loss_params=weights[1], x_source=tensors["x_source"],
+            x_query=tensors["x_query"], y_query=tensors["y_query"], **hyper)
+        out[name] = dict(zip(("loss", "grad params", "grad loss"),
+                             (loss, *torch.autograd.grad(loss, weights))))
+    widths = "output width 1" if hyper["loss_sizes"][-1] == 1 else "output widths 2-5"
+    for key in out["reference"]:
+        err = max_relative(out["fused"][key], out["reference"][key])
+        if err >= worst.get((group, widths, key), (-1.0, None))[0]:
+            worst[(group, widths, key)] = (err, seed)
 
 
 def main():
@@ -119,6 +151,9 @@ def main():
     ap.add_argument("--daml", action="store_true", help="random DAML configurations")
     ap.add_argument("--no-fused", action="store_true",
                     help="with --learned: the reference against torch.func only")
+    ap.add_argument("--loss", choices=["all", *GROUPS], default="all",
+                    help="the configurations' losses: regression (MSE / L1), cross_entropy, "
+                         "or both (default)")
     args = ap.parse_args()
     for dtype in (torch.float64, torch.float32):
         (daml if args.daml else learned if args.learned else plain)(args, dtype)

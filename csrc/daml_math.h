@@ -112,6 +112,7 @@ template <typename T, Activation A, Loss AL, typename LA>
 PYMAML_HOST_DEVICE T daml_inner_grad(const MlpShape& s, const MlpShape& ls, const T* theta,
                                      const T* psi, const T* X, int64_t K, const DamlStep<T>& st,
                                      T* g_u, T* dtheta) {
+  static_assert(!LossFn<AL>::kRowWise, "the adaptation loss is elementwise, against 0");
   forward<T, A, LA>(s, theta, X, K, st.base);
   gather_taps<T, LA>(s, K, st.base.act, st.u);
   forward<T, kLossNetAct, LA>(ls, psi, st.u, K, st.loss);

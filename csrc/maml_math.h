@@ -36,7 +36,7 @@ namespace pymaml {
 constexpr int kMaxDepth = 8;  // linear layers
 
 enum class Activation : int { ReLU = 0, Tanh = 1 };
-enum class Loss : int { MSE = 0, L1 = 1 };
+enum class Loss : int { MSE = 0, L1 = 1, CrossEntropy = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // Architecture: layer sizes and where each layer's weights live in the flat parameter vector.
@@ -117,13 +117,16 @@ struct Act<Activation::Tanh> {
   static PYMAML_HOST_DEVICE T curv(T d, T a, T ra) { return d * (T(-2) * a) * ra; }
 };
 
-// Losses with mean reduction over all K * n_out elements, as torch.nn.functional.
-// `seed` is dLoss/dOutput times N; the caller scales by 1/N. sign(0) = 0 as torch.
+// Losses. MSE and L1 are elementwise, with mean reduction over all N = K * n_out elements, as
+// torch.nn.functional: `seed` is dLoss/dOutput times N, the caller scales by 1/N; sign(0) = 0
+// as torch. Cross-entropy is row-wise (kRowWise): each point's loss reads its whole output
+// row, and the mean is over the K points (below).
 template <Loss L>
 struct LossFn;
 
 template <>
 struct LossFn<Loss::MSE> {
+  static constexpr bool kRowWise = false;
   static constexpr bool kHasCurvature = true;  // R G = 2 R out / N
   template <typename T>
   static PYMAML_HOST_DEVICE T value(T diff) { return diff * diff; }
@@ -135,6 +138,7 @@ struct LossFn<Loss::MSE> {
 
 template <>
 struct LossFn<Loss::L1> {
+  static constexpr bool kRowWise = false;
   static constexpr bool kHasCurvature = false;  // |.|'' = 0 almost everywhere
   template <typename T>
   static PYMAML_HOST_DEVICE T value(T diff) { return diff < T(0) ? -diff : diff; }
@@ -144,6 +148,65 @@ struct LossFn<Loss::L1> {
   }
   template <typename T>
   static PYMAML_HOST_DEVICE T curv_seed(T) { return T(0); }
+};
+
+// Softmax cross-entropy of one point (docs/design.md §2.6): output row z [C] (the logits), target
+// row y [C] (class probabilities: one-hot, or soft; they need not sum to 1), w = sum_c y_c.
+// With p = softmax(z), computed from z - max(z) so that no exp overflows,
+//   loss = sum_c y_c (logsumexp(z) - z_c) = - sum_c y_c log p_c,
+// and, the point's share of a mean over K points scaled in by inv_k = 1 / K,
+//   seed:       dLoss/dz = (w p - y) / K,
+//   curvature:  R(dLoss/dz) = w (p * r - p (p . r)) / K   along r = R z
+// (the softmax's Jacobian diag(p) - p p^T applied to r). Each function works on one row and
+// writes only that row of its output, so that LA can share the rows out.
+template <>
+struct LossFn<Loss::CrossEntropy> {
+  static constexpr bool kRowWise = true;
+  static constexpr bool kHasCurvature = true;
+
+  // e[c] = exp(z_c - max z), into e; returns their sum S (so p = e / S, log p = z - max - log S).
+  template <typename T>
+  static PYMAML_HOST_DEVICE T shifted_exp(int64_t C, const T* z, T* e, T& max) {
+    max = z[0];
+    for (int64_t c = 1; c < C; ++c) max = z[c] > max ? z[c] : max;
+    T sum = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      e[c] = std::exp(z[c] - max);
+      sum += e[c];
+    }
+    return sum;
+  }
+
+  // Writes g = dLoss/dz of this point (seed above, 1/K included); returns its loss (without 1/K).
+  template <typename T>
+  static PYMAML_HOST_DEVICE T row_seed(int64_t C, const T* z, const T* y, T inv_k, T* g) {
+    T max;
+    const T sum = shifted_exp(C, z, g, max);
+    const T log_sum = std::log(sum);
+    T loss = T(0), w = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      loss -= y[c] * ((z[c] - max) - log_sum);  // y_c log p_c
+      w += y[c];
+    }
+    for (int64_t c = 0; c < C; ++c) g[c] = (w * (g[c] / sum) - y[c]) * inv_k;
+    return loss;
+  }
+
+  // Writes rg = R(dLoss/dz) of this point along r (curvature above, 1/K included).
+  template <typename T>
+  static PYMAML_HOST_DEVICE void row_curv(int64_t C, const T* z, const T* y, const T* r,
+                                          T inv_k, T* rg) {
+    T max;
+    const T sum = shifted_exp(C, z, rg, max);
+    T w = T(0), p_dot_r = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      rg[c] /= sum;  // p_c
+      w += y[c];
+      p_dot_r += rg[c] * r[c];
+    }
+    const T scale = w * inv_k;
+    for (int64_t c = 0; c < C; ++c) rg[c] = scale * rg[c] * (r[c] - p_dot_r);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -254,20 +317,31 @@ PYMAML_HOST_DEVICE void forward(const MlpShape& s, const T* theta, const T* X, i
 }
 
 // Loss of the network output (after `forward`) against Y (null: against 0, DAML's adaptation
-// loss of the loss network's output); writes G_last = dLoss/dZ_last.
+// loss of the loss network's output; elementwise losses only); writes G_last = dLoss/dZ_last.
 template <typename T, Loss L, typename LA = ScalarLinalg>
 PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, const Tape<T>& tp) {
-  const int last = s.depth - 1;
-  const int64_t count = K * s.n_out();
-  const T* out = layer_of(tp.act, s, K, last);
-  T* G = layer_of(tp.grad, s, K, last);
-  const T inv_n = T(1) / T(count);
-  const T total = LA::sum(count, [&](int64_t e) {
-    const T diff = Y ? out[e] - Y[e] : out[e];
-    G[e] = LossFn<L>::seed(diff) * inv_n;
-    return LossFn<L>::value(diff);
-  });
-  return total * inv_n;
+  if constexpr (LossFn<L>::kRowWise) {  // cross-entropy: the mean over the K points (rows)
+    const int64_t C = s.n_out();
+    const T* out = layer_of(tp.act, s, K, s.depth - 1);
+    T* G = layer_of(tp.grad, s, K, s.depth - 1);
+    const T inv_k = T(1) / T(K);
+    const T total = LA::sum(K, [&](int64_t k) {
+      return LossFn<L>::row_seed(C, out + k * C, Y + k * C, inv_k, G + k * C);
+    });
+    return total * inv_k;
+  } else {  // elementwise: the mean over the K * n_out entries
+    const int last = s.depth - 1;
+    const int64_t count = K * s.n_out();
+    const T* out = layer_of(tp.act, s, K, last);
+    T* G = layer_of(tp.grad, s, K, last);
+    const T inv_n = T(1) / T(count);
+    const T total = LA::sum(count, [&](int64_t e) {
+      const T diff = Y ? out[e] - Y[e] : out[e];
+      G[e] = LossFn<L>::seed(diff) * inv_n;
+      return LossFn<L>::value(diff);
+    });
+    return total * inv_n;
+  }
 }
 
 // dW_l = G^T In [out, in] into dtheta's W_l, and In^T G into its transposed copy if it has one
@@ -423,19 +497,29 @@ PYMAML_HOST_DEVICE void r_backward(const MlpShape& s, const T* theta, const T* X
   }
 }
 
-// MAML's Hessian-vector product of the supervised loss L (see r_backward for l0, frozen_acc).
+// MAML's Hessian-vector product of the supervised loss L on the batch (X, Y) (see r_backward
+// for l0, frozen_acc). Only a row-wise loss reads Y (its curvature depends on the targets).
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, int64_t K,
+PYMAML_HOST_DEVICE void hvp(const MlpShape& s, const T* theta, const T* X, const T* Y, int64_t K,
                             const Tape<T>& tp, const RTape<T>& rt, const T* v, T* Hv,
                             int l0 = 0, T* frozen_acc = nullptr) {
   r_forward<T, A, LA>(s, theta, X, K, tp, rt, v, l0);
   // R G_last from the loss's curvature.
   const int last = s.depth - 1;
-  const int64_t count = K * s.n_out();
-  const T inv_n = T(1) / T(count);
   const T* r_out = layer_of(rt.r_act, s, K, last);
   T* RG = layer_of(rt.r_grad, s, K, last);
-  LA::each(count, [&](int64_t e) { RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n; });
+  if constexpr (LossFn<L>::kRowWise) {  // cross-entropy, row by row from the logits (tape)
+    const int64_t C = s.n_out();
+    const T* out = layer_of(tp.act, s, K, last);
+    const T inv_k = T(1) / T(K);
+    LA::each(K, [&](int64_t k) {
+      LossFn<L>::row_curv(C, out + k * C, Y + k * C, r_out + k * C, inv_k, RG + k * C);
+    });
+  } else {
+    const int64_t count = K * s.n_out();
+    const T inv_n = T(1) / T(count);
+    LA::each(count, [&](int64_t e) { RG[e] = LossFn<L>::curv_seed(r_out[e]) * inv_n; });
+  }
   r_backward<T, A, LA>(s, theta, X, K, tp, rt, v, Hv, l0, frozen_acc);
 }
 
@@ -653,15 +737,16 @@ PYMAML_HOST_DEVICE void add_rate_grad(const MlpShape& s, const InnerLR<T>& lr, i
 
 // Meta-gradient walk (docs/design.md §2.3): given w.g = dLoss/dtheta^S (extended), for
 // k = S-1..0, g <- g - H_s(theta^k) (alpha_k * g). Leaves dLoss/dtheta^0 in w.g, and the rates'
-// gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop` (and its
-// batch_stride: step k's Hessian is that of step k's batch).
+// gradient in w.rate_grad if set. Needs the thetas and tapes of `inner_loop`, and its support
+// batches (Xs, Ys) and batch_stride: step k's Hessian is that of step k's batch (only a row-wise
+// loss reads Ys, for its curvature).
 //
 // Frozen layers below l0 = lr.first_adapted, one batch for every step: their part of each
 // H_s v is deferred (hvp's frozen_acc) and formed once at the end. The sum of R G_{l0-1} is
 // kept in the query tape's `pre` block, free by then.
 template <typename T, Activation A, Loss L, typename LA = ScalarLinalg>
-PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int64_t steps,
-                                  InnerLR<T> lr, const TaskWorkspace<T>& w,
+PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, const T* Ys, int64_t K,
+                                  int64_t steps, InnerLR<T> lr, const TaskWorkspace<T>& w,
                                   int64_t batch_stride = 0) {
   const int64_t E = s.num_ext;
   const int l0 = lr.first_adapted;
@@ -676,8 +761,9 @@ PYMAML_HOST_DEVICE void walk_back(const MlpShape& s, const T* Xs, int64_t K, int
   if (steps > 0) apply_rates<T, LA>(s, lr, steps - 1, false, w.g, (const T*)nullptr, w.tmp);
   for (int64_t k = steps - 1; k >= 0; --k) {
     if (w.rate_grad) add_rate_grad<T, LA>(s, lr, k, w.g, w.grad(k, s), w.rate_grad);
-    hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0], K, w.tape(k), w.rtape,
-                     w.tmp, w.hv, l0, acc);
+    hvp<T, A, L, LA>(s, w.theta(k, s), Xs + k * batch_stride * s.n[0],
+                     Ys + k * batch_stride * s.n_out(), K, w.tape(k), w.rtape, w.tmp, w.hv, l0,
+                     acc);
     if (k > 0) walk_update<T, LA>(s, lr, k - 1, w.g, w.hv, w.tmp);  // g, and the next direction
     else LA::each(E, [&](int64_t p) { w.g[p] -= w.hv[p]; });
   }
@@ -730,7 +816,7 @@ PYMAML_HOST_DEVICE T maml_task(const MlpShape& s, const T* Xs, const T* Ys, int6
     T* copy = w.g + s.t_off[l];
     LA::each(s.in(l) * s.out(l), [&](int64_t e) { copy[e] = T(0); });
   }
-  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
+  if (!first_order) walk_back<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
   return query_loss;
 }
@@ -744,7 +830,7 @@ PYMAML_HOST_DEVICE void adapt_vjp_task(const MlpShape& s, const T* Xs, const T* 
                                        bool first_order = false) {
   inner_loop<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   expand_params<T, LA>(s, grad, w.g);
-  if (!first_order) walk_back<T, A, L, LA>(s, Xs, K, steps, lr, w, batch_stride);
+  if (!first_order) walk_back<T, A, L, LA>(s, Xs, Ys, K, steps, lr, w, batch_stride);
   else if (w.rate_grad) first_order_rate_grad<T, LA>(s, steps, lr, w);
 }
 

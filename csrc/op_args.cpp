@@ -37,8 +37,11 @@ OpConfig parse_config(const char* op, c10::IntArrayRef sizes, double inner_lr, i
     c.loss = Loss::MSE;
   else if (loss == "l1")
     c.loss = Loss::L1;
+  else if (loss == "cross_entropy")
+    c.loss = Loss::CrossEntropy;
   else
-    TORCH_CHECK_VALUE(false, op, ": loss must be 'mse' or 'l1', got '", std::string(loss), "'");
+    TORCH_CHECK_VALUE(false, op, ": loss must be 'mse', 'l1' or 'cross_entropy', got '",
+                      std::string(loss), "'");
   return c;
 }
 

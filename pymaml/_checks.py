@@ -15,7 +15,7 @@ from ._layout import num_params
 __all__ = []  # internal: pymaml.functional re-exports the names users read
 
 ACTIVATIONS = ("relu", "tanh")
-LOSSES = ("mse", "l1")
+LOSSES = ("mse", "l1", "cross_entropy")  # cross_entropy: softmax cross-entropy on class labels
 BACKENDS = ("auto", "fused", "reference")
 ADAPT_LOSSES = ("l1", "mse")  # DAML's inner loss on the loss network's outputs
 
@@ -233,7 +233,10 @@ def check_tensor(name: str, t, params) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != params.dtype:
-        raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got {t.dtype}")
+        hint = (" (integer class labels are for loss='cross_entropy')"
+                if name.startswith("y") and is_integer(t) else "")
+        raise TypeError(f"{name} must have the dtype of params ({params.dtype}), got "
+                        f"{t.dtype}{hint}")
     if t.device != params.device:
         raise ValueError(f"{name} must be on the device of params ({params.device}), got {t.device}")
 
@@ -271,3 +274,38 @@ def check_query(x_query, y_query, params, sizes, T) -> None:
     if x_query.shape[1] != y_query.shape[1]:
         raise ValueError(f"x_query and y_query must have the same number of points, got "
                          f"{list(x_query.shape)} and {list(y_query.shape)}")
+
+
+# ---- class labels (loss="cross_entropy") ----------------------------------------------------
+
+def is_integer(t: torch.Tensor) -> bool:
+    """Whether t holds integers (class indices), not real, complex or bool values."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+_INDEX_SHAPES = {2: "[T, K]", 3: "[T, steps, K] (a batch per inner step)"}
+
+
+def class_targets(name: str, y, n_out: int, like: torch.Tensor, ranks=(2,)):
+    """Cross-entropy's targets: y as it is when it is not an integer tensor (class
+    probabilities [..., n_out], checked with the other data), or integer class indices, one
+    per point, as one-hot class probabilities [..., n_out] of the dtype and on the device of
+    `like` (params, or the batch's inputs). `ranks`: the numbers of dimensions the indices may
+    have ([T, K] by default; None: any). ValueError naming `name` for another shape, another
+    device or an index outside [0, n_out)."""
+    if not isinstance(y, torch.Tensor) or not is_integer(y):
+        return y
+    if ranks is not None and y.dim() not in ranks:
+        shapes = " or ".join(_INDEX_SHAPES[r] for r in ranks)
+        raise ValueError(f"{name} as class indices must be {shapes}, one integer per point, or "
+                         f"class probabilities [..., {n_out}] of params' dtype; got integer "
+                         f"shape {list(y.shape)}")
+    if y.device != like.device:
+        raise ValueError(f"{name} must be on the device of params ({like.device}), got {y.device}")
+    if y.numel():
+        low, high = (int(v) for v in torch.aminmax(y))
+        if low < 0 or high >= n_out:
+            raise ValueError(f"{name} holds class index {low if low < 0 else high}, outside "
+                             f"[0, {n_out}): the network has sizes[-1] = {n_out} outputs, one "
+                             f"per class")
+    return torch.nn.functional.one_hot(y.long(), n_out).to(like.dtype)

@@ -139,6 +139,9 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     sizes = tuple(_checks.check_sizes(args["sizes"]))
     activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
     loss = _checks.check_choice("loss", args["loss"], _checks.LOSSES)
+    if loss == "cross_entropy" and sizes[-1] < 2:
+        raise ValueError(f"loss='cross_entropy' classifies into sizes[-1] classes, one output "
+                         f"each, and needs at least 2; got sizes {list(sizes)}")
     inner_steps = _checks.check_int("inner_steps", args["inner_steps"], 0)
     inner_lr = _checks.check_finite("inner_lr", args["inner_lr"])
     meta_batch_size = _checks.check_int("meta_batch_size", args["meta_batch_size"], 1)

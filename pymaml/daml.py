@@ -75,10 +75,11 @@ def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=Non
 def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_sizes, inner_lr,
               steps, activation="relu", loss="l1", adapt_loss="l1", first_order=False,
               backend="auto") -> torch.Tensor:
-    """Scalar: the mean over the T tasks of the query loss (`loss`, "l1" or "mse") of the base
-    network after `steps` SGD steps (rate `inner_lr`) on the learned inner loss over the
-    unlabeled source inputs x_source ([T, K_s, n_in], or [T, steps, K_s, n_in]: a batch per
-    step). `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
+    """Scalar: the mean over the T tasks of the query loss (`loss`, "l1", "mse" or
+    "cross_entropy", whose y_query may be int64 class indices [T, Q]) of the base network
+    after `steps` SGD steps (rate `inner_lr`) on the learned inner loss over the unlabeled
+    source inputs x_source ([T, K_s, n_in], or [T, steps, K_s, n_in]: a batch per step).
+    `.backward()` leaves the meta-gradient in params.grad and loss_params.grad.
 
     params [P] (base MLP, `sizes`), loss_params [P_psi] (loss MLP, `loss_sizes`,
     loss_sizes[0] == n_out + sum of the hidden widths, any output width loss_sizes[-1]);
@@ -87,6 +88,11 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     (psi would get no gradient). backend: "auto", "fused" or "reference". inner_lr may be a
     tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
     [steps, P]); one that requires grad gets its gradient too."""
+    if loss == "cross_entropy" and isinstance(y_query, torch.Tensor) \
+            and not y_query.is_floating_point():  # class indices: one-hot (as functional)
+        sizes = _checks.check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
+        _checks.check_flat("params", params, sizes, "sizes")
+        y_query = _checks.class_targets("y_query", y_query, sizes[-1], params)
     data = (x_source, x_query, y_query)
     if _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
                (activation, loss, adapt_loss), first_order):

@@ -80,6 +80,7 @@ class FastPath:
             if batch is None:
                 return None
             # the points the per-iteration path takes
+            batch = meta_step.class_targets(config, batch)
             xs, ys = meta_step.inner_data(config, algorithm.reptile_update, *batch)
             return xs, ys, batch.x_query, batch.y_query
 

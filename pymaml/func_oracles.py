@@ -73,8 +73,18 @@ def _func_adapted_names(names, adapt_layers) -> set:
 
 # The torch.func oracles' own losses and flat-to-named split, written apart from pymaml's
 # (pymaml.reference.LOSSES, pymaml._layout) so that they check those too.
+def _func_cross_entropy(a, y):
+    """The mean over the points (rows of a [K, C]) of - sum_c y_c log softmax(a)_c, y class
+    probabilities [K, C], or - log softmax(a)_y for integer class indices y [K]."""
+    log_p = torch.log_softmax(a, dim=-1)
+    if y.is_floating_point():
+        return -(y * log_p).sum(-1).mean()
+    return -log_p.gather(-1, y.unsqueeze(-1)).mean()
+
+
 _FUNC_LOSSES = {"mse": lambda a, y: (a - y).square().mean(),
-                "l1": lambda a, y: (a - y).abs().mean()}
+                "l1": lambda a, y: (a - y).abs().mean(),
+                "cross_entropy": _func_cross_entropy}
 
 
 def _func_split(flat, spec):
@@ -164,8 +174,8 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
     (`loss_sizes`, ReLU hidden layers, linear output of any width); the inner loss is the mean
     |h| (adapt_loss "l1") or mean h^2 ("mse") of its output h [K_s, loss_sizes[-1]], over all
     its entries; `steps` SGD steps at `inner_lr` on the base weights, second order (the inner
-    gradients keep their graph); the outer loss is `loss` ("l1" | "mse") of the adapted base
-    network on the query points, averaged over tasks.
+    gradients keep their graph); the outer loss is `loss` ("l1" | "mse" | "cross_entropy") of
+    the adapted base network on the query points, averaged over tasks.
 
     Returns (meta_loss, adapt): meta_loss(params [P], loss_params [P_psi], x_source, x_query,
     y_query, rates=None) -> the mean query loss, to differentiate with

@@ -153,6 +153,8 @@ def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order
          adapt_layers, backend):
     """adapt or maml_loss (`op`): straight to the fused op when the call may go there, else
     through the checks to the backend that serves it."""
+    if loss == "cross_entropy":
+        data = _class_targets(params, data, sizes)
     rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
     if _direct(backend, params, data, sizes, 0.0 if rule else inner_lr, steps, activation,
                loss, first_order):
@@ -182,6 +184,21 @@ def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order
                       _rates.rate_rows(inner_lr, params, steps, P), layers)
     return _fused(op, params, data, sizes, float(inner_lr), int(steps), activation, loss,
                   first_order)
+
+
+def _class_targets(params, data, sizes):
+    """data with cross-entropy's integer class labels (y_support [T, K] or [T, steps, K],
+    y_query [T, Q]) as one-hot class probabilities of params' dtype, what every backend takes
+    (_checks.class_targets checks them); class probabilities go on as they are."""
+    if not any(isinstance(y, torch.Tensor) and not y.is_floating_point() for y in data[1::2]):
+        return data
+    sizes = _checks.check_sizes(sizes)
+    _checks.check_params(params, sizes)
+    xs = data[0]
+    per_step = isinstance(xs, torch.Tensor) and xs.dim() == 4  # then y_support [T, steps, K]
+    return tuple(_checks.class_targets(name, t, sizes[-1], params,
+                                       (3,) if name == "y_support" and per_step else (2,))
+                 if name.startswith("y") else t for name, t in zip(_DATA_NAMES, data))
 
 
 def _fused(op, params, data, sizes, rate, steps, activation, loss, first_order, rates=None,

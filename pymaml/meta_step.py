@@ -12,10 +12,22 @@ from typing import Callable, Tuple
 
 import torch
 
-from . import _ops, _rates
+from . import _checks, _ops, _rates
 from . import functional as F
 from . import reference as _reference
 from . import tasks as _tasks
+
+
+def class_targets(config, batch):
+    """`batch` (a TaskBatch or DAMLBatch: one meta-batch, or a chunk's many) with its integer
+    class labels (y fields [..., points], loss="cross_entropy") as one-hot class probabilities
+    [..., points, n_out] of the inputs' dtype: what the ops and every step take. Applied once
+    where a batch is drawn, before inner_data cuts or joins its points."""
+    if config.loss != "cross_entropy":
+        return batch
+    n_out, like = config.sizes[-1], batch.x_query
+    return batch._replace(**{f: _checks.class_targets(f, getattr(batch, f), n_out, like, None)
+                             for f in batch._fields if f[0] == "y"})
 
 
 def inner_data(config, reptile: bool, xs, ys, xq, yq) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -187,25 +187,25 @@ class MetaMLP(SavedModel):
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps: Optional[int] = None,
               inner_lr=None, backend: str = "auto") -> "MetaMLP":
         """Test-time adaptation: a new model after `steps` SGD steps (default: the training
-        setting) on the examples x [K, n_in], y [K, n_out] (or class indices y [K] for
-        loss="cross_entropy"); or, for x [T, K, n_in], a model
-        holding T adapted parameter sets. The rate is the learned rates if the model has
+        setting) on the examples x [K, n_in], y [K, n_out]; or, for x [T, K, n_in], a model
+        holding T adapted parameter sets. With loss="cross_entropy", y may be integer class
+        indices: [K] (or [T, K]). The rate is the learned rates if the model has
         them (`rates`), else inner_lr; `inner_lr` (a number, or a tensor broadcastable to
         [steps, P]) replaces it. Only the adapt_layers move. The result is detached from this
         model; for gradients through adaptation use pymaml.functional.adapt."""
         if self.num_tasks is not None:
             raise ValueError("this model is already adapted to several tasks; adapt the model "
                              "it came from")
-        # y: targets [..., K, n_out], or class indices [..., K] (int64, loss "cross_entropy")
-        indices = isinstance(y, torch.Tensor) and not y.is_floating_point()
-        for name, t, extra in (("x", x, 0), ("y", y, -1 if indices else 0)):
-            if not isinstance(t, torch.Tensor) or t.dim() - extra not in (2, 3):
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+                if t is y and self._class_indices(y) and y.dim() in (1, 2):
+                    continue
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                want = "[K] or [T, K] (class indices)" if extra else "[K, features] or [T, K, features]"
-                raise ValueError(f"{name} must be {want}, got {got}")
-        if x.dim() != y.dim() + (1 if indices else 0):
-            raise ValueError(f"x and y must both be for one task or both for T tasks, got "
-                             f"{list(x.shape)} and {list(y.shape)}")
+                raise ValueError(f"{name} must be [K, features] or [T, K, features], got {got}")
+        if x.dim() != y.dim() + self._class_indices(y):
+            labels = " (or class indices [K] / [T, K])" if self.loss == "cross_entropy" else ""
+            raise ValueError(f"x and y must both be [K, features] or both [T, K, features]"
+                             f"{labels}, got {list(x.shape)} and {list(y.shape)}")
         single = x.dim() == 2
         xs, ys = (x.unsqueeze(0), y.unsqueeze(0)) if single else (x, y)
         steps = self.inner_steps if steps is None else steps
@@ -215,6 +215,11 @@ class MetaMLP(SavedModel):
                               steps=steps, activation=self.activation, loss=self.loss,
                               adapt_layers=self.adapt_layers, backend=backend)
         return self._like(adapted[0] if single else adapted)
+
+    def _class_indices(self, y) -> bool:
+        # Integer class labels, one per point (no features dimension): cross-entropy's.
+        return (self.loss == "cross_entropy" and isinstance(y, torch.Tensor)
+                and _checks.is_integer(y))
 
     def _like(self, params: torch.Tensor) -> "MetaMLP":
         return MetaMLP(self.sizes, self.activation, params=params, loss=self.loss,

@@ -21,10 +21,22 @@ from torch.nn import functional as F
 from ._layout import unflatten
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
-LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
+
+def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of the logits z [..., C], the mean over the points (every row of
+    z; not over the ... x C entries as MSE and L1 average): F.cross_entropy with class
+    probabilities y [..., C] (one-hot or soft), or with integer class indices y [...]."""
+    C = z.shape[-1]
+    return F.cross_entropy(z.reshape(-1, C), y.reshape(-1, C) if y.is_floating_point()
+                           else y.reshape(-1))
+
+
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "cross_entropy": cross_entropy}
 # Under torch.func transforms: F.mse_loss's double backward fails under forward mode (jvp,
 # jacfwd, hessian: "ZeroTensors are immutable", torch 2.13); the same mean written out does not.
-_TRANSFORM_LOSSES = {"mse": lambda a, y: (a - y).square().mean(), "l1": F.l1_loss}
+_TRANSFORM_LOSSES = {"mse": lambda a, y: (a - y).square().mean(), "l1": F.l1_loss,
+                     "cross_entropy": cross_entropy}
 
 
 def net(weights: List[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:

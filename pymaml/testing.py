@@ -41,16 +41,20 @@ LARGE = dict(max_depth=8, max_width=48, max_steps=12, max_points=10, max_tasks=3
 
 
 def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_points=6,
-                   max_tasks=4):
-    """A seeded random configuration: architecture, hyper-parameters and task data."""
+                   max_tasks=4, loss=None):
+    """A seeded random configuration: architecture, hyper-parameters and task data. loss:
+    None (MSE or L1 at random, regression targets), or "cross_entropy": the same draws with
+    2 to 20 classes (sizes[-1]) and class labels (class_labels, by seed) as targets."""
     rng = random.Random(seed)
     depth = rng.randint(1, max_depth)
     sizes = [rng.randint(1, max_width) for _ in range(depth + 1)]
     sizes[0] = rng.randint(1, 4)
+    if loss == "cross_entropy":  # from a generator of its own: the other draws stay as they are
+        sizes[-1] = random.Random(f"classes-{seed}").randint(2, 20)
     g = torch.Generator().manual_seed(seed)
     T, K, Q = rng.randint(1, max_tasks), rng.randint(1, max_points), rng.randint(1, max_points)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    return Problem(
+    pb = Problem(
         sizes=sizes,
         activation=rng.choice(["relu", "tanh"]),
         loss=rng.choice(["mse", "l1"]),
@@ -61,6 +65,28 @@ def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_p
         xs=rand(T, K, sizes[0]), ys=rand(T, K, sizes[-1]),
         xq=rand(T, Q, sizes[0]), yq=rand(T, Q, sizes[-1]),
     )
+    if loss == "cross_entropy":
+        pb.loss, pb.inner_lr = loss, 3 * pb.inner_lr  # its gradients are smaller than MSE's
+        pb.ys, pb.yq = class_labels(pb.ys, seed), class_labels(pb.yq, seed)
+    return pb
+
+
+LABEL_KINDS = ("indices", "one-hot", "soft", "weighted")
+
+
+def class_labels(scores: torch.Tensor, seed: int) -> torch.Tensor:
+    """Cross-entropy targets made from random scores [..., C], of kind LABEL_KINDS[seed % 4]:
+    int64 class indices [...] (the argmax), one-hot probabilities, soft probabilities (a
+    softmax of the scores), or non-negative class weights that do not sum to 1 (the loss is
+    linear in the targets: any such weights are a valid input)."""
+    kind = LABEL_KINDS[seed % len(LABEL_KINDS)]
+    indices = scores.argmax(-1)
+    if kind == "indices":
+        return indices
+    if kind == "one-hot":
+        return torch.nn.functional.one_hot(indices, scores.shape[-1]).to(scores.dtype)
+    soft = torch.softmax(2 * scores, dim=-1)
+    return soft if kind == "soft" else soft * (0.5 + scores.abs())
 
 
 def paper_problems(dtype):
@@ -175,9 +201,9 @@ def _random_rates(rng, g, shape, pb) -> object:
 
 
 def random_learned_problem(seed, dtype, **bounds) -> LearnedProblem:
-    """random_problem(seed) with rates of shape RATE_SHAPES[seed % 7], a random choice of
-    adapt_layers (layer_choices, or a random subset in random order, some indices negative)
-    and, one time in four, a support batch per inner step."""
+    """random_problem(seed) (with its bounds and loss) with rates of shape RATE_SHAPES[seed %
+    7], a random choice of adapt_layers (layer_choices, or a random subset in random order,
+    some indices negative) and, one time in four, a support batch per inner step."""
     pb = random_problem(seed, dtype, **bounds)
     rng, g = random.Random(f"learned-{seed}"), torch.Generator().manual_seed(seed + 1)
     depth = len(pb.sizes) - 1
@@ -189,6 +215,8 @@ def random_learned_problem(seed, dtype, **bounds) -> LearnedProblem:
         T, K = pb.xs.shape[:2]
         rand = lambda n: torch.randn(T, pb.steps, K, n, generator=g, dtype=torch.float64)
         pb.xs, pb.ys = rand(pb.sizes[0]).to(dtype), rand(pb.sizes[-1]).to(dtype)
+        if pb.loss == "cross_entropy":
+            pb.ys = class_labels(pb.ys, seed)
     shape = RATE_SHAPES[seed % len(RATE_SHAPES)]
     return LearnedProblem(pb, _random_rates(rng, g, shape, pb), shape, layers)
 

@@ -178,7 +178,7 @@ def test_models_made_under_inference_mode_are_ordinary_modules(backend):
         assert m.params.grad is not None
 
 
-@pytest.mark.parametrize("loss", ["mse", "l1"])
+@pytest.mark.parametrize("loss", ["mse", "l1", "cross_entropy"])
 def test_forward_mode_transforms_hessian_jvp_jacfwd(loss):
     params, data, hyper = problem()
     hyper["loss"] = loss

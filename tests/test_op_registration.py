@@ -23,7 +23,7 @@ def small_tanh(device, seed=0, steps=2):
     return to_device(pb, device)
 
 
-@pytest.mark.parametrize("loss", ["mse", "l1"])
+@pytest.mark.parametrize("loss", ["mse", "l1", "cross_entropy"])
 def test_gradcheck_maml_loss(device, loss):
     # Second order only: FO-MAML's gradient is by definition not the loss's derivative.
     pb = small_tanh(device)

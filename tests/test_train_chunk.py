@@ -55,12 +55,18 @@ def op_args(opt, p):
 
 # ---- train_chunk: maml_loss then torch.optim(fused=True), iteration by iteration ---------------
 
-def chunk_problem(seed, dtype, n):
-    """A random network and inner loop, and n meta-batches [n, T, K, features]."""
-    pb = random_problem(seed, dtype, max_tasks=3)
+def chunk_problem(seed, dtype, n, loss=None):
+    """A random network and inner loop, and n meta-batches [n, T, K, features]. loss:
+    random_problem's (None: MSE or L1; "cross_entropy": one-hot targets, drawn per batch)."""
+    pb = random_problem(seed, dtype, max_tasks=3, loss=loss)
     g = torch.Generator().manual_seed(seed + 100)
     data = [(t.unsqueeze(0) + 0.3 * torch.randn((n,) + t.shape, generator=g, dtype=torch.float64).to(dtype))
             for t in pb.data]
+    if loss == "cross_entropy":  # the op takes class probabilities
+        C = pb.sizes[-1]
+        for i in (1, 3):
+            labels = torch.randint(0, C, data[i - 1].shape[:-1], generator=g)
+            data[i] = torch.nn.functional.one_hot(labels, C).to(dtype)
     return pb, data
 
 
@@ -99,12 +105,12 @@ def assert_same_optimizer(ours_opt, theirs_opt):
         assert ours["state"][0][key].dtype == value.dtype, key
 
 
-def compare_chunks(cls, settings, dtype, seed, splits, algo=None):
+def compare_chunks(cls, settings, dtype, seed, splits, algo=None, loss=None):
     """torch.optim(fused=True) per iteration against train_chunk over meta-batches cut at
     `splits` (the first iteration is torch.optim's in both: it makes the state). algo: the
-    problem's own MAML order, or "reptile"."""
+    problem's own MAML order, or "reptile"; loss: chunk_problem's."""
     n = splits[-1]
-    pb, data = chunk_problem(seed, dtype, n)
+    pb, data = chunk_problem(seed, dtype, n, loss)
     theirs, ours = pb.params.clone().requires_grad_(), pb.params.clone().requires_grad_()
     theirs_opt, ours_opt = cls([theirs], **settings, **FUSED), cls([ours], **settings, **FUSED)
     expected = reference_iterations(pb, data, theirs_opt, theirs, 0, n, algo)
@@ -132,6 +138,15 @@ def test_train_chunk_is_maml_loss_then_torch_optim_fused(cls, settings, dtype):
 def test_train_chunk_reptile_is_the_reptile_op_then_torch_optim_fused(cls, settings, dtype):
     for seed in range(3):
         compare_chunks(cls, settings, dtype, seed, splits=[2, 9, 40], algo="reptile")
+
+
+@DTYPES
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("cls,settings", [SETTINGS[1], SETTINGS[5]], ids=[SETTING_IDS[1], SETTING_IDS[5]])
+def test_train_chunk_cross_entropy(cls, settings, dtype, algo):
+    for seed in range(3):
+        compare_chunks(cls, settings, dtype, seed, splits=[2, 9, 30], algo=algo,
+                       loss="cross_entropy")
 
 
 @pytest.mark.parametrize("cls,settings", [SETTINGS[3], SETTINGS[9]], ids=[SETTING_IDS[3], SETTING_IDS[9]])

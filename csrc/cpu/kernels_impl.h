@@ -46,7 +46,7 @@ T daml_task(Activation act, Loss loss, Loss adapt_loss, const MlpShape& s, const
             bool need_grad, const DamlWorkspace<T>& w, int64_t batch_stride) {
   T value = T(0);
   dispatch_act_loss(act, loss, [&](auto a, auto l) {
-    dispatch_act_loss(Activation::ReLU, adapt_loss, [&](auto, auto al) {
+    dispatch_adapt_loss(adapt_loss, [&](auto al) {
       value = pymaml::daml_task<T, decltype(a)::value, decltype(l)::value, decltype(al)::value,
                                 SimdLinalg>(s, ls, Xs, K, Xq, Yq, Q, steps, lr, need_grad, w,
                                             batch_stride);
@@ -60,9 +60,11 @@ void daml_inner_loop(Activation act, Loss adapt_loss, const MlpShape& s, const M
                      const T* Xs, int64_t K, int64_t steps, InnerLR<T> lr,
                      const DamlWorkspace<T>& w,
                      int64_t batch_stride) {
-  dispatch_act_loss(act, adapt_loss, [&](auto a, auto al) {
-    pymaml::daml_inner_loop<T, decltype(a)::value, decltype(al)::value, SimdLinalg>(
-        s, ls, Xs, K, steps, lr, w, batch_stride);
+  dispatch_act(act, [&](auto a) {
+    dispatch_adapt_loss(adapt_loss, [&](auto al) {
+      pymaml::daml_inner_loop<T, decltype(a)::value, decltype(al)::value, SimdLinalg>(
+          s, ls, Xs, K, steps, lr, w, batch_stride);
+    });
   });
 }
 

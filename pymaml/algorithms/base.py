@@ -174,7 +174,8 @@ class Algorithm:
         return backend
 
     def sample(self, family, config, tasks: int, generator, dtype, device):
-        return family.sample(tasks, generator=generator, dtype=dtype, device=device)
+        batch = family.sample(tasks, generator=generator, dtype=dtype, device=device)
+        return _meta_step.class_targets(config, batch)
 
     def meta_step(self, config, backend: str) -> Callable:
         """fn(weights, batch) -> (meta-loss 0-d, [gradient of each weight])."""

@@ -23,6 +23,7 @@ import torch
 from .. import _checks, _flags, _ops, outer_optim
 from .. import daml as _daml
 from .. import fast_path as _fast_path
+from .. import meta_step as _meta_step
 from .. import plots as _plots
 from .. import tasks as _tasks
 from .._layout import num_params
@@ -112,8 +113,9 @@ class DAML(Algorithm):
                                      config.inner_steps, ())
 
     def sample(self, family, config, tasks: int, generator, dtype, device):
-        return family.sample_daml(tasks, steps=config.inner_steps, generator=generator,
-                                  dtype=dtype, device=device)
+        batch = family.sample_daml(tasks, steps=config.inner_steps, generator=generator,
+                                   dtype=dtype, device=device)
+        return _meta_step.class_targets(config, batch)
 
     def meta_step(self, config, backend: str):
         c, P = config, num_params(list(config.sizes))
@@ -142,7 +144,10 @@ class DAML(Algorithm):
         def draw(n, device):
             batch = family.sample_daml_many(n, c.meta_batch_size, steps=c.inner_steps,
                                             generator=generator, dtype=dtype, device=device)
-            return None if batch is None else (batch.x_source, batch.x_query, batch.y_query)
+            if batch is None:
+                return None
+            batch = _meta_step.class_targets(c, batch)
+            return batch.x_source, batch.x_query, batch.y_query
 
         def call(weights, state, data, spec):
             return _ops.ops.daml_train_chunk(

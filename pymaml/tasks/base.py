@@ -30,12 +30,16 @@ class DAMLBatch(NamedTuple):
     y_query: torch.Tensor
 
 
-def _cast(batch: type, parts, dtype, device):
-    """parts as a `batch` of `dtype` on `device` (None: where they are). Parts already so are
-    kept without calling Tensor.to (which would return them as they are, for ~1.5 us each,
-    four per meta-iteration)."""
+def _cast(batch: type, parts, dtype, device, labels=()):
+    """parts as a `batch` of `dtype` on `device` (None: where they are); the fields named in
+    `labels` (integer class indices, cross-entropy's labels) as int64 instead. Parts already
+    so are kept without calling Tensor.to (which would return them as they are, for ~1.5 us
+    each, four per meta-iteration)."""
     if device is not None and not isinstance(device, torch.device):
         device = torch.device(device)
+    if labels:
+        dtypes = [torch.int64 if f in labels else dtype for f in batch._fields]
+        return batch(*(t.to(device=device, dtype=d) for t, d in zip(parts, dtypes)))
     if all(t.dtype == dtype and (device is None or t.device == device) for t in parts):
         return parts if type(parts) is batch else batch(*parts)
     return batch(*(t.to(device=device, dtype=dtype) for t in parts))
@@ -56,17 +60,25 @@ class _Kind(NamedTuple):
         """A sampler's output `out` as a batch of `dtype` on `device`, after checking that it
         holds the batch's fields, each a real tensor [*lead, points, features] (lead: (T,), or
         (n, T) for the many-batch samplers), `stepped` possibly [*lead, steps, points,
-        features], with the `points` and `widths` of its partner. ValueError / TypeError naming
-        `where` (the family) and the field otherwise: more tasks than asked, complex numbers
-        (their imaginary part would be dropped), ... are refused, not trained on. (Called once
-        per meta-iteration: cheap checks, messages built only on failure.)"""
+        features], with the `points` and `widths` of its partner; a y field may instead hold
+        integer class indices [*lead, points] (cross-entropy's labels, kept as int64, not cast
+        to `dtype`). ValueError / TypeError naming `where` (the family) and the field
+        otherwise: more tasks than asked, complex numbers (their imaginary part would be
+        dropped), ... are refused, not trained on. (Called once per meta-iteration: cheap
+        checks, messages built only on failure.)"""
         fields = self.batch._fields
         if not isinstance(out, (tuple, list)) or len(out) != len(fields):
             raise ValueError(f"{where} must return ({', '.join(fields)}), got "
                              f"{type(out).__name__}")
         n = len(lead)
+        labels = []  # the y fields holding class indices
         for field, t in zip(fields, out):
-            ranks = (n + 2, n + 3) if field == self.stepped else (n + 2,)
+            if (isinstance(t, torch.Tensor) and t.dim() == n + 1 and field[0] == "y"
+                    and _checks.is_integer(t)):
+                labels.append(field)
+                ranks = (n + 1,)
+            else:
+                ranks = (n + 2, n + 3) if field == self.stepped else (n + 2,)
             if not isinstance(t, torch.Tensor) or t.dim() not in ranks or t.shape[:n] != lead:
                 a = ", ".join(f"{k}={v}" for k, v in zip("nT"[-n:], lead))
                 shape = (f"[{a}, steps, K_s, n_in] or [{a}, K_s, n_in]" if field == self.stepped
@@ -88,7 +100,8 @@ class _Kind(NamedTuple):
                 if got[a].shape[dim] != got[b].shape[dim]:
                     raise ValueError(f"{where} returned {a} and {b} with different {what}: "
                                      f"{list(got[a].shape)} and {list(got[b].shape)}")
-        return _cast(self.batch, out, dtype, torch.device("cpu") if device is None else device)
+        return _cast(self.batch, out, dtype, torch.device("cpu") if device is None else device,
+                     labels)
 
 
 _MAML = _Kind(TaskBatch, "TaskFamily", "fn(T, generator)",

@@ -40,6 +40,8 @@ void test_hvp_finite_differences(unsigned seed) {
   std::vector<double> theta(P), v(P), X(K * 3), Y(K * 2);
   for (auto* vec : {&theta, &v, &X, &Y})
     for (auto& e : *vec) e = normal(rng);
+  if (L == pymaml::Loss::CrossEntropy)  // Y: class weights (soft labels, not summing to 1)
+    for (auto& e : Y) e = std::abs(e);
   // Extended vectors (maml_math.h): the params plus transposed weight copies.
   const int64_t E = s.num_ext, B = K * s.sum_width;
   std::vector<double> tape_mem(5 * B), grad_plus(E), grad_minus(E), hv(E), g(E), theta_ext(E),
@@ -57,8 +59,8 @@ void test_hvp_finite_differences(unsigned seed) {
   pymaml::expand_params(s, theta.data(), theta_ext.data());
   pymaml::expand_params(s, v.data(), v_ext.data());
   pymaml::loss_and_grad<double, A, L>(s, theta_ext.data(), X.data(), Y.data(), K, tape, g.data());
-  pymaml::hvp<double, A, L>(s, theta_ext.data(), X.data(), K, tape, rtape, v_ext.data(),
-                            hv.data());
+  pymaml::hvp<double, A, L>(s, theta_ext.data(), X.data(), Y.data(), K, tape, rtape,
+                            v_ext.data(), hv.data());
   double worst = 0, scale = 1;
   for (int64_t p = 0; p < E; ++p) {  // the transposed copies too
     const double fd = (grad_plus[p] - grad_minus[p]) / (2 * h);
@@ -198,6 +200,8 @@ int main() {
     test_hvp_finite_differences<Activation::Tanh, Loss::MSE>(seed);
     test_hvp_finite_differences<Activation::Tanh, Loss::L1>(seed);
     test_hvp_finite_differences<Activation::ReLU, Loss::MSE>(seed);
+    test_hvp_finite_differences<Activation::Tanh, Loss::CrossEntropy>(seed);
+    test_hvp_finite_differences<Activation::ReLU, Loss::CrossEntropy>(seed);
   }
   for (unsigned seed = 0; seed < 40; ++seed) {
     test_ops_vs_autograd(seed, torch::kFloat64);

@@ -192,7 +192,9 @@ template <typename T>
 std::vector<T> cpu_reference(Op op, const Inputs<T>& in) {
   const Problem& pb = in.pb;
   const char* act = pb.activation == Activation::Tanh ? "tanh" : "relu";
-  const char* loss = pb.loss == Loss::L1 ? "l1" : "mse";
+  const char* loss = pb.loss == Loss::CrossEntropy ? "cross_entropy"
+                     : pb.loss == Loss::L1        ? "l1"
+                                                  : "mse";
   torch::Tensor flat;
   if (op == Op::MamlLoss) {
     const auto out = pymaml::cpu::maml_loss(in.params, in.xs, in.ys, in.xq, in.yq, in.sizes,
@@ -253,13 +255,15 @@ struct Config {
   bool tanh, l1, first_order;
   unsigned seed;
   bool quick;  // big T: fewer variants
+  bool ce = false;  // cross-entropy (then `l1` is unused): soft class labels as targets
 };
 
 std::string describe(const Config& c, bool dbl) {
   std::string s = std::string(dbl ? "f64" : "f32") + " seed " + std::to_string(c.seed) + " sizes";
   for (auto n : c.sizes) s += " " + std::to_string(n);
   s += " T " + std::to_string(c.T) + " K " + std::to_string(c.K) + " Q " + std::to_string(c.Q) +
-       " S " + std::to_string(c.S) + (c.tanh ? " tanh" : " relu") + (c.l1 ? " l1" : " mse") +
+       " S " + std::to_string(c.S) + (c.tanh ? " tanh" : " relu") +
+       (c.ce ? " cross_entropy" : c.l1 ? " l1" : " mse") +
        (c.first_order ? " first-order" : "");
   return s;
 }
@@ -273,7 +277,7 @@ void test_config(const Config& c) {
   in.sizes = c.sizes;
   in.pb.shape = pymaml::make_shape(c.sizes.data(), int(c.sizes.size()) - 1);
   in.pb.activation = c.tanh ? Activation::Tanh : Activation::ReLU;
-  in.pb.loss = c.l1 ? Loss::L1 : Loss::MSE;
+  in.pb.loss = c.ce ? Loss::CrossEntropy : c.l1 ? Loss::L1 : Loss::MSE;
   in.pb.steps = c.S;
   in.pb.inner_lr = 0.05;
   in.pb.tasks = c.T;
@@ -285,6 +289,10 @@ void test_config(const Config& c) {
   in.ys = torch::randn({c.T, c.K, c.sizes.back()}, opt);
   in.xq = torch::randn({c.T, c.Q, c.sizes.front()}, opt);
   in.yq = torch::randn({c.T, c.Q, c.sizes.back()}, opt);
+  if (c.ce) {  // class probabilities
+    in.ys = torch::softmax(in.ys * 3, -1);
+    in.yq = torch::softmax(in.yq * 3, -1);
+  }
   in.grad = torch::randn({c.T, P}, opt);
   const std::string base = describe(c, sizeof(T) == 8);
 
@@ -420,6 +428,15 @@ int main() {
   for (unsigned seed = 100; seed < 102; ++seed)
     configs.push_back(Config{{2, 3, 1}, int64_t(1024 + 37 * (seed - 99)), 3, 2, int64_t(seed - 100),
                              seed == 101, seed == 100, false, seed, true});
+  // Cross-entropy (a row-wise loss): the first 12 configurations again (both activations,
+  // both orders, a big one), with at least 2 classes.
+  for (size_t i = 0; i < 12; ++i) {
+    Config c = configs[i];
+    c.ce = true;
+    c.seed += 200;
+    c.sizes.back() = std::max<int64_t>(2, c.sizes.back());
+    configs.push_back(c);
+  }
   for (const Config& c : configs) {
     test_config<double>(c);
     test_config<float>(c);
