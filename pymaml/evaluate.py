@@ -116,7 +116,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
              steps: Optional[Sequence[int]] = None, num_tasks: int = 600,
              grid_points: int = 100, inner_lr: Optional[float] = None, seed: int = EVAL_SEED,
              backend: str = "auto", data=None, ways: Optional[int] = None,
-             queries: Optional[int] = None):
+             queries: Optional[int] = None, baselines: bool = True):
     """The MAML paper's protocols (pymaml.evaluate runs them for a MetaMLP): evaluates `model`
     on held-out tasks of `task` (a name, TaskFamily or sampler, as in train) after each number
     of adaptation `steps` (an int or a list). Adaptation uses the model's loss, its learned
@@ -128,17 +128,21 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     (data=DIR, ways: default the model's outputs; its characters as they are, unrotated) or
     an Episodes family (default steps 1, 3, 10): `num_tasks` episodes of `ways` classes with
     `shots` support and `queries` (default 15) query examples per class; returns an
-    AccuracyResult (.accuracy, .ci95, .table()) with two baselines on the same episodes."""
+    AccuracyResult (.accuracy, .ci95, .table()) with two baselines on the same episodes
+    (baselines=False leaves them out: the from-scratch one takes most of the time)."""
     if not isinstance(model, MetaMLP) or model.num_tasks is not None:
         raise TypeError(f"model must be a (not yet adapted) pymaml MetaMLP, got {type(model).__name__}")
     _checks.check_device("the model's device", model.params.device)
     if isinstance(steps, int) and not isinstance(steps, bool):
         steps = [steps]
     if task == "omniglot" or isinstance(task, _tasks.Episodes):
+        if not isinstance(baselines, bool):
+            raise TypeError(f"baselines must be True or False, got {baselines!r}")
         family = _episodes(task, data, ways or model.sizes[-1], shots, queries)
         steps, num_tasks, _, seed, inner_lr = _check_protocol(
             (1, 3, 10) if steps is None else steps, num_tasks, 2, seed, inner_lr)
-        return _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend)
+        return _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
+                                  baselines)
     if data is not None or ways is not None or queries is not None:
         raise ValueError("data, ways and queries apply to classification episodes (task "
                          "'omniglot' or an Episodes family)")
@@ -259,7 +263,7 @@ def _nearest_mean(batch, ways: int) -> torch.Tensor:
     return _accuracy(-torch.cdist(batch.x_query, means), batch.y_query)
 
 
-def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
+def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend, baselines,
                        chunk: int = 100) -> AccuracyResult:
     """Accuracy per step count, and the baselines, on `num_tasks` episodes drawn at once
     (adapted `chunk` at a time: per-task parameters of a large MLP are large)."""
@@ -272,7 +276,8 @@ def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
     rate = model.inner_lr if inner_lr is None else inner_lr
     fresh = model._like(F.init_params(model.sizes, generator=torch.Generator().manual_seed(seed),
                                       dtype=dtype, device=device))
-    runs = [(model, s, inner_lr) for s in steps] + [(fresh, SCRATCH_STEPS, rate)]
+    runs = [(model, s, inner_lr) for s in steps] + ([(fresh, SCRATCH_STEPS, rate)]
+                                                     if baselines else [])
     accs, losses = [], []
     for net, s, lr in runs:
         acc, loss = [], []
@@ -285,13 +290,15 @@ def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
                                                           part[3].flatten(), reduction="sum"))
         accs.append(_mean_ci(torch.cat(acc)))
         losses.append(sum(loss).item() / (num_tasks * part[3].shape[1]))
-    baselines = {"nearest class mean (pixels)": _mean_ci(_nearest_mean(batch, family.ways)),
-                 f"same MLP from scratch ({SCRATCH_STEPS} steps)": accs.pop()}
+    scores = {}
+    if baselines:
+        scores = {"nearest class mean (pixels)": _mean_ci(_nearest_mean(batch, family.ways)),
+                  f"same MLP from scratch ({SCRATCH_STEPS} steps)": accs.pop()}
     return AccuracyResult(task=family.name, ways=family.ways, shots=family.shots,
                           queries=family.queries, num_tasks=num_tasks, inner_lr=rate,
                           steps=list(steps), accuracies=[a for a, _ in accs],
                           accuracy_ci95s=[ci for _, ci in accs], losses=losses[:len(steps)],
-                          baselines=baselines)
+                          baselines=scores)
 
 
 @dataclasses.dataclass

@@ -61,7 +61,8 @@ def run(root, shots, args, workdir):
                               progress=False, log_every=0, **SETTINGS)
         seconds += result.wall_time
         model = result.model
-        acc = pymaml.evaluate(model, test, steps=3, num_tasks=200, seed=1).accuracies[0]
+        acc = pymaml.evaluate(model, test, steps=3, num_tasks=200, seed=1,
+                              baselines=False).accuracy
         curve.append((done, acc))
         print(f"  iteration {done:>6}: held-out accuracy after 3 steps {100 * acc:.1f} %")
     return model, test, curve, seconds
