@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==${PYMAML_TORCH:-2.13.0}"
 fi
-"$PY" -m pip install --quiet numpy pybind11 ninja pytest pytest-benchmark tqdm matplotlib
+"$PY" -m pip install --quiet numpy pybind11 ninja pytest pytest-benchmark tqdm matplotlib pillow
 command -v cmake >/dev/null || "$PY" -m pip install --quiet cmake
 # No build isolation: compile against the torch installed above, and fetch no other.
 "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
