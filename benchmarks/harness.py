@@ -38,10 +38,13 @@ from pymaml import outer_optim, reference, tasks
 from pymaml.daml_model import init_weights
 from pymaml.testing import (relative_error, torch_func_daml, torch_func_learned_maml,
                             torch_func_maml)
-from workloads import DAMLWorkload, Workload, daml_meta_iteration_flops, meta_iteration_flops
+from workloads import (GRID, DAMLWorkload, Workload, daml_meta_iteration_flops,
+                       meta_iteration_flops)
 
 # max |g - g_oracle| / max(1, max |g_oracle|): the float32 bound of the test suite's oracle tests.
 VERIFY_TOLERANCE = 1e-4
+# The cap of every row on the grid's workloads (issue 26), GFLOP per meta-iteration.
+GRID_MAX_GFLOP = 15.0
 # torch's fastest CPU steps (fused=True), as pymaml.train builds them.
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -57,9 +60,32 @@ def make_data(w: Workload, device="cpu", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     params = F.init_params(list(w.sizes), generator=g, dtype=torch.float64,
                            zero_bias=w.init == "seed").to(device=device, dtype=torch.float32)
+    if w.task in ("gauss", "gauss-classes"):
+        return gauss_batch(w, g, device), params
     family = tasks.get_family(w.task, shots=w.K, queries=w.Q)
     batch = family.sample(w.T, generator=g, device=device)
     return tuple(batch), params
+
+
+def gauss_batch(w: Workload, g: torch.Generator, device) -> tuple:
+    """The grid's synthetic tasks (issue 26): inputs N(0, 1) [T, K, n_in]; targets N(0, 1)
+    [T, K, n_out] ("gauss") or uniform int64 class labels [T, K] ("gauss-classes",
+    cross-entropy, as pymaml.functional takes them)."""
+    out = []
+    for n in (w.K, w.Q):
+        x = torch.randn(w.T, n, w.sizes[0], generator=g, dtype=torch.float64)
+        if w.task == "gauss-classes":
+            y = torch.randint(0, w.sizes[-1], (w.T, n), generator=g)
+        else:
+            y = torch.randn(w.T, n, w.sizes[-1], generator=g, dtype=torch.float64).float()
+        out += [x.float().to(device), y.to(device)]
+    return tuple(out)
+
+
+def one_hot_targets(w: Workload, batch) -> tuple:
+    """batch with int64 class labels as one-hot float rows (what the raw op takes)."""
+    return tuple(torch.nn.functional.one_hot(t, w.sizes[-1]).float()
+                 if not t.is_floating_point() else t for t in batch)
 
 
 def train_kwargs(w: Workload) -> dict:
@@ -109,6 +135,7 @@ def _fused(w, batch, params, rates=None):
 def _fused_op(w, batch, params, rates=None):
     """The raw op: no argument checks, no autograd; the meta-gradient comes back with the loss."""
     args = (list(w.sizes), w.inner_lr, w.S, w.activation, w.loss, w.first_order, True)
+    batch = one_hot_targets(w, batch)  # once, outside the timing
 
     def meta_grad():
         return torch.ops.pymaml.maml_loss(params.detach(), *batch, *args)
@@ -147,6 +174,52 @@ def _torchfunc(w, batch, params, rates=None):
         grad, loss = grad_and_value(args[0], *batch, *args[1:])
         return loss, grad if w.plain else _flat(grad)
     return meta_grad, None
+
+
+def _torchfunc_list(w, batch, params, rates=None):
+    """torch.func as its users write it (issue 26): the weights as a list of tensors [W0, b0,
+    W1, b1, ...], torch.func.grad of the mean over tasks of a vmapped per-task loss whose inner
+    loop steps the list with torch.func.grad; the gradients flattened back for the step."""
+    sizes = list(w.sizes)
+    act = {"relu": torch.relu, "tanh": torch.tanh}[w.activation]
+    loss_fn = reference.LOSSES[w.loss]
+
+    def net(ws, x):
+        for l in range(0, len(ws), 2):
+            x = torch.nn.functional.linear(x, ws[l], ws[l + 1])
+            x = act(x) if l + 2 < len(ws) else x
+        return x
+
+    def inner_loss(ws, x, y):
+        return loss_fn(net(ws, x), y)
+
+    def task_loss(ws, xs, ys, xq, yq):
+        for _ in range(w.S):
+            grads = torch.func.grad(inner_loss)(ws, xs, ys)
+            ws = [p - w.inner_lr * (g.detach() if w.first_order else g) for p, g in zip(ws, grads)]
+        return inner_loss(ws, xq, yq)
+
+    def meta_loss(ws, xs, ys, xq, yq):
+        return torch.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(ws, xs, ys, xq, yq).mean()
+
+    grad_and_value = torch.func.grad_and_value(meta_loss)
+
+    def meta_grad():
+        ws = _split(params.detach(), sizes)
+        grads, loss = grad_and_value(ws, *batch)
+        return loss, torch.cat([g.reshape(-1) for g in grads])
+    return meta_grad, None
+
+
+def _split(flat, sizes) -> list:
+    # [W0, b0, W1, b1, ...] views of the flat vector (nn.Linear's layouts).
+    out, off = [], 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        out.append(flat[off:off + n_in * n_out].view(n_out, n_in))
+        off += n_in * n_out
+        out.append(flat[off:off + n_out])
+        off += n_out
+    return out
 
 
 def _jax_runner(w, batch, params0) -> "Runner":
@@ -213,12 +286,14 @@ class Implementation(NamedTuple):
     Runner, for an implementation that steps its own optimizer. max_gflop: per device type, the
     largest meta-iteration (GFLOP) it is timed on (beyond it one call takes seconds, or a
     compile minutes); unavailable(device): why it cannot run, or None; learned: whether it
-    serves learned rates and frozen layers (workloads that are not w.plain)."""
+    serves learned rates and frozen layers (workloads that are not w.plain); grid_only: a row
+    of the grid section alone (test_bench_grid.py)."""
     make: Optional[Callable] = None
     max_gflop: Dict[str, float] = {}
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     runner: Optional[Callable] = None
     learned: bool = False
+    grid_only: bool = False
 
 
 # The rows of every table, in this order. "fused" is what ratios are read against.
@@ -227,6 +302,8 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
     "fused_op": Implementation(_fused_op, unavailable=_fused_unavailable),
     "reference": Implementation(_reference, max_gflop={"cpu": 1.0, "cuda": 1.0}, learned=True),
     "torchfunc": Implementation(_torchfunc, max_gflop={"cpu": 10.0}, learned=True),
+    # issue 26: the grid section's torch.func row (a list of weight tensors); grid only
+    "torchfunc_list": Implementation(_torchfunc_list, max_gflop={"cpu": 10.0}, grid_only=True),
     "jax": Implementation(runner=_jax_runner, max_gflop={"cpu": 10.0},
                           unavailable=_jax_unavailable),
 }
@@ -246,6 +323,8 @@ def skip_reason(name: str, w: Workload, device="cpu") -> Optional[str]:
     """Why implementation `name` is not timed on w here, or None."""
     impl, device = implementations(w)[name], torch.device(device)
     cap = impl.max_gflop.get(device.type, math.inf)
+    if w in GRID:  # issue 26's grid times every row, up to inr1024's 11 GFLOP
+        cap = max(cap, GRID_MAX_GFLOP)
     if flops_of(w) > cap * 1e9:
         return (f"{flops_of(w) / 1e9:.2g} GFLOP per meta-iteration is over {name}'s "
                 f"{cap:g} GFLOP cap")
@@ -485,7 +564,7 @@ def _make_daml_runner(impl: Implementation, w: DAMLWorkload, batch, weights0) ->
 
 # ---- the yardstick ----
 
-def matmul_gflops(device="cpu", repeats: int = 11) -> float:
+def matmul_gflops(device="cpu", repeats: int = 11, threads: int = 1) -> float:
     """The float32 matmul rate the machine reaches: torch.mm of n x n matrices (2·n³ flops; n =
     512 on the CPU, 4096 on a GPU), the fastest of `repeats` calls (load from other processes
     only slows a call down), one thread on the CPU, TF32 off on a GPU (the fused kernels use
@@ -494,7 +573,7 @@ def matmul_gflops(device="cpu", repeats: int = 11) -> float:
     n = 4096 if device.type == "cuda" else 512
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     before = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("highest")
     try:
         a, b = torch.rand(2, n, n, generator=torch.Generator().manual_seed(n)).to(device)

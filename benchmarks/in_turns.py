@@ -7,7 +7,8 @@ fused, Reptile / FO-MAML). One run on a shared machine, so that its load hits ev
 Rows are named as in the suite's test ids: a workload (the workload part of an id: W1, W2,
 W2-S1, W2-T64, W2-Meta-SGD, W2-ANIL, D1, D1-T25, ...; second order unless it ends in -1st),
 then the rows to time on it, until the next workload: the rows of harness.IMPLEMENTATIONS
-(fused, fused_op, reference, torchfunc, jax) or, on D1, harness.DAML_IMPLEMENTATIONS (fused,
+(fused, fused_op, reference, torchfunc, torchfunc_list, jax; the grid's workloads of
+issue 26 too: mid, omni, omni-S5, inr256, inr1024, wide) or, on D1, harness.DAML_IMPLEMENTATIONS (fused,
 fused_op, train_chunk, reference, torchfunc); NAME-no-step, the row's meta-gradient alone; on
 W1 and W2 the train rows of test_bench_train.py, ALGORITHM-PATH (maml-chunked,
 reptile-mb4-per-iteration, metasgd-chunked, ...: one pymaml.train call of 5,000 (W1) or 100
@@ -45,8 +46,8 @@ import subprocess
 import sys
 import time
 
-from workloads import (ANIL_TARGET, DAML_SPEEDUP_TARGET, JAX_SPEEDUP_TARGETS, LAYER_TARGET,
-                       METASGD_TARGET, W1, W2)
+from workloads import (ANIL_TARGET, DAML_SPEEDUP_TARGET, GRID, JAX_SPEEDUP_TARGETS,
+                       LAYER_TARGET, METASGD_TARGET, W1, W2)
 
 # The issues' ratio targets, second order, one thread: (what, numerator row, denominator row,
 # target), a row being (workload, row name).
@@ -79,7 +80,7 @@ class Suite:
         cases = [p.values for p in test_bench_train.CASES]
         self.workloads = {}
         for w in [w for ws in test_bench_meta.SECTIONS.values() for w in ws] + \
-                test_bench_daml.WORKLOADS + [w for w, _, _ in cases]:
+                test_bench_daml.WORKLOADS + [w for w, _, _ in cases] + GRID:
             self.workloads[w.test_id()] = w
             if not w.first_order:
                 self.workloads.setdefault(w.test_id().rsplit("-", 1)[0], w)

@@ -51,7 +51,11 @@ def _meta_loss(sizes, activation, loss, inner_lr, steps, first_order) -> Callabl
         return h
 
     def task_loss(flat, x, y):
-        diff = net(flat, x) - y
+        out = net(flat, x)
+        if loss == "cross_entropy":  # y: int class labels [K] (issue 26's omni rows)
+            log_p = jax.nn.log_softmax(out, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
+        diff = out - y
         return jnp.mean(diff * diff) if loss == "mse" else jnp.mean(jnp.abs(diff))
 
     def adapted_query_loss(flat, xs, ys, xq, yq):

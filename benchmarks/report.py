@@ -15,7 +15,8 @@ import sys
 from typing import List, Optional
 
 from workloads import (ANIL_TARGET, CUDA_PCT_TARGET, CUDA_SPEEDUP_TARGET, CUDA_TIME_TARGET,
-                       DAML_SPEEDUP_TARGET, JAX_SPEEDUP_TARGETS, LAYER_TARGET, METASGD_TARGET,
+                       DAML_SPEEDUP_TARGET, GRID_JAX_TARGET, GRID_PCT_TARGET, GRID_PEER_TARGET,
+                       GRID_THREADS_TARGET, JAX_SPEEDUP_TARGETS, LAYER_TARGET, METASGD_TARGET,
                        THREADS_TARGET, TIME_TARGETS_S, TRAIN_TARGET_S, W2, DAMLWorkload,
                        Workload)
 
@@ -47,6 +48,7 @@ def load_rows(report: dict) -> List[dict]:
     call's median divided by its iterations), `gflops`, `pct_matmul`, `label`, and `rank`: the
     implementation's place in the order they first appear (the registry's, as the tests run)."""
     rates = report.get("matmul_gflops", {})
+    thread_rates = report.get("matmul_gflops_threads", {})  # issue 26: all threads
     ranks, rows = {}, []
     for b in report["benchmarks"]:
         info = dict(b["extra_info"], group=b["group"], name=b["name"])
@@ -56,6 +58,8 @@ def load_rows(report: dict) -> List[dict]:
         if info.get("flops"):
             info["gflops"] = info["flops"] / info["median_s"] / 1e9
             rate = rates.get(info["device"].split(":")[0])
+            if info["threads"] > 1 and info["device"] == "cpu":
+                rate = thread_rates.get(str(info["threads"]))
             info["pct_matmul"] = 100 * info["gflops"] / rate if rate else None
         rows.append(info)
     return rows
@@ -73,6 +77,8 @@ def target_of(row: dict, group: List[dict], rows: List[dict] = ()) -> Optional[d
         return rates_target(row, w, rows)
     if row["section"] == "daml":
         return daml_target(row, w, by)
+    if row["section"] == "grid":
+        return grid_target(row, w, by)
     core_fused = row["section"] == "core" and row["impl"] == BASELINE
     if core_fused and row["timed"] == "meta-iteration" and w in TIME_TARGETS_S:
         return dict(what=f"fused {row['workload']} <= {fmt_time(TIME_TARGETS_S[w])}",
@@ -156,6 +162,40 @@ def daml_target(row: dict, w: Workload, by: dict) -> Optional[dict]:
     return dict(what=f"fused DAML meta-step ({row['workload']}) >= {least:g}x faster than the "
                      "reference", value=row["median_s"] / fused["median_s"], limit=least,
                 kind="min", unit="x")
+
+
+def grid_target(row: dict, w: Workload, by: dict) -> Optional[dict]:
+    """Issue 26's targets, on the grid's public-API rows (second order, CPU): one thread:
+    >= GRID_JAX_TARGET x JAX, >= GRID_PEER_TARGET x the faster of the autograd loop and
+    torch.func, and on the wide workloads >= GRID_PCT_TARGET % of the one-thread matmul rate;
+    all threads: >= GRID_THREADS_TARGET x its one-thread row."""
+    if row["impl"] != BASELINE or row.get("timed") != "meta-iteration":
+        return None
+    one = by.get((BASELINE, "meta-iteration", 1))
+    if row["threads"] > 1:
+        return one and dict(what=f"grid {row['workload']}: {row['threads']} threads >= "
+                                 f"{GRID_THREADS_TARGET:g}x one",
+                            value=one["median_s"] / row["median_s"], limit=GRID_THREADS_TARGET,
+                            kind="min", unit="x")
+    jax = by.get(("jax", "meta-iteration", 1))
+    peers = [by[(p, "meta-iteration", 1)]["median_s"] for p in ("reference", "torchfunc_list")
+             if (p, "meta-iteration", 1) in by]
+    least_jax = GRID_JAX_TARGET.get(w.base, 2.0)
+    # the margin: the smaller of (JAX / fused) / its target and (peer / fused) / its target
+    ratios, margins = [], []
+    if jax:
+        ratios.append(f"JAX {jax['median_s'] / row['median_s']:.2f}x")
+        margins.append(jax["median_s"] / row["median_s"] / least_jax)
+    if peers:
+        ratios.append(f"peers {min(peers) / row['median_s']:.2f}x")
+        margins.append(min(peers) / row["median_s"] / GRID_PEER_TARGET)
+    t = dict(what=f"grid {row['workload']}: >= {least_jax:g}x JAX, >= {GRID_PEER_TARGET:g}x the "
+                  f"faster of reference and torch.func ({', '.join(ratios)}; margin)",
+             value=min(margins) if margins else None, limit=1.0, kind="min", unit="x")
+    if w.base in GRID_PCT_TARGET[0]:
+        t["also"] = (row.get("pct_matmul"), GRID_PCT_TARGET[1])
+        t["what"] += f", >= {GRID_PCT_TARGET[1]:g} % of the matmul rate"
+    return t
 
 
 def verdict(t: dict) -> str:

@@ -32,7 +32,8 @@ SECTIONS = {
 # W2 (T=25), S=1, 5 and 50 are in core: the sweeps read them from there.
 CASES = [pytest.param(section, w, name, id=f"{section}-{w.test_id()}-{name}")
          for section, workloads in SECTIONS.items() for w in workloads for name in IMPLEMENTATIONS
-         if section != "rates" or IMPLEMENTATIONS[name].learned]
+         if (section != "rates" or IMPLEMENTATIONS[name].learned)
+         and not IMPLEMENTATIONS[name].grid_only]
 
 
 @pytest.mark.parametrize("section, w, name", CASES)

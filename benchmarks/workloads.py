@@ -83,7 +83,25 @@ W1 = Workload("W1", sizes=(1, 32, 32, 1), activation="relu", loss="l1", K=4, Q=4
 # W2, the MAML paper's sine regression: 1-40-40-1 ReLU, MSE, K=Q=10, S=5, T=25, Adam 1e-3.
 W2 = Workload("W2", sizes=(1, 40, 40, 1), activation="relu", loss="mse", K=10, Q=10, S=5, T=25,
               inner_lr=1e-2, optimizer="adam", outer_lr=1e-3, task="sine", init="torch")
-BASES = {"W1": W1, "W2": W2}
+# Issue 26's grid: the kernel from W2's 40-wide layers to the MAML paper's Omniglot MLP and
+# implicit neural representations (INR) of hundreds of points. Data: Gaussian inputs and
+# targets ("gauss"), or Gaussian inputs and uniform int64 class labels [T, K] ("gauss-classes",
+# cross-entropy); harness.make_data draws them.
+MID = Workload("mid", sizes=(2, 64, 64, 64, 1), activation="relu", loss="mse", K=64, Q=64, S=3,
+               T=8, inner_lr=1e-2, optimizer="adam", outer_lr=1e-3, task="gauss", init="torch")
+# The MAML paper's Omniglot MLP (784-256-128-64-64, 5-way), 1-shot, 15 queries per class,
+# T = 32, its inner rate 0.4; S = 1 (and S = 5 below). Also issue 24's benchmark item.
+OMNI = Workload("omni", sizes=(784, 256, 128, 64, 64, 5), activation="relu",
+                loss="cross_entropy", K=5, Q=75, S=1, T=32, inner_lr=0.4, optimizer="adam",
+                outer_lr=1e-3, task="gauss-classes", init="torch")
+INR256 = Workload("inr256", sizes=(2, 256, 256, 256, 3), activation="relu", loss="mse", K=256,
+                  Q=256, S=3, T=4, inner_lr=1e-2, optimizer="adam", outer_lr=1e-3,
+                  task="gauss", init="torch")
+INR1024 = INR256.replace(base="inr1024", K=1024, Q=1024, S=2, T=2)
+WIDE = Workload("wide", sizes=(1, 512, 512, 1), activation="relu", loss="mse", K=32, Q=32, S=5,
+                T=4, inner_lr=1e-2, optimizer="adam", outer_lr=1e-3, task="gauss", init="torch")
+BASES = {w.base: w for w in (W1, W2, MID, OMNI, INR256, INR1024, WIDE)}
+GRID = [W1, W2, MID, OMNI, OMNI.replace(S=5), INR256, INR1024, WIDE]
 # How label() names a workload's learned rates (Meta-SGD's paper learns one per parameter).
 RATE_LABELS = {"per-parameter": "Meta-SGD", "per-step": "per-step-rates",
                "per-parameter-step": "per-parameter-step-rates"}
@@ -121,6 +139,14 @@ MEMORY_TARGET_MB = 10.0       # fused peak at S=50 within this of S=5, W2
 CUDA_TIME_TARGET = (25, 50e-6)       # H100: W2 at T=25 <= 50 us per meta-gradient
 CUDA_SPEEDUP_TARGET = (4096, 20.0)   # ... at T=4096 >= 20x faster than torch.func
 CUDA_PCT_TARGET = (4096, 25.0)       # ... and >= 25 % of the float32 matmul rate (TF32 off)
+# Issue 26, the grid section (second order, one thread unless said; ratios in one run):
+# the public API >= GRID_JAX_TARGET x JAX (W2: 2.5, W1: 2) and >= GRID_PEER_TARGET x the
+# faster of the autograd loop and torch.func; GRID_PCT_TARGET % of the one-thread matmul
+# rate on the wide workloads; two threads >= GRID_THREADS_TARGET x one.
+GRID_JAX_TARGET = {"W1": 2.0, "W2": 2.5}   # others: 2.0
+GRID_PEER_TARGET = 3.0
+GRID_PCT_TARGET = (("omni", "inr256", "inr1024", "wide"), 70.0)
+GRID_THREADS_TARGET = 1.8
 # Issue 14 (public fused API, one thread, second order, the rates section): a Meta-SGD
 # meta-iteration at most this times plain MAML's; plain MAML at least this times ANIL's.
 METASGD_TARGET = (W2_METASGD, 1.15)

@@ -347,14 +347,30 @@ PYMAML_HOST_DEVICE T loss_and_seed(const MlpShape& s, const T* Y, int64_t K, con
 // dW_l = G^T In [out, in] into dtheta's W_l, and In^T G into its transposed copy if it has one
 // (and `copy`: a frozen layer's copy is never read, §8.2); db_l = column sums of G. Shared by
 // backprop (G_l, A_{l-1}) and the R-backward.
+// A backend may offer transpose(rows, cols, src, dst) and transposed_copy_pays(K, in, out)
+// (csrc/cpu/simd_linalg.h): the copy is then, where that says it pays, the transposition of
+// the [out, in] result (which already holds the Init::Accumulate sum), not a product of its
+// own: the same values (the two products agree bitwise), without the second product's K
+// multiply-adds per entry.
+template <typename LA>
+PYMAML_HOST_DEVICE constexpr auto has_transpose(int) -> decltype(&LA::transposed_copy_pays, true) {
+  return true;
+}
+template <typename LA>
+PYMAML_HOST_DEVICE constexpr bool has_transpose(...) { return false; }
+
 template <typename T, typename LA>
 PYMAML_HOST_DEVICE void weight_grad(const MlpShape& s, int l, int64_t K, const T* G,
                                     const T* In, T* dtheta, Init init, bool copy = true) {
   const int64_t ni = s.in(l), no = s.out(l);
   LA::gemm(no, ni, K, G, int64_t(1), no, In, ni, dtheta + s.w_off[l], ni, init, (const T*)nullptr);
-  if (copy && s.has_copy(l))
-    LA::gemm(ni, no, K, In, int64_t(1), ni, G, no, dtheta + s.t_off[l], no, init,
-             (const T*)nullptr);
+  if (!copy || !s.has_copy(l)) return;
+  if constexpr (has_transpose<LA>(0)) {
+    if (LA::transposed_copy_pays(K, ni, no))
+      return LA::transpose(no, ni, dtheta + s.w_off[l], dtheta + s.t_off[l]);
+  }
+  LA::gemm(ni, no, K, In, int64_t(1), ni, G, no, dtheta + s.t_off[l], no, init,
+           (const T*)nullptr);
 }
 
 // out[i] = sum_k G[k, i], as the product ones[1, K] G[K, n] (vectorised like the rest).

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "../maml_math.h"
@@ -144,18 +145,33 @@ struct SimdLinalg {
 
   // The strip of columns [n0, n0 + last + W) for all M rows, in the fewest tiles of at most
   // max_rows(NR) rows, of even heights (10 rows: 5 + 5, not 9 + 1: every tile reloads B).
+  // Long sums are cut into chunks of kChunk terms (cache blocking, issue 26): every tile of
+  // the strip runs chunk c before any runs chunk c + 1, so the chunk's rows of B (kChunk x 4
+  // vectors: 32 KB of floats) stay in L1 across the tiles, where a whole long strip (1024
+  // terms: 256 KB) was read from L2 by every tile (weight gradients over 1024 points: 56
+  // GFLOP/s). A tile picks up where the last chunk stored C (Init::Accumulate): the same
+  // multiply-adds in the same order, rounded the same, bitwise the unchunked result.
+  static constexpr int64_t kChunk = 128;
+
   template <typename T, int W, int NR>
   static void strip(int64_t M, int64_t P, const T* A, int64_t a_ms, int64_t a_ps, const T* B,
                     int64_t ldb, T* C, int64_t ldc, Init init, const T* bias, int64_t n0,
                     int64_t last) {
     constexpr int rows = max_rows(NR);
     const int64_t tiles = (M + rows - 1) / rows;
-    for (int64_t i = 0, m0 = 0; i < tiles; ++i) {
-      const int mr = int((M - m0) / (tiles - i));  // spread the remainder over the last tiles
-      tile_rows<T, W, NR>(std::make_index_sequence<rows>{}, mr, P, A + m0 * a_ms, a_ms, a_ps,
-                          B + n0, ldb, C + m0 * ldc + n0, ldc, init, bias ? bias + n0 : bias,
-                          last);
-      m0 += mr;
+    // A chunk shorter than kChunk / 2 joins the one before it (no 1-term passes over C).
+    for (int64_t p0 = 0; p0 < P || p0 == 0;) {
+      const int64_t len = P - p0 < kChunk + kChunk / 2 ? P - p0 : kChunk;
+      const Init chunk_init = p0 == 0 ? init : Init::Accumulate;
+      for (int64_t i = 0, m0 = 0; i < tiles; ++i) {
+        const int mr = int((M - m0) / (tiles - i));  // spread the remainder over the last tiles
+        tile_rows<T, W, NR>(std::make_index_sequence<rows>{}, mr, len, A + m0 * a_ms + p0 * a_ps,
+                            a_ms, a_ps, B + p0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc,
+                            chunk_init, bias ? bias + n0 : bias, last);
+        m0 += mr;
+      }
+      p0 += len;
+      if (len == 0) break;
     }
   }
 
@@ -196,6 +212,67 @@ struct SimdLinalg {
       default: strip<T, W, 1>(M, P, A, a_ms, a_ps, B, ldb, C, ldc, init, bias, n0, last); break;
     }
   }
+
+  // dst [cols, rows] = src [rows, cols]^T: W x W blocks transposed in registers (GCC's
+  // __builtin_shuffle: log2 W rounds of two-vector permutes), the edges element by element.
+  // maml_math.h's weight_grad uses it for a layer's transposed copy where
+  // transposed_copy_pays says so (issue 26). A copy: exact.
+  template <typename T>
+  static void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
+    constexpr int W = PYMAML_VECTOR_BYTES / int(sizeof(T));
+    int64_t r0 = 0, c0 = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    for (; r0 + W <= rows; r0 += W)
+      for (int64_t c = 0; c + W <= cols; c += W)
+        transpose_block<T, W>(src + r0 * cols + c, cols, dst + c * rows + r0, rows);
+    c0 = cols - cols % W;
+#endif
+    for (int64_t i = 0; i < rows; ++i)  // what the blocks left: rows >= r0 or columns >= c0
+      for (int64_t j = i < r0 ? c0 : 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  }
+
+#if defined(__GNUC__) && !defined(__clang__)
+  // One W x W block: round d swaps bit d of every element's row and column index (the
+  // off-diagonal d x d sub-blocks), so after the rounds d = W/2 ... 1 element (r, c) is at (c, r).
+  template <typename T, int W>
+  static void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+    using L = Lanes<T, W>;
+    typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+    typedef I Idx __attribute__((vector_size(W * sizeof(T))));
+    typename L::V v[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) v[r] = L::load(src + r * ld_src);
+#pragma GCC unroll 8
+    for (int d = W / 2; d >= 1; d /= 2) {
+      Idx lo, hi;
+#pragma GCC unroll 16
+      for (int c = 0; c < W; ++c) {
+        lo[c] = (c & d) ? W + c - d : c;
+        hi[c] = (c & d) ? W + c : c + d;
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) {
+        if (r & d) continue;
+        const typename L::V a = v[r], b = v[r + d];
+        v[r] = __builtin_shuffle(a, b, lo);
+        v[r + d] = __builtin_shuffle(a, b, hi);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) L::store(dst + r * ld_dst, v[r]);
+  }
+#endif
+
+  // Whether a weight gradient's transposed copy [in, out] is cheaper as a transposition of the
+  // [out, in] one than as its own product over K points: the product costs K multiply-adds
+  // per entry, the transposition a load and a store, ~0.45 ns an entry where the product
+  // runs ~0.011 ns an entry and point (measured: benchmarks/NOTES.md, issue 26): it pays from
+  // K ~ 40. Small layers (W1, W2) keep their two products, bitwise as before either way.
+  static bool transposed_copy_pays(int64_t K, int64_t n_in, int64_t n_out) {
+    return K >= kTransposeMinPoints && n_in * n_out >= kTransposeMinEntries;
+  }
+  static constexpr int64_t kTransposeMinPoints = 48;
+  static constexpr int64_t kTransposeMinEntries = 4096;
 
   template <typename T>
   static void gemm(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_ms, int64_t a_ps,
