@@ -71,15 +71,14 @@ class _Kind(NamedTuple):
             raise ValueError(f"{where} must return ({', '.join(fields)}), got "
                              f"{type(out).__name__}")
         n = len(lead)
-        labels = []  # the y fields holding class indices
+        labels = ()  # the y fields holding class indices [*lead, points]
         for field, t in zip(fields, out):
-            if (isinstance(t, torch.Tensor) and t.dim() == n + 1 and field[0] == "y"
-                    and _checks.is_integer(t)):
-                labels.append(field)
-                ranks = (n + 1,)
-            else:
-                ranks = (n + 2, n + 3) if field == self.stepped else (n + 2,)
+            ranks = (n + 2, n + 3) if field == self.stepped else (n + 2,)
             if not isinstance(t, torch.Tensor) or t.dim() not in ranks or t.shape[:n] != lead:
+                if (field[0] == "y" and isinstance(t, torch.Tensor) and t.dim() == n + 1
+                        and t.shape[:n] == lead and _checks.is_integer(t)):
+                    labels += (field,)
+                    continue
                 a = ", ".join(f"{k}={v}" for k, v in zip("nT"[-n:], lead))
                 shape = (f"[{a}, steps, K_s, n_in] or [{a}, K_s, n_in]" if field == self.stepped
                          else f"[{a}, points, features]")
