@@ -286,6 +286,21 @@ def is_integer(t: torch.Tensor) -> bool:
 _INDEX_SHAPES = {2: "[T, K]", 3: "[T, steps, K] (a batch per inner step)"}
 
 
+def check_probabilities(name: str, y, n_out: int):
+    """y, when it is a floating tensor of class probabilities [..., n_out]: every row
+    non-negative and summing to 1 up to rounding; ValueError naming `name` otherwise (anything
+    else, another shape included, is returned as it is, for the shape checks to word)."""
+    if (not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0
+            or y.dim() < 3 or y.shape[-1] != n_out):
+        return y
+    rows = y.detach()
+    tolerance = 64 * rows.shape[-1] * torch.finfo(rows.dtype).eps
+    if not bool((rows >= 0).all()) or not bool(((rows.sum(-1) - 1).abs() <= tolerance).all()):
+        raise ValueError(f"{name} as class probabilities must be non-negative and sum to 1 over "
+                         f"its last dimension (one row per point; or give int64 class indices)")
+    return y
+
+
 def class_targets(name: str, y, n_out: int, like: torch.Tensor, ranks=(2,)):
     """Cross-entropy's targets: y as it is when it is not an integer tensor (class
     probabilities [..., n_out], checked with the other data), or integer class indices, one
@@ -294,7 +309,7 @@ def class_targets(name: str, y, n_out: int, like: torch.Tensor, ranks=(2,)):
     have ([T, K] by default; None: any). ValueError naming `name` for another shape, another
     device or an index outside [0, n_out)."""
     if not isinstance(y, torch.Tensor) or not is_integer(y):
-        return y
+        return check_probabilities(name, y, n_out)
     if ranks is not None and y.dim() not in ranks:
         shapes = " or ".join(_INDEX_SHAPES[r] for r in ranks)
         raise ValueError(f"{name} as class indices must be {shapes}, one integer per point, or "

@@ -88,10 +88,11 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     (psi would get no gradient). backend: "auto", "fused" or "reference". inner_lr may be a
     tensor of learned rates, as pymaml.functional.maml_loss takes it (broadcastable to
     [steps, P]); one that requires grad gets its gradient too."""
-    if loss == "cross_entropy" and isinstance(y_query, torch.Tensor) \
-            and not y_query.is_floating_point():  # class indices: one-hot (as functional)
+    if loss == "cross_entropy" and isinstance(y_query, torch.Tensor):
+        # class indices become one-hot (as in functional); probabilities are checked
         sizes = _checks.check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
-        _checks.check_flat("params", params, sizes, "sizes")
+        if not y_query.is_floating_point():
+            _checks.check_flat("params", params, sizes, "sizes")
         y_query = _checks.class_targets("y_query", y_query, sizes[-1], params)
     data = (x_source, x_query, y_query)
     if _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,

@@ -190,9 +190,11 @@ def _class_targets(params, data, sizes):
     """data with cross-entropy's integer class labels (y_support [T, K] or [T, steps, K],
     y_query [T, Q]) as one-hot class probabilities of params' dtype, what every backend takes
     (_checks.class_targets checks them); class probabilities go on as they are."""
+    sizes = _checks.check_sizes(sizes)
+    for name, y in zip(_DATA_NAMES[1::2], data[1::2]):
+        _checks.check_probabilities(name, y, sizes[-1])
     if not any(isinstance(y, torch.Tensor) and not y.is_floating_point() for y in data[1::2]):
         return data
-    sizes = _checks.check_sizes(sizes)
     _checks.check_params(params, sizes)
     xs = data[0]
     per_step = isinstance(xs, torch.Tensor) and xs.dim() == 4  # then y_support [T, steps, K]

@@ -71,22 +71,21 @@ def random_problem(seed, dtype, *, max_depth=4, max_width=12, max_steps=5, max_p
     return pb
 
 
-LABEL_KINDS = ("indices", "one-hot", "soft", "weighted")
+LABEL_KINDS = ("indices", "one-hot", "soft")
 
 
 def class_labels(scores: torch.Tensor, seed: int) -> torch.Tensor:
-    """Cross-entropy targets made from random scores [..., C], of kind LABEL_KINDS[seed % 4]:
-    int64 class indices [...] (the argmax), one-hot probabilities, soft probabilities (a
-    softmax of the scores), or non-negative class weights that do not sum to 1 (the loss is
-    linear in the targets: any such weights are a valid input)."""
+    """Cross-entropy targets made from random scores [..., C], of kind LABEL_KINDS[seed % 3]:
+    int64 class indices [...] (the argmax), one-hot probabilities, or soft probabilities (a
+    softmax of the scores). (Weights that do not sum to 1 the public API refuses; the op's
+    math takes them, w = sum y in design.md §2.6.)"""
     kind = LABEL_KINDS[seed % len(LABEL_KINDS)]
     indices = scores.argmax(-1)
     if kind == "indices":
         return indices
     if kind == "one-hot":
         return torch.nn.functional.one_hot(indices, scores.shape[-1]).to(scores.dtype)
-    soft = torch.softmax(2 * scores, dim=-1)
-    return soft if kind == "soft" else soft * (0.5 + scores.abs())
+    return torch.softmax(2 * scores, dim=-1)
 
 
 def paper_problems(dtype):

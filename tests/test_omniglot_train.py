@@ -118,3 +118,25 @@ def test_cli_refuses_data_flags_off_omniglot(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "s.pt", "--data", str(tmp_path), "--tasks", "2"]) == 2
     assert "--data, --ways and --queries apply to --task omniglot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["negative", "sum"])
+def test_class_probabilities_must_be_probabilities(bad):
+    import pymaml.functional as F
+    sizes = [2, 4, 3]
+    p = F.init_params(sizes)
+    x = torch.randn(2, 4, 2)
+    y = torch.full((2, 4, 3), 1 / 3)
+    if bad == "negative":
+        y[0, 0] = torch.tensor([1.5, -0.5, 0.0])
+    else:
+        y[1, 2, 0] = 0.9
+    for backend in ("auto", "reference"):
+        with pytest.raises(ValueError, match="y_support as class probabilities must be non-negative"):
+            F.maml_loss(p, x, y, x, torch.full((2, 4, 3), 1 / 3), sizes=sizes, inner_lr=0.1,
+                        steps=1, loss="cross_entropy", backend=backend)
+        with pytest.raises(ValueError, match="y_query as class probabilities"):
+            F.maml_loss(p, x, torch.full((2, 4, 3), 1 / 3), x, y, sizes=sizes, inner_lr=0.1,
+                        steps=1, loss="cross_entropy", backend=backend)
+    soft = torch.softmax(torch.randn(2, 4, 3), -1)  # rounding in the sums passes
+    F.maml_loss(p, x, soft, x, soft, sizes=sizes, inner_lr=0.1, steps=1, loss="cross_entropy")
