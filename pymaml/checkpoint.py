@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _io
+from . import _io, _paths
 from . import algorithms as _algorithms
 from ._version import __version__
 from .config import RunConfig, _lists
@@ -50,7 +50,8 @@ class Checkpoints:
                  config: Optional[RunConfig] = None):
         self.path = path
         self.config = config
-        self.holds_this_run = path is not None and path == resume_from
+        self.holds_this_run = (path is not None and resume_from is not None
+                               and _paths.same_file(path, resume_from))
         self.iteration: Optional[int] = None  # of the last checkpoint this run wrote
 
     def check_writable(self, resume_from: Optional[str], overwrite: bool) -> None:
@@ -64,7 +65,8 @@ class Checkpoints:
             raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
                                     "run to resume")
         _io.check_writable(self.path, "checkpoint")
-        if self.path != resume_from and not overwrite and os.path.exists(self.path):
+        resuming_it = resume_from is not None and _paths.same_file(self.path, resume_from)
+        if not resuming_it and not overwrite and os.path.exists(self.path):
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")

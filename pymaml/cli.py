@@ -31,6 +31,7 @@ import torch
 
 from . import _checks
 from . import _io
+from . import _paths
 from . import _ops
 from . import _rates
 from . import algorithms
@@ -84,7 +85,7 @@ def _save_and_report(result, out):
     """Saves a finished run's model to out["model"] and prints what the run did; returns it."""
     model = result.model
     try:
-        model.save(out["model"])
+        model.save(out["model"], overwrite=True)  # (_check_train_outputs asked first)
     except OSError as exc:  # e.g. the disk filled up during training
         raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
                                  f"{result.checkpoint}: once fixed, rerun with --resume to write "
@@ -108,10 +109,8 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _outputs(args, entry)
-    clash = [k for k in ("figure", "loss_figure", "model") if out[k] == out["checkpoint"]]
-    if clash:
-        raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
-                         "file: choose another path")
+    _paths.check_distinct({"--checkpoint": out["checkpoint"], "model file": out["model"],
+                           "figure": out["figure"], "loss figure": out["loss_figure"]})
     _check_train_outputs(args, out)
     # Under torchrun, rank 0 writes the files, so its disk is the one to check.
     if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
@@ -197,10 +196,11 @@ def _check_train_outputs(args, out) -> None:
             raise _FlagError(str(exc)) from None
     if _distributed.env_rank() != 0:
         return  # rank 0 writes the files
-    _io.check_writable(out["model"], "model file")
-    if not args.no_plots:
-        _io.check_writable(out["figure"], "figure")
-        _io.check_writable(out["loss_figure"], "figure")
+    for kind, key in [("model", "model")] + [("figure", k) for k in ("figure", "loss_figure")
+                                                 if not args.no_plots]:
+        _io.check_writable(out[key], "model file" if kind == "model" else kind)
+        _paths.check_replaceable(out[key], kind, f"this run's {kind}", args.overwrite,
+                                 ask="--overwrite")
 
 
 def _saved_model(args):
@@ -241,6 +241,7 @@ def cmd_plot(args) -> int:
     model, entry, task = _saved_model(args)
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
                               "figure")
+    _paths.check_replaceable(path, "figure", "the figure (--out)", ask=None)  # not MODEL itself
     with _writing(path):
         shows = entry.plot(model, path, task, shots=args.shots, num_tasks=args.tasks,
                            steps=args.steps, seed=args.seed, data=args.data)

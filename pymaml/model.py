@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from . import _io, _rates
+from . import _io, _paths, _rates
 from . import functional as F
 from . import nn as _pnn
 from ._version import __version__
@@ -74,9 +74,12 @@ class SavedModel(nn.Module):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name} holds an invalid value: {exc}") from None
 
-    def save(self, path) -> None:
+    def save(self, path, *, overwrite: bool = False) -> None:
         """Writes the model atomically with torch.save: plain tensors and metadata only, so
-        torch.load(path, weights_only=True) reads it."""
+        torch.load(path, weights_only=True) reads it. A model file at `path` is replaced; a
+        training checkpoint is not, unless overwrite=True (FileExistsError naming it)."""
+        path = _io.fspath(path)
+        _paths.check_replaceable(path, "model", f"{type(self).__name__}.save", overwrite)
         _io.atomic_save(self.to_dict(), path)
 
     @classmethod

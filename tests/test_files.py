@@ -415,7 +415,7 @@ def test_saving_a_model_removes_the_litter_of_its_earlier_saves(tmp_path):
 def test_the_cli_keeps_the_run_when_the_model_cannot_be_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 
-    def full_disk(self, path):
+    def full_disk(self, path, **kw):
         raise _io.io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.fspath(path),
                            "writing")
     real_save = pymaml.MetaMLP.save

@@ -86,8 +86,8 @@ LAYERS = {
         "pymaml.plots", "pymaml.progress", "pymaml.distributed",
         "pymaml.nn", "pymaml.testing", "pymaml.func_oracles"],
     4: ["pymaml.functional", "pymaml.daml", "pymaml._route", "pymaml.reference", "pymaml._ops"],
-    5: ["pymaml._checks", "pymaml._rates", "pymaml._layout", "pymaml._io", "pymaml._flags",
-        "pymaml._version"],
+    5: ["pymaml._checks", "pymaml._rates", "pymaml._layout", "pymaml._io", "pymaml._paths",
+        "pymaml._flags", "pymaml._version"],
 }
 
 
