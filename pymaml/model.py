@@ -34,6 +34,7 @@ class SavedModel(nn.Module):
     FIELDS = ()  # the fields every record has
     TENSORS = ()  # the fields that must be tensors; OPTIONAL_TENSORS: tensors or None
     OPTIONAL_TENSORS = ()
+    HELD_WITH = ()  # (field, setting): the field every record whose setting is set holds
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -57,6 +58,10 @@ class SavedModel(nn.Module):
         for field in cls.FIELDS:
             if field not in d:
                 raise ValueError(f"field {field!r} of {name} is missing")
+        for field, setting in cls.HELD_WITH:
+            if d.get(setting) is not None and d.get(field) is None:
+                raise ValueError(f"field {field!r} of {name} is missing (a model with "
+                                 f"{setting}={d[setting]!r} holds it)")
         for field, want, kind in ([(f, torch.Tensor, "tensor") for f in cls.TENSORS]
                                   + [(f, (torch.Tensor, type(None)), "tensor")
                                      for f in cls.OPTIONAL_TENSORS]
@@ -119,6 +124,7 @@ class MetaMLP(SavedModel):
     FIELDS = ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params")
     TENSORS = ("params",)
     OPTIONAL_TENSORS = ("learned_lr",)
+    HELD_WITH = (("learned_lr", "learn_inner_lr"),)  # the rates it learned, never re-made
 
     def __init__(self, sizes, activation: str = "relu", *, params: Optional[torch.Tensor] = None,
                  loss: str = "mse", inner_lr: float = 0.01, inner_steps: int = 1,
