@@ -363,9 +363,12 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     """Loads checkpoint `saved` (read from `path`) into model, optimizer and generator, after
     checking its fields and that it was written by this run; returns (iteration, losses)."""
     if saved["format"] not in FORMATS:
-        raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
-                         "to start a new run from its weights")
+        raise _not_a_checkpoint(path, saved, config)
     check(path, saved)
+    algorithm = saved["config"]["algorithm"]
+    if algorithm != config.algorithm:
+        raise ValueError(f"checkpoint {path} holds a {algorithm} run, not a {config.algorithm} "
+                         f"one: resume it with algorithm={algorithm!r} (--algorithm {algorithm})")
     differ = config.differences(saved["config"])
     if differ:
         raise ValueError(f"checkpoint {path} was written by a different run: " + "; ".join(differ))
@@ -395,6 +398,22 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
             w.copy_(k.to(device))
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()
+
+
+def _not_a_checkpoint(path: str, saved: Dict[str, Any], config: RunConfig) -> ValueError:
+    """The error of a resume from a saved model: what it holds, and which run it can start."""
+    start = "pass it as init= (--init) to start a new run from its weights"
+    try:
+        model = _io.model_of(path, saved)
+    except ValueError:
+        return ValueError(f"{path} is a saved model, not a training checkpoint: {start}")
+    if not isinstance(model, config.entry.model_class):
+        other = _algorithms.for_model(model).name
+        start = (f"a {config.algorithm} run cannot start from it either; pass it as init= with "
+                 f"algorithm={other!r} (--algorithm {other} --init {path}) to start a new "
+                 f"{other} run from its weights")
+    return ValueError(f"{path} is a saved {model.kind}, not a training checkpoint, so there "
+                      f"is no run to resume: {start}")
 
 
 def _read(path: str, saved: Dict[str, Any], device):

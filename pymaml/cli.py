@@ -40,7 +40,7 @@ from . import plots
 from ._flags import FlagError as _FlagError
 from ._flags import available_cpus as _available_cpus  # noqa: F401 (read as cli's by tests)
 from ._flags import count as _count, int_list as _int_list, key_value as _key_value
-from ._flags import optimizer as _optimizer, threads as _threads
+from ._flags import optimizer as _optimizer, real as _real, threads as _threads
 from ._version import __version__
 from .algorithms import evaluate
 from .config import DEFAULTS, OPTIMIZERS, check_optimizer_kwargs
@@ -309,7 +309,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--loss", choices=_checks.LOSSES,
                    help="inner and query loss (default: l1; omniglot: cross_entropy)")
     t.add_argument("--inner-steps", type=_count(0), help="SGD steps per task (default: 5; omniglot: 1)")
-    t.add_argument("--inner-lr", type=float, help="inner SGD step size (default: 0.03; omniglot: 0.4)")
+    t.add_argument("--inner-lr", type=_real(False), help="inner SGD step size (default: 0.03; omniglot: 0.4)")
     t.add_argument("--inner-batch", type=_count(1), metavar="N",
                    help="points per inner step, a minibatch of its own each (default: all)")
     t.add_argument("--learn-inner-lr", choices=_rates.MODES, metavar="MODE",
@@ -325,7 +325,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--optimizer", type=_optimizer,
                    help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...; default: "
                         "sgd; omniglot: adam)")
-    t.add_argument("--outer-lr", type=float,
+    t.add_argument("--outer-lr", type=_real(True),
                    help="outer optimizer learning rate (default: 0.01; omniglot: 0.001)")
     t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
@@ -347,7 +347,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                    help="data-parallel over the processes of a torchrun launch (default: on when "
                         "torchrun starts two or more)")
-    t.add_argument("--dist-timeout", type=float, default=_distributed.DEFAULT_TIMEOUT_S,
+    t.add_argument("--dist-timeout", type=_real(True), default=_distributed.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="how long a process waits for the others before the "
                                            "run stops with an error")
     # Each algorithm's own flags (entry.flags), once where entries share them.
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptation steps, e.g. 0,1,5,10 (default: 1,5,10; omniglot: 1,3,10; "
                         "a DAML model's own)")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
-    e.add_argument("--inner-lr", type=float,
+    e.add_argument("--inner-lr", type=_real(False),
                    help="one inner rate for every step (default: the model's learned rates, or "
                         "its inner lr)")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")

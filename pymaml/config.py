@@ -258,6 +258,8 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
         optimizer_class([torch.zeros(1, requires_grad=True)], lr=outer_lr, **kwargs)
     except Exception as exc:  # a user's optimizer class may raise anything
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not kwargs:  # then what it refuses is the learning rate
+            raise ValueError(f"outer_lr {outer_lr!r}: {cls} refuses it: {text}") from None
         raise ValueError(f"{name} {kwargs}: {cls} refuses them: {text}") from None
 
 
