@@ -416,6 +416,15 @@ def _not_a_checkpoint(path: str, saved: Dict[str, Any], config: RunConfig) -> Va
                       f"is no run to resume: {start}")
 
 
+def resuming(path: str, iteration: int, total: int) -> str:
+    """The line a resumed run starts with: where it resumes, and whether anything is left."""
+    line = f"resuming from {path} at iteration {iteration} of {total}"
+    if iteration < total:
+        return line
+    return (f"{line}: the run is finished, nothing left to train (pass a larger iterations, "
+            f"--iterations, to train it further)")
+
+
 def _read(path: str, saved: Dict[str, Any], device):
     """The model in a training checkpoint, after checking the whole file (pymaml.load)."""
     check(path, saved)

@@ -90,13 +90,7 @@ def _save_and_report(result, out):
         raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
                                  f"{result.checkpoint}: once fixed, rerun with --resume to write "
                                  "the model and figures") from None
-    processes = result.config.get("processes", 1)
-    spread = f", {processes} processes" if processes > 1 else ""
-    print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
-          f"{result.config['backend']} backend{spread}, {torch.get_num_threads()} thread(s)"
-          f"{' each' if spread else ''}); training took {result.wall_time:.1f} s")
-    tail = result.losses[-max(100, result.iterations // 100):]
-    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
+    print("\n".join(result.summary()))
     print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
     return model
 
