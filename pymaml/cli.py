@@ -188,6 +188,7 @@ def _check_train_outputs(args, out) -> None:
                                    dict(args.optimizer_arg), outer_lr, name="--optimizer-arg")
         except ValueError as exc:
             raise _FlagError(str(exc)) from None
+    _distributed.check_not_copies(args.distributed, "--no-distributed")
     if _distributed.env_rank() != 0:
         return  # rank 0 writes the files
     for kind, key in [("model", "model")] + [("figure", k) for k in ("figure", "loss_figure")
