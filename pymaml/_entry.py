@@ -1,8 +1,9 @@
 """What the command line (`python -m pymaml`, the `pymaml` script) does around its commands:
 Ctrl-C while torch and pymaml load (seconds, before pymaml.cli.main can catch anything), or
 while the process exits, ends it with one line ("pymaml: interrupted") and exit status 130
-(killed by SIGINT), not a traceback. Imported first by pymaml/__init__.py, before torch; a
-program that imports pymaml as a library is left as it is."""
+(killed by SIGINT), not a traceback. Imported first by pymaml/__init__.py, before torch,
+where it sets this up for the command line alone: a program that imports pymaml as a library
+is left as it is."""
 
 from __future__ import annotations
 
@@ -49,3 +50,7 @@ def quiet_interrupts() -> None:
             unraisablehook(unraisable)
 
     sys.excepthook, sys.unraisablehook = on_uncaught, on_unraisable
+
+
+if is_command_line():
+    quiet_interrupts()
