@@ -298,8 +298,7 @@ def _check_group(path: str, group: Dict[str, Any], reference: Dict[str, Any],
                 raise _bad(path, field, f"is missing (the run's settings give {want!r})")
             continue
         have = group[key]
-        if type(have) is not type(want) and not (_is_real(have) and _is_real(want)) \
-                or _lists(have) != _lists(want):
+        if isinstance(have, bool) != isinstance(want, bool) or _lists(have) != _lists(want):
             said = "outer_lr" if key == "lr" else (f"optimizer_kwargs[{key!r}]" if key in kwargs
                                                    else "the optimizer's default")
             raise _bad(path, field, f"is {have!r}; the run's settings give {want!r} ({said})")

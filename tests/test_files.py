@@ -301,6 +301,24 @@ def test_a_setting_missing_from_the_optimizers_group_is_refused_at_resume(tmp_pa
         pymaml.train(**{**RUN, "iterations": 40}, checkpoint=bad, resume=True)
 
 
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-4)),
+    ("adam", dict(betas=[0.8, 0.99], amsgrad=True)),
+    (torch.optim.AdamW, dict(weight_decay=0.1, betas=(0.85, 0.995))),
+    (torch.optim.RMSprop, dict(momentum=0.5, centered=True)),
+    (MyAdam, dict(maximize=False, eps=1e-6)),
+])
+def test_the_optimizer_checks_refuse_no_run_they_wrote(tmp_path, optimizer, kwargs):
+    """A checkpoint any optimizer setting wrote resumes, bitwise as a run never stopped."""
+    run = dict(RUN, optimizer=optimizer, optimizer_kwargs=kwargs, iterations=20)
+    whole = pymaml.train(**run)
+    pymaml.train(checkpoint=tmp_path / "run.ckpt", **dict(run, iterations=10))
+    pymaml.load(tmp_path / "run.ckpt")
+    resumed = pymaml.train(checkpoint=tmp_path / "run.ckpt", resume=True, **run)
+    assert torch.equal(resumed.model.params, whole.model.params)
+    assert torch.equal(resumed.losses, whole.losses)
+
+
 def test_the_cli_refuses_tampered_optimizer_state_in_one_line(good_checkpoint, tmp_path,
                                                              monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
