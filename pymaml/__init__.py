@@ -9,6 +9,7 @@ adaptation; `pymaml.evaluate` runs the model's evaluation protocol; `pymaml.MAML
 nn.Sequential MLP; `pymaml.distributed` is how train() spreads a meta-batch over
 torch.distributed processes."""
 
+from . import _entry  # noqa: F401 (first, before torch: the command line's Ctrl-C, one line)
 from . import algorithms, daml, distributed, functional, nn, reference, tasks
 from ._io import load_model as load
 from ._ops import available as fused_available, cuda_compiled

@@ -71,10 +71,24 @@ def check_device(name: str, device) -> torch.device:
                              f"{count} CUDA device(s) visible to torch")
     try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:  # e.g. a device type this build lacks
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{name} {str(device)!r} is not usable here: {text}") from None
+    except Exception:  # a device type this build lacks (torch says so in pages, or ImportError)
+        raise ValueError(f"{name} {str(device)!r} is not available in this torch build "
+                         f"({torch.__version__}) on this machine: use {' or '.join(usable_devices())}"
+                         ) from None
     return device
+
+
+def usable_devices():
+    """The device types this torch build can make tensors on here ("cpu", "cuda", ...)."""
+    found = ["cpu"]
+    for kind in ("cuda", "mps", "xpu"):
+        module = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, kind, None)
+        try:
+            if module is not None and module.is_available():
+                found.append(kind)
+        except Exception:  # a half-built backend: not usable
+            pass
+    return found
 
 
 def check_params(params, sizes, allow_batched=False) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 
 import torch
@@ -24,6 +25,18 @@ def count(minimum):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def real(positive: bool):
+    """argparse type: a finite number (positive: above 0 too), with an error that says so."""
+    def parse(text):
+        value = float(text)
+        if not math.isfinite(value) or (positive and value <= 0):
+            want = "a positive finite number" if positive else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    parse.__name__ = "float"  # argparse names the type in its "invalid float value" message
     return parse
 
 

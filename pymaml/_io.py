@@ -141,8 +141,10 @@ def io_error(exc: OSError, path: str, doing: str) -> OSError:
         what = f"{directory} is on a read-only filesystem ({doing} {path})"
     elif exc.errno in (errno.EACCES, errno.EPERM):
         what = f"permission denied: the directory {directory} is not writable ({doing} {path})"
-    elif exc.errno == errno.ENOENT:
+    elif exc.errno == errno.ENOENT and not os.path.isdir(directory):
         what = f"the directory {directory} does not exist ({doing} {path})"
+    elif exc.errno == errno.ENOENT:  # a directory that takes no new files (/proc, /sys)
+        what = f"the directory {directory} does not take new files ({doing} {path})"
     elif exc.errno == errno.ENOTDIR:
         what = f"a part of {directory} is a file, not a directory ({doing} {path})"
     else:
@@ -161,14 +163,24 @@ def fspath(path, what: str = "path") -> str:
     return path
 
 
+def _file_to_write(path, what: str, prefix: str) -> str:
+    """`path` as a str naming a file (not a directory, nor a name ending in a separator,
+    which only a directory can have); PathError(EISDIR) otherwise."""
+    path = fspath(path, what)
+    if os.path.isdir(path):
+        raise PathError(errno.EISDIR, f"{prefix}{path} is a directory; give a file path")
+    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise PathError(errno.EISDIR, f"{prefix}{path} ends with {path[-1]!r}, so it names a "
+                                      "directory; give a file path")
+    return path
+
+
 def check_writable(path, what: str = "output") -> str:
     """Before any work: `path` can be written (by atomic_save) now. Creates and removes a
     temporary file beside it (which finds read-only filesystems, permissions, a missing
     directory); raises PathError in words naming `what` and the path.
     Also removes the stale temporary files of earlier saves of `path`."""
-    path = fspath(path, what)
-    if os.path.isdir(path):
-        raise PathError(errno.EISDIR, f"{what} {path} is a directory; give a file path")
+    path = _file_to_write(path, what, f"{what} ")
     tmp = _temp_name(path)
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -251,9 +263,7 @@ def atomic_save(obj: Dict[str, Any], path) -> None:
     """torch.save to a temporary file beside `path`, sealed with its digest, flushed to disk,
     then renamed over `path`. On any failure the temporary file is removed and `path` is left
     as it was; OSErrors are raised in words (see io_error)."""
-    path = fspath(path)
-    if os.path.isdir(path):
-        raise PathError(errno.EISDIR, f"{path} is a directory; give a file path")
+    path = _file_to_write(path, "path", "")
     remove_stale_temp_files(path)
     tmp = _temp_name(path)
     try:
@@ -403,9 +413,14 @@ def load_model(path, *, device=None, want=None):
     checkpoint, checked whole first), of `want`'s class when given (else a ValueError saying
     what the file holds)."""
     device = None if device is None else check_device("device", device)
-    record = load_file(path)
-    model = _READERS[record["format"]](path, record, device)
+    model = model_of(path, load_file(path), device)
     if want is not None and not isinstance(model, want):
         raise ValueError(f"{path} holds a {model.kind}, not a {want.__name__}: load it with "
                          f"pymaml.load or pymaml.{type(model).__name__}.load")
     return model
+
+
+def model_of(path, record: Dict[str, Any], device=None):
+    """The model in `record`, a pymaml file's contents read from `path` (load_file), through
+    its format's registered reader."""
+    return _READERS[record["format"]](path, record, device)

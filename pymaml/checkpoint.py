@@ -15,16 +15,17 @@ naming the file and the field, before anything is loaded from it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _io
+from . import _io, _paths
 from . import algorithms as _algorithms
 from ._version import __version__
-from .config import RunConfig, _lists
+from .config import OPTIMIZERS, RunConfig, _lists
 
 # The newest this version reads. 2: learned inner rates, adapt_layers; 3: DAML's runs (which
 # earlier versions wrote in a format of their own, _io.DAML_CHECKPOINT_FORMAT, still read).
@@ -50,7 +51,8 @@ class Checkpoints:
                  config: Optional[RunConfig] = None):
         self.path = path
         self.config = config
-        self.holds_this_run = path is not None and path == resume_from
+        self.holds_this_run = (path is not None and resume_from is not None
+                               and _paths.same_file(path, resume_from))
         self.iteration: Optional[int] = None  # of the last checkpoint this run wrote
 
     def check_writable(self, resume_from: Optional[str], overwrite: bool) -> None:
@@ -64,7 +66,8 @@ class Checkpoints:
             raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
                                     "run to resume")
         _io.check_writable(self.path, "checkpoint")
-        if self.path != resume_from and not overwrite and os.path.exists(self.path):
+        resuming_it = resume_from is not None and _paths.same_file(self.path, resume_from)
+        if not resuming_it and not overwrite and os.path.exists(self.path):
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")
@@ -143,7 +146,8 @@ def check(path: str, saved: Dict[str, Any]) -> None:
     if not torch.isfinite(losses).all():
         raise _bad(path, "losses", "holds a non-finite loss (a run stops before recording one)")
     weights = _check_model(path, saved["model"], config)
-    _check_optimizer(path, saved["optimizer"], weights)
+    _check_optimizer(path, saved["optimizer"], weights, config, iteration,
+                     _named_class(config))
     _check_generator(path, "generator", saved["generator"])
     processes = config.get("processes", 1)
     if processes > 1:
@@ -168,6 +172,12 @@ def _check_config(path: str, config) -> Dict[str, Any]:
     processes = config.get("processes", 1)
     if not _is_int(processes) or processes < 1:
         raise _bad(path, "config.processes", f"is {processes!r}, expected an int >= 1")
+    if not _is_real(config["outer_lr"]) or not 0 < config["outer_lr"] < math.inf:
+        raise _bad(path, "config.outer_lr", f"is {config['outer_lr']!r}, expected a positive "
+                                            "finite number")
+    if not isinstance(config["optimizer_kwargs"], dict):
+        raise _bad(path, "config.optimizer_kwargs", f"is {config['optimizer_kwargs']!r}, "
+                                                    "expected a dict")
     sizes = config["sizes"]
     if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or not all(
             _is_int(n) and n >= 1 for n in sizes):
@@ -208,12 +218,51 @@ def _check_model(path: str, record, config: Dict[str, Any]) -> List[torch.Tensor
     return weights
 
 
-def _check_optimizer(path: str, saved, weights: List[torch.Tensor]) -> None:
+# How an optimizer step runs, not what it computes: a resumed run keeps the checkpoint's
+# (fused=None in 0.1.0's checkpoints: tests/test_old_checkpoints.py), unless the run's
+# settings name one (optimizer_kwargs).
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _named_class(config: Dict[str, Any]) -> Optional[type]:
+    """The torch.optim class the settings name ("sgd", "adam", "torch.optim.adamw.AdamW"),
+    or None for a class of the user's, which only the resuming run has."""
+    name = config["optimizer"]
+    cls = OPTIMIZERS.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str) and name.startswith("torch.optim."):
+        cls = getattr(torch.optim, name.rpartition(".")[2], None)
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
+
+
+def _probe(path: str, cls: type, config: Dict[str, Any], weights: List[torch.Tensor]):
+    """What the run's optimizer looks like: (its param group, its state after one step) for
+    a fresh `cls` built as the run builds it (lr=outer_lr, optimizer_kwargs) over zero
+    stand-ins of the weights; the state is None where a step cannot be probed."""
+    stand_ins = [torch.zeros_like(w, requires_grad=True) for w in weights]
+    try:
+        optimizer = cls(stand_ins, lr=config["outer_lr"], **config["optimizer_kwargs"])
+    except Exception as exc:  # a tampered setting; a user's class may raise anything
+        raise _bad(path, "config.optimizer_kwargs", f"is {config['optimizer_kwargs']!r}, "
+                   f"which {cls.__name__} refuses ({str(exc).strip()[:200]!r})") from None
+    group = optimizer.state_dict()["param_groups"][0]
+    try:
+        for w in stand_ins:
+            w.grad = torch.zeros_like(w)
+        optimizer.step()
+    except Exception:  # a user's optimizer that cannot step so (a closure...): no state check
+        return group, None
+    return group, optimizer.state_dict()["state"]
+
+
+def _check_optimizer(path: str, saved, weights: List[torch.Tensor], config: Dict[str, Any],
+                     iteration: int, cls: Optional[type]) -> None:
     """The optimizer's state_dict: one parameter group over the run's weights (params, and
-    the learned rates), and per-parameter buffers shaped like them (scalars such as Adam's
-    step count aside). Their values are not checked: a run may legitimately write an
-    infinite one (Adam's second moment of an overflowing gradient, which leaves the weights
-    finite)."""
+    the learned rates) holding the run's settings (lr = outer_lr, optimizer_kwargs, the
+    class's defaults for the rest), and for each of them the buffers the run's optimizer
+    keeps, shaped like them, with a step count of `iteration`. The buffers' values are not
+    checked: a run may legitimately write an infinite one (Adam's second moment of an
+    overflowing gradient, which leaves the weights finite). `cls`: the run's optimizer
+    class (None: only the structure is checked)."""
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)):
         raise _bad(path, "optimizer", "is not an optimizer state_dict (state, param_groups)")
@@ -222,17 +271,79 @@ def _check_optimizer(path: str, saved, weights: List[torch.Tensor]) -> None:
     if len(groups) != 1 or not isinstance(groups[0], dict) or groups[0].get("params") != indices:
         what = "weights" if len(weights) == 1 else "weights and learned rates"
         raise _bad(path, "optimizer.param_groups", f"must be the one group of the run's {what}")
-    names = ("", ".rates")  # the buffers of params, of the learned rates
     for index, buffers in saved["state"].items():
         if index not in indices or not isinstance(buffers, dict):
             raise _bad(path, "optimizer.state", "must hold the state of the run's weights only")
-        for name, t in buffers.items():
-            if not isinstance(t, torch.Tensor) or t.dim() == 0:
-                continue  # step counts and other scalars: torch.optim checks them
-            if t.shape != weights[index].shape:
-                what = "weights" if index == 0 else "learned rates"
-                raise _bad(path, f"optimizer.state{names[index]}.{name}", f"has shape "
-                           f"{list(t.shape)}; the {what} have {list(weights[index].shape)}")
+    if cls is None:
+        return
+    reference, probed = _probe(path, cls, config, weights)
+    _check_group(path, groups[0], reference, config["optimizer_kwargs"])
+    if probed is not None:
+        for index in indices:
+            _check_buffers(path, index, saved["state"].get(index) or {},
+                           probed.get(index) or {}, weights[index], iteration, cls)
+
+
+def _check_group(path: str, group: Dict[str, Any], reference: Dict[str, Any],
+                 kwargs: Dict[str, Any], loaded: bool = False) -> None:
+    """A checkpoint's param group holds the run's settings (`reference`: the group of an
+    optimizer built with them). A setting an older torch did not have may be missing (torch
+    fills in its default) until `loaded`, when it must be there."""
+    for key, want in reference.items():
+        if key == "params" or (key in _IMPLEMENTATION and key not in kwargs):
+            continue
+        field = f"optimizer.param_groups[0].{key}"
+        if key not in group:
+            if loaded or key == "lr" or key in kwargs:
+                raise _bad(path, field, f"is missing (the run's settings give {want!r})")
+            continue
+        have = group[key]
+        if isinstance(have, bool) != isinstance(want, bool) or _lists(have) != _lists(want):
+            said = "outer_lr" if key == "lr" else (f"optimizer_kwargs[{key!r}]" if key in kwargs
+                                                   else "the optimizer's default")
+            raise _bad(path, field, f"is {have!r}; the run's settings give {want!r} ({said})")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_buffers(path: str, index: int, have: Dict[str, Any], want: Dict[str, Any],
+                   weights: torch.Tensor, iteration: int, cls: type) -> None:
+    """The optimizer's buffers of the run's weights (index 0) or learned rates (1): the
+    ones `cls` keeps after a step (`want`: a probe's), none before the first step."""
+    where = "optimizer.state" + ("", ".rates")[index]
+    what = ("weights", "learned rates")[index]
+    if not have and (iteration == 0 or not want):
+        return
+    if not have:
+        raise _bad(path, where, f"is missing ({cls.__name__} keeps {', '.join(want)} for the "
+                                f"{what} after {iteration} iterations)")
+    for name in want:
+        if name not in have:
+            raise _bad(path, f"{where}.{name}", f"is missing ({cls.__name__} keeps it for the "
+                                                f"{what} after {iteration} iterations)")
+    for name, t in have.items():
+        if name not in want:
+            raise _bad(path, f"{where}.{name}", f"is not a buffer {cls.__name__} keeps (it "
+                                                f"keeps {', '.join(want) or 'none'})")
+        field, like = f"{where}.{name}", want[name]
+        if isinstance(like, torch.Tensor) and like.dim() > 0:
+            if not isinstance(t, torch.Tensor):
+                raise _bad(path, field, f"is a {type(t).__name__}, not a tensor")
+            if t.shape != weights.shape:
+                raise _bad(path, field, f"has shape {list(t.shape)}; the {what} have "
+                                        f"{list(weights.shape)}")
+            if t.dtype != like.dtype:
+                raise _bad(path, field, f"is {t.dtype}; {cls.__name__} keeps it in {like.dtype}")
+            continue
+        value = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+        if not _is_real(value) or not math.isfinite(value) or value < 0:
+            raise _bad(path, field, f"is {t!r}, expected a count or a non-negative number")
+        counted = like.item() if isinstance(like, torch.Tensor) else like
+        if name == "step" and counted == 1 and value != iteration:  # one step per iteration
+            raise _bad(path, field, f"is {value:g}, but the checkpoint is at iteration "
+                                    f"{iteration} (one optimizer step each)")
 
 
 def _check_generator(path: str, field: str, value) -> None:
@@ -251,9 +362,12 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     """Loads checkpoint `saved` (read from `path`) into model, optimizer and generator, after
     checking its fields and that it was written by this run; returns (iteration, losses)."""
     if saved["format"] not in FORMATS:
-        raise ValueError(f"{path} is a saved model, not a training checkpoint: pass it as init= "
-                         "to start a new run from its weights")
+        raise _not_a_checkpoint(path, saved, config)
     check(path, saved)
+    algorithm = saved["config"]["algorithm"]
+    if algorithm != config.algorithm:
+        raise ValueError(f"checkpoint {path} holds a {algorithm} run, not a {config.algorithm} "
+                         f"one: resume it with algorithm={algorithm!r} (--algorithm {algorithm})")
     differ = config.differences(saved["config"])
     if differ:
         raise ValueError(f"checkpoint {path} was written by a different run: " + "; ".join(differ))
@@ -266,17 +380,48 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     if iteration > config.iterations:
         raise ValueError(f"checkpoint {path} is at iteration {iteration}, past iterations="
                          f"{config.iterations}")
+    entry = config.entry
+    kept = [k.detach() for k in entry.weights(entry.model_class.from_dict(saved["model"]))]
+    if _named_class(saved["config"]) is None:  # a class of the user's: the run's own
+        _check_optimizer(path, saved["optimizer"], kept, saved["config"], iteration,
+                         type(optimizer))
+    reference = optimizer.state_dict()["param_groups"][0]
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise _bad(path, "optimizer", f"does not fit the run's optimizer ({exc})") from None
-    entry = config.entry
-    kept = entry.weights(entry.model_class.from_dict(saved["model"]))
+    _check_group(path, optimizer.state_dict()["param_groups"][0], reference,
+                 config.optimizer_kwargs, loaded=True)
     with torch.no_grad():
         for w, k in zip(entry.weights(model), kept):
             w.copy_(k.to(device))
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()
+
+
+def _not_a_checkpoint(path: str, saved: Dict[str, Any], config: RunConfig) -> ValueError:
+    """The error of a resume from a saved model: what it holds, and which run it can start."""
+    start = "pass it as init= (--init) to start a new run from its weights"
+    try:
+        model = _io.model_of(path, saved)
+    except ValueError:
+        return ValueError(f"{path} is a saved model, not a training checkpoint: {start}")
+    if not isinstance(model, config.entry.model_class):
+        other = _algorithms.for_model(model).name
+        start = (f"a {config.algorithm} run cannot start from it either; pass it as init= with "
+                 f"algorithm={other!r} (--algorithm {other} --init {path}) to start a new "
+                 f"{other} run from its weights")
+    return ValueError(f"{path} is a saved {model.kind}, not a training checkpoint, so there "
+                      f"is no run to resume: {start}")
+
+
+def resuming(path: str, iteration: int, total: int) -> str:
+    """The line a resumed run starts with: where it resumes, and whether anything is left."""
+    line = f"resuming from {path} at iteration {iteration} of {total}"
+    if iteration < total:
+        return line
+    return (f"{line}: the run is finished, nothing left to train (pass a larger iterations, "
+            f"--iterations, to train it further)")
 
 
 def _read(path: str, saved: Dict[str, Any], device):

@@ -31,6 +31,7 @@ import torch
 
 from . import _checks
 from . import _io
+from . import _paths
 from . import _ops
 from . import _rates
 from . import algorithms
@@ -39,7 +40,7 @@ from . import plots
 from ._flags import FlagError as _FlagError
 from ._flags import available_cpus as _available_cpus  # noqa: F401 (read as cli's by tests)
 from ._flags import count as _count, int_list as _int_list, key_value as _key_value
-from ._flags import optimizer as _optimizer, threads as _threads
+from ._flags import optimizer as _optimizer, real as _real, threads as _threads
 from ._version import __version__
 from .algorithms import evaluate
 from .config import DEFAULTS, OPTIMIZERS, check_optimizer_kwargs
@@ -84,18 +85,12 @@ def _save_and_report(result, out):
     """Saves a finished run's model to out["model"] and prints what the run did; returns it."""
     model = result.model
     try:
-        model.save(out["model"])
+        model.save(out["model"], overwrite=True)  # (_check_train_outputs asked first)
     except OSError as exc:  # e.g. the disk filled up during training
         raise _io.PathError(exc.errno, f"{exc}; the trained weights are in the checkpoint "
                                  f"{result.checkpoint}: once fixed, rerun with --resume to write "
                                  "the model and figures") from None
-    processes = result.config.get("processes", 1)
-    spread = f", {processes} processes" if processes > 1 else ""
-    print(f"{result.iterations} meta-iterations done ({result.config['algorithm']}, "
-          f"{result.config['backend']} backend{spread}, {torch.get_num_threads()} thread(s)"
-          f"{' each' if spread else ''}); training took {result.wall_time:.1f} s")
-    tail = result.losses[-max(100, result.iterations // 100):]
-    print(f"meta-loss over the last {tail.numel()} iterations: {tail.mean().item():.4f}")
+    print("\n".join(result.summary()))
     print(f"model: {out['model']}   checkpoint: {result.checkpoint}")
     return model
 
@@ -108,10 +103,8 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _outputs(args, entry)
-    clash = [k for k in ("figure", "loss_figure", "model") if out[k] == out["checkpoint"]]
-    if clash:
-        raise ValueError(f"--checkpoint {out['checkpoint']} is also the {clash[0].replace('_', ' ')} "
-                         "file: choose another path")
+    _paths.check_distinct({"--checkpoint": out["checkpoint"], "model file": out["model"],
+                           "figure": out["figure"], "loss figure": out["loss_figure"]})
     _check_train_outputs(args, out)
     # Under torchrun, rank 0 writes the files, so its disk is the one to check.
     if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
@@ -195,12 +188,14 @@ def _check_train_outputs(args, out) -> None:
                                    dict(args.optimizer_arg), outer_lr, name="--optimizer-arg")
         except ValueError as exc:
             raise _FlagError(str(exc)) from None
+    _distributed.check_not_copies(args.distributed, "--no-distributed")
     if _distributed.env_rank() != 0:
         return  # rank 0 writes the files
-    _io.check_writable(out["model"], "model file")
-    if not args.no_plots:
-        _io.check_writable(out["figure"], "figure")
-        _io.check_writable(out["loss_figure"], "figure")
+    for kind, key in [("model", "model")] + [("figure", k) for k in ("figure", "loss_figure")
+                                                 if not args.no_plots]:
+        _io.check_writable(out[key], "model file" if kind == "model" else kind)
+        _paths.check_replaceable(out[key], kind, f"this run's {kind}", args.overwrite,
+                                 ask="--overwrite")
 
 
 def _saved_model(args):
@@ -241,6 +236,7 @@ def cmd_plot(args) -> int:
     model, entry, task = _saved_model(args)
     path = _io.check_writable(args.out or os.path.splitext(args.model)[0] + "-tasks.png",
                               "figure")
+    _paths.check_replaceable(path, "figure", "the figure (--out)", ask=None)  # not MODEL itself
     with _writing(path):
         shows = entry.plot(model, path, task, shots=args.shots, num_tasks=args.tasks,
                            steps=args.steps, seed=args.seed, data=args.data)
@@ -308,7 +304,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--loss", choices=_checks.LOSSES,
                    help="inner and query loss (default: l1; omniglot: cross_entropy)")
     t.add_argument("--inner-steps", type=_count(0), help="SGD steps per task (default: 5; omniglot: 1)")
-    t.add_argument("--inner-lr", type=float, help="inner SGD step size (default: 0.03; omniglot: 0.4)")
+    t.add_argument("--inner-lr", type=_real(False), help="inner SGD step size (default: 0.03; omniglot: 0.4)")
     t.add_argument("--inner-batch", type=_count(1), metavar="N",
                    help="points per inner step, a minibatch of its own each (default: all)")
     t.add_argument("--learn-inner-lr", choices=_rates.MODES, metavar="MODE",
@@ -324,7 +320,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--optimizer", type=_optimizer,
                    help="sgd, adam, or a torch.optim class name (AdamW, RMSprop, ...; default: "
                         "sgd; omniglot: adam)")
-    t.add_argument("--outer-lr", type=float,
+    t.add_argument("--outer-lr", type=_real(True),
                    help="outer optimizer learning rate (default: 0.01; omniglot: 0.001)")
     t.add_argument("--optimizer-arg", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="an optimizer keyword, e.g. momentum=0.9 (repeatable)")
@@ -346,7 +342,7 @@ def _add_train_parser(sub, **defaults) -> None:
     t.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                    help="data-parallel over the processes of a torchrun launch (default: on when "
                         "torchrun starts two or more)")
-    t.add_argument("--dist-timeout", type=float, default=_distributed.DEFAULT_TIMEOUT_S,
+    t.add_argument("--dist-timeout", type=_real(True), default=_distributed.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="how long a process waits for the others before the "
                                            "run stops with an error")
     # Each algorithm's own flags (entry.flags), once where entries share them.
@@ -374,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptation steps, e.g. 0,1,5,10 (default: 1,5,10; omniglot: 1,3,10; "
                         "a DAML model's own)")
     e.add_argument("--tasks", type=_count(2), default=600, help="held-out tasks")
-    e.add_argument("--inner-lr", type=float,
+    e.add_argument("--inner-lr", type=_real(False),
                    help="one inner rate for every step (default: the model's learned rates, or "
                         "its inner lr)")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help="seeds the held-out tasks")

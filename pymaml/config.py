@@ -126,6 +126,7 @@ class RunOptions:
     overwrite: bool
     distributed: Optional[bool]
     distributed_timeout: float
+    iterations_given: bool = True  # False: a resumed run goes on to its checkpoint's iterations
 
 
 def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
@@ -135,6 +136,7 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     family = entry.family(args["task"], args["shots"], args["queries"], args.get("data"),
                           args.get("ways"))
     defaults = family.run_defaults() if isinstance(family, _tasks.TaskFamily) else DEFAULTS
+    given = args["iterations"] is not None
     args = {k: defaults[k] if v is None and k in defaults else v for k, v in args.items()}
     sizes = tuple(_checks.check_sizes(args["sizes"]))
     activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
@@ -162,7 +164,8 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
         shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
         init=entry.init_name(args["init"]), dtype=_dtype_name(args["dtype"]),
         seed=_checks.check_seed(args["seed"]), iterations=iterations, **own)
-    return config, _options(args, family, optimizer_class)
+    return config, dataclasses.replace(_options(args, family, optimizer_class),
+                                       iterations_given=given)
 
 
 def _dtype_name(dtype) -> str:
@@ -261,6 +264,8 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
         optimizer_class([torch.zeros(1, requires_grad=True)], lr=outer_lr, **kwargs)
     except Exception as exc:  # a user's optimizer class may raise anything
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not kwargs:  # then what it refuses is the learning rate
+            raise ValueError(f"outer_lr {outer_lr!r}: {cls} refuses it: {text}") from None
         raise ValueError(f"{name} {kwargs}: {cls} refuses them: {text}") from None
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedError", "Group", "task_seed", "launched_by_torchrun", "env_rank",
-           "local_device", "DEFAULT_TIMEOUT_S"]
+           "launch_size", "check_not_copies", "local_device", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
 # What torchrun (and torch.distributed's env:// initialisation) sets in each process.
@@ -67,6 +67,25 @@ def env_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def launch_size() -> int:
+    """How many processes the torchrun launch of this process has (1 outside one)."""
+    try:
+        return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    except ValueError:
+        return 1
+
+
+def check_not_copies(distributed: Optional[bool], flag: str = "distributed=False") -> None:
+    """Refuses `distributed` False in a torchrun launch of several processes where the run
+    writes one set of files (the command line): every process would train the whole run and
+    write the same files. (train() itself allows it: each process then trains on its own.)"""
+    processes = launch_size()
+    if distributed is False and processes > 1:
+        raise ValueError(f"{flag} under a torchrun launch of {processes} processes: each would "
+                         f"train the whole run and write the same files; drop {flag} to train "
+                         "data-parallel over them, or launch one process")
 
 
 def _first_line(exc: BaseException) -> str:

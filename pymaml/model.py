@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from . import _io, _rates
+from . import _io, _paths, _rates
 from . import functional as F
 from . import nn as _pnn
 from ._version import __version__
@@ -34,6 +34,7 @@ class SavedModel(nn.Module):
     FIELDS = ()  # the fields every record has
     TENSORS = ()  # the fields that must be tensors; OPTIONAL_TENSORS: tensors or None
     OPTIONAL_TENSORS = ()
+    HELD_WITH = ()  # (field, setting): the field every record whose setting is set holds
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -57,6 +58,10 @@ class SavedModel(nn.Module):
         for field in cls.FIELDS:
             if field not in d:
                 raise ValueError(f"field {field!r} of {name} is missing")
+        for field, setting in cls.HELD_WITH:
+            if d.get(setting) is not None and d.get(field) is None:
+                raise ValueError(f"field {field!r} of {name} is missing (a model with "
+                                 f"{setting}={d[setting]!r} holds it)")
         for field, want, kind in ([(f, torch.Tensor, "tensor") for f in cls.TENSORS]
                                   + [(f, (torch.Tensor, type(None)), "tensor")
                                      for f in cls.OPTIONAL_TENSORS]
@@ -74,9 +79,12 @@ class SavedModel(nn.Module):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name} holds an invalid value: {exc}") from None
 
-    def save(self, path) -> None:
+    def save(self, path, *, overwrite: bool = False) -> None:
         """Writes the model atomically with torch.save: plain tensors and metadata only, so
-        torch.load(path, weights_only=True) reads it."""
+        torch.load(path, weights_only=True) reads it. A model file at `path` is replaced; a
+        training checkpoint is not, unless overwrite=True (FileExistsError naming it)."""
+        path = _io.fspath(path)
+        _paths.check_replaceable(path, "model", f"{type(self).__name__}.save", overwrite)
         _io.atomic_save(self.to_dict(), path)
 
     @classmethod
@@ -116,6 +124,7 @@ class MetaMLP(SavedModel):
     FIELDS = ("sizes", "activation", "loss", "inner_lr", "inner_steps", "params")
     TENSORS = ("params",)
     OPTIONAL_TENSORS = ("learned_lr",)
+    HELD_WITH = (("learned_lr", "learn_inner_lr"),)  # the rates it learned, never re-made
 
     def __init__(self, sizes, activation: str = "relu", *, params: Optional[torch.Tensor] = None,
                  loss: str = "mse", inner_lr: float = 0.01, inner_steps: int = 1,

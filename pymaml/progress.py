@@ -42,6 +42,7 @@ class Progress:
     def __init__(self, show: bool, log_every: int, start: int, total: int):
         self.log_every = log_every
         self.total = total
+        self.speaks = show or bool(log_every)  # whether `say` says anything
         self.bar = None
         if show:
             from tqdm.auto import tqdm
@@ -77,6 +78,11 @@ class Progress:
         else:
             print(line, flush=True)
 
+    def say(self, line: str) -> None:
+        """`line`, where the run shows anything (a bar or log lines): not in a quiet run."""
+        if self.speaks:
+            self.write(line)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
@@ -95,4 +101,6 @@ def for_run(rank: int, progress: Optional[bool], log_every: Optional[int], start
     show = rank == 0 and (sys.stderr.isatty() if progress is None else bool(progress))
     if log_every is None:
         log_every = 0 if show else max(1, total // 10)
-    return Progress(show and start < total, log_every if rank == 0 else 0, start, total)
+    progress = Progress(show and start < total, log_every if rank == 0 else 0, start, total)
+    progress.speaks = rank == 0 and (show or bool(log_every))  # (no bar for a finished run)
+    return progress

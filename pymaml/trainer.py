@@ -75,7 +75,8 @@ class TrainResult:
     rank: this process's rank in a distributed run (0 otherwise; every rank gets the same
         model and losses);
     fast_iterations: how many of this call's iterations ran on the chunked fast path
-        (pymaml.fast_path; the others ran one by one).
+        (pymaml.fast_path; the others ran one by one);
+    start: the iteration this call started from (a resumed run's checkpoint's, else 0).
     """
     model: torch.nn.Module  # a MetaMLP, or the algorithm's own model (DAMLModel)
     losses: torch.Tensor
@@ -86,6 +87,25 @@ class TrainResult:
     config: Dict[str, Any]
     rank: int = 0
     fast_iterations: int = 0
+    start: int = 0
+
+    def summary(self) -> List[str]:
+        """What the run did, in lines (the command line prints them): the iterations, how
+        they ran and how long this call took; the meta-loss at the end."""
+        c, done = self.config, self.iterations - self.start
+        processes = c.get("processes", 1)
+        spread = f", {processes} processes" if processes > 1 else ""
+        took = f"training took {self.wall_time:.1f} s" if done else "nothing left to train"
+        if self.start and done:
+            took = f"{done} of them in this call (from iteration {self.start}), {took}"
+        lines = [f"{self.iterations} meta-iterations done ({c['algorithm']}, {c['backend']} "
+                 f"backend{spread}, {torch.get_num_threads()} thread(s)"
+                 f"{' each' if spread else ''}); {took}"]
+        if self.iterations:
+            tail = self.losses[-max(100, self.iterations // 100):]
+            lines.append(f"meta-loss over the last {tail.numel()} iterations: "
+                         f"{tail.mean().item():.4f}")
+        return lines
 
 
 def train(task="seed-sine", *, algorithm: str = "maml", sizes=None,
@@ -142,9 +162,9 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=None,
         progress bar shows, else ten lines per run). progress: the tqdm bar (default: shown
         when stderr is a terminal).
     checkpoint: a path, written atomically every checkpoint_every iterations, at the end, on
-        Ctrl-C. An existing checkpoint is never replaced unless resume or overwrite is set.
-    resume: True to continue from `checkpoint`, or the path of a checkpoint to continue from
-        (then written to `checkpoint`, or to the same path). The run's settings must match.
+        Ctrl-C; an existing checkpoint is replaced only when resumed or with overwrite=True.
+    resume: True (or a checkpoint's path, then written to `checkpoint` or to itself) to go on
+        with the run in it, same settings, up to iterations (None: the checkpoint's own).
     distributed: None (default): data-parallel over processes when launched by torchrun with
         two or more processes, or when a torch.distributed process group of two or more is
         initialised; True: always (an error without a launch environment or group); False:
@@ -207,6 +227,7 @@ class _Run:
         self.start = 0
         if options.resume_from is not None:
             self._resume(options.resume_from)
+            config = self.config  # (its iterations may be the checkpoint's)
         self.settings = dict(config.to_dict(), backend=self.backend, device=str(options.device))
         self.meta_step = entry.meta_step(config, self.backend)
         # One process only: the all-reduce sits between an iteration's gradient and its step.
@@ -232,6 +253,11 @@ class _Run:
 
     def _resume(self, path: str) -> None:
         saved = self._on_rank0(lambda: _io.load_file(path), f"reading checkpoint {path}")
+        total = saved.get("config", {}).get("iterations") if isinstance(saved, dict) else None
+        if not self.options.iterations_given and isinstance(total, int) and total >= 0:
+            # iterations left unset: the run goes on to its own end, not the default's
+            self.config = dataclasses.replace(self.config, iterations=total)
+            self.checkpoints.config = self.config
         self.start, self.losses = _checkpoint.restore(path, saved, self.config, self.model,
                                                       self.optimizer, self.generator,
                                                       self.options.device)
@@ -245,6 +271,8 @@ class _Run:
         self.bar = _progress.for_run(self.rank, self.options.progress, self.options.log_every,
                                      self.start, total)
         status, it = "completed", self.start
+        if self.options.resume_from is not None and self.rank == 0:
+            self.bar.say(_checkpoint.resuming(self.options.resume_from, self.start, total))
         began = time.perf_counter()
         with _progress.StopOnInterrupt() as interrupt, self.bar:
             while it < total:
@@ -265,7 +293,8 @@ class _Run:
         return TrainResult(model=self.model, losses=torch.tensor(self.losses, dtype=torch.float64),
                            wall_time=wall_time, iterations=len(self.losses), status=status,
                            checkpoint=self.checkpoints.path, config=self.settings,
-                           rank=self.rank, fast_iterations=self.fast_iterations)
+                           rank=self.rank, fast_iterations=self.fast_iterations,
+                           start=self.start)
 
     def _advance(self, it: int, interrupt) -> Tuple[List[float], bool]:
         """After `it` iterations: the next one, or on the fast path the next chunk. Their

@@ -227,3 +227,50 @@ def test_task_seeds_are_distinct_and_reproducible():
     assert D.task_seed(5, 3) == D.task_seed(5, 3)
     with pytest.raises(ValueError, match="rank >= 1"):
         D.task_seed(0, 0)
+
+
+# ---- DAML as MAML: the same decision, data-parallel under torchrun --------------------------------
+
+def test_daml_under_torchrun_trains_data_parallel_as_maml_does(tmp_path):
+    prefix = str(tmp_path / "daml")
+    args = ["-m", "pymaml", "train", "--algorithm", "daml", "--meta-batch-size", "2",
+            "--iterations", "20", "--no-plots", "--log-every", "10", "--out", prefix]
+    code, output, _ = torchrun(args)  # no --distributed: on, as for MAML
+    assert code == 0, output
+    assert output.count("20 meta-iterations done (daml, fused backend, 2 processes") == 1, output
+    assert output.count("iteration 20/20") == 1, output  # rank 0 alone speaks
+    saved = torch.load(prefix + ".ckpt", weights_only=True)
+    assert saved["config"]["processes"] == 2 and len(saved["task_generators"]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["daml.ckpt", "daml.pt"]
+    # --no-distributed would have each process train the whole run and write the same files
+    code, output, _ = torchrun(args[:-1] + [str(tmp_path / "copies"), "--no-distributed"])
+    assert code != 0
+    assert output.count("--no-distributed under a torchrun launch of 2 processes: each would "
+                        "train the whole run and write the same files") == 2, output
+    assert not any(n.startswith("copies") for n in os.listdir(tmp_path))
+
+
+def test_the_decision_to_spread_is_the_same_for_every_algorithm(monkeypatch):
+    """Group.join decides from the launch alone: no algorithm enters it (so DAML spreads where
+    MAML does); check_not_copies refuses --no-distributed in a launch of several."""
+    import inspect
+    assert list(inspect.signature(D.Group.join).parameters) == ["distributed", "device",
+                                                                "timeout_s"]
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert D.launch_size() == 1
+    for choice in (None, False):
+        assert D.Group.join(choice, torch.device("cpu"), 5.0) is None
+        D.check_not_copies(choice)  # one process: nothing to refuse
+    launch = dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    assert D.launch_size() == 2
+    assert D.Group.join(False, torch.device("cpu"), 5.0) is None
+    D.check_not_copies(None)
+    D.check_not_copies(True)
+    with pytest.raises(ValueError, match="--no-distributed under a torchrun launch of 2 "):
+        D.check_not_copies(False, "--no-distributed")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert D.Group.join(None, torch.device("cpu"), 5.0) is None  # one process: no group
+    D.check_not_copies(False)

@@ -5,6 +5,7 @@ words with the last checkpoint kept, and temporary files of killed writers clean
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,9 +160,19 @@ def _delete(field):
     return change
 
 
-def _optimizer_buffer(value):
+def _optimizer_buffer(value, name="exp_avg"):
     def change(d):
-        d["optimizer"]["state"][0]["exp_avg"] = value
+        if value is None:
+            del d["optimizer"]["state"][0][name]
+        else:
+            d["optimizer"]["state"][0][name] = value
+    return change
+
+
+def _group(key, value):
+    """The optimizer's param group with `key` set to `value` (a copy: the fixture stays good)."""
+    def change(d):
+        d["optimizer"]["param_groups"] = [dict(d["optimizer"]["param_groups"][0], **{key: value})]
     return change
 
 
@@ -189,6 +200,22 @@ BAD_FIELDS = [(_delete(f), f) for f in ("iteration", "losses", "model", "optimiz
     (_set("generator", [1, 2, 3]), "generator"),
     (_set("optimizer", {"state": {}}), "optimizer"),
     (_optimizer_buffer(torch.zeros(4)), "optimizer.state.exp_avg"),
+    # the optimizer's settings and state against the run's (Adam, outer_lr 1e-3)
+    (_group("maximize", True), "optimizer.param_groups[0].maximize"),
+    (_group("lr", 1e6), "optimizer.param_groups[0].lr"),
+    (_group("lr", "x"), "optimizer.param_groups[0].lr"),
+    (_group("weight_decay", 5), "optimizer.param_groups[0].weight_decay"),
+    (_group("betas", (0.5, 0.999)), "optimizer.param_groups[0].betas"),
+    (_group("amsgrad", 1), "optimizer.param_groups[0].amsgrad"),
+    (_optimizer_buffer(None, "exp_avg"), "optimizer.state.exp_avg"),
+    (_optimizer_buffer(None, "step"), "optimizer.state.step"),
+    (_optimizer_buffer(torch.tensor(3.0), "step"), "optimizer.state.step"),
+    (_optimizer_buffer(torch.tensor(-1.0), "step"), "optimizer.state.step"),
+    (_optimizer_buffer(torch.zeros(1153), "momentum_buffer"), "optimizer.state.momentum_buffer"),
+    (_optimizer_buffer(torch.zeros(1153, dtype=torch.float64)), "optimizer.state.exp_avg"),
+    (_set("optimizer.state", {}), "optimizer.state"),  # Adam's moments lost: not a fresh start
+    (_set("config.outer_lr", -1.0), "config.outer_lr"),
+    (_set("config.optimizer_kwargs", dict(betas=2)), "config.optimizer_kwargs"),
     (_set("config.processes", 2), "task_generators"),
 ]
 
@@ -209,13 +236,104 @@ def test_a_checkpoint_missing_a_field_or_with_an_impossible_value_is_refused(
     change(d)
     ckpt = tmp_path / "bad.ckpt"
     _io.atomic_save(d, ckpt)  # sealed: the digest holds, the contents are what is wrong
-    pattern = f"bad.ckpt.*{field}"
+    pattern = f"bad.ckpt.*{re.escape(field)}"
     sampler = counting_sampler()
     with pytest.raises(ValueError, match=pattern) as err:
         pymaml.train(sampler, **{**RUN, "iterations": 40}, checkpoint=ckpt, resume=True)
     assert "\n" not in str(err.value) and sampler.calls == 0
     with pytest.raises(ValueError, match=pattern):
         pymaml.load(ckpt)
+
+
+def _resealed(path, change, name="bad.ckpt"):
+    """A copy of checkpoint `path` changed by `change`, sealed again (its digest holds)."""
+    d = torch.load(path, weights_only=True)
+    change(d)
+    bad = path.parent / name
+    _io.atomic_save(d, bad)
+    return bad
+
+
+def test_a_meta_sgd_checkpoint_without_its_rates_or_their_state_is_refused(tmp_path):
+    run = dict(RUN, algorithm="metasgd", task="sine", sizes=[1, 8, 1], loss="mse",
+               inner_steps=1)
+    pymaml.train(checkpoint=tmp_path / "run.ckpt", **run)
+    for change, field in [(_delete("model.learned_lr"), "field 'learned_lr' of the model"),
+                          (_set("model.learned_lr", None), "field 'learned_lr' of the model"),
+                          (lambda d: d["optimizer"]["state"].pop(1), "'optimizer.state.rates'"),
+                          (lambda d: d["optimizer"]["state"][1].pop("exp_avg_sq"),
+                           "'optimizer.state.rates.exp_avg_sq'")]:
+        bad = _resealed(tmp_path / "run.ckpt", change)
+        sampler = counting_sampler()
+        with pytest.raises(ValueError, match=f"bad.ckpt.*{re.escape(field)}") as err:
+            pymaml.train(sampler, **{k: v for k, v in run.items() if k != "task"},
+                         checkpoint=bad, resume=True)
+        assert "\n" not in str(err.value) and sampler.calls == 0, field
+        with pytest.raises(ValueError, match=re.escape(field)):
+            pymaml.load(bad)
+
+
+class MyAdam(torch.optim.Adam):
+    """An optimizer class of the user's: pymaml can name it only through the resuming run."""
+
+
+def test_an_optimizer_class_of_the_users_is_checked_against_the_resuming_run(tmp_path):
+    run = dict(RUN, optimizer=MyAdam)
+    pymaml.train(checkpoint=tmp_path / "run.ckpt", **run)
+    for change, field in [(_group("maximize", True), "param_groups[0].maximize"),
+                          (_optimizer_buffer(None, "exp_avg"), "optimizer.state.exp_avg")]:
+        bad = _resealed(tmp_path / "run.ckpt", change)
+        with pytest.raises(ValueError, match=f"bad.ckpt.*{re.escape(field)}"):
+            pymaml.train(**{**run, "iterations": 40}, checkpoint=bad, resume=True)
+    resumed = pymaml.train(**{**run, "iterations": 40}, checkpoint=tmp_path / "run.ckpt",
+                           resume=True)
+    assert resumed.iterations == 40
+
+
+def test_a_setting_missing_from_the_optimizers_group_is_refused_at_resume(tmp_path):
+    pymaml.train(checkpoint=tmp_path / "run.ckpt", **RUN)
+
+    def no_betas(d):
+        d["optimizer"]["param_groups"][0].pop("betas")
+    bad = _resealed(tmp_path / "run.ckpt", no_betas)
+    with pytest.raises(ValueError, match=r"bad.ckpt: field 'optimizer.param_groups\[0\].betas' "
+                                         r"is missing"):
+        pymaml.train(**{**RUN, "iterations": 40}, checkpoint=bad, resume=True)
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-4)),
+    ("adam", dict(betas=[0.8, 0.99], amsgrad=True)),
+    (torch.optim.AdamW, dict(weight_decay=0.1, betas=(0.85, 0.995))),
+    (torch.optim.RMSprop, dict(momentum=0.5, centered=True)),
+    (MyAdam, dict(maximize=False, eps=1e-6)),
+])
+def test_the_optimizer_checks_refuse_no_run_they_wrote(tmp_path, optimizer, kwargs):
+    """A checkpoint any optimizer setting wrote resumes, bitwise as a run never stopped."""
+    run = dict(RUN, optimizer=optimizer, optimizer_kwargs=kwargs, iterations=20)
+    whole = pymaml.train(**run)
+    pymaml.train(checkpoint=tmp_path / "run.ckpt", **dict(run, iterations=10))
+    pymaml.load(tmp_path / "run.ckpt")
+    resumed = pymaml.train(checkpoint=tmp_path / "run.ckpt", resume=True, **run)
+    assert torch.equal(resumed.model.params, whole.model.params)
+    assert torch.equal(resumed.losses, whole.losses)
+
+
+def test_the_cli_refuses_tampered_optimizer_state_in_one_line(good_checkpoint, tmp_path,
+                                                             monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    d = dict(good_checkpoint)
+    d["optimizer"] = dict(d["optimizer"], state={0: {k: v for k, v in
+                                                     d["optimizer"]["state"][0].items()
+                                                     if k != "exp_avg"}})
+    _io.atomic_save(d, tmp_path / "maml-sine.ckpt")
+    code, out, err = run_cli(capsys, "train", "--iterations", "40", "--resume", "--no-plots",
+                             "--no-progress", "--meta-batch-size", "2", "--optimizer", "adam",
+                             "--outer-lr", "1e-3")
+    assert code == 1
+    assert_one_line(err)
+    assert "internal error" not in err and "maml-sine.ckpt" in err
+    assert "'optimizer.state.exp_avg' is missing" in err
 
 
 def test_the_cli_refuses_a_bad_checkpoint_in_one_line(good_checkpoint, tmp_path, monkeypatch,
@@ -415,7 +533,7 @@ def test_saving_a_model_removes_the_litter_of_its_earlier_saves(tmp_path):
 def test_the_cli_keeps_the_run_when_the_model_cannot_be_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 
-    def full_disk(self, path):
+    def full_disk(self, path, **kw):
         raise _io.io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.fspath(path),
                            "writing")
     real_save = pymaml.MetaMLP.save

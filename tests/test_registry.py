@@ -98,7 +98,7 @@ def test_a_bad_setting_is_refused_naming_it(name, bad, match):
 
 @ALGORITHMS
 @pytest.mark.parametrize("argv, code, match", [
-    (["--inner-lr", "nan"], 1, "inner_lr"),
+    (["--inner-lr", "nan"], 2, "--inner-lr"),  # its flag says so (a finite number)
     (["--sizes", "2,8,1"], 1, "sizes"),
     (["--meta-batch-size", "0"], 2, "--meta-batch-size"),
     (["--iterations", "many"], 2, "--iterations")])

@@ -157,7 +157,7 @@ def test_resume_checks_the_run_settings(tmp_path):
         pymaml.train(iterations=5, resume=True, **QUIET)
     model_file = tmp_path / "m.pt"
     pymaml.MetaMLP([1, 32, 32, 1]).save(model_file)
-    with pytest.raises(ValueError, match="saved model, not a training checkpoint"):
+    with pytest.raises(ValueError, match=r"saved MAML model \(a MetaMLP\), not a training checkpoint"):
         pymaml.train(iterations=5, resume=model_file, **QUIET)
 
 
