@@ -7,7 +7,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import _checks, _ops, _rates
+from . import _checks, _ops, _rates, _route
 from . import functional as F
 from ._layout import flatten, num_params, unflatten
 
@@ -237,7 +237,10 @@ class MAML(nn.Module):
         """The model's weights in pymaml's flat layout [P], differentiable (a copy whose
         gradient autograd splits back into each parameter's .grad)."""
         self._read_module()
-        return _ops.flatten_params([t for m in self._linears for t in (m.weight, m.bias)])
+        parts = [t for m in self._linears for t in (m.weight, m.bias)]
+        if _route.under_torch_func(parts):  # torch.func.functional_call under grad / vmap
+            return flatten(parts)  # plain torch ops: the C++ autograd node has no functorch rule
+        return _ops.flatten_params(parts)
 
     def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
 
