@@ -28,6 +28,16 @@ def under_torch_func(tensors) -> bool:
     return wrapped is not None and any(wrapped(t) for t in tensors)
 
 
+def has_tangent(tensors) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad.make_dual) gave any of the tensors a
+    tangent: the fused ops have no jvp, the reference carries it. Free when no dual level is
+    open (a module attribute read)."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(isinstance(t, torch.Tensor) and unpack(t).tangent is not None for t in tensors)
+
+
 def direct(backend, params, data, inner_lr, steps, size_lists, strings, devices) -> bool:
     """Whether a call may go straight to the fused op, which checks every argument itself (in
     C++, csrc/op_args.cpp): the hot path of a user's loop, a few microseconds. Only what the op
@@ -45,12 +55,14 @@ def direct(backend, params, data, inner_lr, steps, size_lists, strings, devices)
             and isinstance(params, torch.Tensor) and params.device.type in devices
             and all(isinstance(t, torch.Tensor) for t in data)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in data))
-            and not under_torch_func((params, *data)))
+            and not under_torch_func((params, *data))
+            and torch.autograd.forward_ad._current_level < 0)  # no forward-mode AD (jvp)
 
 
-def fused_refusal(params, named_sizes, steps, data, cpu_only=None) -> Optional[str]:
+def fused_refusal(params, named_sizes, steps, data, cpu_only=None, extra=()) -> Optional[str]:
     """Why the fused op cannot serve a checked call, or None. named_sizes: (name, sizes)
-    pairs; cpu_only: what about the call needs the CPU kernels, if anything does."""
+    pairs; cpu_only: what about the call needs the CPU kernels, if anything does; extra: other
+    tensors of the call (learned rates) that a transform or forward-mode AD may carry."""
     reason = _ops.unavailable_reason(params.device, params.dtype)
     if reason:
         return reason
@@ -66,19 +78,22 @@ def fused_refusal(params, named_sizes, steps, data, cpu_only=None) -> Optional[s
         return f"{cpu_only} on the CPU kernels only"
     if torch.is_grad_enabled() and any(t.requires_grad for t in data):
         return "the fused op differentiates the parameters only, and a data tensor requires grad"
-    if under_torch_func((params, *data)):
+    if under_torch_func((params, *data, *extra)):
         return "the fused op does not support torch.func transforms (grad, vmap)"
+    if has_tangent((params, *data, *extra)):
+        return "the fused op has no forward-mode AD (jvp: a tangent from forward_ad.make_dual)"
     return None
 
 
-def choose(backend, params, named_sizes, steps, data, cpu_only=None, refusal=None) -> str:
+def choose(backend, params, named_sizes, steps, data, cpu_only=None, refusal=None,
+           extra=()) -> str:
     """"fused" or "reference" for a checked call: the reference when asked for, or under "auto"
     when the fused op cannot serve the call (fused_refusal, or the caller's own `refusal`);
     under "fused" such a call is an error saying why."""
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if backend == "reference":
         return backend
-    reason = fused_refusal(params, named_sizes, steps, data, cpu_only) or refusal
+    reason = fused_refusal(params, named_sizes, steps, data, cpu_only, extra) or refusal
     if reason is None:
         return "fused"
     if backend == "fused":

@@ -65,9 +65,13 @@ def _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, ste
             and not _route.under_torch_func((loss_params,)))
 
 
-def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=None) -> str:
+def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=None,
+                    extra=()) -> str:
+    """extra: loss_params and learned rates, which a torch.func transform or forward-mode AD
+    may carry as well as params and the data."""
     return _route.choose(backend, params, (("sizes", sizes), ("loss_sizes", loss_sizes)),
-                         steps, data, _CPU_ONLY, refusal)
+                         steps, data, _CPU_ONLY, refusal,
+                         tuple(t for t in extra if isinstance(t, torch.Tensor)))
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -111,7 +115,8 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
     extra = ("the fused op does not support torch.func transforms (grad, vmap)"
              if learned and _route.under_torch_func((inner_lr,)) else None)
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+                            (loss_params, inner_lr))
     P = num_params(sizes)
     if which == "reference":
         rate = _rates.reference_rates(inner_lr, steps, P) if learned else float(inner_lr)
@@ -158,7 +163,8 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     learned = isinstance(inner_lr, torch.Tensor)
     if learned and extra is None:  # the fused daml_adapt takes one rate
         extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+                            (loss_params, inner_lr))
     if which == "reference":
         rate = (_rates.reference_rates(inner_lr, steps, num_params(sizes))
                 if learned else float(inner_lr))

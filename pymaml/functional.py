@@ -59,11 +59,12 @@ def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
     return rates, None if adapt_layers is None else list(adapt_layers)
 
 
-def _choose_backend(backend, params, sizes, steps, data, rule=False) -> str:
+def _choose_backend(backend, params, sizes, steps, data, rule=False, rates=None) -> str:
     """rule: the call has learned rates or frozen layers (rates and adapt_layers, CPU only)."""
     cpu_only = ("tensor rates and adapt_layers run" if rule else
                 "a support batch per inner step runs" if data and data[0].dim() == 4 else None)
-    return _route.choose(backend, params, (("sizes", sizes),), steps, data, cpu_only)
+    return _route.choose(backend, params, (("sizes", sizes),), steps, data, cpu_only,
+                         extra=() if rates is None else (rates,))
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order
                                        first_order, adapt_layers)
     _checks.check_data(params, sizes, steps, **dict(zip(_DATA_NAMES, data)))
     rule = rates is not None or layers is not None
-    which = _choose_backend(backend, params, sizes, steps, data, rule)
+    which = _choose_backend(backend, params, sizes, steps, data, rule, rates)
     P = num_params(sizes)
     if which == "reference":
         return getattr(_reference, op)(params, *data, sizes=sizes,

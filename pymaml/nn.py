@@ -7,7 +7,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import _checks, _ops, _rates
+from . import _checks, _ops, _rates, _route
 from . import functional as F
 from ._layout import flatten, num_params, unflatten
 
@@ -15,20 +15,27 @@ _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def architecture(model: nn.Sequential) -> Tuple[List[nn.Linear], List[int], str]:
-    """(the Linear layers, sizes, activation) of an nn.Sequential alternating Linear layers and
-    one kind of activation (ReLU or Tanh), ending with a Linear; a ValueError naming the first
-    layer that does not fit."""
+    """(the Linear layers, sizes, activation) of an nn.Sequential alternating plain nn.Linear
+    layers and one kind of activation (ReLU or Tanh), ending with a Linear; a ValueError naming
+    the first layer that does not fit, or that would compute something else than pymaml's
+    network (a subclass, a hook, a layer or parameter used twice)."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
-    linears, activation = [], None
+    if type(model).forward is not nn.Sequential.forward or "forward" in model.__dict__:
+        raise ValueError(f"model ({type(model).__name__}) has a forward of its own: pymaml.MAML "
+                         "computes the plain nn.Sequential only; write the meta-loss with "
+                         "pymaml.functional, or use a plain nn.Sequential")
+    _check_hooks("model", model)
+    linears, activation, seen = [], None, set()
     for i, m in enumerate(model):
-        expect_linear = i % 2 == 0
-        if expect_linear:
-            if not isinstance(m, nn.Linear) or m.bias is None:
-                raise ValueError(f"model[{i}] must be an nn.Linear with bias, got {m}")
-            if linears and m.in_features != linears[-1].out_features:
-                raise ValueError(f"model[{i}] takes {m.in_features} inputs but the previous "
-                                 f"Linear gives {linears[-1].out_features}")
+        if id(m) in seen:
+            raise ValueError(f"model[{i}] is the same module as an earlier layer (tied weights): "
+                             "pymaml.MAML would adapt each use on its own; give every position "
+                             "its own module, or write the meta-loss with pymaml.functional")
+        seen.add(id(m))
+        _check_hooks(f"model[{i}]", m)
+        if i % 2 == 0:
+            _check_linear(i, m, linears)
             linears.append(m)
             continue
         name = next((k for k, cls in _ACTIVATION_MODULES.items() if type(m) is cls), None)
@@ -37,8 +44,85 @@ def architecture(model: nn.Sequential) -> Tuple[List[nn.Linear], List[int], str]
         activation = name
     if not linears or len(model) % 2 == 0:
         raise ValueError("model must alternate Linear and activation layers and end with a Linear")
+    params = [p for m in linears for p in (m.weight, m.bias)]
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("model shares a weight or bias between layers (tied weights): "
+                         "pymaml.MAML would adapt each use on its own; untie them, or write the "
+                         "meta-loss with pymaml.functional")
     sizes = [linears[0].in_features] + [m.out_features for m in linears]
     return linears, sizes, activation or "relu"
+
+
+def _check_linear(i: int, m, linears) -> None:
+    """model[i] must be a plain nn.Linear with bias whose inputs match the previous layer."""
+    if not isinstance(m, nn.Linear) or m.bias is None:
+        raise ValueError(f"model[{i}] must be an nn.Linear with bias, got {m}")
+    if type(m) is not nn.Linear or "forward" in m.__dict__:
+        raise ValueError(f"model[{i}] is a {type(m).__name__}, not a plain nn.Linear (a subclass, "
+                         "a parametrization or its own forward): pymaml.MAML computes "
+                         "nn.Linear's forward only; use nn.Linear there, or write the meta-loss "
+                         "with pymaml.functional")
+    if tuple(m.weight.shape) != (m.out_features, m.in_features) or \
+            tuple(m.bias.shape) != (m.out_features,):
+        raise ValueError(f"model[{i}]'s weight {list(m.weight.shape)} and bias "
+                         f"{list(m.bias.shape)} do not match its in_features={m.in_features}, "
+                         f"out_features={m.out_features}")
+    if linears and m.in_features != linears[-1].out_features:
+        raise ValueError(f"model[{i}] takes {m.in_features} inputs but the previous "
+                         f"Linear gives {linears[-1].out_features}")
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_MODULE = nn.modules.module
+_GLOBAL_HOOKS = tuple(getattr(_MODULE, "_global" + h) for h in _HOOKS if hasattr(_MODULE, "_global" + h))
+
+
+def _check_hooks(where: str, m: nn.Module) -> None:
+    for h in _HOOKS:
+        if getattr(m, h, None):
+            kind = h.strip("_").replace("_", " ")[:-1]
+            raise ValueError(f"{where} ({type(m).__name__}) has a {kind}: pymaml.MAML runs the "
+                             "fused network, not the module's calls, and would skip it; remove "
+                             "the hook, or write the meta-loss with pymaml.functional")
+    if any(_GLOBAL_HOOKS):
+        raise ValueError("a global module hook is registered (torch.nn.modules.module."
+                         "register_module_*_hook): pymaml.MAML would skip it; remove it, or write "
+                         "the meta-loss with pymaml.functional")
+
+
+def frozen_layers(linears) -> List[int]:
+    """The indices of the Linear layers whose weight and bias both have requires_grad=False;
+    a ValueError for a layer frozen in part."""
+    frozen = []
+    for l, m in enumerate(linears):
+        w, b = m.weight.requires_grad, m.bias.requires_grad
+        if w != b:
+            which = "bias" if w else "weight"
+            raise ValueError(f"linear layer {l}'s {which} has requires_grad=False but its "
+                             f"{'weight' if w else 'bias'} does not: pymaml.MAML freezes whole "
+                             "layers only (requires_grad=False on both; or keep them trainable "
+                             "and pass adapt_layers)")
+        if not w:
+            frozen.append(l)
+    return frozen
+
+
+def _state(model) -> list:
+    """What the wrapper's view of the model depends on, cheap enough to take at every call
+    (~2 us for three layers): the layers and parameters by identity (the wrapper holds them,
+    so no id is reused), each parameter's requires_grad, and whether any hook or forward of
+    its own is there. (A plain loop over the modules' __dict__: the cheapest way to ask.)"""
+    out = [any(_GLOBAL_HOOKS), type(model)]
+    for m in (model, *model._modules.values()):
+        d = m.__dict__
+        out.append(id(m))
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] \
+                or d["_backward_pre_hooks"] or "forward" in d:
+            out.append(None)  # never equal to a checked state: the full checks name it
+        for p in d["_parameters"].values():
+            out.append(id(p))
+            out.append(p is not None and p.requires_grad)
+    return out
 
 
 def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]:
@@ -91,42 +175,81 @@ class MAML(nn.Module):
 
     adapt_layers: None (every Linear adapts in the inner loop) or the indices of the Linear
     layers that do ([-1]: the head, ANIL); the meta-gradient still reaches every layer.
+    A layer whose weight and bias have requires_grad=False is frozen: it keeps its weights in
+    the inner loop too (it drops out of adapt_layers) and gets no gradient; a layer frozen in
+    part is refused.
+
+    Each call reads the model as it is then (a layer or parameter replaced, requires_grad
+    changed: a cheap identity check, the full checks when anything changed). What the fused
+    network would not compute as the module does is refused in one line naming the layer: a
+    subclass of nn.Linear or a forward of its own, a hook (forward, pre-forward, backward; on
+    the model, a layer, or global), a module or parameter used twice (tied weights).
     """
 
     def __init__(self, model: nn.Sequential, *, inner_lr, steps: int, loss: str = "mse",
                  first_order: bool = False, backend: str = "auto", adapt_layers=None):
         super().__init__()
 
-        linears, self.sizes, self.activation = architecture(model)
+        linears, sizes, activation = architecture(model)
         dtype = linears[0].weight.dtype
         learned = isinstance(inner_lr, torch.Tensor)
-        _checks.check_hyper(0.0 if learned else inner_lr, steps, self.activation, loss, first_order,
-                       dtype)
-        if learned:
-            _rates.check_tensor("inner_lr", inner_lr, steps, num_params(self.sizes), dtype)
+        _checks.check_hyper(0.0 if learned else inner_lr, steps, activation, loss, first_order,
+                            dtype)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
-        layers = _rates.check_layers("adapt_layers", adapt_layers, len(linears))
+        _rates.check_layers("adapt_layers", adapt_layers, len(linears))
         self.module = model
         # A tensor is kept as given (an nn.Parameter is registered, so the user's optimizer
         # over maml.parameters() learns it; a plain tensor gets its gradient in its .grad).
         self.inner_lr = inner_lr if learned else float(inner_lr)
         self.steps, self.loss = int(steps), loss
         self.first_order, self.backend = first_order, backend
-        self.adapt_layers = None if layers is None else list(layers)
-        self._linears = linears  # a plain list: the modules are registered under self.module
+        self.adapt_layers = None if adapt_layers is None else list(adapt_layers)
+        self._view = None
+        self._read_module()
+
+    def _read_module(self) -> None:
+        """Reads the model as it is now (the wrapper computes the module of each call, not a
+        snapshot): a cheap identity check of its layers, parameters and hooks against the last
+        reading, and the full checks when anything changed."""
+        model = self._modules["module"]
+        state = _state(model)
+        if self._view is not None and self._view[0] == state:
+            return
+        linears, sizes, activation = architecture(model)
+        if isinstance(self.inner_lr, torch.Tensor):
+            _rates.check_tensor("inner_lr", self.inner_lr, self.steps, num_params(sizes),
+                                linears[0].weight.dtype)
+        layers = _rates.check_layers("adapt_layers", self.adapt_layers, len(linears))
+        frozen = frozen_layers(linears)
+        if frozen:  # requires_grad=False: the layer keeps its weights in the inner loop too
+            layers = [l for l in (range(len(linears)) if layers is None else layers)
+                      if l not in frozen]
+            if not layers:
+                raise ValueError("every layer pymaml.MAML would adapt has requires_grad=False: "
+                                 "nothing is left to adapt; unfreeze a layer or change "
+                                 "adapt_layers")
+        self.sizes, self.activation, self._linears = sizes, activation, linears
+        self._layers = None if layers is None else list(layers)
+        # The modules and parameters are held with the state, so that no id in it is reused.
+        self._view = (state, tuple(model._modules.values()), tuple(model.parameters()))
 
     def flat_params(self) -> torch.Tensor:
         """The model's weights in pymaml's flat layout [P], differentiable (a copy whose
         gradient autograd splits back into each parameter's .grad)."""
-        return _ops.flatten_params([t for m in self._linears for t in (m.weight, m.bias)])
+        self._read_module()
+        parts = [t for m in self._linears for t in (m.weight, m.bias)]
+        if _route.under_torch_func(parts):  # torch.func.functional_call under grad / vmap
+            return flatten(parts)  # plain torch ops: the C++ autograd node has no functorch rule
+        return _ops.flatten_params(parts)
 
     def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
 
-        return F.maml_loss(self.flat_params(), x_support, y_support, x_query, y_query,
-                         sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
-                         activation=self.activation, loss=self.loss,
-                         first_order=self.first_order, adapt_layers=self.adapt_layers,
-                         backend=self.backend)
+        params = self.flat_params()
+        return F.maml_loss(params, x_support, y_support, x_query, y_query,
+                           sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
+                           activation=self.activation, loss=self.loss,
+                           first_order=self.first_order, adapt_layers=self._layers,
+                           backend=self.backend)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, steps=None, inner_lr=None):
         """Test-time adaptation: the model after `steps` SGD steps (default: the wrapper's) on
@@ -142,10 +265,11 @@ class MAML(nn.Module):
         if one and isinstance(y, torch.Tensor):
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         with torch.no_grad():
-            adapted = F.adapt(self.flat_params(), x, y, sizes=self.sizes,
+            params = self.flat_params()
+            adapted = F.adapt(params, x, y, sizes=self.sizes,
                             inner_lr=self.inner_lr if inner_lr is None else inner_lr,
                             steps=self.steps if steps is None else steps,
                             activation=self.activation, loss=self.loss,
-                            adapt_layers=self.adapt_layers, backend=self.backend)
+                            adapt_layers=self._layers, backend=self.backend)
         models = [to_sequential(p, self.sizes, self.activation) for p in adapted]
         return models[0] if one else models

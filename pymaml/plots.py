@@ -79,15 +79,31 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
                 label=f"net(x) after {steps} step{'s' if steps != 1 else ''}")
         ax.plot(x[i, :, 0], y[i, :, 0], "o", label=f"{family.shots} examples")
         if n > 1:
-            ax.set_title(f"task {i + 1}: MAE {maes[i]:.3f}", fontsize=10)
+            ax.set_title(f"task {i + 1}, {task_words(family, ids[i])}: MAE {maes[i]:.3f}",
+                         fontsize=10)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=9)
     if n == 1:
-        axes[0][0].set_title(f"{family.name}: adapted on {family.shots} examples "
-                             f"(MAE {maes[0]:.3f} on {grid_points} grid points)", fontsize=11)
+        axes[0][0].set_title(f"{family.name}, task {task_words(family, ids[0])}\nadapted on "
+                             f"{family.shots} examples (MAE {maes[0]:.3f} on {grid_points} grid "
+                             "points)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return maes
+
+
+def task_words(family, task_id) -> str:
+    """Which task a figure shows, in a few words: its target with the task's numbers (the
+    phase of a phase sine, amplitude and phase of sine), else its identity's numbers."""
+    values = [float(v) for v in task_id]
+    if isinstance(family, _tasks.Sine):
+        return f"y = {values[0]:.2f} sin(x - {values[1]:.2f})"
+    if isinstance(family, (_tasks.SeedSine, _tasks.DAMLSine)):
+        name = _phase_name(values[0])
+        return "phase 0: y = sin(x)" if name == "0" else f"phase {name}: y = sin(x + {name})"
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss") -> None:
@@ -133,7 +149,7 @@ def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0)
     steps = model.inner_steps if steps is None else steps
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.weights.dtype, model.weights.device
-    fig = _figure(figsize=(6.4 * len(phases), 4.8))
+    fig = _figure(figsize=(6.4 * len(phases), 5.4), layout="constrained")
     axes = fig.subplots(1, len(phases), squeeze=False)[0]
     maes = []
     for ax, phase in zip(axes, phases):
@@ -153,17 +169,29 @@ def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0)
         name = "pi" if phase > 1 else "0"
         ax.plot(x, truth, label=f"sin(x + {name})" if phase else "sin(x)")
         ax.plot(x, pred, label=f"net(x) after {steps} steps on source inputs")
-        src = batch.x_source.reshape(-1)
-        ax.plot(src, torch.full_like(src, -1.15), "x", color="C2",
-                label=f"{src.numel()} unlabeled source inputs")
+        _source_rug(ax, batch.x_source[0])
         ax.set_title(f"{family.name}, phase {name}: grid MAE {maes[-1]:.3f} "
                      f"({grid_points} points)", fontsize=11)
-        ax.set_ylim(-1.35, 1.35)
+        ax.set_ylim(-1.6, 1.35)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
+        # below the axes: the legend never covers the curves
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.savefig(path, dpi=110)
     return maes
+
+
+def _source_rug(ax, x_source) -> None:
+    """The unlabeled source inputs (x_source [K_s, 1], or [steps, K_s, 1]: a batch per inner
+    step) as a rug under the curves: a row of ticks per inner step, each row a little higher,
+    so that inputs close together (or the same input at every step) stay apart."""
+    rows = x_source.reshape(-1, x_source.shape[-2]) if x_source.dim() == 3 \
+        else x_source.reshape(1, -1)
+    for k, xs in enumerate(rows):
+        ax.plot(xs, torch.full_like(xs, -1.5 + 0.06 * k), "|", color="C2", markersize=9,
+                label=None if k else f"{rows.numel()} unlabeled source inputs" + (
+                    ", a row per inner step" if len(rows) > 1 else ""))
 
 
 def plot_episodes(model: MetaMLP, path, family, *, episodes: int = 3, steps: Optional[int] = None,
@@ -192,6 +220,9 @@ def plot_episodes(model: MetaMLP, path, family, *, episodes: int = 3, steps: Opt
                 ax.set_title(title, fontsize=8, color=color)
                 ax.set_xticks([])
                 ax.set_yticks([])
+        axes[e, 0].set_ylabel(f"episode {e + 1}", fontsize=8)
+    fig.supxlabel("support: one image per class (title: its label)   |   queries (title: the "
+                  "adapted model's prediction)", fontsize=8)
     fig.suptitle(f"{W}-way {family.shots}-shot episodes: support (left), queries and the "
                  "adapted model's predictions (right)", fontsize=9)
     fig.tight_layout()

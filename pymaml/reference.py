@@ -77,7 +77,7 @@ def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
     inner_lr is a number, or a tensor [steps, P] (row k: step k's rate of every parameter, in
     the flat layout of `sizes`). adapt_layers (None: all) lists the linear layers that move;
     the others keep their weights, and their rates are not read."""
-    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
+    loss_fn = _losses(functional)[loss]
     per_step = x.dim() == 3  # x [steps, K, n_in]: step k trains on batch k
     inner_loss = lambda w, k: loss_fn(net(w, x[k] if per_step else x, activation),
                                       y[k] if per_step else y)
@@ -96,6 +96,31 @@ def inner_loop(weights, x, y, *, inner_lr, steps, activation, loss, first_order,
         for i, g in zip(moving, grads):
             weights[i] = weights[i] - (inner_lr if rates is None else rates[i]) * g
     return weights
+
+
+def _forward_ad() -> bool:
+    # A forward-mode AD level is open (torch.autograd.forward_ad.dual_level): tangents may flow.
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def _losses(functional: bool):
+    # Under transforms and forward-mode AD, the losses whose double backward has a jvp.
+    return _TRANSFORM_LOSSES if functional or _forward_ad() else LOSSES
+
+
+def _tangent(t):
+    # t's forward-mode tangent, or None.
+    return torch.autograd.forward_ad.unpack_dual(t).tangent if _forward_ad() else None
+
+
+def _result(out: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+    # The result with the caller's graph or without, its forward-mode tangent kept either way.
+    if keep_graph:
+        return out
+    tangent = _tangent(out)
+    if tangent is None:
+        return out.detach()
+    return torch.autograd.forward_ad.make_dual(out.detach(), tangent.detach())
 
 
 def _under_transform(tensors) -> bool:
@@ -133,7 +158,10 @@ def _weights(params: torch.Tensor, sizes: Sequence[int], functional: bool) -> Li
     # under a transform: torch.func.grad makes its own).
     params = _usable(params)
     if not functional and not params.requires_grad:
+        tangent = _tangent(params)  # a forward-mode tangent goes on with the copy
         params = params.detach().requires_grad_()
+        if tangent is not None:
+            params = torch.autograd.forward_ad.make_dual(params, tangent)
     return [t for layer in unflatten(params, sizes) for t in layer]
 
 
@@ -150,6 +178,11 @@ def _tensors(inner_lr):
     return (inner_lr,) if isinstance(inner_lr, torch.Tensor) else ()
 
 
+def _usable_rates(inner_lr):
+    # Rates made under torch.inference_mode (or from such a tensor) as a normal tensor.
+    return _usable(inner_lr) if isinstance(inner_lr, torch.Tensor) else inner_lr
+
+
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
           loss="mse", first_order=False, adapt_layers=None):
     """[T, P]: the adapted parameters of every task."""
@@ -158,6 +191,7 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
     with autograd_on():
         weights = _weights(params, sizes, functional)
         xs, ys = _usable(x_support), _usable(y_support)
+        inner_lr = _usable_rates(inner_lr)
         adapted = []
         for t in range(xs.shape[0]):
             w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
@@ -165,7 +199,7 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
                            functional=functional, sizes=sizes, adapt_layers=adapt_layers)
             adapted.append(torch.cat([p.reshape(-1) for p in w]))
         out = torch.stack(adapted)
-    return out if keep_graph else out.detach()
+    return _result(out, keep_graph)
 
 
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
@@ -174,10 +208,11 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
     data = (x_support, y_support, x_query, y_query)
     functional = _under_transform((params, *data, *_tensors(inner_lr)))
     keep_graph = _keeps_graph((params, *data, *_tensors(inner_lr)), functional)
-    loss_fn = (_TRANSFORM_LOSSES if functional else LOSSES)[loss]
+    loss_fn = _losses(functional)[loss]
     with autograd_on():
         weights = _weights(params, sizes, functional)
         xs, ys, xq, yq = (_usable(t) for t in data)
+        inner_lr = _usable_rates(inner_lr)
         losses = []
         for t in range(xs.shape[0]):
             w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
@@ -185,4 +220,4 @@ def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr
                            functional=functional, sizes=sizes, adapt_layers=adapt_layers)
             losses.append(loss_fn(net(w, xq[t], activation), yq[t]))
         out = torch.stack(losses).mean()
-    return out if keep_graph else out.detach()
+    return _result(out, keep_graph)

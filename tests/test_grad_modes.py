@@ -182,7 +182,7 @@ def test_models_made_under_inference_mode_are_ordinary_modules(backend):
 def test_forward_mode_transforms_hessian_jvp_jacfwd(loss):
     params, data, hyper = problem()
     hyper["loss"] = loss
-    if loss == "cross_entropy":  # class probabilities for targets
+    if loss == "cross_entropy":  # targets as class probabilities (rows summing to 1)
         data = tuple(t.softmax(-1) if i % 2 else t for i, t in enumerate(data))
     f = lambda p: F.maml_loss(p, *data, **hyper)
     H = torch.func.hessian(f)(params)

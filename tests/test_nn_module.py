@@ -196,3 +196,130 @@ def test_the_wrappers_gradients_accumulate_over_a_retained_graph():
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(grads_in_layout(model), 3 * once, rtol=1e-12, atol=1e-12)
+
+
+# ---- the wrapper computes the module as it is at each call, or refuses in one line -------------
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 4, 1, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _meta(model, **kw):
+    return pymaml.MAML(model, inner_lr=0.1, steps=2, **kw)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _OwnSequential(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_a_linear_subclass_or_a_sequential_with_its_own_forward_is_refused():
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), _OwnForward(4, 1))
+    with pytest.raises(ValueError, match=r"model\[2\] is a _OwnForward, not a plain nn.Linear"):
+        _meta(model)
+    with pytest.raises(ValueError, match=r"_OwnSequential\) has a forward of its own"):
+        _meta(_OwnSequential(nn.Linear(1, 1)))
+    model = _mlp()
+    model[0].forward = lambda x: x  # an instance's own forward, too
+    with pytest.raises(ValueError, match=r"model\[0\] is a Linear, not a plain nn.Linear"):
+        _meta(model)
+
+
+@pytest.mark.parametrize("where", ["model", "layer", "activation"])
+@pytest.mark.parametrize("kind", ["register_forward_hook", "register_forward_pre_hook",
+                                  "register_full_backward_hook"])
+def test_hooks_are_refused_at_construction_and_when_added_later(where, kind):
+    model = _mlp()
+    target = {"model": model, "layer": model[2], "activation": model[1]}[where]
+    hook = (lambda *a: None)
+    handle = getattr(target, kind)(hook)
+    name = {"model": "model", "layer": r"model\[2\]", "activation": r"model\[1\]"}[where]
+    with pytest.raises(ValueError, match=rf"{name} \(\w+\) has a .*hook"):
+        _meta(model)
+    handle.remove()
+    maml = _meta(model)
+    maml(*_data())
+    handle = getattr(target, kind)(hook)  # after wrapping: the next call sees it
+    with pytest.raises(ValueError, match=rf"{name} \(\w+\) has a .*hook"):
+        maml(*_data())
+    handle.remove()
+    maml(*_data())
+
+
+def test_a_global_module_hook_is_refused():
+    maml = _meta(_mlp())
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match="a global module hook is registered"):
+            maml(*_data())
+    finally:
+        handle.remove()
+    maml(*_data())
+
+
+def test_tied_layers_and_shared_parameters_are_refused():
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"model\[2\] is the same module as an earlier layer"):
+        _meta(nn.Sequential(lin, nn.ReLU(), lin))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match="shares a weight or bias between layers"):
+        _meta(model)
+
+
+def test_a_layer_replaced_after_wrapping_is_the_one_computed_and_gets_the_gradient():
+    model, data = _mlp(), _data()
+    maml = _meta(model)
+    maml(*data)
+    model[2] = nn.Linear(8, 8).double()
+    loss = maml(*data)
+    loss.backward()
+    assert model[2].weight.grad is not None and model[2].bias.grad is not None
+    fresh = _meta(model)
+    assert torch.equal(loss, fresh(*data))
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 3)  # a parameter replaced
+    assert torch.equal(maml(*data), _meta(model)(*data))
+    model[2] = nn.Linear(8, 5).double()  # and one that no longer fits is named
+    with pytest.raises(ValueError, match=r"model\[4\] takes 8 inputs but the previous Linear gives 5"):
+        maml(*data)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_frozen_layers_keep_their_weights_in_the_inner_loop_and_get_no_gradient(backend):
+    model, data = _mlp(), _data()
+    expected_model = _mlp()
+    expected = _meta(expected_model, adapt_layers=[1, 2], backend=backend)(*data)
+    maml = _meta(model, backend=backend)
+    model[0].requires_grad_(False)  # frozen after wrapping: the next call reads it
+    loss = maml(*data)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert model[2].weight.grad is not None
+    # with adapt_layers too: the frozen layers drop out of it
+    expected = _meta(_mlp(), adapt_layers=[2], backend=backend)(*data)
+    torch.testing.assert_close(_meta(model, adapt_layers=[0, 2], backend=backend)(*data), expected,
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="every layer pymaml.MAML would adapt has requires_grad=False"):
+        _meta(model, adapt_layers=[0])
+    model[0].requires_grad_(True)
+    torch.testing.assert_close(maml(*data), _meta(_mlp(), backend=backend)(*data), rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_frozen_in_part_is_refused():
+    model = _mlp()
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="linear layer 1's bias has requires_grad=False but its "
+                                         "weight does not: pymaml.MAML freezes whole layers only"):
+        _meta(model)
