@@ -38,8 +38,7 @@ import torch
 
 from .base import (CallableDAMLTasks, CallableTasks, CheckedDAMLTasks, CheckedTasks, DAMLBatch,
                    DAMLTaskFamily, SEED_DEFAULTS, TaskBatch, TaskFamily, _DAML, _Kind, _MAML,
-                   check_batch,
-                   check_daml_batch)
+                   check_batch, check_daml_batch)
 from .episodes import Episodes, split_classes
 from .omniglot import Omniglot, load_omniglot
 from .sines import DAMLSine, FunctionTasks, SeedSine, Sine
