@@ -62,6 +62,7 @@ class EvalResult:
     learn_inner_lr: Optional[str] = None
     rate_summary: Optional[List[Tuple[str, float, float, float]]] = None
     adapt_layers: Optional[List[int]] = None
+    trained_steps: Optional[int] = None  # the inner steps the model was meta-trained with
 
     def table(self) -> str:
         rate = f"inner lr {self.inner_lr:g}" if self.learn_inner_lr is None else \
@@ -79,10 +80,15 @@ class EvalResult:
             if self.grid_mse is not None:
                 row += f"  {self.grid_mse[i]:>14.4f} ± {self.grid_mse_ci95[i]:<7.4f}  {self.grid_mae[i]:>8.4f}"
             lines.append(row)
+        # Learned rates cannot be made smaller; past the steps they were learned for they
+        # repeat the last step's, which is where they diverge.
+        advice = "try a smaller inner lr" if self.learn_inner_lr is None else (
+            f"the learned rates are for {self.trained_steps} steps (beyond them the last step's "
+            "repeat): evaluate with no more steps, or pass inner_lr= a number")
         for s, n in zip(self.steps, self.diverged):
             if n:
                 lines.append(f"after {s} steps the MSE of {n} of the {self.num_tasks} tasks is not "
-                             "finite (the inner SGD diverged): try a smaller inner lr")
+                             f"finite (the inner SGD diverged): {advice}")
         if self.rate_summary:
             beyond = "; steps beyond those learned reuse the last step's" \
                 if _rates.per_step(self.learn_inner_lr) else ""
@@ -191,7 +197,7 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
                       rate_summary=_rates.summary(model.learned_lr, model.learn_inner_lr,
                                                   model.sizes, model.adapt_layers)
                       if learned else None,
-                      adapt_layers=model.adapt_layers)
+                      adapt_layers=model.adapt_layers, trained_steps=model.inner_steps)
 
 
 # ---- classification episodes -------------------------------------------------------------------

@@ -74,3 +74,14 @@ def test_diverging_tasks_are_counted_and_the_median_stays_defined():
     assert result.diverged[0] == 0 and result.diverged[1] > 0
     assert not math.isnan(result.mse_median[1])
     assert "is not finite (the inner SGD diverged)" in result.table()
+
+
+def test_diverged_learned_rates_get_advice_that_applies_to_them():
+    # Rates far too large for the task, learned for 1 step, evaluated for 10 (Meta-SGD's case):
+    # no "smaller inner lr" advice, which cannot apply to learned rates.
+    m = pymaml.MetaMLP([1, 8, 1], loss="mse", inner_lr=50.0, inner_steps=1,
+                       learn_inner_lr="per-parameter")
+    table = pymaml.evaluate(m, "sine", steps=[10], num_tasks=10).table()
+    assert "the learned rates are for 1 steps" in table and "smaller inner lr" not in table
+    plain = pymaml.MetaMLP([1, 8, 1], loss="mse", inner_lr=50.0, inner_steps=1)
+    assert "try a smaller inner lr" in pymaml.evaluate(plain, "sine", steps=[10], num_tasks=10).table()
