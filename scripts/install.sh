@@ -15,6 +15,15 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install --quiet numpy pybind11 ninja pytest pytest-benchmark tqdm matplotlib pillow
 command -v cmake >/dev/null || "$PY" -m pip install --quiet cmake
+# Build only what changed: pymaml installed from this tree with an extension newer than every
+# source it is built from is left as it is (a rebuild takes minutes); otherwise install it.
 # No build isolation: compile against the torch installed above, and fetch no other.
-"$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+so=$(ls pymaml/_C*.so 2>/dev/null | head -n 1 || true)
+here=$( (cd / && "$PY" -c "import pymaml, os; print(os.path.dirname(pymaml.__file__))") 2>/dev/null || true)
+if [ -n "$so" ] && [ "$here" = "$PWD/pymaml" ] \
+    && [ -z "$(find csrc setup.py CMakeLists.txt pyproject.toml -newer "$so" -print -quit)" ]; then
+  echo "pymaml: the extension $so is newer than every source; not rebuilt"
+else
+  "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+fi
 "$PY" -m pymaml info
