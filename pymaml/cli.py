@@ -139,7 +139,9 @@ def cmd_train(args) -> int:
             plots.plot_losses(result.losses, out["loss_figure"],
                               title=f"{result.config['algorithm']} on {args.task}")
         print(f"{out['figure']}: {shows};  {out['loss_figure']}: the loss curve")
-    print(f"evaluate with: python -m pymaml eval {out['model']}")
+    held_out = (f" --task {args.task} --data DIR_OF_OTHER_CHARACTERS --shots {args.shots or 1}"
+                if args.task in DATA_FAMILIES else "")
+    print(f"evaluate with: python -m pymaml eval {out['model']}{held_out}")
     return 0
 
 

@@ -102,7 +102,7 @@ def test_cli_trains_evaluates_and_plots(data, tmp_path, monkeypatch, capsys):
     assert main(["train", *flags, "--iterations", "3", "--meta-batch-size", "2",
                  "--sizes", "784,16,3", "--out", "omni"]) == 0
     out = capsys.readouterr().out
-    assert "omni.png" in out and "episodes" in out
+    assert "omni.png" in out and "episodes" in out and "eval omni.pt --task omniglot --data" in out
     for name in ("omni.pt", "omni.ckpt", "omni.png", "omni-loss.png"):
         assert (tmp_path / name).is_file()
     assert main(["eval", "omni.pt", *flags, "--queries", "3", "--tasks", "20", "--steps", "1,3"]) == 0
