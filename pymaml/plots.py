@@ -27,6 +27,11 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _np(*tensors):
+    # matplotlib reads tensors through numpy's deprecated __array__ path (a warning per call).
+    return [t.detach().cpu().numpy() for t in tensors]
+
+
 def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, num_tasks: int = 1,
                     shots: Optional[int] = None, steps: Optional[int] = None, seed: int = 0,
                     grid_points: int = 100) -> List[float]:
@@ -74,10 +79,10 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
         if i >= n:
             ax.axis("off")
             continue
-        ax.plot(dense_x[i, :, 0], dense_y[i, :, 0], label="true function")
-        ax.plot(dense_x[i, :, 0], dense_pred[i, :, 0],
+        ax.plot(*_np(dense_x[i, :, 0], dense_y[i, :, 0]), label="true function")
+        ax.plot(*_np(dense_x[i, :, 0], dense_pred[i, :, 0]),
                 label=f"net(x) after {steps} step{'s' if steps != 1 else ''}")
-        ax.plot(x[i, :, 0], y[i, :, 0], "o", label=f"{family.shots} examples")
+        ax.plot(*_np(x[i, :, 0], y[i, :, 0]), "o", label=f"{family.shots} examples")
         if n > 1:
             ax.set_title(f"task {i + 1}, {task_words(family, ids[i])}: MAE {maes[i]:.3f}",
                          fontsize=10)
@@ -117,8 +122,9 @@ def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss"
     it = torch.arange(1, n + 1)
     fig = _figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
-    ax.plot(it, losses, alpha=0.25, linewidth=0.5, label="meta-loss per iteration")
-    ax.plot(it[window - 1:], smooth, linewidth=1.5, label=f"moving average ({window} iterations)")
+    ax.plot(*_np(it, losses), alpha=0.25, linewidth=0.5, label="meta-loss per iteration")
+    ax.plot(*_np(it[window - 1:], smooth), linewidth=1.5,
+            label=f"moving average ({window} iterations)")
     if (losses > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("meta-iteration")
@@ -167,8 +173,8 @@ def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0)
         maes.append((pred - truth).abs().mean().item())
         x, truth, pred = on(1000)
         name = "pi" if phase > 1 else "0"
-        ax.plot(x, truth, label=f"sin(x + {name})" if phase else "sin(x)")
-        ax.plot(x, pred, label=f"net(x) after {steps} steps on source inputs")
+        ax.plot(*_np(x, truth), label=f"sin(x + {name})" if phase else "sin(x)")
+        ax.plot(*_np(x, pred), label=f"net(x) after {steps} steps on source inputs")
         _source_rug(ax, batch.x_source[0])
         ax.set_title(f"{family.name}, phase {name}: grid MAE {maes[-1]:.3f} "
                      f"({grid_points} points)", fontsize=11)
@@ -189,7 +195,7 @@ def _source_rug(ax, x_source) -> None:
     rows = x_source.reshape(-1, x_source.shape[-2]) if x_source.dim() == 3 \
         else x_source.reshape(1, -1)
     for k, xs in enumerate(rows):
-        ax.plot(xs, torch.full_like(xs, -1.5 + 0.06 * k), "|", color="C2", markersize=9,
+        ax.plot(*_np(xs, torch.full_like(xs, -1.5 + 0.06 * k)), "|", color="C2", markersize=9,
                 label=None if k else f"{rows.numel()} unlabeled source inputs" + (
                     ", a row per inner step" if len(rows) > 1 else ""))
 
@@ -216,7 +222,7 @@ def plot_episodes(model: MetaMLP, path, family, *, episodes: int = 3, steps: Opt
                     (axes[e, j], batch.x_support[e, s], f"class {j}", "black"),
                     (axes[e, W + j], batch.x_query[e, q], f"→ {predicted[e, q].item()}",
                      "green" if right else "red")):
-                ax.imshow(x.reshape(side, side).cpu(), cmap="Greys", vmin=0, vmax=1)
+                ax.imshow(*_np(x.reshape(side, side)), cmap="Greys", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=8, color=color)
                 ax.set_xticks([])
                 ax.set_yticks([])
