@@ -135,7 +135,7 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     entry = _algorithms.get(args["algorithm"])
     family = entry.family(args["task"], args["shots"], args["queries"], args.get("data"),
                           args.get("ways"))
-    defaults = family.run_defaults() if isinstance(family, _tasks.TaskFamily) else DEFAULTS
+    defaults = family.run_defaults()  # every family (a user's wrapped) has them
     given = args["iterations"] is not None
     args = {k: defaults[k] if v is None and k in defaults else v for k, v in args.items()}
     sizes = tuple(_checks.check_sizes(args["sizes"]))

@@ -269,10 +269,24 @@ def _nearest_mean(batch, ways: int) -> torch.Tensor:
     return _accuracy(-torch.cdist(batch.x_query, means), batch.y_query)
 
 
+def _adapted_scores(net, batch, steps, inner_lr, backend, chunk: int):
+    """(accuracy per episode [T], mean query cross-entropy) of `net` adapted by `steps` steps
+    on each episode's support set, `chunk` episodes at a time (per-task parameters of a large
+    MLP are large)."""
+    acc, loss = [], 0.0
+    for at in range(0, batch.x_support.shape[0], chunk):
+        xs, ys, xq, yq = (t[at:at + chunk] for t in batch)
+        with torch.no_grad():
+            logits = net.adapt(xs, ys, steps=steps, inner_lr=inner_lr, backend=backend)(xq)
+        acc.append(_accuracy(logits, yq))
+        loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(),
+                                                        yq.flatten(), reduction="sum")
+    return torch.cat(acc), loss.item() / batch.y_query.numel()
+
+
 def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend, baselines,
                        chunk: int = 100) -> AccuracyResult:
-    """Accuracy per step count, and the baselines, on `num_tasks` episodes drawn at once
-    (adapted `chunk` at a time: per-task parameters of a large MLP are large)."""
+    """Accuracy per step count, and the baselines, on `num_tasks` episodes drawn at once."""
     if family.n_in != model.sizes[0] or family.ways != model.sizes[-1]:
         raise ValueError(f"the episodes have {family.n_in} inputs and {family.ways} classes, "
                          f"the model sizes {model.sizes}")
@@ -280,31 +294,20 @@ def _evaluate_episodes(model, family, steps, num_tasks, seed, inner_lr, backend,
     batch = family.sample(num_tasks, generator=torch.Generator().manual_seed(seed),
                           dtype=dtype, device=device)
     rate = model.inner_lr if inner_lr is None else inner_lr
-    fresh = model._like(F.init_params(model.sizes, generator=torch.Generator().manual_seed(seed),
-                                      dtype=dtype, device=device))
-    runs = [(model, s, inner_lr) for s in steps] + ([(fresh, SCRATCH_STEPS, rate)]
-                                                     if baselines else [])
-    accs, losses = [], []
-    for net, s, lr in runs:
-        acc, loss = [], []
-        for at in range(0, num_tasks, chunk):
-            part = [t[at:at + chunk] for t in batch]
-            with torch.no_grad():
-                logits = net.adapt(part[0], part[1], steps=s, inner_lr=lr, backend=backend)(part[2])
-            acc.append(_accuracy(logits, part[3]))
-            loss.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(),
-                                                          part[3].flatten(), reduction="sum"))
-        accs.append(_mean_ci(torch.cat(acc)))
-        losses.append(sum(loss).item() / (num_tasks * part[3].shape[1]))
+    runs = [_adapted_scores(model, batch, s, inner_lr, backend, chunk) for s in steps]
+    accs = [_mean_ci(acc) for acc, _ in runs]
     scores = {}
     if baselines:
+        fresh = model._like(F.init_params(model.sizes, dtype=dtype, device=device,
+                                          generator=torch.Generator().manual_seed(seed)))
+        scratch, _ = _adapted_scores(fresh, batch, SCRATCH_STEPS, rate, backend, chunk)
         scores = {"nearest class mean (pixels)": _mean_ci(_nearest_mean(batch, family.ways)),
-                  f"same MLP from scratch ({SCRATCH_STEPS} steps)": accs.pop()}
+                  f"same MLP from scratch ({SCRATCH_STEPS} steps)": _mean_ci(scratch)}
     return AccuracyResult(task=family.name, ways=family.ways, shots=family.shots,
                           queries=family.queries, num_tasks=num_tasks, inner_lr=rate,
                           steps=list(steps), accuracies=[a for a, _ in accs],
-                          accuracy_ci95s=[ci for _, ci in accs], losses=losses[:len(steps)],
-                          baselines=scores)
+                          accuracy_ci95s=[ci for _, ci in accs],
+                          losses=[loss for _, loss in runs], baselines=scores)
 
 
 @dataclasses.dataclass
