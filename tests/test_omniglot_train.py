@@ -140,3 +140,13 @@ def test_class_probabilities_must_be_probabilities(bad):
                         steps=1, loss="cross_entropy", backend=backend)
     soft = torch.softmax(torch.randn(2, 4, 3), -1)  # rounding in the sums passes
     F.maml_loss(p, x, soft, x, soft, sizes=sizes, inner_lr=0.1, steps=1, loss="cross_entropy")
+
+
+def test_float32_probabilities_cast_to_float64_pass():
+    # A softmax made in float32 sums to 1 only to float32's rounding: not a mistake.
+    import pymaml.functional as F
+    sizes = [2, 4, 7]
+    p = F.init_params(sizes, dtype=torch.float64)
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    y = torch.softmax(torch.randn(2, 3, 7) * 4, -1).double()
+    F.maml_loss(p, x, y, x, y, sizes=sizes, inner_lr=0.1, steps=1, loss="cross_entropy")
