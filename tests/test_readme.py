@@ -13,18 +13,29 @@ seed's 275,000 iterations and the paper's 70,000: many minutes).
 
 ```bash blocks: every `python -m pymaml ...` command (and torchrun's `-m pymaml ...`) parses
 with the command line's own parser, so a renamed or removed flag fails here; commands with
-`...` in them are sketches and only their command name is checked. And the outputs those
-commands write (*.pt, *.ckpt, figures) are ignored by git."""
+`...` in them are sketches and only their command name is checked. Then each block's commands
+run, in order, in a temporary directory of their own (a command may read what one before it
+in the block wrote, as in a reader's terminal),
+through the command line's own entry point; the placeholders DIR and OTHER_DIR are two small
+Omniglot archives written here in the official layout. Runs are shortened the same way: with
+PYMAML_DOCS_QUICK=1 `train` and `demo` stop after QUICK_CLI_ITERATIONS and `eval` draws
+QUICK_TASKS tasks (an option appended to the command: the last one given wins). Sketches and
+torchrun's commands (more processes: tests/test_distributed.py runs torchrun) are not run. And
+the outputs those commands write (*.pt, *.ckpt, figures) are ignored by git."""
 
 import ast
 import glob
+import io
+import itertools
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import zipfile
 
 import pytest
+import torch
 
 import pymaml
 from pymaml.cli import build_parser
@@ -35,6 +46,7 @@ DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT)
 QUICK = os.environ.get("PYMAML_DOCS_QUICK", "1") != "0"
 QUICK_ITERATIONS = 200
 QUICK_TASKS = 50
+QUICK_CLI_ITERATIONS = 50
 SKIP_MARK = re.compile(r"<!--\s*not run:")
 
 
@@ -111,8 +123,9 @@ def test_every_python_block_is_run_or_says_why_not():
                 ast.parse(code, f"{doc}:{line}")  # a SyntaxError names the block
 
 
-def commands(doc):
-    """[(line, argv after `pymaml`)] of the `-m pymaml` commands in `doc`'s bash blocks."""
+def commands(doc, launcher=False):
+    """[(line, argv after `pymaml`)] of the `-m pymaml` commands in `doc`'s bash blocks (with
+    launcher=True: [(line, argv, the launcher: python or torchrun)])."""
     out = []
     for line, code, _ in blocks(doc, "bash"):
         text = re.sub(r"\\\n", " ", code)  # continuation lines joined
@@ -124,7 +137,9 @@ def commands(doc):
                 words = shlex.split(part)
                 if "-m" in words and words.index("-m") + 1 < len(words) \
                         and words[words.index("-m") + 1] == "pymaml":
-                    out.append((line, words[words.index("-m") + 2:]))
+                    argv = words[words.index("-m") + 2:]
+                    out.append((line, argv, os.path.basename(words[0])) if launcher
+                               else (line, argv))
     return out
 
 
@@ -139,6 +154,54 @@ def test_the_shell_commands_use_flags_that_exist(doc):
         except SystemExit:
             raise AssertionError(f"{doc}, the bash block at line {line}: `python -m pymaml "
                                  f"{' '.join(argv)}` does not parse (see the error above)")
+
+
+def _omniglot_archive(folder, alphabets):
+    """folder/images_background_small1.zip in the official layout: per alphabet 6 characters
+    of 20 drawers, each drawing a random 105x105 bilevel PNG."""
+    image = pytest.importorskip("PIL.Image")
+    generator = torch.Generator().manual_seed(len(alphabets[0]))
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "images_background_small1.zip", "w") as archive:
+        for alphabet in alphabets:
+            for c, d in itertools.product(range(1, 7), range(1, 21)):
+                ink = (torch.rand(105, 105, generator=generator) < 0.8).numpy()
+                png = io.BytesIO()
+                image.fromarray(ink).save(png, format="PNG")
+                archive.writestr(f"images_background_small1/{alphabet}/character{c:02d}/"
+                                 f"{c:02d}{d:02d}_{d:02d}.png", png.getvalue())
+    return str(folder)
+
+
+def _shortened(argv):
+    """argv with the PYMAML_DOCS_QUICK caps appended (argparse: the last value given wins)."""
+    if not QUICK:
+        return argv
+    caps = {"train": ["--iterations", str(QUICK_CLI_ITERATIONS)],
+            "demo": ["--iterations", str(QUICK_CLI_ITERATIONS)],
+            "eval": ["--tasks", str(QUICK_TASKS)]}
+    return argv + caps.get(argv[0], [])
+
+
+RUNNABLE = [pytest.param(doc, id=doc) for doc in DOCS
+            if any("..." not in argv and launcher != "torchrun"
+                   for _, argv, launcher in commands(doc, launcher=True))]
+
+
+@pytest.mark.parametrize("doc", RUNNABLE)
+def test_the_shell_commands_run(doc, tmp_path, monkeypatch, capsys):
+    from pymaml import cli
+    places = {"DIR": _omniglot_archive(tmp_path / "train-archives", ["Latin", "Greek"]),
+              "OTHER_DIR": _omniglot_archive(tmp_path / "test-archives", ["Korean"])}
+    for line, argv, launcher in commands(doc, launcher=True):
+        if "..." in argv or launcher == "torchrun":
+            continue
+        (tmp_path / f"block-{line}").mkdir(exist_ok=True)
+        monkeypatch.chdir(tmp_path / f"block-{line}")
+        argv = _shortened([places.get(word, word) for word in argv])
+        code = cli.main(argv)
+        assert code == 0, (f"{doc}, the bash block at line {line}: `python -m pymaml "
+                           f"{' '.join(argv)}` exits {code}: {capsys.readouterr().err}")
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git"))
