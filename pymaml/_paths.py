@@ -53,12 +53,15 @@ def held_kind(path) -> Optional[str]:
 def check_replaceable(path, kind: str, what: str, overwrite: bool = False,
                       ask: Optional[str] = "overwrite=True") -> None:
     """Before writing a file of `kind` ("model", "training checkpoint", "figure") to `path`:
-    a pymaml file of another kind there is not replaced unless `overwrite`; FileExistsError
-    naming both (`what` is the writer: "MetaMLP.save", "this run's model"...) and how to ask
-    (`ask`; None: there is no asking)."""
+    a pymaml file of another kind there is not replaced unless `overwrite`, nor is any other
+    file (a damaged pymaml file, the user's own) by a model or a checkpoint (a figure only
+    replaces pymaml's files when asked); FileExistsError naming both (`what` is the writer:
+    "MetaMLP.save", "this run's model"...) and how to ask (`ask`; None: there is no asking)."""
     if overwrite:
         return
     held = held_kind(path)
+    if held is None and kind != "figure" and os.path.isfile(path):
+        held = "file that is not a readable pymaml file"
     if held is not None and held != kind:
         how = f"pass {ask} to replace it, or choose" if ask else "choose"
         raise FileExistsError(f"{path} holds a {held}, which {what} would replace with a "

@@ -81,8 +81,9 @@ class SavedModel(nn.Module):
 
     def save(self, path, *, overwrite: bool = False) -> None:
         """Writes the model atomically with torch.save: plain tensors and metadata only, so
-        torch.load(path, weights_only=True) reads it. A model file at `path` is replaced; a
-        training checkpoint is not, unless overwrite=True (FileExistsError naming it)."""
+        torch.load(path, weights_only=True) reads it. A model file at `path` is replaced; any
+        other file (a training checkpoint, a file not pymaml's) is not, unless overwrite=True
+        (FileExistsError naming it)."""
         path = _io.fspath(path)
         _paths.check_replaceable(path, "model", f"{type(self).__name__}.save", overwrite)
         _io.atomic_save(self.to_dict(), path)

@@ -78,6 +78,20 @@ def test_saving_a_model_never_replaces_a_checkpoint_unasked(tmp_path, algorithm)
         "iteration" not in torch.load(ckpt, weights_only=True)
 
 
+@pytest.mark.parametrize("content", [b"my notes\n", b"", b"PK\x03\x04 damaged model"])
+def test_saving_a_model_never_replaces_a_file_of_the_users_unasked(tmp_path, content):
+    """Any file that is not a pymaml model (a user's text, an empty or damaged file) stays."""
+    model = pymaml.MetaMLP([1, 8, 1])
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(FileExistsError, match=r"notes.pt holds a file that is not a readable "
+                                              r"pymaml file, which MetaMLP.save would replace"):
+        model.save(path)
+    assert path.read_bytes() == content
+    model.save(path, overwrite=True)
+    assert isinstance(pymaml.load(path), pymaml.MetaMLP)
+
+
 def test_the_cli_model_never_replaces_a_checkpoint_unasked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, *TRAIN, "--out", "a")[0] == 0
