@@ -227,45 +227,36 @@ def inner_loop(weights, loss_weights, x_source, *, inner_lr, steps, activation, 
     return weights
 
 
-def _loss_weights(loss_params, loss_sizes):
-    return [t for layer in unflatten(_reference._usable(loss_params), loss_sizes) for t in layer]
+def _frame(params, loss_params, data, inner_lr, sizes, loss_sizes, task, finish=torch.stack):
+    """pymaml.reference's frame, the loss network's weights shared by the tasks. Unlike MAML's
+    reference, the rates are used as given and the result keeps no forward-mode tangent."""
+    shared = lambda: ([t for layer in unflatten(_reference._usable(loss_params), loss_sizes)
+                       for t in layer],)
+    tensors = (params, loss_params, *data, *_reference.rate_tensors(inner_lr))
+    out, keep_graph = _reference.over_tasks(params, sizes, tensors, data, task, shared, finish)
+    return out if keep_graph else out.detach()
 
 
 def reference_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
                     activation="relu", adapt_loss="l1"):
     """[T, P]: the adapted base parameters of every task (the autograd reference)."""
-    tensors = (params, loss_params, x_source) + _reference._tensors(inner_lr)
-    functional = _reference._under_transform(tensors)
-    keep_graph = _reference._keeps_graph(tensors, functional)
-    with _reference.autograd_on():
-        weights = _reference._weights(params, sizes, functional)
-        psi = _loss_weights(loss_params, loss_sizes)
-        xs = _reference._usable(x_source)
-        adapted = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, adapt_loss=adapt_loss, functional=functional)
-            adapted.append(torch.cat([p.reshape(-1) for p in w]))
-        out = torch.stack(adapted)
-    return out if keep_graph else out.detach()
+    def task(weights, functional, psi, xs):
+        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+                       adapt_loss=adapt_loss, functional=functional)
+        return torch.cat([p.reshape(-1) for p in w])
+
+    return _frame(params, loss_params, (x_source,), inner_lr, sizes, loss_sizes, task)
 
 
 def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_sizes,
                    inner_lr, steps, activation="relu", loss="l1", adapt_loss="l1"):
     """Scalar: the mean over tasks of the query loss after adapting on the learned inner loss
     (the autograd reference; gradients reach params, loss_params and the data)."""
-    tensors = (params, loss_params, x_source, x_query, y_query) + _reference._tensors(inner_lr)
-    functional = _reference._under_transform(tensors)
-    keep_graph = _reference._keeps_graph(tensors, functional)
-    loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
-    with _reference.autograd_on():
-        weights = _reference._weights(params, sizes, functional)
-        psi = _loss_weights(loss_params, loss_sizes)
-        xs, xq, yq = (_reference._usable(t) for t in (x_source, x_query, y_query))
-        losses = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, adapt_loss=adapt_loss, functional=functional)
-            losses.append(loss_fn(_reference.net(w, xq[t], activation), yq[t]))
-        out = torch.stack(losses).mean()
-    return out if keep_graph else out.detach()
+    def task(weights, functional, psi, xs, xq, yq):
+        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+                       adapt_loss=adapt_loss, functional=functional)
+        loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
+        return loss_fn(_reference.net(w, xq, activation), yq)
+
+    return _frame(params, loss_params, (x_source, x_query, y_query), inner_lr, sizes,
+                  loss_sizes, task, lambda losses: torch.stack(losses).mean())

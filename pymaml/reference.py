@@ -173,51 +173,57 @@ def _keeps_graph(tensors, functional: bool) -> bool:
     return torch.is_grad_enabled() and (functional or any(t.requires_grad for t in tensors))
 
 
-def _tensors(inner_lr):
+def over_tasks(params, sizes, tensors, data, task, shared, finish=torch.stack):
+    """The frame of a reference call, MAML's here and DAML's (pymaml.daml): with autograd on,
+    task(weights, functional, *shared(), *task t's slices of data) for every task t, the
+    results stacked (or `finish`ed). Returns (that, whether the caller's graph should reach
+    it). tensors: every tensor of the call (a transform may wrap them; their requires_grad
+    counts); shared: what the tasks share beyond the weights, made with autograd on."""
+    functional = _under_transform(tensors)
+    keep_graph = _keeps_graph(tensors, functional)
+    with autograd_on():
+        weights = _weights(params, sizes, functional)
+        common = shared()
+        data = [_usable(t) for t in data]
+        out = finish([task(weights, functional, *common, *(t[i] for t in data))
+                      for i in range(data[0].shape[0])])
+    return out, keep_graph
+
+
+def rate_tensors(inner_lr):
     # The rates, where they are a tensor (their gradient is asked for like params').
     return (inner_lr,) if isinstance(inner_lr, torch.Tensor) else ()
 
 
 def _usable_rates(inner_lr):
     # Rates made under torch.inference_mode (or from such a tensor) as a normal tensor.
-    return _usable(inner_lr) if isinstance(inner_lr, torch.Tensor) else inner_lr
+    return (_usable(inner_lr) if isinstance(inner_lr, torch.Tensor) else inner_lr,)
 
 
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
           loss="mse", first_order=False, adapt_layers=None):
     """[T, P]: the adapted parameters of every task."""
-    functional = _under_transform((params, x_support, y_support, *_tensors(inner_lr)))
-    keep_graph = _keeps_graph((params, x_support, y_support, *_tensors(inner_lr)), functional)
-    with autograd_on():
-        weights = _weights(params, sizes, functional)
-        xs, ys = _usable(x_support), _usable(y_support)
-        inner_lr = _usable_rates(inner_lr)
-        adapted = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order,
-                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
-            adapted.append(torch.cat([p.reshape(-1) for p in w]))
-        out = torch.stack(adapted)
-    return _result(out, keep_graph)
+    def task(weights, functional, rates, x, y):
+        w = inner_loop(weights, x, y, inner_lr=rates, steps=steps, activation=activation,
+                       loss=loss, first_order=first_order, functional=functional, sizes=sizes,
+                       adapt_layers=adapt_layers)
+        return torch.cat([p.reshape(-1) for p in w])
+
+    data = (x_support, y_support)
+    return _result(*over_tasks(params, sizes, (params, *data, *rate_tensors(inner_lr)), data,
+                               task, lambda: _usable_rates(inner_lr)))
 
 
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
               activation="relu", loss="mse", first_order=False, adapt_layers=None):
     """Scalar: the mean over tasks of the query loss after adaptation."""
+    def task(weights, functional, rates, xs, ys, xq, yq):
+        w = inner_loop(weights, xs, ys, inner_lr=rates, steps=steps, activation=activation,
+                       loss=loss, first_order=first_order, functional=functional, sizes=sizes,
+                       adapt_layers=adapt_layers)
+        return _losses(functional)[loss](net(w, xq, activation), yq)
+
     data = (x_support, y_support, x_query, y_query)
-    functional = _under_transform((params, *data, *_tensors(inner_lr)))
-    keep_graph = _keeps_graph((params, *data, *_tensors(inner_lr)), functional)
-    loss_fn = _losses(functional)[loss]
-    with autograd_on():
-        weights = _weights(params, sizes, functional)
-        xs, ys, xq, yq = (_usable(t) for t in data)
-        inner_lr = _usable_rates(inner_lr)
-        losses = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order,
-                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
-            losses.append(loss_fn(net(w, xq[t], activation), yq[t]))
-        out = torch.stack(losses).mean()
-    return _result(out, keep_graph)
+    return _result(*over_tasks(params, sizes, (params, *data, *rate_tensors(inner_lr)), data,
+                               task, lambda: _usable_rates(inner_lr),
+                               lambda losses: torch.stack(losses).mean()))
