@@ -1,15 +1,10 @@
-"""DAML (Yu, Finn et al., 2018): MAML with a learned inner loss on unlabeled inputs
-(docs/design.md §2b has the math). A loss MLP reads, at every unlabeled source point, the base
-network's output and hidden activations ("taps"); the inner loop takes SGD steps on the mean
-|h| or h^2 of its outputs; the outer loss is the supervised loss on labeled query data. Both
-networks are meta-trained together (second order only: the loss network's gradient is all
-second-order terms).
+"""DAML (Yu, Finn et al., 2018; docs/design.md §8.3): MAML with a learned inner loss on
+unlabeled inputs. A loss MLP reads, at every unlabeled source point, the base network's output
+and hidden activations ("taps"); the inner loop takes SGD steps on the mean |h| or h^2 of its
+outputs; the outer loss is the supervised loss on labeled query data.
 
-This module holds the public API, `daml_loss` and `daml_adapt` (checked, then routed to the
-fused op or the reference as pymaml.functional's calls are), and the pure-autograd reference,
-`reference_loss` and `reference_adapt`, written like pymaml.reference's MAML: the oracle the
-fused op is checked against, and the fallback for what it does not serve.
-"""
+The public API, `daml_loss` and `daml_adapt`, is checked, then routed as pymaml.functional's
+calls are; `reference_loss` and `reference_adapt` are its pure-autograd reference."""
 
 from __future__ import annotations
 
@@ -34,7 +29,7 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
                 adapt_loss, first_order):
     """The checks common to daml_loss and daml_adapt; returns (sizes, loss_sizes)."""
     sizes, loss_sizes = _checks.check_daml_sizes(sizes, loss_sizes)
-    _checks.check_flat("params", params, sizes, "sizes")
+    _checks.check_params(params, sizes)
     _checks.check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
     number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
     _checks.check_hyper(number, steps, activation, loss, first_order, params.dtype)
@@ -49,9 +44,6 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
         raise ValueError(f"steps must be >= 1 for DAML: with no inner step the loss network "
                          f"is never used and loss_params (psi) would get no gradient; got {steps}")
     return sizes, loss_sizes
-
-
-_CPU_ONLY = "the fused DAML ops run"
 
 
 def _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
@@ -70,7 +62,7 @@ def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=Non
     """extra: loss_params and learned rates, which a torch.func transform or forward-mode AD
     may carry as well as params and the data."""
     return _route.choose(backend, params, (("sizes", sizes), ("loss_sizes", loss_sizes)),
-                         steps, data, _CPU_ONLY, refusal,
+                         steps, data, "the fused DAML ops run", refusal,
                          tuple(t for t in extra if isinstance(t, torch.Tensor)))
 
 
@@ -96,7 +88,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
         # class indices become one-hot (as in functional); probabilities are checked
         sizes = _checks.check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
         if not y_query.is_floating_point():
-            _checks.check_flat("params", params, sizes, "sizes")
+            _checks.check_params(params, sizes)
         y_query = _checks.class_targets("y_query", y_query, sizes[-1], params)
     data = (x_source, x_query, y_query)
     if _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
@@ -127,14 +119,11 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     need_rate_grad = grad_mode and learned and inner_lr.requires_grad
     need_grad = need_rate_grad or (grad_mode and (params.requires_grad
                                                   or loss_params.requires_grad))
-    # the value form (keep_grad): the loss alone
-    if learned:
-        rows = _rates.rate_rows(inner_lr, params, steps, P)
-        return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, 0.0,
-                                  int(steps), activation, loss, adapt_loss, need_grad, True,
-                                  rows, need_rate_grad)[0]
-    return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
-                              int(steps), activation, loss, adapt_loss, need_grad, True)[0]
+    # the value form (keep_grad): the loss alone; learned rates as [R, P] rows beside rate 0
+    rate, rates = ((0.0, (_rates.rate_rows(inner_lr, params, steps, P), need_rate_grad))
+                   if learned else (float(inner_lr), ()))
+    return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, rate, int(steps),
+                              activation, loss, adapt_loss, need_grad, True, *rates)[0]
 
 
 def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,

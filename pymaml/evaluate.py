@@ -1,21 +1,8 @@
-"""pymaml.evaluate's protocols on held-out tasks: the MAML paper's few-shot regression for a
-MetaMLP (`evaluate`), the error after unlabeled adaptation for a DAMLModel (`evaluate_daml`).
-
-MetaMLP: for each of `num_tasks` held-out tasks: adapt the model on K support points for each number
-of steps asked (1, 5, 10 by default), then measure the MSE on K held-out points of the same
-task; report the mean over tasks and the 95 % confidence interval 1.96 * std / sqrt(num_tasks)
-(the population std, as the MAML code computes it). For task families with a known target
-function (pymaml.tasks.FunctionTasks) also the MSE and mean absolute error on a dense grid of
-`grid_points` inputs over the input range. A model with learned inner rates adapts with
-them (and only its adapt_layers move), and the table summarises the rates.
-
-DAMLModel, for a family with a known target function and phases (pymaml.tasks.DAMLSine): for
-each phase (0 and pi) and number of inner steps, `num_tasks` held-out draws of source inputs (a
-fresh one per step, as in training), source-only adaptation, then the MAE (with its 95 %
-interval over the draws) and the MSE of the adapted network against the true sine on
-`grid_points` inputs over [-2pi, 2pi] (the figure's measure). For other DAML families (a user's
-sampler): the MAE and MSE on each task's labeled target points, over all tasks.
-"""
+"""pymaml.evaluate's protocols on held-out tasks (docs/training.md, "pymaml.evaluate" and the
+classification and DAML sections): the MAML paper's few-shot regression and classification
+episodes for a MetaMLP (`evaluate`), the error after unlabeled adaptation for a DAMLModel
+(`evaluate_daml`). Intervals are 1.96 * std / sqrt(num_tasks), the population std, as the
+MAML code computes it."""
 
 from __future__ import annotations
 

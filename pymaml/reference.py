@@ -3,13 +3,10 @@ tasks and inner steps, torch.autograd.grad with create_graph=True). It is the or
 fused result is checked against, so it stays simple and obviously right; it is also the
 fallback backend (any device, dtype, depth, double backward, gradients to the data).
 
-It serves every grad mode: the inner loop needs gradients whatever the caller's mode, so it
-runs with autograd on (outside torch.inference_mode too), and the result carries a graph only
-when the caller's mode records one and an input requires grad, as a torch op's would. Under
-torch.func transforms (vmap, grad, ...) the inner gradients are taken with torch.func.grad,
-which composes with them, instead of torch.autograd.grad.
-
-Arguments are those of pymaml.functional (already validated there)."""
+It serves every grad mode and torch.func transform (docs/training.md, "Grad modes and
+torch.func"): the inner loop runs with autograd on whatever the caller's mode, the result
+carries a graph only as a torch op's would, and under a transform the inner gradients are
+taken with torch.func.grad. Arguments are those of pymaml.functional (validated there)."""
 
 from __future__ import annotations
 
