@@ -160,7 +160,10 @@ def check_rates(inner_lr, params, sizes, steps) -> Optional[torch.Tensor]:
         raise ValueError(f"inner_lr as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
                          f"[], [{P}] (a rate per parameter), [{steps}, 1] (per step) or "
                          f"[{steps}, {P}]; got shape {list(inner_lr.shape)}")
-    if _concrete(inner_lr) and not bool(torch.isfinite(inner_lr.detach()).all()):
+    # Values cannot be read while torch.compile traces (fullgraph would break on the branch)
+    # nor under a torch.func transform: a non-finite rate then gives a non-finite loss.
+    if (not torch.compiler.is_compiling() and not wrapped_by_transform((inner_lr,))
+            and not bool(torch.isfinite(inner_lr.detach()).all())):
         raise ValueError("inner_lr must hold finite rates, got a non-finite entry")
     return inner_lr
 
@@ -173,14 +176,10 @@ def broadcasts_to_steps(rate: torch.Tensor, steps: int, P: int) -> bool:
         return False
 
 
-def _concrete(t: torch.Tensor) -> bool:
-    """Whether t's values can be read here: not while torch.compile traces (fullgraph would
-    break on the data-dependent branch), not under a torch.func transform (vmap batches them).
-    The checks on values are skipped there: a non-finite rate then gives a non-finite loss."""
-    if torch.compiler.is_compiling():
-        return False
+def wrapped_by_transform(tensors) -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev...) has wrapped any of the tensors."""
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is None or not wrapped(t)
+    return wrapped is not None and any(wrapped(t) for t in tensors)
 
 
 def check_adapt_layers(adapt_layers, sizes) -> Optional[list]:

@@ -78,8 +78,7 @@ class DAMLModel(SavedModel):
         self.inner_steps = _checks.check_int("inner_steps", inner_steps, 1)
         self.info = _io.plain("info", dict(info or {}))
         P, P_loss = num_params(self.sizes), num_params(self.loss_sizes)
-        if device is not None:
-            device = _checks.check_device("device", device)
+        device = None if device is None else _checks.check_device("device", device)
         with torch.inference_mode(False):
             if weights is not None:
                 if params is not None or loss_params is not None:

@@ -15,6 +15,7 @@ from typing import List, Sequence
 import torch
 from torch.nn import functional as F
 
+from ._checks import wrapped_by_transform
 from ._layout import unflatten
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -120,12 +121,6 @@ def _result(out: torch.Tensor, keep_graph: bool) -> torch.Tensor:
     return torch.autograd.forward_ad.make_dual(out.detach(), tangent.detach())
 
 
-def _under_transform(tensors) -> bool:
-    # Tensors that a torch.func transform (vmap, grad, jacrev...) has wrapped.
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and any(wrapped(t) for t in tensors)
-
-
 class autograd_on:
     """Autograd on, whatever the caller's mode: torch.no_grad and torch.inference_mode both
     turn it off, and enable_grad alone does not leave inference mode. (A class, not a
@@ -176,7 +171,7 @@ def over_tasks(params, sizes, tensors, data, task, shared, finish=torch.stack):
     results stacked (or `finish`ed). Returns (that, whether the caller's graph should reach
     it). tensors: every tensor of the call (a transform may wrap them; their requires_grad
     counts); shared: what the tasks share beyond the weights, made with autograd on."""
-    functional = _under_transform(tensors)
+    functional = wrapped_by_transform(tensors)
     keep_graph = _keeps_graph(tensors, functional)
     with autograd_on():
         weights = _weights(params, sizes, functional)
