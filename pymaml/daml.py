@@ -165,8 +165,7 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
 
 
 # ---- the pure-autograd reference --------------------------------------------------------------
-# Arguments as daml_loss / daml_adapt take them (validated there). Grad modes, inference mode
-# and torch.func transforms are served as pymaml.reference serves MAML's.
+# Arguments as daml_loss / daml_adapt take them (validated there).
 
 _ADAPT_LOSS_FNS = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}
 

@@ -18,6 +18,7 @@ from . import tasks as _tasks
 from . import functional as F
 from .daml_model import DAMLModel
 from .model import MetaMLP
+from .plots import phase_name
 
 __all__ = ["evaluate", "EvalResult", "AccuracyResult", "evaluate_daml", "DAMLEvalResult"]
 
@@ -327,10 +328,8 @@ class DAMLEvalResult:
                  + f"; mean ± 1.96·std/√{self.num_tasks}"]
         lines.append(f"{'phase':>6}  {'steps':>5}  {'MAE':>18}  {'MSE':>8}")
         for r in self.rows:
-            phase = "all" if r["phase"] is None else (
-                "pi" if abs(r["phase"] - math.pi) < 1e-9 else f"{r['phase']:g}")
-            lines.append(f"{phase:>6}  {r['steps']:>5}  {r['mae']:>9.4f} ± {r['mae_ci95']:<6.4f}"
-                         f"  {r['mse']:>8.4f}")
+            lines.append(f"{phase_name(r['phase']):>6}  {r['steps']:>5}  {r['mae']:>9.4f} ± "
+                         f"{r['mae_ci95']:<6.4f}  {r['mse']:>8.4f}")
         return "\n".join(lines)
 
 

@@ -152,7 +152,7 @@ class DAML(Algorithm):
         held_out = evaluate_daml(model, task, shots=shots)
         return ["after adapting from unlabeled source inputs alone, mean absolute error on a "
                 "100-point grid over [-2pi, 2pi] (600 held-out source draws per phase): "
-                + ", ".join(f"phase {_plots._phase_name(r['phase'])} {r['mae']:.4f}"
+                + ", ".join(f"phase {_plots.phase_name(r['phase'])} {r['mae']:.4f}"
                             for r in held_out.rows)]
 
     def figure(self, model, path, task, *, shots, seed, data=None) -> str:
