@@ -110,16 +110,6 @@ def check_layers(name: str, layers, depth: int) -> Optional[Tuple[int, ...]]:
     return tuple(sorted(out))
 
 
-def describe(mode: Optional[str], layers: Optional[Sequence[int]]) -> str:
-    """A few words on a model's inner loop beyond its rate, for reprs and tables."""
-    words = []
-    if mode is not None:
-        words.append(f"learned inner rates {mode}")
-    if layers is not None:
-        words.append(f"adapting layer(s) {', '.join(map(str, layers))} only")
-    return "; ".join(words)
-
-
 def summary(rates: torch.Tensor, mode: str, sizes,
             layers: Optional[Sequence[int]] = None) -> List[Tuple[str, float, float, float]]:
     """(label, mean, min, max) of the learned rates: one row per weight matrix and bias
