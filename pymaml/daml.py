@@ -105,9 +105,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     T = _checks.check_source(x_source, params, sizes, steps)
     _checks.check_query(x_query, y_query, params, sizes, T)
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
-    extra = ("the fused op does not support torch.func transforms (grad, vmap)"
-             if learned and _route.under_torch_func((inner_lr,)) else None)
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, None,
                             (loss_params, inner_lr))
     P = num_params(sizes)
     if which == "reference":
@@ -147,12 +145,12 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
                                     activation, "l1", adapt_loss, False)
     _checks.check_source(x_source, params, sizes, steps)
-    extra = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
-             "grad (use daml_loss for the meta-gradient, or torch.no_grad())") if need_grad else None
     learned = isinstance(inner_lr, torch.Tensor)
-    if learned and extra is None:  # the fused daml_adapt takes one rate
-        extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+    refusal = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
+               "grad (use daml_loss for the meta-gradient, or torch.no_grad())" if need_grad
+               else "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
+               if learned else None)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal,
                             (loss_params, inner_lr))
     if which == "reference":
         rate = (_rates.reference_rates(inner_lr, steps, num_params(sizes))
