@@ -145,41 +145,39 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.params.dtype, model.params.device
-    cast = lambda t: t.to(device=device, dtype=dtype)
-    grid_y = None
-    if isinstance(family, _tasks.FunctionTasks):
+    grid = isinstance(family, _tasks.FunctionTasks)  # a known target: the grid errors too
+    if grid:
         ids, x, y = family.draw(num_tasks, g)
         batch = family.split(x, y, dtype=dtype, device=device)
         grid_x = family.grid(grid_points).expand(num_tasks, grid_points, 1)
-        grid_y = family.target(ids, grid_x)
-        grid_x, grid_y = cast(grid_x), cast(grid_y)
+        grid_x, grid_y = (t.to(device=device, dtype=dtype)
+                          for t in (grid_x, family.target(ids, grid_x)))
     else:
         batch = _tasks.checked(family).sample(num_tasks, generator=g, dtype=dtype,
                                               device=device)
-    mse, mse_ci, median, diverged, gmse, gmse_ci, gmae = [], [], [], [], [], [], []
+    mse, mse_ci, median, diverged = [], [], [], []
+    gmse, gmse_ci, gmae = ([], [], []) if grid else (None, None, None)
     with torch.no_grad():
         for s in steps:
             adapted = model.adapt(batch.x_support, batch.y_support, steps=s, inner_lr=inner_lr,
                                   backend=backend)
-            per_task = (adapted(batch.x_query) - batch.y_query).pow(2).mean(dim=(1, 2))
-            m, ci = _mean_ci(per_task.double())
+            per_task = (adapted(batch.x_query) - batch.y_query).pow(2).mean(dim=(1, 2)).double()
+            m, ci = _mean_ci(per_task)
             mse.append(m)
             mse_ci.append(ci)
-            median.append(per_task.double().nan_to_num(nan=math.inf).median().item())
+            median.append(per_task.nan_to_num(nan=math.inf).median().item())
             diverged.append(int((~per_task.isfinite()).sum()))
-            if grid_y is not None:
+            if grid:
                 err = (adapted(grid_x) - grid_y).double()
                 m, ci = _mean_ci(err.pow(2).mean(dim=(1, 2)))
                 gmse.append(m)
                 gmse_ci.append(ci)
                 gmae.append(err.abs().mean().item())
-    grid = grid_y is not None
     learned = model.learned_lr is not None and inner_lr is None  # adapted with them
     return EvalResult(task=family.name, shots=batch.x_support.shape[1], num_tasks=num_tasks,
                       inner_lr=model.inner_lr if inner_lr is None else float(inner_lr),
                       steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median,
-                      diverged=diverged, grid_mse=gmse if grid else None,
-                      grid_mse_ci95=gmse_ci if grid else None, grid_mae=gmae if grid else None,
+                      diverged=diverged, grid_mse=gmse, grid_mse_ci95=gmse_ci, grid_mae=gmae,
                       grid_points=grid_points,
                       learn_inner_lr=model.learn_inner_lr if learned else None,
                       rate_summary=_rates.summary(model.learned_lr, model.learn_inner_lr,
