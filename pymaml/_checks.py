@@ -92,15 +92,7 @@ def usable_devices():
 
 
 def check_params(params, sizes, allow_batched=False) -> None:
-    if not isinstance(params, torch.Tensor):
-        raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")
-    if not params.is_floating_point():
-        raise TypeError(f"params must be a floating-point tensor, got dtype {params.dtype}")
-    P = num_params(sizes)
-    ranks = "[P] or [T, P]" if allow_batched else "[P]"
-    if params.dim() not in ((1, 2) if allow_batched else (1,)) or params.shape[-1] != P:
-        raise ValueError(f"params must be {ranks} with P = {P} for sizes {sizes}, "
-                         f"got shape {list(params.shape)}")
+    check_flat("params", params, sizes, allow_batched=allow_batched)
 
 
 def check_data(params, sizes, steps=None, **named) -> int:
@@ -164,27 +156,30 @@ def check_rates(inner_lr, params, sizes, steps) -> Optional[torch.Tensor]:
         raise TypeError(f"inner_lr must have the dtype of params ({params.dtype}), got {inner_lr.dtype}")
     if inner_lr.device != params.device:
         raise ValueError(f"inner_lr must be on the device of params ({params.device}), got {inner_lr.device}")
-    try:
-        fits = inner_lr.dim() <= 2 and torch.broadcast_shapes(inner_lr.shape, (steps, P)) == (steps, P)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to_steps(inner_lr, steps, P):
         raise ValueError(f"inner_lr as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
                          f"[], [{P}] (a rate per parameter), [{steps}, 1] (per step) or "
                          f"[{steps}, {P}]; got shape {list(inner_lr.shape)}")
-    if _concrete(inner_lr) and not bool(torch.isfinite(inner_lr.detach()).all()):
+    # Values cannot be read while torch.compile traces (fullgraph would break on the branch)
+    # nor under a torch.func transform: a non-finite rate then gives a non-finite loss.
+    if (not torch.compiler.is_compiling() and not wrapped_by_transform((inner_lr,))
+            and not bool(torch.isfinite(inner_lr.detach()).all())):
         raise ValueError("inner_lr must hold finite rates, got a non-finite entry")
     return inner_lr
 
 
-def _concrete(t: torch.Tensor) -> bool:
-    """Whether t's values can be read here: not while torch.compile traces (fullgraph would
-    break on the data-dependent branch), not under a torch.func transform (vmap batches them).
-    The checks on values are skipped there: a non-finite rate then gives a non-finite loss."""
-    if torch.compiler.is_compiling():
+def broadcasts_to_steps(rate: torch.Tensor, steps: int, P: int) -> bool:
+    """Whether a rate tensor broadcasts to [steps, P] (at most 2 dimensions)."""
+    try:
+        return rate.dim() <= 2 and torch.broadcast_shapes(rate.shape, (steps, P)) == (steps, P)
+    except RuntimeError:
         return False
+
+
+def wrapped_by_transform(tensors) -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev...) has wrapped any of the tensors."""
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is None or not wrapped(t)
+    return wrapped is not None and any(wrapped(t) for t in tensors)
 
 
 def check_adapt_layers(adapt_layers, sizes) -> Optional[list]:
@@ -238,7 +233,8 @@ def check_daml_sizes(sizes, loss_sizes):
     return sizes, loss_sizes  # any output width: La is the mean over all of h's entries
 
 
-def check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> None:
+def check_flat(name: str, t, sizes, size_name: str = "sizes", dtype=None, device=None,
+               allow_batched=False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -248,9 +244,10 @@ def check_flat(name: str, t, sizes, size_name: str, dtype=None, device=None) -> 
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on the device of params ({device}), got {t.device}")
     P = num_params(sizes)
-    if t.dim() != 1 or t.shape[0] != P:
-        raise ValueError(f"{name} must be [P] with P = {P} for {size_name} {sizes}, got shape "
-                         f"{list(t.shape)}")
+    ranks = "[P] or [T, P]" if allow_batched else "[P]"
+    if t.dim() not in ((1, 2) if allow_batched else (1,)) or t.shape[-1] != P:
+        raise ValueError(f"{name} must be {ranks} with P = {P} for {size_name} {sizes}, got "
+                         f"shape {list(t.shape)}")
 
 
 def check_tensor(name: str, t, params) -> None:

@@ -1,12 +1,7 @@
-"""Learned inner learning rates and frozen layers, as training and models store them.
-
-A run that learns its inner rates (Meta-SGD, MAML++'s LSLR, ...) holds them as one tensor
-beside the weights, in the shape its mode gives (design.md §8.1); the functional API takes
-them as a tensor broadcastable to [steps, P]. This module is the one place that knows the
-modes: their stored shapes, their start, their expansion to what the functional API takes,
-the checks of user input and the summary the evaluation table prints. `adapt_layers` (the
-linear layers that move in the inner loop, §8.2) is checked and normalised here too.
-"""
+"""Learned inner learning rates and frozen layers, as training and models store them: the one
+place that knows the modes of learned rates (docs/design.md §8.1: their stored shapes, their
+start, their expansion to what the functional API takes, their checks and summary) and
+checks `adapt_layers` (§8.2)."""
 
 from __future__ import annotations
 
@@ -71,11 +66,7 @@ def check_tensor(name: str, rate, steps: int, P: int, dtype: torch.dtype) -> Non
     if not rate.is_floating_point() or rate.dtype != dtype:
         raise TypeError(f"{name} as a tensor must have the weights' dtype ({dtype}), got "
                         f"{rate.dtype}")
-    try:
-        fits = rate.dim() <= 2 and torch.broadcast_shapes(rate.shape, (steps, P)) == (steps, P)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _checks.broadcasts_to_steps(rate, steps, P):
         raise ValueError(f"{name} as a tensor must broadcast to [steps, P] = [{steps}, {P}]: "
                          f"[], [{P}], [{steps}, 1] or [{steps}, {P}]; got {list(rate.shape)}")
 
@@ -117,16 +108,6 @@ def check_layers(name: str, layers, depth: int) -> Optional[Tuple[int, ...]]:
     if len(set(out)) != len(out):
         raise ValueError(f"{name} names a layer twice: {list(layers)}")
     return tuple(sorted(out))
-
-
-def describe(mode: Optional[str], layers: Optional[Sequence[int]]) -> str:
-    """A few words on a model's inner loop beyond its rate, for reprs and tables."""
-    words = []
-    if mode is not None:
-        words.append(f"learned inner rates {mode}")
-    if layers is not None:
-        words.append(f"adapting layer(s) {', '.join(map(str, layers))} only")
-    return "; ".join(words)
 
 
 def summary(rates: torch.Tensor, mode: str, sizes,

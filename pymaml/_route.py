@@ -24,8 +24,7 @@ def under_torch_func(tensors) -> bool:
     peek = getattr(functorch, "peek_interpreter_stack", None)
     if peek is not None and peek() is None:
         return False
-    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and any(wrapped(t) for t in tensors)
+    return _checks.wrapped_by_transform(tensors)
 
 
 def has_tangent(tensors) -> bool:

@@ -1,15 +1,10 @@
-"""DAML (Yu, Finn et al., 2018): MAML with a learned inner loss on unlabeled inputs
-(docs/design.md §2b has the math). A loss MLP reads, at every unlabeled source point, the base
-network's output and hidden activations ("taps"); the inner loop takes SGD steps on the mean
-|h| or h^2 of its outputs; the outer loss is the supervised loss on labeled query data. Both
-networks are meta-trained together (second order only: the loss network's gradient is all
-second-order terms).
+"""DAML (Yu, Finn et al., 2018; docs/design.md §8.3): MAML with a learned inner loss on
+unlabeled inputs. A loss MLP reads, at every unlabeled source point, the base network's output
+and hidden activations ("taps"); the inner loop takes SGD steps on the mean |h| or h^2 of its
+outputs; the outer loss is the supervised loss on labeled query data.
 
-This module holds the public API, `daml_loss` and `daml_adapt` (checked, then routed to the
-fused op or the reference as pymaml.functional's calls are), and the pure-autograd reference,
-`reference_loss` and `reference_adapt`, written like pymaml.reference's MAML: the oracle the
-fused op is checked against, and the fallback for what it does not serve.
-"""
+The public API, `daml_loss` and `daml_adapt`, is checked, then routed as pymaml.functional's
+calls are; `reference_loss` and `reference_adapt` are its pure-autograd reference."""
 
 from __future__ import annotations
 
@@ -34,7 +29,7 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
                 adapt_loss, first_order):
     """The checks common to daml_loss and daml_adapt; returns (sizes, loss_sizes)."""
     sizes, loss_sizes = _checks.check_daml_sizes(sizes, loss_sizes)
-    _checks.check_flat("params", params, sizes, "sizes")
+    _checks.check_params(params, sizes)
     _checks.check_flat("loss_params", loss_params, loss_sizes, "loss_sizes", params.dtype, params.device)
     number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
     _checks.check_hyper(number, steps, activation, loss, first_order, params.dtype)
@@ -49,9 +44,6 @@ def _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps, activat
         raise ValueError(f"steps must be >= 1 for DAML: with no inner step the loss network "
                          f"is never used and loss_params (psi) would get no gradient; got {steps}")
     return sizes, loss_sizes
-
-
-_CPU_ONLY = "the fused DAML ops run"
 
 
 def _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
@@ -70,7 +62,7 @@ def _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal=Non
     """extra: loss_params and learned rates, which a torch.func transform or forward-mode AD
     may carry as well as params and the data."""
     return _route.choose(backend, params, (("sizes", sizes), ("loss_sizes", loss_sizes)),
-                         steps, data, _CPU_ONLY, refusal,
+                         steps, data, "the fused DAML ops run", refusal,
                          tuple(t for t in extra if isinstance(t, torch.Tensor)))
 
 
@@ -96,7 +88,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
         # class indices become one-hot (as in functional); probabilities are checked
         sizes = _checks.check_layer_sizes("sizes", sizes, "[1, 32, 32, 1]")
         if not y_query.is_floating_point():
-            _checks.check_flat("params", params, sizes, "sizes")
+            _checks.check_params(params, sizes)
         y_query = _checks.class_targets("y_query", y_query, sizes[-1], params)
     data = (x_source, x_query, y_query)
     if _direct(backend, params, loss_params, data, sizes, loss_sizes, inner_lr, steps,
@@ -113,9 +105,7 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     T = _checks.check_source(x_source, params, sizes, steps)
     _checks.check_query(x_query, y_query, params, sizes, T)
     learned = isinstance(inner_lr, torch.Tensor)  # learned rates (design.md §8.1)
-    extra = ("the fused op does not support torch.func transforms (grad, vmap)"
-             if learned and _route.under_torch_func((inner_lr,)) else None)
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, None,
                             (loss_params, inner_lr))
     P = num_params(sizes)
     if which == "reference":
@@ -127,14 +117,11 @@ def daml_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_si
     need_rate_grad = grad_mode and learned and inner_lr.requires_grad
     need_grad = need_rate_grad or (grad_mode and (params.requires_grad
                                                   or loss_params.requires_grad))
-    # the value form (keep_grad): the loss alone
-    if learned:
-        rows = _rates.rate_rows(inner_lr, params, steps, P)
-        return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, 0.0,
-                                  int(steps), activation, loss, adapt_loss, need_grad, True,
-                                  rows, need_rate_grad)[0]
-    return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, float(inner_lr),
-                              int(steps), activation, loss, adapt_loss, need_grad, True)[0]
+    # the value form (keep_grad): the loss alone; learned rates as [R, P] rows beside rate 0
+    rate, rates = ((0.0, (_rates.rate_rows(inner_lr, params, steps, P), need_rate_grad))
+                   if learned else (float(inner_lr), ()))
+    return _ops.ops.daml_loss(params, loss_params, *data, sizes, loss_sizes, rate, int(steps),
+                              activation, loss, adapt_loss, need_grad, True, *rates)[0]
 
 
 def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
@@ -158,12 +145,12 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
     sizes, loss_sizes = _check_call(params, loss_params, sizes, loss_sizes, inner_lr, steps,
                                     activation, "l1", adapt_loss, False)
     _checks.check_source(x_source, params, sizes, steps)
-    extra = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
-             "grad (use daml_loss for the meta-gradient, or torch.no_grad())") if need_grad else None
     learned = isinstance(inner_lr, torch.Tensor)
-    if learned and extra is None:  # the fused daml_adapt takes one rate
-        extra = "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
-    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, extra,
+    refusal = ("the fused daml_adapt is not differentiable, and params or loss_params requires "
+               "grad (use daml_loss for the meta-gradient, or torch.no_grad())" if need_grad
+               else "the fused daml_adapt takes one inner rate, not learned ones (a tensor)"
+               if learned else None)
+    which = _choose_backend(backend, params, sizes, loss_sizes, steps, data, refusal,
                             (loss_params, inner_lr))
     if which == "reference":
         rate = (_rates.reference_rates(inner_lr, steps, num_params(sizes))
@@ -176,8 +163,7 @@ def daml_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, st
 
 
 # ---- the pure-autograd reference --------------------------------------------------------------
-# Arguments as daml_loss / daml_adapt take them (validated there). Grad modes, inference mode
-# and torch.func transforms are served as pymaml.reference serves MAML's.
+# Arguments as daml_loss / daml_adapt take them (validated there).
 
 _ADAPT_LOSS_FNS = {"l1": lambda h: h.abs().mean(), "mse": lambda h: h.square().mean()}
 
@@ -227,45 +213,36 @@ def inner_loop(weights, loss_weights, x_source, *, inner_lr, steps, activation, 
     return weights
 
 
-def _loss_weights(loss_params, loss_sizes):
-    return [t for layer in unflatten(_reference._usable(loss_params), loss_sizes) for t in layer]
+def _frame(params, loss_params, data, inner_lr, sizes, loss_sizes, task, finish=torch.stack):
+    """pymaml.reference's frame, the loss network's weights shared by the tasks. Unlike MAML's
+    reference, the rates are used as given and the result keeps no forward-mode tangent."""
+    shared = lambda: ([t for layer in unflatten(_reference._usable(loss_params), loss_sizes)
+                       for t in layer],)
+    tensors = (params, loss_params, *data, *_reference.rate_tensors(inner_lr))
+    out, keep_graph = _reference.over_tasks(params, sizes, tensors, data, task, shared, finish)
+    return out if keep_graph else out.detach()
 
 
 def reference_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
                     activation="relu", adapt_loss="l1"):
     """[T, P]: the adapted base parameters of every task (the autograd reference)."""
-    tensors = (params, loss_params, x_source) + _reference._tensors(inner_lr)
-    functional = _reference._under_transform(tensors)
-    keep_graph = _reference._keeps_graph(tensors, functional)
-    with _reference.autograd_on():
-        weights = _reference._weights(params, sizes, functional)
-        psi = _loss_weights(loss_params, loss_sizes)
-        xs = _reference._usable(x_source)
-        adapted = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, adapt_loss=adapt_loss, functional=functional)
-            adapted.append(torch.cat([p.reshape(-1) for p in w]))
-        out = torch.stack(adapted)
-    return out if keep_graph else out.detach()
+    def task(weights, functional, psi, xs):
+        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+                       adapt_loss=adapt_loss, functional=functional)
+        return torch.cat([p.reshape(-1) for p in w])
+
+    return _frame(params, loss_params, (x_source,), inner_lr, sizes, loss_sizes, task)
 
 
 def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, loss_sizes,
                    inner_lr, steps, activation="relu", loss="l1", adapt_loss="l1"):
     """Scalar: the mean over tasks of the query loss after adapting on the learned inner loss
     (the autograd reference; gradients reach params, loss_params and the data)."""
-    tensors = (params, loss_params, x_source, x_query, y_query) + _reference._tensors(inner_lr)
-    functional = _reference._under_transform(tensors)
-    keep_graph = _reference._keeps_graph(tensors, functional)
-    loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
-    with _reference.autograd_on():
-        weights = _reference._weights(params, sizes, functional)
-        psi = _loss_weights(loss_params, loss_sizes)
-        xs, xq, yq = (_reference._usable(t) for t in (x_source, x_query, y_query))
-        losses = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, psi, xs[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, adapt_loss=adapt_loss, functional=functional)
-            losses.append(loss_fn(_reference.net(w, xq[t], activation), yq[t]))
-        out = torch.stack(losses).mean()
-    return out if keep_graph else out.detach()
+    def task(weights, functional, psi, xs, xq, yq):
+        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+                       adapt_loss=adapt_loss, functional=functional)
+        loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
+        return loss_fn(_reference.net(w, xq, activation), yq)
+
+    return _frame(params, loss_params, (x_source, x_query, y_query), inner_lr, sizes,
+                  loss_sizes, task, lambda losses: torch.stack(losses).mean())

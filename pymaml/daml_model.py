@@ -1,18 +1,8 @@
 """DAMLModel: a DAML-trained pair of networks, the base MLP (theta) and the adaptation-loss MLP
-(psi), and its test-time adaptation from unlabeled inputs (pymaml.daml).
-
-Both networks' weights live in ONE flat nn.Parameter, `weights` = cat[params, loss_params]
-(what pymaml.train's DAML loop steps with one optimizer, and what the chunked op
-torch.ops.pymaml.daml_train_chunk updates in place); `params` and `loss_params` are views of
-it. `model.adapt(x_source)` takes the inner loop's SGD steps on the learned loss over unlabeled
-source inputs only and returns the adapted base network, a pymaml.MetaMLP to predict with;
-`model(x)` is the unadapted base network.
-
-Files: `save` writes a dict of plain tensors and values (pymaml._io: atomic, sealed with a
-digest, loadable with torch.load(weights_only=True)) tagged "pymaml.DAMLModel";
-`DAMLModel.load` reads it (or the model inside a DAML training checkpoint) and refuses a
-damaged or foreign file with one line naming it (pymaml._io.load_model, as pymaml.load).
-"""
+(psi), and its test-time adaptation from unlabeled inputs (pymaml.daml). Both networks'
+weights live in ONE flat nn.Parameter, `weights` = cat[params, loss_params] (what training
+steps with one optimizer, and what torch.ops.pymaml.daml_train_chunk updates in place);
+`params` and `loss_params` are views of it. Files as pymaml.MetaMLP's (SavedModel)."""
 
 from __future__ import annotations
 
@@ -88,8 +78,7 @@ class DAMLModel(SavedModel):
         self.inner_steps = _checks.check_int("inner_steps", inner_steps, 1)
         self.info = _io.plain("info", dict(info or {}))
         P, P_loss = num_params(self.sizes), num_params(self.loss_sizes)
-        if device is not None:
-            device = _checks.check_device("device", device)
+        device = None if device is None else _checks.check_device("device", device)
         with torch.inference_mode(False):
             if weights is not None:
                 if params is not None or loss_params is not None:
@@ -106,7 +95,7 @@ class DAMLModel(SavedModel):
                 if params is None or loss_params is None:
                     raise ValueError("params and loss_params go together (the base network's "
                                      "weights and the loss network's)")
-                _checks.check_flat("params", params, self.sizes, "sizes")
+                _checks.check_params(params, self.sizes)
                 _checks.check_flat("loss_params", loss_params, self.loss_sizes, "loss_sizes",
                                   params.dtype, params.device)
                 w = torch.cat([params.detach(), loss_params.detach()])

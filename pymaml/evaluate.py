@@ -1,21 +1,8 @@
-"""pymaml.evaluate's protocols on held-out tasks: the MAML paper's few-shot regression for a
-MetaMLP (`evaluate`), the error after unlabeled adaptation for a DAMLModel (`evaluate_daml`).
-
-MetaMLP: for each of `num_tasks` held-out tasks: adapt the model on K support points for each number
-of steps asked (1, 5, 10 by default), then measure the MSE on K held-out points of the same
-task; report the mean over tasks and the 95 % confidence interval 1.96 * std / sqrt(num_tasks)
-(the population std, as the MAML code computes it). For task families with a known target
-function (pymaml.tasks.FunctionTasks) also the MSE and mean absolute error on a dense grid of
-`grid_points` inputs over the input range. A model with learned inner rates adapts with
-them (and only its adapt_layers move), and the table summarises the rates.
-
-DAMLModel, for a family with a known target function and phases (pymaml.tasks.DAMLSine): for
-each phase (0 and pi) and number of inner steps, `num_tasks` held-out draws of source inputs (a
-fresh one per step, as in training), source-only adaptation, then the MAE (with its 95 %
-interval over the draws) and the MSE of the adapted network against the true sine on
-`grid_points` inputs over [-2pi, 2pi] (the figure's measure). For other DAML families (a user's
-sampler): the MAE and MSE on each task's labeled target points, over all tasks.
-"""
+"""pymaml.evaluate's protocols on held-out tasks (docs/training.md, "pymaml.evaluate" and the
+classification and DAML sections): the MAML paper's few-shot regression and classification
+episodes for a MetaMLP (`evaluate`), the error after unlabeled adaptation for a DAMLModel
+(`evaluate_daml`). Intervals are 1.96 * std / sqrt(num_tasks), the population std, as the
+MAML code computes it."""
 
 from __future__ import annotations
 
@@ -31,6 +18,7 @@ from . import tasks as _tasks
 from . import functional as F
 from .daml_model import DAMLModel
 from .model import MetaMLP
+from .plots import phase_name
 
 __all__ = ["evaluate", "EvalResult", "AccuracyResult", "evaluate_daml", "DAMLEvalResult"]
 
@@ -157,41 +145,39 @@ def evaluate(model: MetaMLP, task="sine", *, shots: Optional[int] = None,
     family = _tasks.get_family(task, shots=shots, queries=shots)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.params.dtype, model.params.device
-    cast = lambda t: t.to(device=device, dtype=dtype)
-    grid_y = None
-    if isinstance(family, _tasks.FunctionTasks):
+    grid = isinstance(family, _tasks.FunctionTasks)  # a known target: the grid errors too
+    if grid:
         ids, x, y = family.draw(num_tasks, g)
         batch = family.split(x, y, dtype=dtype, device=device)
         grid_x = family.grid(grid_points).expand(num_tasks, grid_points, 1)
-        grid_y = family.target(ids, grid_x)
-        grid_x, grid_y = cast(grid_x), cast(grid_y)
+        grid_x, grid_y = (t.to(device=device, dtype=dtype)
+                          for t in (grid_x, family.target(ids, grid_x)))
     else:
         batch = _tasks.checked(family).sample(num_tasks, generator=g, dtype=dtype,
                                               device=device)
-    mse, mse_ci, median, diverged, gmse, gmse_ci, gmae = [], [], [], [], [], [], []
+    mse, mse_ci, median, diverged = [], [], [], []
+    gmse, gmse_ci, gmae = ([], [], []) if grid else (None, None, None)
     with torch.no_grad():
         for s in steps:
             adapted = model.adapt(batch.x_support, batch.y_support, steps=s, inner_lr=inner_lr,
                                   backend=backend)
-            per_task = (adapted(batch.x_query) - batch.y_query).pow(2).mean(dim=(1, 2))
-            m, ci = _mean_ci(per_task.double())
+            per_task = (adapted(batch.x_query) - batch.y_query).pow(2).mean(dim=(1, 2)).double()
+            m, ci = _mean_ci(per_task)
             mse.append(m)
             mse_ci.append(ci)
-            median.append(per_task.double().nan_to_num(nan=math.inf).median().item())
+            median.append(per_task.nan_to_num(nan=math.inf).median().item())
             diverged.append(int((~per_task.isfinite()).sum()))
-            if grid_y is not None:
+            if grid:
                 err = (adapted(grid_x) - grid_y).double()
                 m, ci = _mean_ci(err.pow(2).mean(dim=(1, 2)))
                 gmse.append(m)
                 gmse_ci.append(ci)
                 gmae.append(err.abs().mean().item())
-    grid = grid_y is not None
     learned = model.learned_lr is not None and inner_lr is None  # adapted with them
     return EvalResult(task=family.name, shots=batch.x_support.shape[1], num_tasks=num_tasks,
                       inner_lr=model.inner_lr if inner_lr is None else float(inner_lr),
                       steps=steps, mse=mse, mse_ci95=mse_ci, mse_median=median,
-                      diverged=diverged, grid_mse=gmse if grid else None,
-                      grid_mse_ci95=gmse_ci if grid else None, grid_mae=gmae if grid else None,
+                      diverged=diverged, grid_mse=gmse, grid_mse_ci95=gmse_ci, grid_mae=gmae,
                       grid_points=grid_points,
                       learn_inner_lr=model.learn_inner_lr if learned else None,
                       rate_summary=_rates.summary(model.learned_lr, model.learn_inner_lr,
@@ -340,10 +326,8 @@ class DAMLEvalResult:
                  + f"; mean ± 1.96·std/√{self.num_tasks}"]
         lines.append(f"{'phase':>6}  {'steps':>5}  {'MAE':>18}  {'MSE':>8}")
         for r in self.rows:
-            phase = "all" if r["phase"] is None else (
-                "pi" if abs(r["phase"] - math.pi) < 1e-9 else f"{r['phase']:g}")
-            lines.append(f"{phase:>6}  {r['steps']:>5}  {r['mae']:>9.4f} ± {r['mae_ci95']:<6.4f}"
-                         f"  {r['mse']:>8.4f}")
+            lines.append(f"{phase_name(r['phase']):>6}  {r['steps']:>5}  {r['mae']:>9.4f} ± "
+                         f"{r['mae_ci95']:<6.4f}  {r['mse']:>8.4f}")
         return "\n".join(lines)
 
 

@@ -169,13 +169,9 @@ def torch_func_daml(*, sizes, loss_sizes, inner_lr, steps, activation, loss, ada
     independently of pymaml.daml and of pymaml's flat-layout helpers: a second oracle for
     daml_loss, and the torch.func row of the benchmarks.
 
-    The base MLP (`sizes`, `activation`) feeds, at every unlabeled source point, the vector
-    cat[output, last hidden activation, ..., first hidden activation] to the loss MLP
-    (`loss_sizes`, ReLU hidden layers, linear output of any width); the inner loss is the mean
-    |h| (adapt_loss "l1") or mean h^2 ("mse") of its output h [K_s, loss_sizes[-1]], over all
-    its entries; `steps` SGD steps at `inner_lr` on the base weights, second order (the inner
-    gradients keep their graph); the outer loss is `loss` ("l1" | "mse" | "cross_entropy") of
-    the adapted base network on the query points, averaged over tasks.
+    The math is docs/design.md §8.3's: the loss MLP (ReLU hidden layers, linear output of any
+    width) reads the base network's taps at every unlabeled source point; `steps` second-order
+    SGD steps at `inner_lr` on the mean |h| or h^2; the outer loss `loss` on the query points.
 
     Returns (meta_loss, adapt): meta_loss(params [P], loss_params [P_psi], x_source, x_query,
     y_query, rates=None) -> the mean query loss, to differentiate with

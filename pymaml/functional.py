@@ -28,14 +28,6 @@ from ._rates import per_layer_rates  # noqa: F401 (pymaml.functional's name)
 __all__ = ["init_params", "mlp_forward", "adapt", "maml_loss", "num_params", "per_layer_rates",
            "daml_loss", "daml_adapt"]
 
-def _direct(backend, params, data, sizes, inner_lr, steps, activation, loss,
-            first_order) -> bool:
-    """Whether a MAML call may go straight to the fused op (_route.direct)."""
-    return ((first_order is True or first_order is False)
-            and _route.direct(backend, params, data, inner_lr, steps, (sizes,),
-                              (activation, loss), ("cpu", "cuda")))
-
-
 def _direct_rule(params, inner_lr, adapt_layers, sizes, steps):
     """For a call with learned rates or adapt_layers that may go straight to the ops with
     rates (as _direct says for the rest): (rates [R, P], layers, None for every
@@ -125,16 +117,6 @@ def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="r
                 loss, first_order, adapt_layers, backend)
 
 
-def _check_call(params, sizes, inner_lr, steps, activation, loss, first_order, adapt_layers):
-    """The checked path's common checks: (sizes, the rates tensor or None, adapt_layers
-    normalised or None)."""
-    sizes = _checks.check_sizes(sizes)
-    _checks.check_params(params, sizes)
-    number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
-    _checks.check_hyper(number, steps, activation, loss, first_order, params.dtype)
-    return sizes, _checks.check_rates(inner_lr, params, sizes, steps), _checks.check_adapt_layers(adapt_layers, sizes)
-
-
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
               activation="relu", loss="mse", first_order=False, adapt_layers=None,
               backend="auto") -> torch.Tensor:
@@ -157,8 +139,9 @@ def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order
     if loss == "cross_entropy":
         data = _class_targets(params, data, sizes)
     rule = adapt_layers is not None or isinstance(inner_lr, torch.Tensor)
-    if _direct(backend, params, data, sizes, 0.0 if rule else inner_lr, steps, activation,
-               loss, first_order):
+    if ((first_order is True or first_order is False)
+            and _route.direct(backend, params, data, 0.0 if rule else inner_lr, steps, (sizes,),
+                              (activation, loss), ("cpu", "cuda"))):
         try:
             if not rule:
                 return _fused(op, params, data, sizes, inner_lr, steps, activation, loss,
@@ -169,8 +152,12 @@ def _run(op, params, data, sizes, inner_lr, steps, activation, loss, first_order
                               first_order, *direct)
         except (RuntimeError, TypeError, ValueError):
             pass  # the checked path below words the error, or serves the call otherwise
-    sizes, rates, layers = _check_call(params, sizes, inner_lr, steps, activation, loss,
-                                       first_order, adapt_layers)
+    sizes = _checks.check_sizes(sizes)
+    _checks.check_params(params, sizes)
+    number = 0.0 if isinstance(inner_lr, torch.Tensor) else inner_lr
+    _checks.check_hyper(number, steps, activation, loss, first_order, params.dtype)
+    rates = _checks.check_rates(inner_lr, params, sizes, steps)
+    layers = _checks.check_adapt_layers(adapt_layers, sizes)
     _checks.check_data(params, sizes, steps, **dict(zip(_DATA_NAMES, data)))
     rule = rates is not None or layers is not None
     which = _choose_backend(backend, params, sizes, steps, data, rule, rates)

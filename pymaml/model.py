@@ -146,8 +146,7 @@ class MetaMLP(SavedModel):
         if learned_lr is not None and learn_inner_lr is None:
             raise ValueError("learned_lr needs learn_inner_lr, the mode its shape follows "
                              f"({', '.join(_rates.MODES)})")
-        if device is not None:
-            device = _checks.check_device("device", device)
+        device = None if device is None else _checks.check_device("device", device)
         # Normal tensors even when made under torch.inference_mode (say, by adapt there):
         # inference tensors never record autograd, and the model may be trained later.
         with torch.inference_mode(False):

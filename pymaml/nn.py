@@ -135,7 +135,6 @@ def from_sequential(model: nn.Sequential) -> Tuple[torch.Tensor, List[int], str]
 
 def to_sequential(params: torch.Tensor, sizes, activation: str = "relu") -> nn.Sequential:
     """An nn.Sequential holding a copy of params [P] (the inverse of from_sequential)."""
-
     sizes = _checks.check_sizes(sizes)
     _checks.check_params(params, sizes)
     _checks.check_choice("activation", activation, _checks.ACTIVATIONS)
@@ -189,7 +188,6 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Sequential, *, inner_lr, steps: int, loss: str = "mse",
                  first_order: bool = False, backend: str = "auto", adapt_layers=None):
         super().__init__()
-
         linears, sizes, activation = architecture(model)
         dtype = linears[0].weight.dtype
         learned = isinstance(inner_lr, torch.Tensor)
@@ -243,7 +241,6 @@ class MAML(nn.Module):
         return _ops.flatten_params(parts)
 
     def forward(self, x_support, y_support, x_query, y_query) -> torch.Tensor:
-
         params = self.flat_params()
         return F.maml_loss(params, x_support, y_support, x_query, y_query,
                            sizes=self.sizes, inner_lr=self.inner_lr, steps=self.steps,
@@ -257,7 +254,6 @@ class MAML(nn.Module):
         The wrapper's inner_lr (a tensor of its rates too) and adapt_layers apply.
         The copies are detached (for gradients through adaptation, use
         pymaml.functional.adapt)."""
-
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             raise ValueError("x must be [K, n_in] (one task) or [T, K, n_in] (T tasks), got "
                              f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

@@ -27,6 +27,12 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _label_xy(ax) -> None:
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.grid(alpha=0.3)
+
+
 def _np(*tensors):
     # matplotlib reads tensors through numpy's deprecated __array__ path (a warning per call).
     return [t.detach().cpu().numpy() for t in tensors]
@@ -86,9 +92,7 @@ def plot_adaptation(model: MetaMLP, path, *, task="seed-sine", task_ids=None, nu
         if n > 1:
             ax.set_title(f"task {i + 1}, {task_words(family, ids[i])}: MAE {maes[i]:.3f}",
                          fontsize=10)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-        ax.grid(alpha=0.3)
+        _label_xy(ax)
     axes[0][0].legend(fontsize=9)
     if n == 1:
         axes[0][0].set_title(f"{family.name}, task {task_words(family, ids[0])}\nadapted on "
@@ -106,7 +110,7 @@ def task_words(family, task_id) -> str:
     if isinstance(family, _tasks.Sine):
         return f"y = {values[0]:.2f} sin(x - {values[1]:.2f})"
     if isinstance(family, (_tasks.SeedSine, _tasks.DAMLSine)):
-        name = _phase_name(values[0])
+        name = phase_name(values[0])
         return "phase 0: y = sin(x)" if name == "0" else f"phase {name}: y = sin(x + {name})"
     return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
@@ -136,7 +140,8 @@ def plot_losses(losses: torch.Tensor, path, *, title: str = "meta-training loss"
     fig.savefig(path, dpi=110)
 
 
-def _phase_name(phase) -> str:
+def phase_name(phase) -> str:
+    """A DAML phase in a table or title: "pi", "0", ...; "all" for None (no phases)."""
     if phase is None:
         return "all"
     return "pi" if abs(phase - math.pi) < 1e-9 else f"{phase:g}"
@@ -179,9 +184,7 @@ def plot_daml(model: DAMLModel, path, *, task="daml-sine", phases=(math.pi, 0.0)
         ax.set_title(f"{family.name}, phase {name}: grid MAE {maes[-1]:.3f} "
                      f"({grid_points} points)", fontsize=11)
         ax.set_ylim(-1.6, 1.35)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-        ax.grid(alpha=0.3)
+        _label_xy(ax)
         # below the axes: the legend never covers the curves
         ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.savefig(path, dpi=110)

@@ -3,13 +3,10 @@ tasks and inner steps, torch.autograd.grad with create_graph=True). It is the or
 fused result is checked against, so it stays simple and obviously right; it is also the
 fallback backend (any device, dtype, depth, double backward, gradients to the data).
 
-It serves every grad mode: the inner loop needs gradients whatever the caller's mode, so it
-runs with autograd on (outside torch.inference_mode too), and the result carries a graph only
-when the caller's mode records one and an input requires grad, as a torch op's would. Under
-torch.func transforms (vmap, grad, ...) the inner gradients are taken with torch.func.grad,
-which composes with them, instead of torch.autograd.grad.
-
-Arguments are those of pymaml.functional (already validated there)."""
+It serves every grad mode and torch.func transform (docs/training.md, "Grad modes and
+torch.func"): the inner loop runs with autograd on whatever the caller's mode, the result
+carries a graph only as a torch op's would, and under a transform the inner gradients are
+taken with torch.func.grad. Arguments are those of pymaml.functional (validated there)."""
 
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ from typing import List, Sequence
 import torch
 from torch.nn import functional as F
 
+from ._checks import wrapped_by_transform
 from ._layout import unflatten
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -123,12 +121,6 @@ def _result(out: torch.Tensor, keep_graph: bool) -> torch.Tensor:
     return torch.autograd.forward_ad.make_dual(out.detach(), tangent.detach())
 
 
-def _under_transform(tensors) -> bool:
-    # Tensors that a torch.func transform (vmap, grad, jacrev...) has wrapped.
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and any(wrapped(t) for t in tensors)
-
-
 class autograd_on:
     """Autograd on, whatever the caller's mode: torch.no_grad and torch.inference_mode both
     turn it off, and enable_grad alone does not leave inference mode. (A class, not a
@@ -173,51 +165,57 @@ def _keeps_graph(tensors, functional: bool) -> bool:
     return torch.is_grad_enabled() and (functional or any(t.requires_grad for t in tensors))
 
 
-def _tensors(inner_lr):
+def over_tasks(params, sizes, tensors, data, task, shared, finish=torch.stack):
+    """The frame of a reference call, MAML's here and DAML's (pymaml.daml): with autograd on,
+    task(weights, functional, *shared(), *task t's slices of data) for every task t, the
+    results stacked (or `finish`ed). Returns (that, whether the caller's graph should reach
+    it). tensors: every tensor of the call (a transform may wrap them; their requires_grad
+    counts); shared: what the tasks share beyond the weights, made with autograd on."""
+    functional = wrapped_by_transform(tensors)
+    keep_graph = _keeps_graph(tensors, functional)
+    with autograd_on():
+        weights = _weights(params, sizes, functional)
+        common = shared()
+        data = [_usable(t) for t in data]
+        out = finish([task(weights, functional, *common, *(t[i] for t in data))
+                      for i in range(data[0].shape[0])])
+    return out, keep_graph
+
+
+def rate_tensors(inner_lr):
     # The rates, where they are a tensor (their gradient is asked for like params').
     return (inner_lr,) if isinstance(inner_lr, torch.Tensor) else ()
 
 
 def _usable_rates(inner_lr):
     # Rates made under torch.inference_mode (or from such a tensor) as a normal tensor.
-    return _usable(inner_lr) if isinstance(inner_lr, torch.Tensor) else inner_lr
+    return (_usable(inner_lr) if isinstance(inner_lr, torch.Tensor) else inner_lr,)
 
 
 def adapt(params, x_support, y_support, *, sizes, inner_lr, steps, activation="relu",
           loss="mse", first_order=False, adapt_layers=None):
     """[T, P]: the adapted parameters of every task."""
-    functional = _under_transform((params, x_support, y_support, *_tensors(inner_lr)))
-    keep_graph = _keeps_graph((params, x_support, y_support, *_tensors(inner_lr)), functional)
-    with autograd_on():
-        weights = _weights(params, sizes, functional)
-        xs, ys = _usable(x_support), _usable(y_support)
-        inner_lr = _usable_rates(inner_lr)
-        adapted = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order,
-                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
-            adapted.append(torch.cat([p.reshape(-1) for p in w]))
-        out = torch.stack(adapted)
-    return _result(out, keep_graph)
+    def task(weights, functional, rates, x, y):
+        w = inner_loop(weights, x, y, inner_lr=rates, steps=steps, activation=activation,
+                       loss=loss, first_order=first_order, functional=functional, sizes=sizes,
+                       adapt_layers=adapt_layers)
+        return torch.cat([p.reshape(-1) for p in w])
+
+    data = (x_support, y_support)
+    return _result(*over_tasks(params, sizes, (params, *data, *rate_tensors(inner_lr)), data,
+                               task, lambda: _usable_rates(inner_lr)))
 
 
 def maml_loss(params, x_support, y_support, x_query, y_query, *, sizes, inner_lr, steps,
               activation="relu", loss="mse", first_order=False, adapt_layers=None):
     """Scalar: the mean over tasks of the query loss after adaptation."""
+    def task(weights, functional, rates, xs, ys, xq, yq):
+        w = inner_loop(weights, xs, ys, inner_lr=rates, steps=steps, activation=activation,
+                       loss=loss, first_order=first_order, functional=functional, sizes=sizes,
+                       adapt_layers=adapt_layers)
+        return _losses(functional)[loss](net(w, xq, activation), yq)
+
     data = (x_support, y_support, x_query, y_query)
-    functional = _under_transform((params, *data, *_tensors(inner_lr)))
-    keep_graph = _keeps_graph((params, *data, *_tensors(inner_lr)), functional)
-    loss_fn = _losses(functional)[loss]
-    with autograd_on():
-        weights = _weights(params, sizes, functional)
-        xs, ys, xq, yq = (_usable(t) for t in data)
-        inner_lr = _usable_rates(inner_lr)
-        losses = []
-        for t in range(xs.shape[0]):
-            w = inner_loop(weights, xs[t], ys[t], inner_lr=inner_lr, steps=steps,
-                           activation=activation, loss=loss, first_order=first_order,
-                           functional=functional, sizes=sizes, adapt_layers=adapt_layers)
-            losses.append(loss_fn(net(w, xq[t], activation), yq[t]))
-        out = torch.stack(losses).mean()
-    return _result(out, keep_graph)
+    return _result(*over_tasks(params, sizes, (params, *data, *rate_tensors(inner_lr)), data,
+                               task, lambda: _usable_rates(inner_lr),
+                               lambda losses: torch.stack(losses).mean()))

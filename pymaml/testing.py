@@ -131,16 +131,21 @@ def check_compile_matches_eager(pb: Problem, backend: str):
     return out.detach(), p2.grad
 
 
+def _cotangent(pb: Problem) -> torch.Tensor:
+    """adapt's seeded cotangent [T, P] for a vector-Jacobian product."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(pb.xs.shape[0], pb.params.numel(), generator=g,
+                       dtype=torch.float64).to(pb.params.device, pb.params.dtype)
+
+
 def backend_outputs(pb: Problem, backend: str) -> dict:
     """Everything the fused op produces, computed by one backend: the mean query loss, the
     meta-gradient, the adapted parameters and a vector-Jacobian product of adapt."""
-    cot = torch.randn(pb.xs.shape[0], pb.params.numel(), generator=torch.Generator().manual_seed(7),
-                      dtype=torch.float64).to(pb.params.device, pb.params.dtype)
     p = pb.params.clone().requires_grad_()
     loss = F.maml_loss(p, *pb.data, backend=backend, **pb.hyper)
     (meta_grad,) = torch.autograd.grad(loss, p)
     adapted = F.adapt(p, pb.xs, pb.ys, backend=backend, **pb.hyper)
-    (vjp,) = torch.autograd.grad(adapted, p, cot)
+    (vjp,) = torch.autograd.grad(adapted, p, _cotangent(pb))
     return dict(loss=loss.detach(), meta_grad=meta_grad, adapted=adapted.detach(), adapt_vjp=vjp)
 
 
@@ -220,12 +225,6 @@ def random_learned_problem(seed, dtype, **bounds) -> LearnedProblem:
     return LearnedProblem(pb, _random_rates(rng, g, shape, pb), shape, layers)
 
 
-def _cotangent(lp: LearnedProblem) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    T, P = lp.pb.xs.shape[0], lp.pb.params.numel()
-    return torch.randn(T, P, generator=g, dtype=torch.float64).to(lp.pb.params.dtype)
-
-
 def learned_outputs(lp: LearnedProblem, backend: str) -> dict:
     """Through the public API on `backend`: the meta-loss, its gradient in params and in the
     rates, the adapted parameters and adapt's vector-Jacobian product in params and rates
@@ -239,7 +238,7 @@ def learned_outputs(lp: LearnedProblem, backend: str) -> dict:
     loss = F.maml_loss(p, *pb.data, inner_lr=lp.inner_lr(r), **hyper)
     grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
     adapted = F.adapt(p, pb.xs, pb.ys, inner_lr=lp.inner_lr(r), **hyper)
-    vjps = torch.autograd.grad(adapted, leaves, _cotangent(lp), materialize_grads=True)
+    vjps = torch.autograd.grad(adapted, leaves, _cotangent(lp.pb), materialize_grads=True)
     return _named(loss, grads, adapted, vjps)
 
 
@@ -273,7 +272,7 @@ def learned_oracle_outputs(lp: LearnedProblem) -> dict:
         adapt_of = lambda p: adapt(p, pb.xs, pb.ys)
     grads, loss = torch.func.grad_and_value(loss_of, argnums=argnums)(*args)
     adapted, vjp_fn = torch.func.vjp(adapt_of, *args)
-    return _named(loss, grads, adapted, vjp_fn(_cotangent(lp)))
+    return _named(loss, grads, adapted, vjp_fn(_cotangent(lp.pb)))
 
 
 def max_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:

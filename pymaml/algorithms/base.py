@@ -1,21 +1,10 @@
 """What an algorithm is to pymaml: the class every entry of the registry is an instance of.
 
 The trainer, the run configuration, the checkpoint, the evaluation and the command line are
-written once; they ask the run's algorithm for what differs (docs/design.md §6.2):
-
-- `settings`: its own run settings (the RunConfig fields it adds or fixes), checked;
-- `family`: the task family it trains on; `sample`: one meta-batch of it;
-- `initial_model`, `model_class`, `weights`: the model it trains and the tensors the outer
-  optimizer steps;
-- `backend`, `meta_step`: one iteration's meta-loss and gradients; `fast_path`: many
-  iterations per C++ call, or None;
-- `evaluate`: its evaluation protocol; `report`, `figure`, `plot`: what the command line
-  prints and draws of a trained model;
-- `flags`, `train_kwargs`, `out_prefix`, `task_names`: its command line flags, how they become
-  train()'s arguments, its output names and the task families it runs on.
-
-This base class is MAML's (exact second order, every layer adapting at one rate); the other
-entries change a few attributes or methods (pymaml/algorithms/maml.py, daml.py)."""
+written once; they ask the run's algorithm for what differs, through the hooks below
+(docs/design.md §6.3 lists them, MAML's and DAML's side by side). This base class is MAML's
+(exact second order, every layer adapting at one rate); the other entries change a few
+attributes or methods (pymaml/algorithms/maml.py, daml.py)."""
 
 from __future__ import annotations
 

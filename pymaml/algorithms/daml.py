@@ -1,18 +1,6 @@
-"""DAML as an entry of the registry (the worked example of docs/design.md §6.2): what it adds
-to MAML's run is a second network, the adaptation-loss network, trained with the base one.
-
-- settings: loss_sizes (default [n_out + sum hidden, 32, 32, 1]) and adapt_loss; inner_steps
-  >= 1; the MAML-only settings refused;
-- the model: a DAMLModel, whose one flat parameter `weights` = cat[params, loss_params] the
-  outer optimizer steps;
-- the task family: a DAML family (unlabeled source inputs per inner step, labeled targets),
-  "daml-sine" by default;
-- one iteration: pymaml.daml.daml_loss and its gradients to both networks; many iterations:
-  torch.ops.pymaml.daml_train_chunk;
-- evaluation: pymaml.evaluate.evaluate_daml's grid error per phase; the figure: plots.plot_daml;
-- the command line: --loss-hidden and --adapt-loss; outputs daml-sine.* by default.
-
-The seed's DAML experiment is the default setting (pymaml.train(algorithm="daml"))."""
+"""DAML as an entry of the registry, the worked example of docs/design.md §6.3 (whose table
+lists what each hook does here): a second network, the adaptation-loss network, trained with
+the base one. The seed's DAML experiment is the default setting (train(algorithm="daml"))."""
 
 from __future__ import annotations
 
@@ -164,7 +152,7 @@ class DAML(Algorithm):
         held_out = evaluate_daml(model, task, shots=shots)
         return ["after adapting from unlabeled source inputs alone, mean absolute error on a "
                 "100-point grid over [-2pi, 2pi] (600 held-out source draws per phase): "
-                + ", ".join(f"phase {_plots._phase_name(r['phase'])} {r['mae']:.4f}"
+                + ", ".join(f"phase {_plots.phase_name(r['phase'])} {r['mae']:.4f}"
                             for r in held_out.rows)]
 
     def figure(self, model, path, task, *, shots, seed, data=None) -> str:

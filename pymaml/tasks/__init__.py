@@ -1,34 +1,20 @@
 """Task families: each samples a whole meta-batch of tasks in one vectorised call.
 
-Two protocols, one per kind of batch:
+Two protocols, one per kind of batch (tasks/base.py):
 
-- MAML's (MAML, FO-MAML, Reptile, Meta-SGD, ANIL): TaskFamily.sample(T, *, generator,
-  dtype=torch.float32, device=None) -> TaskBatch of labeled support and query points,
-  x [T, K, n_in], y [T, K, n_out]; or a callable `fn(T, generator) -> (xs, ys, xq, yq)`.
-- DAML's (pymaml.daml): no labeled support set; the inner loop adapts from unlabeled SOURCE
-  inputs alone (through the learned inner loss), the outer loss is the supervised loss on
-  labeled TARGET points. DAMLTaskFamily.sample_daml(T, *, steps, generator, ...) -> DAMLBatch
-  (x_source, x_query, y_query); or a callable `fn(T, steps, generator) -> (x_source, x_query,
-  y_query)`. A DAML family's `sample` raises (no support set for MAML's inner loop); its name
-  is valid everywhere (FAMILIES holds it too).
+- MAML's: TaskFamily.sample(T, *, generator, dtype, device) -> TaskBatch of labeled support
+  and query points, x [T, K, n_in], y [T, K, n_out]; or a callable fn(T, generator) ->
+  (xs, ys, xq, yq).
+- DAML's: unlabeled SOURCE inputs for the inner loop, labeled TARGET points for the outer
+  loss. DAMLTaskFamily.sample_daml(T, *, steps, generator, ...) -> DAMLBatch (x_source,
+  x_query, y_query); or a callable fn(T, steps, generator) -> the same three.
 
-Randomness comes only from the torch.Generator passed in (always a CPU generator, so that a
-run's sampler state is one tensor a checkpoint can hold, and the same seed gives the same tasks
-on every device and dtype: draws are made in float64 on the CPU, then cast and moved).
-`sample_many(n, T, ...)` / `sample_daml_many(n, T, *, steps, ...)` draw n meta-batches at once,
-bitwise n single draws, or return None (the default) when the family cannot promise that: the
-trainer hands many iterations' tasks to one fused training call with them.
-
-A user's callable is wrapped by get_family / get_daml_family, a user's subclass by checked /
-checked_daml; what their code returns is checked at every draw, by code written once for both
-protocols (tasks/base.py). pymaml's own families (tasks/sines.py):
-
-- "seed-sine" (SeedSine): the seed's task, y = sin(x + b), b in {0, pi}, x ~ U(-2pi, 2pi), 4 + 4 points;
-- "sine" (Sine): the MAML paper's, y = A sin(x - phi), A ~ U(0.1, 5), phi ~ U(0, pi), x ~ U(-5, 5);
-- "daml-sine" (DAMLSine): the seed's DAML experiment: seed-sine's targets, a source input a step;
-- "omniglot" (Omniglot, tasks/omniglot.py): N-way K-shot episodes of the Omniglot characters
-  under a directory (data=DIR, ways=N), drawn by Episodes (tasks/episodes.py), which draws them
-  from any labelled data set; y holds int64 class indices [T, K].
+Randomness comes only from the CPU torch.Generator passed in, draws made in float64 and then
+cast and moved (docs/training.md, "Task sampling"); `sample_many` / `sample_daml_many` draw n
+meta-batches at once, bitwise n single draws, or return None when a family cannot promise it.
+A user's callable or family is checked at every draw (get_family, checked, ...). pymaml's own
+families: "seed-sine", "sine", "daml-sine" (tasks/sines.py) and "omniglot" (tasks/omniglot.py,
+episodes drawn by Episodes, tasks/episodes.py, from any labelled data set).
 """
 from __future__ import annotations
 

@@ -1,21 +1,13 @@
-"""N-way K-shot classification episodes drawn from a labelled data set (x [N, ...], labels [N]).
+"""N-way K-shot classification episodes drawn from a labelled data set (x [N, ...], labels [N]);
+docs/training.md ("Few-shot classification") describes them for users.
 
-An episode picks `ways` classes, assigns them the labels 0 .. ways-1 in a random order (the
-order the classes are drawn in), and takes `shots` support and `queries` query examples of each,
-drawn without replacement, so a support example is never also a query. Points are ordered class
-by class (label 0's, then label 1's, ...): the class-to-label map is already random, and a
-full-batch inner loop does not see the order, so no shuffle (and no draw) is spent on it.
-
-Meta-training and meta-testing must see disjoint classes: split_classes splits the class ids,
-then each side gets its own family (Episodes(..., classes=train)). With rotations=True every
-class of a family also appears turned by 90, 180 and 270 degrees as three more classes (the MAML
-paper's Omniglot augmentation); since that happens inside a family, after the split, a class and
-its rotations are always on the same side.
-
-Randomness, as for pymaml's other families: one torch.rand(T, C + ways * M) call in float64 on
-the CPU generator passed in (C: the family's classes, rotations included; M: the most examples a
-class has), a row per task: its class uniforms, then its example uniforms. The CPU generator
-fills a tensor element after element, so sample_many(n, T) is bitwise n calls of sample(T).
+Points are ordered class by class (label 0's, then label 1's, ...): the class-to-label map is
+already random, and a full-batch inner loop does not see the order, so no shuffle (and no
+draw) is spent on it. Rotations are made inside a family, after split_classes, so a class and
+its rotations are always on the same side. Randomness, as for pymaml's other families: one
+torch.rand(T, C + ways * M) call in float64 on the CPU generator (C: the family's classes,
+rotations included; M: the most examples a class has), a row per task, its class uniforms
+then its example uniforms; so sample_many(n, T) is bitwise n calls of sample(T).
 """
 from __future__ import annotations
 
@@ -119,10 +111,9 @@ class Episodes(TaskFamily):
         self.queries = self.shots if queries is None else _checks.check_int("queries", queries, 1)
         self.classes = _check_classes(classes, torch.unique(labels))
         self._members, self._counts = self._group(labels)
-        n_classes = self.classes.numel() * (4 if rotations else 1)
-        if self.ways > n_classes:
-            raise ValueError(f"ways={self.ways} is more than the {n_classes} classes this family "
-                             f"draws from ({self.classes.numel()} ids in classes"
+        if self.ways > self.n_classes:
+            raise ValueError(f"ways={self.ways} is more than the {self.n_classes} classes this "
+                             f"family draws from ({self.classes.numel()} ids in classes"
                              f"{', times 4 rotations' if rotations else ''})")
         self.example_shape = tuple(self._x.shape[1:])
         self.n_in = math.prod(self.example_shape) if flatten else None

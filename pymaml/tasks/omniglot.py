@@ -1,11 +1,8 @@
 """The Omniglot data set (Lake, Salakhutdinov and Tenenbaum, 2015) from its authors' archives.
 
-load_omniglot(root) reads the image archives of the official repository brendenlake/omniglot
-(python/images_background.zip, images_evaluation.zip, images_background_small1.zip,
-images_background_small2.zip) found in `root` or up to two folders below it (a clone's
-python/, say), zipped or extracted, laid out as
-<archive>/<alphabet>/<character>/<id>_<drawer>.png, each character a class. For training on it,
-see Episodes and split_classes (pymaml.tasks.episodes).
+load_omniglot(root) reads the image archives (ARCHIVES) of the official repository
+brendenlake/omniglot found in `root` or up to two folders below it, zipped or extracted, laid
+out as <archive>/<alphabet>/<character>/<id>_<drawer>.png, each character a class.
 
 Choices, and why:
 - Images are 105x105 black-on-white bilevel PNGs; they are turned to 8-bit grey, then resized
