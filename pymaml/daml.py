@@ -214,20 +214,19 @@ def inner_loop(weights, loss_weights, x_source, *, inner_lr, steps, activation, 
 
 
 def _frame(params, loss_params, data, inner_lr, sizes, loss_sizes, task, finish=torch.stack):
-    """pymaml.reference's frame, the loss network's weights shared by the tasks. Unlike MAML's
-    reference, the rates are used as given and the result keeps no forward-mode tangent."""
+    """pymaml.reference's frame, the loss network's weights and the rates shared by the tasks."""
     shared = lambda: ([t for layer in unflatten(_reference._usable(loss_params), loss_sizes)
-                       for t in layer],)
+                       for t in layer], *_reference._usable_rates(inner_lr))
     tensors = (params, loss_params, *data, *_reference.rate_tensors(inner_lr))
-    out, keep_graph = _reference.over_tasks(params, sizes, tensors, data, task, shared, finish)
-    return out if keep_graph else out.detach()
+    return _reference._result(*_reference.over_tasks(params, sizes, tensors, data, task, shared,
+                                                     finish))
 
 
 def reference_adapt(params, loss_params, x_source, *, sizes, loss_sizes, inner_lr, steps,
                     activation="relu", adapt_loss="l1"):
     """[T, P]: the adapted base parameters of every task (the autograd reference)."""
-    def task(weights, functional, psi, xs):
-        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+    def task(weights, functional, psi, rates, xs):
+        w = inner_loop(weights, psi, xs, inner_lr=rates, steps=steps, activation=activation,
                        adapt_loss=adapt_loss, functional=functional)
         return torch.cat([p.reshape(-1) for p in w])
 
@@ -238,11 +237,10 @@ def reference_loss(params, loss_params, x_source, x_query, y_query, *, sizes, lo
                    inner_lr, steps, activation="relu", loss="l1", adapt_loss="l1"):
     """Scalar: the mean over tasks of the query loss after adapting on the learned inner loss
     (the autograd reference; gradients reach params, loss_params and the data)."""
-    def task(weights, functional, psi, xs, xq, yq):
-        w = inner_loop(weights, psi, xs, inner_lr=inner_lr, steps=steps, activation=activation,
+    def task(weights, functional, psi, rates, xs, xq, yq):
+        w = inner_loop(weights, psi, xs, inner_lr=rates, steps=steps, activation=activation,
                        adapt_loss=adapt_loss, functional=functional)
-        loss_fn = (_reference._TRANSFORM_LOSSES if functional else _reference.LOSSES)[loss]
-        return loss_fn(_reference.net(w, xq, activation), yq)
+        return _reference._losses(functional)[loss](_reference.net(w, xq, activation), yq)
 
     return _frame(params, loss_params, (x_source, x_query, y_query), inner_lr, sizes,
                   loss_sizes, task, lambda losses: torch.stack(losses).mean())

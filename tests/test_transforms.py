@@ -1,6 +1,6 @@
 """Nothing dropped or obscurely refused under the other ways of differentiating: forward-mode
-AD (forward_ad.make_dual) carries its tangent through maml_loss on every backend ("auto" sends
-it to the reference, "fused" refuses in one line); learned rates made under
+AD (forward_ad.make_dual) carries its tangent through maml_loss and daml_loss on every backend
+("auto" sends it to the reference, "fused" refuses in one line); learned rates made under
 torch.inference_mode; torch.func transforms over inner_lr, DAML's loss_params and a
 pymaml.MAML module (torch.func.functional_call); torch.compile(fullgraph=True) with a tensor
 inner_lr. Each is checked against plain autograd on the reference."""
@@ -50,6 +50,38 @@ def test_forward_mode_ad_carries_the_tangent(backend, wrt):
     close(value, call(params, lr))
 
 
+def daml_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes, loss_sizes = [1, 8, 1], [9, 4, 2]
+    params = F.init_params(sizes, generator=g, dtype=torch.float64)
+    psi = F.init_params(loss_sizes, generator=g, dtype=torch.float64)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    data = (rand(2, 5, 1), rand(2, 4, 1), rand(2, 4, 1))
+    return params, psi, data, dict(sizes=sizes, loss_sizes=loss_sizes, steps=2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("wrt", ["params", "loss_params", "inner_lr"])
+def test_forward_mode_ad_carries_the_tangent_through_daml(backend, wrt):
+    params, psi, data, hyper = daml_problem()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    inputs = dict(params=params, loss_params=psi, inner_lr=lr)
+    v = torch.randn(inputs[wrt].shape, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+
+    def call(backend, **given):
+        args = {**inputs, **given}
+        return F.daml_loss(args["params"], args["loss_params"], *data,
+                           inner_lr=args["inner_lr"], backend=backend, **hyper)
+    x_ = inputs[wrt].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(call("reference", **{wrt: x_}), x_)
+    with fwAD.dual_level():
+        value, tangent = fwAD.unpack_dual(call(backend, **{wrt: fwAD.make_dual(inputs[wrt], v)}))
+    assert tangent is not None
+    close(tangent, (grad * v).sum())
+    close(value, call("reference"))
+
+
 @requires_fused
 def test_forward_mode_ad_on_the_fused_backend_is_refused_in_one_line():
     params, data, hyper = problem()
@@ -69,6 +101,17 @@ def test_learned_rates_made_under_inference_mode(backend, adapt_layers):
     with torch.inference_mode():
         rates = torch.full([2, 1], 0.1, dtype=torch.float64)
         got = F.maml_loss(params.clone(), *data, inner_lr=rates, adapt_layers=adapt_layers,
+                          backend=backend, **hyper)
+    close(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_daml_learned_rates_made_under_inference_mode(backend):
+    params, psi, data, hyper = daml_problem()
+    rates = lambda: torch.full([2, 1], 0.05, dtype=torch.float64)
+    expected = F.daml_loss(params, psi, *data, inner_lr=rates(), backend="reference", **hyper)
+    with torch.inference_mode():
+        got = F.daml_loss(params.clone(), psi.clone(), *data, inner_lr=rates(),
                           backend=backend, **hyper)
     close(got, expected)
 
