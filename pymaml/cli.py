@@ -75,11 +75,11 @@ def _outputs(args, entry):
 
 # ---- commands -----------------------------------------------------------------------------------
 
-def _interrupted(result) -> int:
-    print(f"stopped at iteration {result.iterations}; continue with the same command and "
-          f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
-    return 130
-
+# The flags `train` hands pymaml.train as they are, under the same names.
+_SAME_NAMES = ("algorithm", "sizes", "activation", "loss", "inner_steps", "inner_lr",
+               "meta_batch_size", "iterations", "optimizer", "outer_lr", "shots", "queries",
+               "data", "ways", "backend", "device", "seed", "log_every", "progress",
+               "checkpoint_every", "resume", "overwrite", "distributed")
 
 def _save_and_report(result, out):
     """Saves a finished run's model to out["model"] and prints what the run did; returns it."""
@@ -112,22 +112,16 @@ def cmd_train(args) -> int:
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
     init = args.init if args.init in ("seed", "torch") else _load("--init", args.init, entry)
-    result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
-                   activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
-                   inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
-                   iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
-                   optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
-                   queries=args.queries, data=args.data, ways=args.ways, init=init,
-                   backend=args.backend, device=args.device,
-                   dtype=DTYPES[args.dtype], seed=args.seed, log_every=args.log_every,
-                   progress=args.progress, checkpoint=out["checkpoint"],
-                   checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   overwrite=args.overwrite, distributed=args.distributed,
+    result = train(args.task, **{name: getattr(args, name) for name in _SAME_NAMES},
+                   optimizer_kwargs=dict(args.optimizer_arg), init=init,
+                   dtype=DTYPES[args.dtype], checkpoint=out["checkpoint"],
                    distributed_timeout=args.dist_timeout, **own)
     if result.rank != 0:  # the other processes of a distributed run hold the same model
         return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
-        return _interrupted(result)
+        print(f"stopped at iteration {result.iterations}; continue with the same command and "
+              f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
+        return 130
     model = _save_and_report(result, out)
     for line in entry.report(model, args.task, args.shots):
         print(line)
@@ -152,12 +146,9 @@ def _check_algorithm_flags(args, entry) -> None:
                          f"({', '.join(entry.task_names)}), not --task {args.task}")
     for other in algorithms.REGISTRY.values():
         foreign = [flag for flag in other.flags if flag not in entry.flags]
-        if any(getattr(args, _dest(flag)) is not None for flag in foreign):
+        # (a flag's attribute, as argparse names it)
+        if any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None for flag in foreign):
             raise _FlagError(f"{' and '.join(foreign)} apply to --algorithm {other.name} only")
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")  # as argparse names a flag's attribute
 
 
 def _load(flag: str, path: str, entry):
@@ -272,13 +263,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
+    fused = _ops.available()
     print(f"pymaml {__version__}")
     print(f"torch {torch.__version__} (CUDA: {torch.version.cuda})")
-    print(f"fused op compiled: {_ops.available()}")
-    if not _ops.available():
+    print(f"fused op compiled: {fused}")
+    if not fused:
         print(f"  why not: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}")
     print(f"CUDA kernels compiled: {_ops.cuda_compiled()}")
-    if _ops.available():  # PYMAML_CPU_ISA=generic|avx2 picks a narrower one
+    if fused:  # PYMAML_CPU_ISA=generic|avx2 picks a narrower one
         print(f"CPU kernels: {_ops._C.cpu_isa()} (best for this CPU: {_ops._C.best_cpu_isa()})")
     print(f"threads: {torch.get_num_threads()}")
     return 0
@@ -437,10 +429,10 @@ def _run(args) -> int:
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch's may run to many), or its type."""
-    text = str(exc).strip()
     if isinstance(exc, MemoryError):
+        text = str(exc).strip()
         return "out of memory" + (f" ({text})" if text else "")
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _io.first_line(exc)
 
 
 if __name__ == "__main__":
