@@ -203,12 +203,10 @@ class _Run:
                              f"evenly, so use a multiple of {processes}")
         self.config = config = dataclasses.replace(config, processes=processes)
         self.local_batch = config.meta_batch_size // processes
-        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from,
-                                                   config)
+        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from)
         if options.checkpoint is not None:
-            self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
-                                                                   options.overwrite),
-                           "checking the checkpoint path")
+            self._on_rank0(lambda: self.checkpoints.check_writable(
+                options.resume_from, options.overwrite, config), "checking the checkpoint path")
         self.entry = entry = config.entry
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = entry.initial_model(config, options.init, self.generator, options.dtype,
@@ -257,7 +255,6 @@ class _Run:
         if not self.options.iterations_given and isinstance(total, int) and total >= 0:
             # iterations left unset: the run goes on to its own end, not the default's
             self.config = dataclasses.replace(self.config, iterations=total)
-            self.checkpoints.config = self.config
         self.start, self.losses = _checkpoint.restore(path, saved, self.config, self.model,
                                                       self.optimizer, self.generator,
                                                       self.options.device)
