@@ -8,15 +8,10 @@
     demo   a short run on the seed's task with the fused op and the autograd reference, timed
     info   build facts: version, whether the fused op and its CUDA kernels are compiled in
 
-Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
-files and runs); Ctrl-C during training writes the checkpoint and exits with code 130.
-
-The commands are written once for every algorithm: what differs (an algorithm's own flags,
-its output names, what it prints and draws of a trained model, its evaluation) they ask of the
-run's or the saved model's entry of pymaml.algorithms.
-
-`torchrun --nproc_per_node=N -m pymaml train ...` trains data-parallel over N processes
-(pymaml.distributed); rank 0 alone prints and writes the model, the figures and the checkpoint.
+Errors are one line each, never a traceback (exit code 2 for flags, 1 for files and runs, 130
+for Ctrl-C): docs/training.md's "The command line"; under torchrun: docs/distributed.md. What
+differs by algorithm (its flags, output names, report, figure, evaluation) the commands ask of
+the algorithm's entry of pymaml.algorithms.
 """
 
 from __future__ import annotations
@@ -67,12 +62,6 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-def _outputs(args, entry):
-    prefix = args.out or entry.out_prefix(args)
-    return dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
-                checkpoint=args.checkpoint or prefix + ".ckpt")
-
-
 # ---- commands -----------------------------------------------------------------------------------
 
 # The flags `train` hands pymaml.train as they are, under the same names.
@@ -80,6 +69,7 @@ _SAME_NAMES = ("algorithm", "sizes", "activation", "loss", "inner_steps", "inner
                "meta_batch_size", "iterations", "optimizer", "outer_lr", "shots", "queries",
                "data", "ways", "backend", "device", "seed", "log_every", "progress",
                "checkpoint_every", "resume", "overwrite", "distributed")
+
 
 def _save_and_report(result, out):
     """Saves a finished run's model to out["model"] and prints what the run did; returns it."""
@@ -102,7 +92,9 @@ def cmd_train(args) -> int:
     own = entry.train_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = _outputs(args, entry)
+    prefix = args.out or entry.out_prefix(args)
+    out = dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
+               checkpoint=args.checkpoint or prefix + ".ckpt")
     _paths.check_distinct({"--checkpoint": out["checkpoint"], "model file": out["model"],
                            "figure": out["figure"], "loss figure": out["loss_figure"]})
     _check_train_outputs(args, out)
@@ -111,7 +103,12 @@ def cmd_train(args) -> int:
             and not (args.resume or args.overwrite)):
         raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
                               "--overwrite to replace it, or --out to choose another name")
-    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init, entry)
+    init = args.init
+    if init not in ("seed", "torch"):
+        try:
+            init = entry.model_class.load(init)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--init {exc}") from None  # the command line shows only the words
     result = train(args.task, **{name: getattr(args, name) for name in _SAME_NAMES},
                    optimizer_kwargs=dict(args.optimizer_arg), init=init,
                    dtype=DTYPES[args.dtype], checkpoint=out["checkpoint"],
@@ -151,17 +148,9 @@ def _check_algorithm_flags(args, entry) -> None:
             raise _FlagError(f"{' and '.join(foreign)} apply to --algorithm {other.name} only")
 
 
-def _load(flag: str, path: str, entry):
-    """The model of `entry`'s kind a flag names, its errors prefixed with the flag."""
-    try:
-        return entry.model_class.load(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{flag} {exc}") from None  # the command line shows only the words
-
-
 @contextlib.contextmanager
 def _writing(path):
-    """An OSError while writing `path` (a figure), in words that name it (see _io)."""
+    """An OSError while writing `path` (a figure), in words that name it."""
     try:
         yield
     except OSError as exc:
