@@ -22,7 +22,7 @@ from ._checks import check_device
 
 MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
-# DAML's model (both networks) and training checkpoint: pymaml.daml_model, pymaml.daml_train
+# DAML's model (both networks: pymaml.daml_model) and earlier versions' DAML checkpoints
 DAML_MODEL_FORMAT = "pymaml.DAMLModel"
 DAML_CHECKPOINT_FORMAT = "pymaml.daml-checkpoint"
 FORMATS = (MODEL_FORMAT, CHECKPOINT_FORMAT, DAML_MODEL_FORMAT, DAML_CHECKPOINT_FORMAT)
@@ -331,7 +331,7 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_file(path, map_location="cpu") -> Dict[str, Any]:
+def load_file(path) -> Dict[str, Any]:
     """A file written by pymaml, verified (digest or CRCs) and read with weights_only=True.
     Raises TypeError for what is no path, FileNotFoundError / IsADirectoryError /
     PermissionError / ValueError for paths that name no readable regular file, DamagedFile (a
@@ -349,7 +349,7 @@ def load_file(path, map_location="cpu") -> Dict[str, Any]:
     if not _verify_seal(path):  # written before the digest existed: the archive's own CRCs
         _verify_crcs(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign file can make the unpickler raise almost anything
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             # weights_only refused a Python object: never load it (torch's own message

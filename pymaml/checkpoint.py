@@ -26,14 +26,6 @@ FORMATS = (_io.CHECKPOINT_FORMAT, _io.DAML_CHECKPOINT_FORMAT)
 _OVERHEAD_BYTES = 64 * 1024  # archive records, pickles and the generator state: ~10 KB measured
 
 
-def estimated_size(config: RunConfig) -> int:
-    """Bytes of the run's last checkpoint, about and on the high side: the weights and up to
-    three optimizer buffers of their size, 8 bytes of loss history per iteration."""
-    element = torch.finfo(getattr(torch, config.dtype)).bits // 8
-    weights = config.entry.weight_count(config)
-    return weights * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
-
-
 class Checkpoints:
     """Where a run writes its checkpoints (None: nowhere), and whether that file holds this
     run's state yet (it does once written, or when the run resumed from it), which the
@@ -62,7 +54,11 @@ class Checkpoints:
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")
-        _io.check_space(self.path, estimated_size(config), "checkpoint")
+        # The run's last checkpoint, about and on the high side: the weights and up to three
+        # optimizer buffers of their size, 8 bytes of loss history per iteration.
+        element = torch.finfo(getattr(torch, config.dtype)).bits // 8
+        size = config.entry.weight_count(config) * element * 4 + 8 * config.iterations
+        _io.check_space(self.path, size + _OVERHEAD_BYTES, "checkpoint")
 
     def save(self, state: Dict[str, Any], write: bool = True) -> None:
         """Writes `state` (when `write`: in a distributed run, rank 0 writes for all). A failed

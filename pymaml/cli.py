@@ -98,11 +98,6 @@ def cmd_train(args) -> int:
     _paths.check_distinct({"--checkpoint": out["checkpoint"], "model file": out["model"],
                            "figure": out["figure"], "loss figure": out["loss_figure"]})
     _check_train_outputs(args, out)
-    # Under torchrun, rank 0 writes the files, so its disk is the one to check.
-    if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
-            and not (args.resume or args.overwrite)):
-        raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
-                              "--overwrite to replace it, or --out to choose another name")
     init = args.init
     if init not in ("seed", "torch"):
         try:
@@ -159,7 +154,8 @@ def _writing(path):
 
 def _check_train_outputs(args, out) -> None:
     """Before training: the flags' values train() would only find wrong later, and every file
-    train writes after the run (model, figures; train() checks the checkpoint) writable."""
+    train writes after the run (model, figures; train() checks the checkpoint) writable, an
+    existing model replaced only when asked."""
     # Flags left out take the task's defaults (a data set's family's: train checks them then).
     defaults = {} if args.task in DATA_FAMILIES else DEFAULTS
     optimizer = args.optimizer or defaults.get("optimizer")
@@ -172,12 +168,15 @@ def _check_train_outputs(args, out) -> None:
             raise _FlagError(str(exc)) from None
     _distributed.check_not_copies(args.distributed, "--no-distributed")
     if _distributed.env_rank() != 0:
-        return  # rank 0 writes the files
+        return  # rank 0 writes the files (under torchrun), so its disk is the one to check
     for kind, key in [("model", "model")] + [("figure", k) for k in ("figure", "loss_figure")
                                                  if not args.no_plots]:
         _io.check_writable(out[key], "model file" if kind == "model" else kind)
         _paths.check_replaceable(out[key], kind, f"this run's {kind}", args.overwrite,
                                  ask="--overwrite")
+    if os.path.exists(out["model"]) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
+                              "--overwrite to replace it, or --out to choose another name")
 
 
 def _saved_model(args):

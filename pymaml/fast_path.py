@@ -115,16 +115,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _maml_chunk(c, algorithm, weights, state, data, spec):
-    """train_chunk on a chunk (with rates for learned rates or frozen layers)."""
+    """train_chunk on a chunk; for learned rates or frozen layers, with the rates (the
+    learned ones, else inner_lr's row) and the adapting layers."""
     params = weights[0].detach()
-    if c.plain:
-        return _ops.ops.train_chunk(params, state, *data, list(c.sizes), c.inner_lr,
-                                    c.inner_steps, c.activation, c.loss,
-                                    algorithm.op_algorithm, *spec)
-    learn = len(weights) > 1
-    rows = _rows(weights[1].detach()) if learn else params.new_full((1, params.shape[0]),
-                                                                     c.inner_lr)
-    layers = None if c.adapt_layers is None else list(c.adapt_layers)
-    return _ops.ops.train_chunk(params, state, *data, list(c.sizes), 0.0, c.inner_steps,
-                                c.activation, c.loss, algorithm.op_algorithm, *spec, rows,
-                                layers, learn)
+    inner_lr, rates = c.inner_lr, ()
+    if not c.plain:
+        learn = len(weights) > 1
+        rows = _rows(weights[1].detach()) if learn else params.new_full((1, params.shape[0]),
+                                                                         c.inner_lr)
+        layers = None if c.adapt_layers is None else list(c.adapt_layers)
+        inner_lr, rates = 0.0, (rows, layers, learn)
+    return _ops.ops.train_chunk(params, state, *data, list(c.sizes), inner_lr, c.inner_steps,
+                                c.activation, c.loss, algorithm.op_algorithm, *spec, *rates)
