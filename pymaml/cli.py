@@ -382,20 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs the command in `argv` (default: sys.argv); its errors and warnings are said in one
+    line each: the command line never shows a traceback. Returns the exit code."""
     args = build_parser().parse_args(argv)
+    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     # Warnings as one line each, like the errors (Python's own format adds the source line).
     shown = warnings.showwarning
     warnings.showwarning = lambda message, category, *rest, **kw: print(
         f"pymaml {args.command}: warning: {_one_line(message)}", file=sys.stderr)
-    try:
-        return _run(args)
-    finally:
-        warnings.showwarning = shown
-
-
-def _run(args) -> int:
-    """args.run(args), its errors in one line each: the command line never shows a traceback."""
-    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     try:
         return args.run(args)
     except _FlagError as exc:
@@ -413,6 +407,8 @@ def _run(args) -> int:
         print(f"pymaml {args.command}{where}: internal error: {type(exc).__name__}: "
               f"{_one_line(exc)} (a bug in pymaml: please report it)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 def _one_line(exc: BaseException) -> str:
