@@ -151,11 +151,10 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=None,
     distributed_timeout: seconds a process waits for the others at a collective before the
         run stops with pymaml.distributed.DistributedError (when train() creates the group).
 
-    Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk:
-    about 50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN
-    or infinite meta-loss raises TrainingDiverged naming the iteration, before the weights are
-    updated with it (as do weights that an optimizer step made non-finite); the last
-    checkpoint is kept.
+    Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk: about
+    50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite
+    meta-loss raises TrainingDiverged naming the iteration, before the weights are updated with it
+    (as do weights that an optimizer step made non-finite); the last checkpoint is kept.
     """
     config, options = _config.from_train_arguments(dict(locals()))  # every argument, by name
     group = _distributed.Group.join(options.distributed, options.device,
