@@ -39,12 +39,11 @@ class Checkpoints:
 
     def check_writable(self, resume_from: Optional[str], overwrite: bool,
                        config: RunConfig) -> None:
-        """Before the first iteration: the path can be written (not a directory, in an
-        existing writable directory, with room for the run's last checkpoint; stale
-        temporary files of earlier runs removed), and saved training state is never
-        replaced unless asked (only the run it holds may write over it, or overwrite=True)."""
-        if self.path is None:
-            return
+        """Before the first iteration of a run that writes checkpoints: the path can be written
+        (not a directory, in an existing writable directory, with room for the run's last
+        checkpoint; stale temporary files of earlier runs removed), and saved training state
+        is never replaced unless asked (only the run it holds may write over it, or
+        overwrite=True)."""
         if resume_from is not None and not os.path.lexists(resume_from):
             raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
                                     "run to resume")
