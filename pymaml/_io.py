@@ -1,21 +1,7 @@
-"""Files pymaml writes: saved models and training checkpoints. Both are torch.save'd dicts of
-plain tensors and plain values (numbers, strings, lists, dicts), loadable with
-torch.load(weights_only=True).
-
-What this module promises:
-- Writes are atomic (a temporary file beside the target, flushed to disk, then renamed over
-  it), so a crash, Ctrl-C, kill or full disk during a save leaves the previous file whole.
-- Every file carries a SHA-256 digest of all its other bytes, in the zip archive's comment
-  field (torch ignores it). Loading verifies it, and verifies the CRC-32 of every member of
-  the archive, which torch itself never checks; files written before the digest existed are
-  checked by their CRCs alone. A damaged file is refused with one line naming it.
-- Temporary files are named PATH.pymaml-tmp.HOST.PID.RANDOM.tmp; a later save of the same PATH,
-  or a run about to write it, removes those left by processes of this host that no longer
-  exist (a kill -9 mid-write). Those of live processes, and of other hosts sharing the
-  filesystem (whose processes this host cannot see), are left alone.
-- Errors name the file and say what is wrong in words ("is a directory", "no space left on
-  DIR", "is damaged", "is not a pymaml file"), as ValueError / OSError subclasses.
-"""
+"""Files pymaml writes: saved models and training checkpoints, torch.save'd dicts of plain
+tensors and values (loadable with torch.load(weights_only=True)), written atomically and sealed
+with a SHA-256 digest in the zip archive's comment; what this promises (damaged files refused,
+no litter of temporary files, errors in words) is docs/training.md's "Files and failures"."""
 
 from __future__ import annotations
 
@@ -28,7 +14,7 @@ import socket
 import struct
 import uuid
 import zipfile
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -36,11 +22,10 @@ from ._checks import check_device
 
 MODEL_FORMAT = "pymaml.MetaMLP"
 CHECKPOINT_FORMAT = "pymaml.checkpoint"
-# DAML's model (both networks) and training checkpoint: pymaml.daml_model, pymaml.daml_train
+# DAML's model (both networks: pymaml.daml_model) and earlier versions' DAML checkpoints
 DAML_MODEL_FORMAT = "pymaml.DAMLModel"
 DAML_CHECKPOINT_FORMAT = "pymaml.daml-checkpoint"
-DAML_FORMATS = (DAML_MODEL_FORMAT, DAML_CHECKPOINT_FORMAT)
-FORMATS = (MODEL_FORMAT, CHECKPOINT_FORMAT) + DAML_FORMATS
+FORMATS = (MODEL_FORMAT, CHECKPOINT_FORMAT, DAML_MODEL_FORMAT, DAML_CHECKPOINT_FORMAT)
 
 # The zip comment that seals a file: this prefix, then the hex SHA-256 of every byte before
 # the comment (the end-of-archive record included, with its comment length set).
@@ -89,35 +74,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_temp_files(path) -> List[str]:
-    """The temporary files that saves of `path` by processes of this host, now gone, left
-    behind (also the previous version's PATH.PID.HEX.tmp names)."""
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
+def remove_stale_temp_files(path) -> None:
+    """Removes the temporary files that saves of `path` by processes of this host, now gone,
+    left behind (also the previous version's PATH.PID.HEX.tmp names); quietly, as one may
+    vanish meanwhile."""
+    directory, base = os.path.split(os.path.abspath(os.fspath(path)))
     pattern = re.compile(re.escape(base) + r"\.(?:pymaml-tmp\.(?P<host>[A-Za-z0-9_-]+)\."
                          r"(?P<pid>\d+)|(?P<oldpid>\d+))\.[0-9a-f]{8}\.tmp$")
     try:
         names = os.listdir(directory)
     except OSError:
-        return []
-    stale = []
+        return
     for name in names:
         m = pattern.match(name)
         if m is None or (m["host"] is not None and m["host"] != _HOST):
             continue
         pid = int(m["pid"] or m["oldpid"])
         if pid != os.getpid() and not _pid_alive(pid):
-            stale.append(os.path.join(directory, name))
-    return stale
-
-
-def remove_stale_temp_files(path) -> None:
-    """Removes what stale_temp_files(path) lists (quietly: one may vanish meanwhile)."""
-    for name in stale_temp_files(path):
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -130,26 +107,27 @@ class PathError(OSError, ValueError):
         return self.strerror or super().__str__()  # the words, without "[Errno N]"
 
 
+# What an OSError of each errno says of the directory DIR a file is written in.
+_IO_WORDS = {
+    errno.ENOSPC: "no space left on {}",
+    errno.EDQUOT: "disk quota exceeded on {}",
+    errno.EROFS: "{} is on a read-only filesystem",
+    errno.EACCES: "permission denied: the directory {} is not writable",
+    errno.EPERM: "permission denied: the directory {} is not writable",
+    errno.ENOTDIR: "a part of {} is a file, not a directory",
+}
+
+
 def io_error(exc: OSError, path: str, doing: str) -> OSError:
     """`exc` in words that name the file (and, for a full disk, the directory)."""
     directory = os.path.dirname(os.path.abspath(path))
-    if exc.errno == errno.ENOSPC:
-        what = f"no space left on {directory} ({doing} {path})"
-    elif exc.errno == errno.EDQUOT:
-        what = f"disk quota exceeded on {directory} ({doing} {path})"
-    elif exc.errno == errno.EROFS:
-        what = f"{directory} is on a read-only filesystem ({doing} {path})"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        what = f"permission denied: the directory {directory} is not writable ({doing} {path})"
-    elif exc.errno == errno.ENOENT and not os.path.isdir(directory):
-        what = f"the directory {directory} does not exist ({doing} {path})"
-    elif exc.errno == errno.ENOENT:  # a directory that takes no new files (/proc, /sys)
-        what = f"the directory {directory} does not take new files ({doing} {path})"
-    elif exc.errno == errno.ENOTDIR:
-        what = f"a part of {directory} is a file, not a directory ({doing} {path})"
-    else:
-        what = f"cannot write {path}: {exc.strerror or exc}"
-    return PathError(exc.errno, what)
+    words = _IO_WORDS.get(exc.errno)
+    if exc.errno == errno.ENOENT:  # a missing directory, or one that takes no new files (/proc)
+        words = ("the directory {} does not take new files" if os.path.isdir(directory)
+                 else "the directory {} does not exist")
+    if words is None:
+        return PathError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+    return PathError(exc.errno, f"{words.format(directory)} ({doing} {path})")
 
 
 def fspath(path, what: str = "path") -> str:
@@ -191,10 +169,6 @@ def check_writable(path, what: str = "output") -> str:
     return path
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def check_space(path, needed: int, what: str = "output") -> None:
     """Before any work: the filesystem of `path` has `needed` bytes free (an estimate of the
     file); OSError "no space left on DIR" otherwise. Filesystems that report no size pass."""
@@ -208,7 +182,7 @@ def check_space(path, needed: int, what: str = "output") -> None:
     free = st.f_bavail * st.f_frsize
     if free < needed:
         raise PathError(errno.ENOSPC, f"no space left on {directory}: the {what} {path} will "
-                                    f"need about {_megabytes(needed)}, {_megabytes(free)} free")
+                                    f"need about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
 
 
 class _SealingWriter:
@@ -226,9 +200,7 @@ class _SealingWriter:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
-        rest = view
-        while rest:
-            rest = rest[os.write(self.fd, rest):]
+        _write_all(self.fd, view)
         if n >= 2:
             self.digest.update(self.held)
             self.digest.update(view[:-2])
@@ -243,20 +215,22 @@ class _SealingWriter:
         pass
 
     def seal(self) -> None:
-        """Appends the digest comment to the archive torch.save has just written."""
-        eocd = os.pread(self.fd, _EOCD_LEN, os.lseek(self.fd, 0, os.SEEK_END) - _EOCD_LEN)
+        """Appends the digest comment to the archive torch.save has just written: the comment
+        length over the archive's last two bytes (held: zero), then the comment."""
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        eocd = os.pread(self.fd, _EOCD_LEN, end - _EOCD_LEN)
         if eocd[:4] != _EOCD or self.held != b"\0\0":  # torch.save always ends so: never here
             raise RuntimeError("torch.save wrote an archive pymaml cannot seal")
         length = struct.pack("<H", _COMMENT_LEN)
         self.digest.update(length)
-        self.write_all(length, at_end_minus=2)
-        self.write_all(_DIGEST_PREFIX + self.digest.hexdigest().encode())
+        os.lseek(self.fd, end - 2, os.SEEK_SET)
+        _write_all(self.fd, length + _DIGEST_PREFIX + self.digest.hexdigest().encode())
 
-    def write_all(self, data: bytes, at_end_minus: int = 0) -> None:
-        os.lseek(self.fd, -at_end_minus, os.SEEK_END)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def atomic_save(obj: Dict[str, Any], path) -> None:
@@ -346,19 +320,23 @@ def _verify_crcs(path: str) -> None:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
             struct.error, RuntimeError) as exc:
         raise DamagedFile(f"{path} is damaged: its archive structure is broken "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc)})") from None
     if bad is not None:
         raise DamagedFile(f"{path} is damaged: the archive member {bad} fails its CRC check")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's may run to many), or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_readable(path) -> str:
-    """`path` names a regular file this process can read; otherwise TypeError /
-    FileNotFoundError / IsADirectoryError / PermissionError / ValueError naming the path."""
+def load_file(path) -> Dict[str, Any]:
+    """A file written by pymaml, verified (digest or CRCs) and read with weights_only=True.
+    Raises TypeError for what is no path, FileNotFoundError / IsADirectoryError /
+    PermissionError / ValueError for paths that name no readable regular file, DamagedFile (a
+    ValueError) for a damaged one and ValueError for anything that is not a pymaml model or
+    checkpoint."""
     path = fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory, not a pymaml model or checkpoint file")
@@ -368,19 +346,10 @@ def check_readable(path) -> str:
         raise ValueError(f"{path} is not a regular file (a pymaml model or checkpoint is one)")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{path}: permission denied (the file is not readable)")
-    return path
-
-
-def load_file(path, map_location="cpu") -> Dict[str, Any]:
-    """A file written by pymaml, verified (digest or CRCs) and read with weights_only=True.
-    Raises FileNotFoundError / IsADirectoryError / PermissionError for paths that name no
-    readable file, DamagedFile (a ValueError) for a damaged one and ValueError for anything
-    that is not a pymaml model or checkpoint."""
-    path = check_readable(path)
     if not _verify_seal(path):  # written before the digest existed: the archive's own CRCs
         _verify_crcs(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign file can make the unpickler raise almost anything
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             # weights_only refused a Python object: never load it (torch's own message
@@ -389,11 +358,10 @@ def load_file(path, map_location="cpu") -> Dict[str, Any]:
                              "than tensors and plain values, which pymaml files never do; it "
                              "was not loaded") from None
         raise ValueError(f"{path} could not be read as a pymaml file (damaged, or not written "
-                         f"by pymaml: {_first_line(exc)})") from None
+                         f"by pymaml: {first_line(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") not in FORMATS:
         raise ValueError(f"{path} is not a pymaml model or checkpoint (no pymaml format tag)")
     return obj
-
 
 
 # ---- the model in a file, whatever its format ------------------------------------------------

@@ -38,18 +38,6 @@ def check_distinct(named: Dict[str, Optional[str]]) -> None:
                                  "overwrite the other; choose another path")
 
 
-def held_kind(path) -> Optional[str]:
-    """"model" or "training checkpoint" for an existing, readable pymaml file at `path`;
-    None for no file, a damaged one or any other file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        return KINDS.get(_io.load_file(path)["format"])
-    except (OSError, ValueError):
-        return None
-
-
 def check_replaceable(path, kind: str, what: str, overwrite: bool = False,
                       ask: Optional[str] = "overwrite=True") -> None:
     """Before writing a file of `kind` ("model", "training checkpoint", "figure") to `path`:
@@ -57,10 +45,13 @@ def check_replaceable(path, kind: str, what: str, overwrite: bool = False,
     file (a damaged pymaml file, the user's own) by a model or a checkpoint (a figure only
     replaces pymaml's files when asked); FileExistsError naming both (`what` is the writer:
     "MetaMLP.save", "this run's model"...) and how to ask (`ask`; None: there is no asking)."""
-    if overwrite:
+    if overwrite or not os.path.isfile(os.fspath(path)):
         return
-    held = held_kind(path)
-    if held is None and kind != "figure" and os.path.isfile(path):
+    try:
+        held = KINDS.get(_io.load_file(path)["format"])
+    except (OSError, ValueError):  # a damaged file, or not a pymaml one
+        held = None
+    if held is None and kind != "figure":
         held = "file that is not a readable pymaml file"
     if held is not None and held != kind:
         how = f"pass {ask} to replace it, or choose" if ask else "choose"

@@ -1,16 +1,8 @@
-"""Training checkpoints: what one holds, where it may be written, and how a run resumes from it.
-
-A checkpoint is a file of plain tensors and values (loadable with weights_only=True, written
-atomically and sealed with a digest by pymaml._io): the run's settings (RunConfig.to_dict,
-plus the backend and device it ran on), the iteration, the weights, the optimizer's
-state_dict, the task generator's state and the loss history; in a distributed run, every
-process's task stream. With those, a resumed run draws the same tasks and ends with bitwise
-the same weights as one that was never stopped (same backend, device and thread count).
-
-Every field is checked when a checkpoint is read (`check`): a file missing one, or holding a
-value no run writes (a negative iteration, a loss history of another length than the
-iteration, weights of another size than the settings give...), is refused with one line
-naming the file and the field, before anything is loaded from it."""
+"""Training checkpoints: what one holds (`state`: the run's settings, the iteration, the
+weights, the optimizer's state_dict, the task generators' states and the loss history), where
+it may be written (`Checkpoints`), the check of every field before anything is loaded
+(`check`), and how a run resumes from one (`restore`), bitwise. What this promises is
+docs/training.md's "Checkpoints and resume" and "Files and failures"."""
 
 from __future__ import annotations
 
@@ -34,45 +26,38 @@ FORMATS = (_io.CHECKPOINT_FORMAT, _io.DAML_CHECKPOINT_FORMAT)
 _OVERHEAD_BYTES = 64 * 1024  # archive records, pickles and the generator state: ~10 KB measured
 
 
-def estimated_size(config: RunConfig) -> int:
-    """Bytes of the run's last checkpoint, about and on the high side: the weights and up to
-    three optimizer buffers of their size, 8 bytes of loss history per iteration."""
-    element = torch.finfo(getattr(torch, config.dtype)).bits // 8
-    weights = config.entry.weight_count(config)
-    return weights * element * 4 + 8 * config.iterations + _OVERHEAD_BYTES
-
-
 class Checkpoints:
     """Where a run writes its checkpoints (None: nowhere), and whether that file holds this
     run's state yet (it does once written, or when the run resumed from it), which the
     messages of a stopped run mention."""
 
-    def __init__(self, path: Optional[str], resume_from: Optional[str],
-                 config: Optional[RunConfig] = None):
+    def __init__(self, path: Optional[str], resume_from: Optional[str]):
         self.path = path
-        self.config = config
         self.holds_this_run = (path is not None and resume_from is not None
                                and _paths.same_file(path, resume_from))
         self.iteration: Optional[int] = None  # of the last checkpoint this run wrote
 
-    def check_writable(self, resume_from: Optional[str], overwrite: bool) -> None:
-        """Before the first iteration: the path can be written (not a directory, in an
-        existing writable directory, with room for the run's last checkpoint; stale
-        temporary files of earlier runs removed), and saved training state is never
-        replaced unless asked (only the run it holds may write over it, or overwrite=True)."""
-        if self.path is None:
-            return
+    def check_writable(self, resume_from: Optional[str], overwrite: bool,
+                       config: RunConfig) -> None:
+        """Before the first iteration of a run that writes checkpoints: the path can be written
+        (not a directory, in an existing writable directory, with room for the run's last
+        checkpoint; stale temporary files of earlier runs removed), and saved training state
+        is never replaced unless asked (only the run it holds may write over it, or
+        overwrite=True)."""
         if resume_from is not None and not os.path.lexists(resume_from):
             raise FileNotFoundError(f"checkpoint {resume_from}: no such file, so there is no "
                                     "run to resume")
         _io.check_writable(self.path, "checkpoint")
-        resuming_it = resume_from is not None and _paths.same_file(self.path, resume_from)
-        if not resuming_it and not overwrite and os.path.exists(self.path):
+        # (before the first save, holds_this_run says whether the run resumes this very file)
+        if not self.holds_this_run and not overwrite and os.path.exists(self.path):
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")
-        if self.config is not None:
-            _io.check_space(self.path, estimated_size(self.config), "checkpoint")
+        # The run's last checkpoint, about and on the high side: the weights and up to three
+        # optimizer buffers of their size, 8 bytes of loss history per iteration.
+        element = torch.finfo(getattr(torch, config.dtype)).bits // 8
+        size = config.entry.weight_count(config) * element * 4 + 8 * config.iterations
+        _io.check_space(self.path, size + _OVERHEAD_BYTES, "checkpoint")
 
     def save(self, state: Dict[str, Any], write: bool = True) -> None:
         """Writes `state` (when `write`: in a distributed run, rank 0 writes for all). A failed
@@ -119,9 +104,14 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check(path: str, saved: Dict[str, Any]) -> None:
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check(path: str, saved: Dict[str, Any]) -> List[torch.Tensor]:
     """Refuses (BadCheckpoint, naming the file and the field) a checkpoint `saved`, read from
-    `path`, that misses a field or holds a value no pymaml run writes."""
+    `path`, that misses a field or holds a value no pymaml run writes; returns its trained
+    tensors (what its optimizer steps), detached."""
     for field in ("format_version", "config", "iteration", "model", "optimizer", "generator",
                   "losses"):
         if field not in saved:
@@ -157,6 +147,19 @@ def check(path: str, saved: Dict[str, Any]) -> None:
                                                 f"{processes} processes")
         for rank, s in enumerate(streams):
             _check_generator(path, f"task_generators[{rank}]", s)
+    return weights
+
+
+# The settings _check_config tests beyond their presence: (name, test, what a run writes).
+_SETTINGS = (
+    ("iterations", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("processes", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("outer_lr", lambda v: _is_real(v) and 0 < v < math.inf, "a positive finite number"),
+    ("optimizer_kwargs", lambda v: isinstance(v, dict), "a dict"),
+    ("sizes", lambda v: isinstance(v, (list, tuple)) and len(v) >= 2
+     and all(_is_int(n) and n >= 1 for n in v), "layer widths like [1, 40, 1]"),
+    ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
+)
 
 
 def _check_config(path: str, config) -> Dict[str, Any]:
@@ -167,23 +170,10 @@ def _check_config(path: str, config) -> Dict[str, Any]:
         # has none, and ran with the default.
         if field.name not in config and field.default is dataclasses.MISSING:
             raise _bad(path, f"config.{field.name}", "is missing")
-    if not _is_int(config["iterations"]) or config["iterations"] < 0:
-        raise _bad(path, "config.iterations", f"is {config['iterations']!r}, expected an int >= 0")
-    processes = config.get("processes", 1)
-    if not _is_int(processes) or processes < 1:
-        raise _bad(path, "config.processes", f"is {processes!r}, expected an int >= 1")
-    if not _is_real(config["outer_lr"]) or not 0 < config["outer_lr"] < math.inf:
-        raise _bad(path, "config.outer_lr", f"is {config['outer_lr']!r}, expected a positive "
-                                            "finite number")
-    if not isinstance(config["optimizer_kwargs"], dict):
-        raise _bad(path, "config.optimizer_kwargs", f"is {config['optimizer_kwargs']!r}, "
-                                                    "expected a dict")
-    sizes = config["sizes"]
-    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or not all(
-            _is_int(n) and n >= 1 for n in sizes):
-        raise _bad(path, "config.sizes", f"is {sizes!r}, expected layer widths like [1, 40, 1]")
-    if config["dtype"] not in ("float32", "float64"):
-        raise _bad(path, "config.dtype", f"is {config['dtype']!r}, expected 'float32' or 'float64'")
+    for name, ok, want in _SETTINGS:
+        value = config.get(name, 1)  # (of these, only processes may be missing: it was 1)
+        if not ok(value):
+            raise _bad(path, f"config.{name}", f"is {value!r}, expected {want}")
     return config
 
 
@@ -304,10 +294,6 @@ def _check_group(path: str, group: Dict[str, Any], reference: Dict[str, Any],
             raise _bad(path, field, f"is {have!r}; the run's settings give {want!r} ({said})")
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_buffers(path: str, index: int, have: Dict[str, Any], want: Dict[str, Any],
                    weights: torch.Tensor, iteration: int, cls: type) -> None:
     """The optimizer's buffers of the run's weights (index 0) or learned rates (1): the
@@ -363,7 +349,7 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     checking its fields and that it was written by this run; returns (iteration, losses)."""
     if saved["format"] not in FORMATS:
         raise _not_a_checkpoint(path, saved, config)
-    check(path, saved)
+    kept = check(path, saved)
     algorithm = saved["config"]["algorithm"]
     if algorithm != config.algorithm:
         raise ValueError(f"checkpoint {path} holds a {algorithm} run, not a {config.algorithm} "
@@ -380,8 +366,6 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     if iteration > config.iterations:
         raise ValueError(f"checkpoint {path} is at iteration {iteration}, past iterations="
                          f"{config.iterations}")
-    entry = config.entry
-    kept = [k.detach() for k in entry.weights(entry.model_class.from_dict(saved["model"]))]
     if _named_class(saved["config"]) is None:  # a class of the user's: the run's own
         _check_optimizer(path, saved["optimizer"], kept, saved["config"], iteration,
                          type(optimizer))
@@ -393,7 +377,7 @@ def restore(path: str, saved: Dict[str, Any], config: RunConfig, model,
     _check_group(path, optimizer.state_dict()["param_groups"][0], reference,
                  config.optimizer_kwargs, loaded=True)
     with torch.no_grad():
-        for w, k in zip(entry.weights(model), kept):
+        for w, k in zip(config.entry.weights(model), kept):
             w.copy_(k.to(device))
     generator.set_state(saved["generator"])
     return iteration, saved["losses"].tolist()

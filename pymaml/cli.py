@@ -8,15 +8,10 @@
     demo   a short run on the seed's task with the fused op and the autograd reference, timed
     info   build facts: version, whether the fused op and its CUDA kernels are compiled in
 
-Mistakes in flags or files print one line and exit with a non-zero code (2 for flags, 1 for
-files and runs); Ctrl-C during training writes the checkpoint and exits with code 130.
-
-The commands are written once for every algorithm: what differs (an algorithm's own flags,
-its output names, what it prints and draws of a trained model, its evaluation) they ask of the
-run's or the saved model's entry of pymaml.algorithms.
-
-`torchrun --nproc_per_node=N -m pymaml train ...` trains data-parallel over N processes
-(pymaml.distributed); rank 0 alone prints and writes the model, the figures and the checkpoint.
+Errors are one line each, never a traceback (exit code 2 for flags, 1 for files and runs, 130
+for Ctrl-C): docs/training.md's "The command line"; under torchrun: docs/distributed.md. What
+differs by algorithm (its flags, output names, report, figure, evaluation) the commands ask of
+the algorithm's entry of pymaml.algorithms.
 """
 
 from __future__ import annotations
@@ -67,18 +62,13 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-def _outputs(args, entry):
-    prefix = args.out or entry.out_prefix(args)
-    return dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
-                checkpoint=args.checkpoint or prefix + ".ckpt")
-
-
 # ---- commands -----------------------------------------------------------------------------------
 
-def _interrupted(result) -> int:
-    print(f"stopped at iteration {result.iterations}; continue with the same command and "
-          f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
-    return 130
+# The flags `train` hands pymaml.train as they are, under the same names.
+_SAME_NAMES = ("algorithm", "sizes", "activation", "loss", "inner_steps", "inner_lr",
+               "meta_batch_size", "iterations", "optimizer", "outer_lr", "shots", "queries",
+               "data", "ways", "backend", "device", "seed", "log_every", "progress",
+               "checkpoint_every", "resume", "overwrite", "distributed")
 
 
 def _save_and_report(result, out):
@@ -102,32 +92,28 @@ def cmd_train(args) -> int:
     own = entry.train_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = _outputs(args, entry)
+    prefix = args.out or entry.out_prefix(args)
+    out = dict(figure=prefix + ".png", loss_figure=prefix + "-loss.png", model=prefix + ".pt",
+               checkpoint=args.checkpoint or prefix + ".ckpt")
     _paths.check_distinct({"--checkpoint": out["checkpoint"], "model file": out["model"],
                            "figure": out["figure"], "loss figure": out["loss_figure"]})
     _check_train_outputs(args, out)
-    # Under torchrun, rank 0 writes the files, so its disk is the one to check.
-    if (_distributed.env_rank() == 0 and os.path.exists(out["model"])
-            and not (args.resume or args.overwrite)):
-        raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
-                              "--overwrite to replace it, or --out to choose another name")
-    init = args.init if args.init in ("seed", "torch") else _load("--init", args.init, entry)
-    result = train(args.task, algorithm=args.algorithm, sizes=args.sizes,
-                   activation=args.activation, loss=args.loss, inner_steps=args.inner_steps,
-                   inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
-                   iterations=args.iterations, optimizer=args.optimizer, outer_lr=args.outer_lr,
-                   optimizer_kwargs=dict(args.optimizer_arg), shots=args.shots,
-                   queries=args.queries, data=args.data, ways=args.ways, init=init,
-                   backend=args.backend, device=args.device,
-                   dtype=DTYPES[args.dtype], seed=args.seed, log_every=args.log_every,
-                   progress=args.progress, checkpoint=out["checkpoint"],
-                   checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   overwrite=args.overwrite, distributed=args.distributed,
+    init = args.init
+    if init not in ("seed", "torch"):
+        try:
+            init = entry.model_class.load(init)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--init {exc}") from None  # the command line shows only the words
+    result = train(args.task, **{name: getattr(args, name) for name in _SAME_NAMES},
+                   optimizer_kwargs=dict(args.optimizer_arg), init=init,
+                   dtype=DTYPES[args.dtype], checkpoint=out["checkpoint"],
                    distributed_timeout=args.dist_timeout, **own)
     if result.rank != 0:  # the other processes of a distributed run hold the same model
         return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
-        return _interrupted(result)
+        print(f"stopped at iteration {result.iterations}; continue with the same command and "
+              f"--resume (checkpoint: {result.checkpoint})", file=sys.stderr)
+        return 130
     model = _save_and_report(result, out)
     for line in entry.report(model, args.task, args.shots):
         print(line)
@@ -152,25 +138,14 @@ def _check_algorithm_flags(args, entry) -> None:
                          f"({', '.join(entry.task_names)}), not --task {args.task}")
     for other in algorithms.REGISTRY.values():
         foreign = [flag for flag in other.flags if flag not in entry.flags]
-        if any(getattr(args, _dest(flag)) is not None for flag in foreign):
+        # (a flag's attribute, as argparse names it)
+        if any(getattr(args, flag.lstrip("-").replace("-", "_")) is not None for flag in foreign):
             raise _FlagError(f"{' and '.join(foreign)} apply to --algorithm {other.name} only")
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")  # as argparse names a flag's attribute
-
-
-def _load(flag: str, path: str, entry):
-    """The model of `entry`'s kind a flag names, its errors prefixed with the flag."""
-    try:
-        return entry.model_class.load(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{flag} {exc}") from None  # the command line shows only the words
 
 
 @contextlib.contextmanager
 def _writing(path):
-    """An OSError while writing `path` (a figure), in words that name it (see _io)."""
+    """An OSError while writing `path` (a figure), in words that name it."""
     try:
         yield
     except OSError as exc:
@@ -179,7 +154,8 @@ def _writing(path):
 
 def _check_train_outputs(args, out) -> None:
     """Before training: the flags' values train() would only find wrong later, and every file
-    train writes after the run (model, figures; train() checks the checkpoint) writable."""
+    train writes after the run (model, figures; train() checks the checkpoint) writable, an
+    existing model replaced only when asked."""
     # Flags left out take the task's defaults (a data set's family's: train checks them then).
     defaults = {} if args.task in DATA_FAMILIES else DEFAULTS
     optimizer = args.optimizer or defaults.get("optimizer")
@@ -192,12 +168,15 @@ def _check_train_outputs(args, out) -> None:
             raise _FlagError(str(exc)) from None
     _distributed.check_not_copies(args.distributed, "--no-distributed")
     if _distributed.env_rank() != 0:
-        return  # rank 0 writes the files
+        return  # rank 0 writes the files (under torchrun), so its disk is the one to check
     for kind, key in [("model", "model")] + [("figure", k) for k in ("figure", "loss_figure")
                                                  if not args.no_plots]:
         _io.check_writable(out[key], "model file" if kind == "model" else kind)
         _paths.check_replaceable(out[key], kind, f"this run's {kind}", args.overwrite,
                                  ask="--overwrite")
+    if os.path.exists(out["model"]) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out['model']} already exists: pass --resume to continue its run, "
+                              "--overwrite to replace it, or --out to choose another name")
 
 
 def _saved_model(args):
@@ -272,13 +251,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
+    fused = _ops.available()
     print(f"pymaml {__version__}")
     print(f"torch {torch.__version__} (CUDA: {torch.version.cuda})")
-    print(f"fused op compiled: {_ops.available()}")
-    if not _ops.available():
+    print(f"fused op compiled: {fused}")
+    if not fused:
         print(f"  why not: {_ops.unavailable_reason(torch.device('cpu'), torch.float32)}")
     print(f"CUDA kernels compiled: {_ops.cuda_compiled()}")
-    if _ops.available():  # PYMAML_CPU_ISA=generic|avx2 picks a narrower one
+    if fused:  # PYMAML_CPU_ISA=generic|avx2 picks a narrower one
         print(f"CPU kernels: {_ops._C.cpu_isa()} (best for this CPU: {_ops._C.best_cpu_isa()})")
     print(f"threads: {torch.get_num_threads()}")
     return 0
@@ -402,20 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs the command in `argv` (default: sys.argv); its errors and warnings are said in one
+    line each: the command line never shows a traceback. Returns the exit code."""
     args = build_parser().parse_args(argv)
+    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     # Warnings as one line each, like the errors (Python's own format adds the source line).
     shown = warnings.showwarning
     warnings.showwarning = lambda message, category, *rest, **kw: print(
         f"pymaml {args.command}: warning: {_one_line(message)}", file=sys.stderr)
-    try:
-        return _run(args)
-    finally:
-        warnings.showwarning = shown
-
-
-def _run(args) -> int:
-    """args.run(args), its errors in one line each: the command line never shows a traceback."""
-    where = f" (rank {_distributed.env_rank()})" if _distributed.launched_by_torchrun() else ""
     try:
         return args.run(args)
     except _FlagError as exc:
@@ -433,14 +407,16 @@ def _run(args) -> int:
         print(f"pymaml {args.command}{where}: internal error: {type(exc).__name__}: "
               f"{_one_line(exc)} (a bug in pymaml: please report it)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 def _one_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch's may run to many), or its type."""
-    text = str(exc).strip()
     if isinstance(exc, MemoryError):
+        text = str(exc).strip()
         return "out of memory" + (f" ({text})" if text else "")
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _io.first_line(exc)
 
 
 if __name__ == "__main__":

@@ -83,16 +83,8 @@ class RunConfig:
     def differences(self, saved: Dict[str, Any]) -> List[str]:
         """The settings (all but iterations, which may grow, and processes) in which a
         checkpoint's config dict `saved` differs from this run's, one line each."""
-        mine = self.to_dict()
-        return differences(mine, saved, [k for k in mine if k not in ("iterations",
-                                                                       "processes")])
-
-
-def differences(mine: Dict[str, Any], saved: Dict[str, Any], keys) -> List[str]:
-    """One line for each of `keys` in which a checkpoint's settings `saved` differ from this
-    run's `mine` (lists and tuples alike)."""
-    return [f"{k}={saved.get(k)!r} (this call: {mine[k]!r})" for k in keys
-            if _lists(saved.get(k)) != _lists(mine[k])]
+        return [f"{k}={saved.get(k)!r} (this call: {v!r})" for k, v in self.to_dict().items()
+                if k not in ("iterations", "processes") and _lists(saved.get(k)) != _lists(v)]
 
 
 _OWN = {name for entry in _algorithms.REGISTRY.values() for name in entry.own_fields}
@@ -126,7 +118,7 @@ class RunOptions:
     overwrite: bool
     distributed: Optional[bool]
     distributed_timeout: float
-    iterations_given: bool = True  # False: a resumed run goes on to its checkpoint's iterations
+    iterations_given: bool  # False: a resumed run goes on to its checkpoint's iterations
 
 
 def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
@@ -136,7 +128,7 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
     family = entry.family(args["task"], args["shots"], args["queries"], args.get("data"),
                           args.get("ways"))
     defaults = family.run_defaults()  # every family (a user's wrapped) has them
-    given = args["iterations"] is not None
+    iterations_given = args["iterations"] is not None
     args = {k: defaults[k] if v is None and k in defaults else v for k, v in args.items()}
     sizes = tuple(_checks.check_sizes(args["sizes"]))
     activation = _checks.check_choice("activation", args["activation"], _checks.ACTIVATIONS)
@@ -157,24 +149,20 @@ def from_train_arguments(args: Dict[str, Any]) -> Tuple[RunConfig, RunOptions]:
             raise ValueError(f"task {family.name!r} has {n} {what} feature(s) but sizes is "
                              f"{list(sizes)}")
     own = entry.settings(args, sizes, inner_steps, family)
+    init = entry.init_name(args["init"])
+    if args["dtype"] not in DTYPES.values():
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {args['dtype']!r}")
     config = RunConfig(
         task=family.name, algorithm=entry.name, sizes=sizes, activation=activation, loss=loss,
         inner_steps=inner_steps, inner_lr=inner_lr, meta_batch_size=meta_batch_size,
         optimizer=optimizer_name, outer_lr=outer_lr, optimizer_kwargs=optimizer_kwargs,
         shots=getattr(family, "shots", None), queries=getattr(family, "queries", None),
-        init=entry.init_name(args["init"]), dtype=_dtype_name(args["dtype"]),
+        init=init, dtype=str(args["dtype"]).replace("torch.", ""),
         seed=_checks.check_seed(args["seed"]), iterations=iterations, **own)
-    return config, dataclasses.replace(_options(args, family, optimizer_class),
-                                       iterations_given=given)
+    return config, _options(args, family, optimizer_class, iterations_given)
 
 
-def _dtype_name(dtype) -> str:
-    if dtype not in DTYPES.values():
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    return str(dtype).replace("torch.", "")
-
-
-def _options(args: Dict[str, Any], family, optimizer_class) -> RunOptions:
+def _options(args: Dict[str, Any], family, optimizer_class, iterations_given) -> RunOptions:
     """The rest of train()'s arguments, checked."""
     device = _checks.check_device("device", args["device"])
     log_every = args["log_every"]
@@ -193,7 +181,7 @@ def _options(args: Dict[str, Any], family, optimizer_class) -> RunOptions:
         log_every=log_every, progress=args["progress"], checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume_from=resume_from,
         overwrite=bool(args["overwrite"]), distributed=distributed,
-        distributed_timeout=timeout)
+        distributed_timeout=timeout, iterations_given=iterations_given)
 
 
 def _positive_real(name, value) -> float:
@@ -263,7 +251,7 @@ def check_optimizer_kwargs(optimizer_class: type, kwargs: Dict[str, Any], outer_
     try:  # the optimizer's own checks (ranges such as 0 <= momentum), on a stand-in weight
         optimizer_class([torch.zeros(1, requires_grad=True)], lr=outer_lr, **kwargs)
     except Exception as exc:  # a user's optimizer class may raise anything
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _io.first_line(exc)
         if not kwargs:  # then what it refuses is the learning rate
             raise ValueError(f"outer_lr {outer_lr!r}: {cls} refuses it: {text}") from None
         raise ValueError(f"{name} {kwargs}: {cls} refuses them: {text}") from None

@@ -1,23 +1,7 @@
-"""Data-parallel meta-training over processes with torch.distributed (gloo on CPUs, NCCL on GPUs).
-
-`pymaml.train` spreads the meta-batch over the processes of a run: each process draws its own
-share of the (global) meta-batch from its own random stream, computes that share's
-meta-gradient, and one all-reduce averages the gradients and the meta-losses before the outer
-optimizer step. Every process then applies the same step to the same weights, so all hold
-identical weights and optimizer state throughout. Launched under torchrun (one machine or
-several), train() does this by itself; `distributed=True` insists on it, `False` turns it off.
-
-Random streams. Rank 0 draws its tasks from the run's generator, seeded by `seed`, after the
-initial weights, exactly as a one-process run does. Rank r >= 1 draws them from a generator
-seeded with `task_seed(seed, r)`. So at each iteration the global meta-batch of T tasks is
-rank 0's T/W tasks, then rank 1's, ..., each share the next draw of its rank's stream. A
-one-process run fed those same tasks reaches the same weights up to float rounding (the
-all-reduce sums the shares' means in another order than one op sums the tasks).
-
-Failures. Every collective runs under the process group's timeout (`timeout_s`, when pymaml
-creates the group). A process that raises closes its side of the group; the others then stop
-at their next collective with a DistributedError that says so, instead of waiting forever.
-"""
+"""Data-parallel meta-training over processes with torch.distributed (gloo on CPUs, NCCL on
+GPUs): the run's process group (Group: the collectives pymaml.train needs, every failure one
+DistributedError) and each rank's task stream (task_seed). How a run spreads over processes,
+its random streams and its failures: docs/distributed.md."""
 
 from __future__ import annotations
 
@@ -30,6 +14,8 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ._io import first_line
 
 __all__ = ["DistributedError", "Group", "task_seed", "launched_by_torchrun", "env_rank",
            "launch_size", "check_not_copies", "local_device", "DEFAULT_TIMEOUT_S"]
@@ -88,11 +74,6 @@ def check_not_copies(distributed: Optional[bool], flag: str = "distributed=False
                          "data-parallel over them, or launch one process")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @dataclasses.dataclass
 class Group:
     """The processes of one training run, and the collectives the trainer needs."""
@@ -142,7 +123,7 @@ class Group:
             raise DistributedError(f"could not join the process group ({backend}, rank "
                                    f"{os.environ['RANK']} of {os.environ['WORLD_SIZE']}, master "
                                    f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): "
-                                   f"{_first_line(exc)}") from None
+                                   f"{first_line(exc)}") from None
         return cls(dist.get_rank(), dist.get_world_size(), owns=True, timeout_s=timeout_s,
                    device=_collective_device(backend, device))
 
@@ -154,7 +135,7 @@ class Group:
         except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
             waited = f" within the {self.timeout_s:g} s timeout" if self.timeout_s else ""
             raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: {what} failed ({_first_line(exc)}): "
+                f"rank {self.rank} of {self.world_size}: {what} failed ({first_line(exc)}): "
                 f"another process of the run stopped or did not answer{waited}; its own "
                 "output says why") from None
 

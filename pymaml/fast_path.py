@@ -1,20 +1,11 @@
-"""The chunked fast path of pymaml.train: many meta-iterations per C++ call.
-
-At the seed's sizes an iteration is a few microseconds of arithmetic, and calling Python, the
-dispatcher and torch.optim once per iteration costs several times that. So on the fused CPU
-backend, for MAML, FO-MAML and Reptile, and with learned untied rates (Meta-SGD) or frozen
-layers (ANIL) (see `unserved`), on a family that can draw many meta-batches at once
-(TaskFamily.sample_many, e.g. every FunctionTasks) with torch.optim's SGD or Adam, the trainer
-draws a chunk of iterations' tasks in one call and runs them in one torch.ops.pymaml.train_chunk
-call (with rates for learned rates and frozen layers), which also applies the optimizer's steps
-to the real optimizer's state (to the weights and the learned rates, as one parameter
-group). Chunking changes no result: the loss history, the weights, the optimizer state and
-the generator state are bitwise those of the per-iteration path, which every other run takes (custom samplers, other
-optimizers or settings, the reference backend, several processes). The optimizer's steps are
-ATen's fused kernels, which torch.optim's fused=True step runs too (pymaml.outer_optim)."""
+"""The chunked fast path of pymaml.train: many meta-iterations per C++ call
+(torch.ops.pymaml.train_chunk, which also steps the run's optimizer with the kernels of
+pymaml.outer_optim), bitwise the per-iteration path's results. Which runs it serves and why:
+docs/training.md's "The fast path"; `unserved` below."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -32,12 +23,10 @@ CHUNK_SECONDS = 0.05   # the aim for one call: Ctrl-C and the progress bar answe
 _UNTIED = ("per-parameter", "per-parameter-step")
 
 
-def servable(backend: str, device: torch.device, config=None, algorithm=None) -> bool:
-    """Whether train_chunk (with rates for learned rates and frozen layers) can run a run's
-    iterations: the fused backend on the CPU (`unserved` says which inner loops; the
-    optimizer and the family decide the rest, as the run goes)."""
-    return backend == "fused" and device.type == "cpu" and (
-        config is None or unserved(config, algorithm) is None)
+def servable(backend: str, device: torch.device, config, algorithm) -> bool:
+    """Whether train_chunk can run a run's iterations: the fused backend on the CPU, an inner
+    loop it serves (`unserved`); the optimizer and the family decide the rest, as the run goes."""
+    return backend == "fused" and device.type == "cpu" and unserved(config, algorithm) is None
 
 
 def unserved(config, algorithm) -> Optional[str]:
@@ -83,10 +72,7 @@ class FastPath:
             batch = meta_step.class_targets(config, batch)
             xs, ys = meta_step.inner_data(config, algorithm.reptile_update, *batch)
             return xs, ys, batch.x_query, batch.y_query
-
-        def call(weights, state, data, spec):
-            return _maml_chunk(config, algorithm, weights, state, data, spec)
-        return cls(spec, config.iterations, draw, call)
+        return cls(spec, config.iterations, draw, functools.partial(_maml_chunk, config, algorithm))
 
     def state(self, optimizer, weights: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The chunk op's optimizer_state for the stepped weights ([params], [params, rates]
@@ -129,16 +115,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _maml_chunk(c, algorithm, weights, state, data, spec):
-    """train_chunk on a chunk (with rates for learned rates or frozen layers)."""
+    """train_chunk on a chunk; for learned rates or frozen layers, with the rates (the
+    learned ones, else inner_lr's row) and the adapting layers."""
     params = weights[0].detach()
-    if c.plain:
-        return _ops.ops.train_chunk(params, state, *data, list(c.sizes), c.inner_lr,
-                                    c.inner_steps, c.activation, c.loss,
-                                    algorithm.op_algorithm, *spec)
-    learn = len(weights) > 1
-    rows = _rows(weights[1].detach()) if learn else params.new_full((1, params.shape[0]),
-                                                                     c.inner_lr)
-    layers = None if c.adapt_layers is None else list(c.adapt_layers)
-    return _ops.ops.train_chunk(params, state, *data, list(c.sizes), 0.0, c.inner_steps,
-                                c.activation, c.loss, algorithm.op_algorithm, *spec, rows,
-                                layers, learn)
+    inner_lr, rates = c.inner_lr, ()
+    if not c.plain:
+        learn = len(weights) > 1
+        rows = _rows(weights[1].detach()) if learn else params.new_full((1, params.shape[0]),
+                                                                         c.inner_lr)
+        layers = None if c.adapt_layers is None else list(c.adapt_layers)
+        inner_lr, rates = 0.0, (rows, layers, learn)
+    return _ops.ops.train_chunk(params, state, *data, list(c.sizes), inner_lr, c.inner_steps,
+                                c.activation, c.loss, algorithm.op_algorithm, *spec, *rates)

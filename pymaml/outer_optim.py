@@ -10,15 +10,7 @@ rounding to keep in sync. That is why pymaml.train builds its named optimizers (
 backend, MAML / FO-MAML, in one process or several), and only there: on the CPU the fused
 kernels open a thread-parallel region even for a few thousand weights, which torch.optim's
 default steps do not, and on a busy machine at 2 threads that made a per-iteration Reptile
-run several times slower (benchmarks/NOTES.md).
-
-Interface (for pymaml.train; not public API):
-    build_kwargs(kwargs) -> dict: the constructor arguments of a named optimizer;
-    chunk_spec(opt) -> ChunkSpec or None: train_chunk's (optimizer, optimizer_hyper) for opt,
-        or None when train_chunk cannot step it (then torch.optim steps it, per iteration);
-    chunk_state(opt, params, spec) -> list of tensors or None: train_chunk's optimizer_state,
-        the optimizer's own state tensors (updated in place), or None before they exist.
-"""
+run several times slower (benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -66,26 +58,21 @@ def _real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _runs_the_fused_kernel(opt, group) -> bool:
-    """Whether opt.step() runs the fused kernel on plain arguments: fused=True alone (not
-    capturable or differentiable), and no AMP grad scaler (grad_scale / found_inf, which
-    train_chunk does not take)."""
-    return (group.get("fused") is True and not group.get("foreach")
-            and not group.get("capturable") and not group.get("differentiable")
-            and getattr(opt, "grad_scale", None) is None
-            and getattr(opt, "found_inf", None) is None)
-
-
 def chunk_spec(opt) -> Optional[ChunkSpec]:
     """train_chunk's (optimizer, optimizer_hyper) for `opt`, when its step() is the fused kernel
-    train_chunk calls: torch.optim.SGD or Adam (or AdamW) with fused=True, one parameter group,
-    plain-number hyper-parameters. None otherwise: the trainer then keeps the per-iteration
-    path, where torch.optim steps opt itself."""
+    train_chunk calls: torch.optim.SGD or Adam (or AdamW) with fused=True alone (not foreach,
+    capturable or differentiable), no AMP grad scaler (grad_scale / found_inf, which
+    train_chunk does not take), one parameter group, plain-number hyper-parameters. None
+    otherwise: the trainer then keeps the per-iteration path, where torch.optim steps opt."""
     name = _KINDS.get(type(opt))
     if name is None or len(opt.param_groups) != 1:
         return None
     g = opt.param_groups[0]
-    if not set(g) <= (_SGD_KEYS if name == "sgd" else _ADAM_KEYS) or not _runs_the_fused_kernel(opt, g):
+    if not set(g) <= (_SGD_KEYS if name == "sgd" else _ADAM_KEYS):
+        return None
+    if (g.get("fused") is not True or g.get("foreach") or g.get("capturable")
+            or g.get("differentiable") or getattr(opt, "grad_scale", None) is not None
+            or getattr(opt, "found_inf", None) is not None):
         return None
     if name == "sgd":
         values = [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]]

@@ -37,12 +37,13 @@ class StopOnInterrupt:
 
 class Progress:
     """A tqdm bar with the running meta-loss (when shown) and/or a log line every `log_every`
-    iterations with the mean meta-loss since the last line."""
+    iterations with the mean meta-loss since the last line; `speaks`: whether `say` says
+    anything."""
 
-    def __init__(self, show: bool, log_every: int, start: int, total: int):
+    def __init__(self, show: bool, log_every: int, start: int, total: int, speaks: bool):
         self.log_every = log_every
         self.total = total
-        self.speaks = show or bool(log_every)  # whether `say` says anything
+        self.speaks = speaks
         self.bar = None
         if show:
             from tqdm.auto import tqdm
@@ -83,15 +84,12 @@ class Progress:
         if self.speaks:
             self.write(line)
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def for_run(rank: int, progress: Optional[bool], log_every: Optional[int], start: int,
@@ -101,6 +99,6 @@ def for_run(rank: int, progress: Optional[bool], log_every: Optional[int], start
     show = rank == 0 and (sys.stderr.isatty() if progress is None else bool(progress))
     if log_every is None:
         log_every = 0 if show else max(1, total // 10)
-    progress = Progress(show and start < total, log_every if rank == 0 else 0, start, total)
-    progress.speaks = rank == 0 and (show or bool(log_every))  # (no bar for a finished run)
-    return progress
+    # (no bar for a finished run, though it may say so)
+    return Progress(show and start < total, log_every if rank == 0 else 0, start, total,
+                    speaks=rank == 0 and (show or bool(log_every)))

@@ -2,22 +2,10 @@
 FO-MAML, Reptile, Meta-SGD, ANIL, DAML) on a task family.
 
 A run is one loop for every algorithm (_Run.loop; the registry's entry supplies what
-differs): sample a meta-batch of tasks, ask the functional core for the meta-gradient of the
-whole batch (one fused op call on the fused backend, no autograd graph), hand it to the outer
-torch.optim optimizer, log, checkpoint. Around it:
-  config.py      the run's settings, checked once (RunConfig: what a checkpoint stores)
-  meta_step.py   one iteration's gradient for the optimizer, per algorithm and backend
-  fast_path.py   many iterations per C++ call where the run allows it, bitwise the same
-  checkpoint.py  what a checkpoint holds, and resuming from one
-  progress.py    the progress bar, log lines, and Ctrl-C as a request to stop
-  distributed.py several processes: one all-reduce per iteration
-The defaults are the seed's experiment.
-
-Reproducibility: the run's randomness is one CPU torch.Generator (seeded by `seed`), used
-first for the initial weights, then by the task sampler. A resumed run ends with bitwise the
-same weights as an uninterrupted one (same backend, device and thread count: the fused op's
-result does not depend on the thread count).
-"""
+differs): sample a meta-batch, compute its meta-gradient, step the outer torch.optim optimizer,
+log, checkpoint. Where each part lives: docs/design.md §6.1-§6.2. The run's randomness is one
+CPU torch.Generator (seeded by `seed`), used first for the initial weights, then by the task
+sampler, so that a resumed run ends bitwise as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -48,16 +36,6 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, iteration: int):
         super().__init__(message)
         self.iteration = iteration
-
-    @classmethod
-    def at(cls, it: int, value: float, kept: str) -> "TrainingDiverged":
-        """Iteration `it` stopped: its meta-loss `value` was not finite, or (finite) its step
-        made the weights non-finite; `kept` says which checkpoint remains."""
-        if not math.isfinite(value):
-            return cls(f"the meta-loss is {value} at iteration {it}: training stopped before "
-                       "updating the weights with it" + kept, it)
-        return cls(f"the optimizer step of iteration {it} made the weights non-finite (the "
-                   "meta-loss was finite): training stopped" + kept, it)
 
 
 @dataclasses.dataclass
@@ -173,10 +151,10 @@ def train(task="seed-sine", *, algorithm: str = "maml", sizes=None,
     distributed_timeout: seconds a process waits for the others at a collective before the
         run stops with pymaml.distributed.DistributedError (when train() creates the group).
 
-    Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk:
-    about 50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite meta-loss raises TrainingDiverged naming the
-    iteration, before the weights are updated with it (as do weights that an optimizer step
-    made non-finite); the last checkpoint is kept.
+    Ctrl-C stops after the current iteration (on the chunked fast path, the current chunk: about
+    50 ms of work), writes the checkpoint and returns with status "interrupted". A NaN or infinite
+    meta-loss raises TrainingDiverged naming the iteration, before the weights are updated with it
+    (as do weights that an optimizer step made non-finite); the last checkpoint is kept.
     """
     config, options = _config.from_train_arguments(dict(locals()))  # every argument, by name
     group = _distributed.Group.join(options.distributed, options.device,
@@ -203,12 +181,10 @@ class _Run:
                              f"evenly, so use a multiple of {processes}")
         self.config = config = dataclasses.replace(config, processes=processes)
         self.local_batch = config.meta_batch_size // processes
-        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from,
-                                                   config)
+        self.checkpoints = _checkpoint.Checkpoints(options.checkpoint, options.resume_from)
         if options.checkpoint is not None:
-            self._on_rank0(lambda: self.checkpoints.check_writable(options.resume_from,
-                                                                   options.overwrite),
-                           "checking the checkpoint path")
+            self._on_rank0(lambda: self.checkpoints.check_writable(
+                options.resume_from, options.overwrite, config), "checking the checkpoint path")
         self.entry = entry = config.entry
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = entry.initial_model(config, options.init, self.generator, options.dtype,
@@ -222,7 +198,13 @@ class _Run:
             for w in self.weights:
                 group.broadcast(w, "sharing rank 0's initial weights")
         self.backend = entry.backend(config, options.backend, self.model)
-        self.optimizer = self._optimizer(entry.chunkable(config, self.backend, options.device))
+        # "sgd" / "adam" with the fused kernel the chunk ops step with, where they may serve
+        # the run (pymaml.outer_optim)
+        kwargs = config.optimizer_kwargs
+        if entry.chunkable(config, self.backend, options.device) and \
+                config.optimizer in OPTIMIZERS:
+            kwargs = outer_optim.build_kwargs(kwargs)
+        self.optimizer = options.optimizer_class(self.weights, lr=config.outer_lr, **kwargs)
         self.losses: List[float] = []
         self.start = 0
         if options.resume_from is not None:
@@ -238,14 +220,6 @@ class _Run:
                                         options.device)
         self.fast_iterations = 0
 
-    def _optimizer(self, chunkable: bool) -> torch.optim.Optimizer:
-        """The outer optimizer; "sgd" / "adam" with the fused kernel the chunk ops step with,
-        where they may serve the run (pymaml.outer_optim)."""
-        kwargs = self.config.optimizer_kwargs
-        if chunkable and self.config.optimizer in OPTIMIZERS:
-            kwargs = outer_optim.build_kwargs(kwargs)
-        return self.options.optimizer_class(self.weights, lr=self.config.outer_lr, **kwargs)
-
     def _on_rank0(self, fn, what):
         """fn() on rank 0 (whose disk holds the checkpoint), its outcome (an error too) handed
         to every process."""
@@ -257,7 +231,6 @@ class _Run:
         if not self.options.iterations_given and isinstance(total, int) and total >= 0:
             # iterations left unset: the run goes on to its own end, not the default's
             self.config = dataclasses.replace(self.config, iterations=total)
-            self.checkpoints.config = self.config
         self.start, self.losses = _checkpoint.restore(path, saved, self.config, self.model,
                                                       self.optimizer, self.generator,
                                                       self.options.device)
@@ -276,11 +249,22 @@ class _Run:
         began = time.perf_counter()
         with _progress.StopOnInterrupt() as interrupt, self.bar:
             while it < total:
-                values, stop = self._advance(it, interrupt)
+                # the next chunk on the fast path, else the next iteration on its own
+                values = None if self.fast is None else self._chunk(it)
+                if values is None:
+                    value, stop = self._one_iteration(it + 1, interrupt)
+                    values = [value]
+                else:
+                    stop = interrupt.requested
+                self._record(it + 1, values)
                 it += len(values)
                 if stop and it < total:
                     status = "interrupted"
-                    self._interrupted(it)
+                    self._save(it)
+                    if self.rank == 0:
+                        path = self.checkpoints.path
+                        where = f"; checkpoint written to {path}" if path else ""
+                        self.bar.write(f"interrupted at iteration {it}/{total}{where}")
                     break
                 if it % every == 0 and it < total:
                     self._save(it)
@@ -295,18 +279,6 @@ class _Run:
                            checkpoint=self.checkpoints.path, config=self.settings,
                            rank=self.rank, fast_iterations=self.fast_iterations,
                            start=self.start)
-
-    def _advance(self, it: int, interrupt) -> Tuple[List[float], bool]:
-        """After `it` iterations: the next one, or on the fast path the next chunk. Their
-        meta-losses (recorded), and whether to stop after them."""
-        values = None if self.fast is None else self._chunk(it)
-        if values is not None:
-            stop = interrupt.requested
-        else:
-            value, stop = self._one_iteration(it + 1, interrupt)
-            values = [value]
-        self._record(it + 1, values)
-        return values, stop
 
     def _one_iteration(self, it: int, interrupt) -> Tuple[float, bool]:
         """Iteration `it` on its own: its meta-loss, the weights updated, and whether to stop
@@ -356,7 +328,15 @@ class _Run:
         return values
 
     def _diverged(self, it: int, value: float) -> TrainingDiverged:
-        return TrainingDiverged.at(it, value, self.checkpoints.kept())
+        """Iteration `it` stopped: its meta-loss `value` was not finite, or (finite) its step
+        made the weights non-finite."""
+        kept = self.checkpoints.kept()
+        if not math.isfinite(value):
+            return TrainingDiverged(f"the meta-loss is {value} at iteration {it}: training "
+                                    "stopped before updating the weights with it" + kept, it)
+        return TrainingDiverged(f"the optimizer step of iteration {it} made the weights "
+                                "non-finite (the meta-loss was finite): training stopped"
+                                + kept, it)
 
     def _record(self, first: int, values: List[float]) -> None:
         self.losses.extend(values)
@@ -374,10 +354,3 @@ class _Run:
                 self.task_generator.get_state(),
                 f"gathering the task streams at iteration {iteration}")
         self.checkpoints.save(state, write=self.rank == 0)
-
-    def _interrupted(self, it: int) -> None:
-        self._save(it)
-        if self.rank == 0:
-            path = self.checkpoints.path
-            where = f"; checkpoint written to {path}" if path else ""
-            self.bar.write(f"interrupted at iteration {it}/{self.config.iterations}{where}")
