@@ -140,9 +140,9 @@ def _zip_members(path: str):
                         items.append((tuple(parts[-3:]), where, archive.read(member)))
                     except Exception as exc:  # a bad CRC, a broken deflate stream, ...
                         raise ValueError(f"{where}: cannot read it from the archive "
-                                         f"({_first_line(exc)})") from None
+                                         f"({_io.first_line(exc)})") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ValueError(f"{path} is not a readable zip archive ({_first_line(exc)})") from None
+        raise ValueError(f"{path} is not a readable zip archive ({_io.first_line(exc)})") from None
     return items
 
 
@@ -171,11 +171,6 @@ def _members(path: str, kind: str):
     return sorted(items, key=lambda item: item[0])
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _ink(Image, where: str, data: bytes, size: int) -> bytes:
     """The size x size ink of one PNG (255 - grey: 255 = a stroke), as size * size bytes."""
     try:
@@ -184,7 +179,7 @@ def _ink(Image, where: str, data: bytes, size: int) -> bytes:
     except Exception as exc:  # Pillow and zlib raise many kinds for a broken file
         # Pillow's words for a file it cannot identify name an in-memory buffer, not the file
         why = ("not an image file Pillow knows" if isinstance(exc, Image.UnidentifiedImageError)
-               else _first_line(exc))
+               else _io.first_line(exc))
         raise ValueError(f"{where}: cannot read the PNG image ({why})") from None
     return grey.point(lambda v: 255 - v).tobytes()
 
@@ -267,7 +262,7 @@ def _download(root: str) -> None:
                 raise ValueError("what came back is not a zip archive")
             os.replace(tmp, path)
         except Exception as exc:  # URLError, timeouts, HTTP errors, a full disk, ...
-            reason = getattr(exc, "reason", None) or _first_line(exc)
+            reason = getattr(exc, "reason", None) or _io.first_line(exc)
             raise RuntimeError(f"could not download {name}.zip from {url}: {reason}; download "
                                f"the archives by hand and put them under {root}") from None
         finally:
