@@ -21,11 +21,11 @@ def architecture(model: nn.Sequential) -> Tuple[List[nn.Linear], List[int], str]
     network (a subclass, a hook, a layer or parameter used twice)."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
-    if type(model).forward is not nn.Sequential.forward or "forward" in model.__dict__:
+    if type(model).forward is not nn.Sequential.forward:
         raise ValueError(f"model ({type(model).__name__}) has a forward of its own: pymaml.MAML "
                          "computes the plain nn.Sequential only; write the meta-loss with "
                          "pymaml.functional, or use a plain nn.Sequential")
-    _check_hooks("model", model)
+    _check_calls("model", model)
     linears, activation, seen = [], None, set()
     for i, m in enumerate(model):
         if id(m) in seen:
@@ -33,7 +33,7 @@ def architecture(model: nn.Sequential) -> Tuple[List[nn.Linear], List[int], str]
                              "pymaml.MAML would adapt each use on its own; give every position "
                              "its own module, or write the meta-loss with pymaml.functional")
         seen.add(id(m))
-        _check_hooks(f"model[{i}]", m)
+        _check_calls(f"model[{i}]", m)
         if i % 2 == 0:
             _check_linear(i, m, linears)
             linears.append(m)
@@ -57,11 +57,10 @@ def _check_linear(i: int, m, linears) -> None:
     """model[i] must be a plain nn.Linear with bias whose inputs match the previous layer."""
     if not isinstance(m, nn.Linear) or m.bias is None:
         raise ValueError(f"model[{i}] must be an nn.Linear with bias, got {m}")
-    if type(m) is not nn.Linear or "forward" in m.__dict__:
-        raise ValueError(f"model[{i}] is a {type(m).__name__}, not a plain nn.Linear (a subclass, "
-                         "a parametrization or its own forward): pymaml.MAML computes "
-                         "nn.Linear's forward only; use nn.Linear there, or write the meta-loss "
-                         "with pymaml.functional")
+    if type(m) is not nn.Linear:
+        raise ValueError(f"model[{i}] is a {type(m).__name__}, not a plain nn.Linear (a subclass "
+                         "or a parametrization): pymaml.MAML computes nn.Linear's forward only; "
+                         "use nn.Linear there, or write the meta-loss with pymaml.functional")
     if tuple(m.weight.shape) != (m.out_features, m.in_features) or \
             tuple(m.bias.shape) != (m.out_features,):
         raise ValueError(f"model[{i}]'s weight {list(m.weight.shape)} and bias "
@@ -70,6 +69,12 @@ def _check_linear(i: int, m, linears) -> None:
     if linears and m.in_features != linears[-1].out_features:
         raise ValueError(f"model[{i}] takes {m.in_features} inputs but the previous "
                          f"Linear gives {linears[-1].out_features}")
+    first = linears[0].weight if linears else m.weight
+    for name, p in (("weight", m.weight), ("bias", m.bias)):
+        if (p.dtype, p.device) != (first.dtype, first.device):
+            raise ValueError(f"model[{i}]'s {name} is {p.dtype} on {p.device} but model[0]'s "
+                             f"weight is {first.dtype} on {first.device}: pymaml.MAML needs "
+                             "every layer in one dtype on one device; call model.to(...)")
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -77,7 +82,13 @@ _MODULE = nn.modules.module
 _GLOBAL_HOOKS = tuple(getattr(_MODULE, "_global" + h) for h in _HOOKS if hasattr(_MODULE, "_global" + h))
 
 
-def _check_hooks(where: str, m: nn.Module) -> None:
+def _check_calls(where: str, m: nn.Module) -> None:
+    """Nothing but the class's own forward runs when `m` is called: no hook, no forward of
+    its own set on the instance."""
+    if "forward" in getattr(m, "__dict__", ()):
+        raise ValueError(f"{where} ({type(m).__name__}) has a forward of its own (set on the "
+                         "module): pymaml.MAML computes the class's forward only; remove it, "
+                         "or write the meta-loss with pymaml.functional")
     for h in _HOOKS:
         if getattr(m, h, None):
             kind = h.strip("_").replace("_", " ")[:-1]
@@ -91,11 +102,13 @@ def _check_hooks(where: str, m: nn.Module) -> None:
 
 
 def frozen_layers(linears) -> List[int]:
-    """The indices of the Linear layers whose weight and bias both have requires_grad=False;
-    a ValueError for a layer frozen in part."""
+    """The indices of the Linear layers whose weight and bias are both nn.Parameters with
+    requires_grad=False (tensors that torch.func.functional_call or a transform put in their
+    place are the weights of that call, whatever their requires_grad); a ValueError for a
+    layer frozen in part."""
     frozen = []
     for l, m in enumerate(linears):
-        w, b = m.weight.requires_grad, m.bias.requires_grad
+        w, b = (not isinstance(p, nn.Parameter) or p.requires_grad for p in (m.weight, m.bias))
         if w != b:
             which = "bias" if w else "weight"
             raise ValueError(f"linear layer {l}'s {which} has requires_grad=False but its "
@@ -109,11 +122,14 @@ def frozen_layers(linears) -> List[int]:
 
 def _state(model) -> list:
     """What the wrapper's view of the model depends on, cheap enough to take at every call
-    (~2 us for three layers): the layers and parameters by identity (the wrapper holds them,
-    so no id is reused), each parameter's requires_grad, and whether any hook or forward of
-    its own is there. (A plain loop over the modules' __dict__: the cheapest way to ask.)"""
-    out = [any(_GLOBAL_HOOKS), type(model)]
+    (~4 us for three layers): the layers (and their classes) and parameters by identity (the
+    wrapper holds them, so no id is reused), each parameter's requires_grad, dtype, device and
+    shape, and whether any hook or forward of its own is there. (A plain loop over the modules' __dict__: the cheapest way to ask.)"""
+    out = [any(_GLOBAL_HOOKS)]
     for m in (model, *model._modules.values()):
+        out.append(type(m))
+        if m is None:
+            continue
         d = m.__dict__
         out.append(id(m))
         if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] \
@@ -121,7 +137,8 @@ def _state(model) -> list:
             out.append(None)  # never equal to a checked state: the full checks name it
         for p in d["_parameters"].values():
             out.append(id(p))
-            out.append(p is not None and p.requires_grad)
+            if p is not None:  # (.to() and .data = swap these under the same Parameter)
+                out += (p.requires_grad, p.dtype, p.device, p.shape)
     return out
 
 
@@ -174,15 +191,16 @@ class MAML(nn.Module):
 
     adapt_layers: None (every Linear adapts in the inner loop) or the indices of the Linear
     layers that do ([-1]: the head, ANIL); the meta-gradient still reaches every layer.
-    A layer whose weight and bias have requires_grad=False is frozen: it keeps its weights in
+    A layer whose weight and bias (nn.Parameters) have requires_grad=False is frozen: it keeps its weights in
     the inner loop too (it drops out of adapt_layers) and gets no gradient; a layer frozen in
     part is refused.
 
     Each call reads the model as it is then (a layer or parameter replaced, requires_grad
     changed: a cheap identity check, the full checks when anything changed). What the fused
     network would not compute as the module does is refused in one line naming the layer: a
-    subclass of nn.Linear or a forward of its own, a hook (forward, pre-forward, backward; on
-    the model, a layer, or global), a module or parameter used twice (tied weights).
+    subclass of nn.Linear or a forward of its own (any layer's, or the model's), a hook
+    (forward, pre-forward, backward; on the model, a layer, or global), a module or parameter
+    used twice (tied weights), layers of different dtypes or devices.
     """
 
     def __init__(self, model: nn.Sequential, *, inner_lr, steps: int, loss: str = "mse",

@@ -232,7 +232,7 @@ def test_a_linear_subclass_or_a_sequential_with_its_own_forward_is_refused():
         _meta(_OwnSequential(nn.Linear(1, 1)))
     model = _mlp()
     model[0].forward = lambda x: x  # an instance's own forward, too
-    with pytest.raises(ValueError, match=r"model\[0\] is a Linear, not a plain nn.Linear"):
+    with pytest.raises(ValueError, match=r"model\[0\] \(Linear\) has a forward of its own"):
         _meta(model)
 
 
@@ -323,3 +323,62 @@ def test_a_layer_frozen_in_part_is_refused():
     with pytest.raises(ValueError, match="linear layer 1's bias has requires_grad=False but its "
                                          "weight does not: pymaml.MAML freezes whole layers only"):
         _meta(model)
+
+
+def test_an_activation_with_a_forward_of_its_own_or_a_class_swapped_after_wrapping_is_read():
+    """Found by the s30-25p review: an activation's own forward was computed as ReLU, and a
+    layer whose class changed after wrapping (ReLU -> Tanh) kept the old activation."""
+    model, data = _mlp(), _data()
+    maml = _meta(model)
+    maml(*data)
+    for i in (1, 3):  # classes swapped in place: the next call reads them
+        model[i].__class__, model[i].inplace = nn.ReLU, False
+    torch.testing.assert_close(maml(*data), _meta(model)(*data), rtol=0, atol=0)
+    assert maml.activation == "relu"
+    model[3].forward = lambda x: x * 2
+    with pytest.raises(ValueError, match=r"model\[3\] \(ReLU\) has a forward of its own"):
+        maml(*data)
+    model._modules["3"] = None  # a position emptied: named, not an AttributeError
+    with pytest.raises(ValueError, match=r"model\[3\] must be nn.ReLU or nn.Tanh .*got None"):
+        maml(*data)
+
+
+@pytest.mark.parametrize("change", ["dtype", "device"])
+def test_layers_of_different_dtypes_or_devices_are_refused_naming_the_layer(change):
+    """Found by the s30-25p review: a last layer on the meta device was flattened with the
+    others into a loss of garbage weights; one in float32 among float64 ones was refused by
+    the op's name; and either, changed by .to() after wrapping, was not seen."""
+    other = dict(dtype=torch.float32) if change == "dtype" else dict(device="meta")
+    want = r"model\[4\]'s weight is torch.float\d+ on \w+ but model\[0\]'s weight is"
+    model = _mlp()
+    model[4].to(**other)
+    with pytest.raises(ValueError, match=want):
+        _meta(model)
+    model, data = _mlp(), _data()
+    maml = _meta(model)
+    maml(*data)
+    model[4].to(**other)  # in place: the same Parameter objects
+    with pytest.raises(ValueError, match=want):
+        maml(*data)
+
+
+@pytest.mark.parametrize("transform", ["jacfwd", "detached", "vmap"])
+def test_tensors_put_in_by_functional_call_are_the_weights_not_frozen_layers(transform):
+    """Found by the s30-25p review: torch.func.functional_call's tensors (under jacfwd, or
+    detached ones) have requires_grad=False, and the wrapper took them for frozen layers:
+    "every layer ... has requires_grad=False" under jacfwd, or layers silently not adapted."""
+    model, data = _mlp(), _data()
+    maml = _meta(model)
+    ps = dict(maml.named_parameters())
+    call = lambda p: torch.func.functional_call(maml, p, tuple(data))  # noqa: E731
+    if transform == "jacfwd":
+        got = torch.func.jacfwd(call)(ps)
+        want = torch.func.grad(call)(ps)
+        for k in ps:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12)
+    elif transform == "detached":
+        half = {k: v.detach() if k.startswith("module.0") else v for k, v in ps.items()}
+        torch.testing.assert_close(call(half), maml(*data), rtol=0, atol=0)
+    else:
+        stacked = {k: torch.stack([v.detach()] * 2) for k, v in ps.items()}
+        torch.testing.assert_close(torch.func.vmap(call)(stacked), maml(*data).detach().expand(2))
