@@ -249,10 +249,8 @@ def _check_optimizer(path: str, saved, weights: List[torch.Tensor], config: Dict
     """The optimizer's state_dict: one parameter group over the run's weights (params, and
     the learned rates) holding the run's settings (lr = outer_lr, optimizer_kwargs, the
     class's defaults for the rest), and for each of them the buffers the run's optimizer
-    keeps, shaped like them, with a step count of `iteration`. The buffers' values are not
-    checked: a run may legitimately write an infinite one (Adam's second moment of an
-    overflowing gradient, which leaves the weights finite). `cls`: the run's optimizer
-    class (None: only the structure is checked)."""
+    keeps, shaped like them, with a step count of `iteration` (their values: _check_values).
+    `cls`: the run's optimizer class (None: only the structure is checked)."""
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)):
         raise _bad(path, "optimizer", "is not an optimizer state_dict (state, param_groups)")
@@ -280,9 +278,14 @@ def _check_group(path: str, group: Dict[str, Any], reference: Dict[str, Any],
     optimizer built with them). A setting an older torch did not have may be missing (torch
     fills in its default) until `loaded`, when it must be there."""
     for key, want in reference.items():
-        if key == "params" or (key in _IMPLEMENTATION and key not in kwargs):
-            continue
         field = f"optimizer.param_groups[0].{key}"
+        if key in _IMPLEMENTATION and key not in kwargs:  # the checkpoint's own, if a run's
+            allowed = (None, False) if key == "differentiable" else (None, False, True)
+            if not any(group.get(key) is v for v in allowed):
+                raise _bad(path, field, f"is {group[key]!r}, expected one of {allowed}")
+            continue
+        if key == "params":
+            continue
         if key not in group:
             if loaded or key == "lr" or key in kwargs:
                 raise _bad(path, field, f"is missing (the run's settings give {want!r})")
@@ -322,6 +325,7 @@ def _check_buffers(path: str, index: int, have: Dict[str, Any], want: Dict[str, 
                                         f"{list(weights.shape)}")
             if t.dtype != like.dtype:
                 raise _bad(path, field, f"is {t.dtype}; {cls.__name__} keeps it in {like.dtype}")
+            _check_values(path, field, name, t)
             continue
         value = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t
         if not _is_real(value) or not math.isfinite(value) or value < 0:
@@ -330,6 +334,25 @@ def _check_buffers(path: str, index: int, have: Dict[str, Any], want: Dict[str, 
         if name == "step" and counted == 1 and value != iteration:  # one step per iteration
             raise _bad(path, field, f"is {value:g}, but the checkpoint is at iteration "
                                     f"{iteration} (one optimizer step each)")
+
+
+# The buffers that hold squares (Adam's, RMSprop's, Adagrad's, Adadelta's second moments):
+# never negative, and +inf is what a run writes for a square that overflowed (its weights
+# stay finite). Every other buffer (a momentum, a first moment) is finite in a checkpoint: a
+# run stops before writing the non-finite weights one would give.
+_SQUARES = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
+
+
+def _check_values(path: str, field: str, name: str, t: torch.Tensor) -> None:
+    """The values of an optimizer buffer `t`, as a run writes them: contiguous (the fused
+    optimizer steps read its memory in order), no NaN, no infinity but a square's +inf."""
+    if not t.is_contiguous():
+        raise _bad(path, field, "is not contiguous (a run writes its buffers whole)")
+    if name in _SQUARES:
+        if bool(torch.isnan(t).any() or (t < 0).any()):
+            raise _bad(path, field, "holds a NaN or a negative value (it is a mean of squares)")
+    elif not bool(torch.isfinite(t).all()):
+        raise _bad(path, field, "holds a non-finite value (a run stops before writing one)")
 
 
 def _check_generator(path: str, field: str, value) -> None:

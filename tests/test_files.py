@@ -214,6 +214,17 @@ BAD_FIELDS = [(_delete(f), f) for f in ("iteration", "losses", "model", "optimiz
     (_optimizer_buffer(torch.zeros(1153), "momentum_buffer"), "optimizer.state.momentum_buffer"),
     (_optimizer_buffer(torch.zeros(1153, dtype=torch.float64)), "optimizer.state.exp_avg"),
     (_set("optimizer.state", {}), "optimizer.state"),  # Adam's moments lost: not a fresh start
+    # found by the s30-25p review: values no run writes, which resumed into a "diverged" run
+    # blamed on training, or (non-contiguous) into a silently different one; and settings of
+    # how the step runs that crashed it in torch's words
+    (_optimizer_buffer(torch.full((1153,), float("nan"))), "optimizer.state.exp_avg"),
+    (_optimizer_buffer(torch.full((1153,), float("inf"))), "optimizer.state.exp_avg"),
+    (_optimizer_buffer(torch.full((1153,), -1.0), "exp_avg_sq"), "optimizer.state.exp_avg_sq"),
+    (_optimizer_buffer(torch.full((1153,), float("nan")), "exp_avg_sq"),
+     "optimizer.state.exp_avg_sq"),
+    (_optimizer_buffer(torch.zeros(1153, 2)[:, 0]), "optimizer.state.exp_avg"),
+    (_group("differentiable", True), "optimizer.param_groups[0].differentiable"),
+    (_group("fused", "yes"), "optimizer.param_groups[0].fused"),
     (_set("config.outer_lr", -1.0), "config.outer_lr"),
     (_set("config.optimizer_kwargs", dict(betas=2)), "config.optimizer_kwargs"),
     (_set("config.processes", 2), "task_generators"),
@@ -243,6 +254,19 @@ def test_a_checkpoint_missing_a_field_or_with_an_impossible_value_is_refused(
     assert "\n" not in str(err.value) and sampler.calls == 0
     with pytest.raises(ValueError, match=pattern):
         pymaml.load(ckpt)
+
+
+def test_an_overflowed_second_moment_is_what_a_run_may_write(good_checkpoint, tmp_path):
+    """Adam's exp_avg_sq of an overflowing gradient is +inf, and the weights stay finite: the
+    value checks of the optimizer's buffers let it through."""
+    d = dict(good_checkpoint)
+    d["optimizer"] = dict(d["optimizer"], state={0: dict(d["optimizer"]["state"][0])})
+    d["optimizer"]["state"][0]["exp_avg_sq"] = d["optimizer"]["state"][0]["exp_avg_sq"].clone()
+    d["optimizer"]["state"][0]["exp_avg_sq"][:3] = float("inf")
+    _io.atomic_save(d, tmp_path / "run.ckpt")
+    resumed = pymaml.train(**{**RUN, "iterations": 32}, checkpoint=tmp_path / "run.ckpt",
+                           resume=True)
+    assert resumed.iterations == 32 and torch.isfinite(resumed.model.params).all()
 
 
 def _resealed(path, change, name="bad.ckpt"):
