@@ -50,6 +50,8 @@ class Checkpoints:
         _io.check_writable(self.path, "checkpoint")
         # (before the first save, holds_this_run says whether the run resumes this very file)
         if not self.holds_this_run and not overwrite and os.path.exists(self.path):
+            _paths.check_replaceable(self.path, "training checkpoint", "this run's checkpoint",
+                                     ask="overwrite=True (--overwrite)")  # a model, a user's
             raise FileExistsError(f"checkpoint {self.path} already exists: resume it (resume="
                                   "True, --resume), or pass overwrite=True (--overwrite) to "
                                   "start a new run over it, or choose another path")

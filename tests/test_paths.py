@@ -92,6 +92,24 @@ def test_saving_a_model_never_replaces_a_file_of_the_users_unasked(tmp_path, con
     assert isinstance(pymaml.load(path), pymaml.MetaMLP)
 
 
+@pytest.mark.parametrize("held", ["model", "file"])
+def test_a_checkpoint_path_holding_another_kind_of_file_says_what_it_holds(tmp_path, held):
+    """Found by the s30-25p review: a run's checkpoint path on a saved model (or a user's
+    file) said "checkpoint ... already exists: resume it", which cannot apply."""
+    path = tmp_path / "x.pt"
+    if held == "model":
+        pymaml.MetaMLP([1, 8, 1]).save(path)
+    else:
+        path.write_bytes(b"my notes\n")
+    before = path.read_bytes()
+    what = "a model" if held == "model" else "a file that is not a readable pymaml file"
+    with pytest.raises(FileExistsError, match=f"x.pt holds {what}, which this run's checkpoint "
+                                              r"would replace with a training checkpoint: pass "
+                                              r"overwrite=True \(--overwrite\)") as err:
+        pymaml.train(iterations=3, checkpoint=path, **QUIET)
+    assert "resume" not in str(err.value) and path.read_bytes() == before
+
+
 def test_the_cli_model_never_replaces_a_checkpoint_unasked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, *TRAIN, "--out", "a")[0] == 0
