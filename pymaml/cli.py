@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import warnings
 
@@ -412,10 +413,15 @@ def main(argv=None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (torch's may run to many), or its type."""
-    if isinstance(exc, MemoryError):
-        text = str(exc).strip()
-        return "out of memory" + (f" ({text})" if text else "")
+    """The first line of an exception's message (torch's may run to many), or its type; an
+    allocation that failed (torch's CPU allocator says so in a RuntimeError) in pymaml's words,
+    with the flags that size the work."""
+    text = str(exc).strip()
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
+        asked = re.search(r"tried to allocate (\d+) bytes", text)
+        said = f"{int(asked[1]) / 2**30:.3g} GiB asked" if asked else _io.first_line(exc)
+        return (f"out of memory ({said}): lower --meta-batch-size, --shots, --tasks or --sizes"
+                if text else "out of memory")
     return _io.first_line(exc)
 
 

@@ -128,3 +128,15 @@ def test_a_device_this_torch_build_lacks_is_said_in_one_line(tmp_path, monkeypat
     with pytest.raises(ValueError, match=f"device '{device}' is not available in this torch "
                                          "build"):
         pymaml.MetaMLP([1, 4, 1], device=device)
+
+
+@pytest.mark.parametrize("argv", [["--meta-batch-size", str(10**12)], ["--shots", str(10**12)]])
+def test_work_too_large_for_memory_is_said_in_pymamls_words(tmp_path, monkeypatch, capsys, argv):
+    """Found by the s30-25p review: torch's "[enforce fail at alloc_cpu.cpp:127] err == 0.
+    DefaultCPUAllocator: can't allocate memory" for a meta-batch or shots far too large."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *TRAIN, *argv)
+    assert code == 1
+    assert_one_line(err)
+    assert "enforce fail" not in err and "alloc_cpu" not in err
+    assert "error: out of memory (" in err and "GiB asked): lower --meta-batch-size" in err
