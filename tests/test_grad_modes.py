@@ -197,3 +197,20 @@ def test_forward_mode_transforms_hessian_jvp_jacfwd(loss):
     adapt = lambda p: F.adapt(p, *data[:2], **hyper)
     torch.testing.assert_close(torch.func.jacfwd(adapt)(params), torch.func.jacrev(adapt)(params),
                                rtol=1e-10, atol=1e-12)
+
+
+@requires_fused
+def test_autocast_does_not_lower_the_fused_op_as_the_docs_say():
+    """docs/training.md "Grad modes and torch.func": under torch.autocast the fused op (and
+    pymaml.MAML on it) computes in the weights' dtype, as outside; the reference follows
+    autocast. (Checked by the s30-25p review, which found the docs silent on it.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    maml = pymaml.MAML(model, inner_lr=0.01, steps=2, backend="fused")
+    data = [torch.randn(2, 5, 1) for _ in range(4)]
+    plain = maml(*data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = maml(*data)
+        reference = pymaml.MAML(model, inner_lr=0.01, steps=2, backend="reference")(*data)
+    assert lowered.dtype == torch.float32 and torch.equal(lowered, plain)
+    assert not torch.equal(reference, plain)
