@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==${PYMAML_TORCH:-2.13.0}"
 fi
-"$PY" -m pip install --quiet numpy pybind11 ninja pytest pytest-benchmark tqdm matplotlib pillow
+"$PY" -m pip install --quiet numpy pybind11 ninja pytest pytest-benchmark pytest-xdist tqdm matplotlib pillow
 command -v cmake >/dev/null || "$PY" -m pip install --quiet cmake
 # Build only what changed: pymaml installed from this tree with an extension newer than every
 # source it is built from is left as it is (a rebuild takes minutes); otherwise install it.
