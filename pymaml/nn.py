@@ -124,7 +124,8 @@ def _state(model) -> list:
     """What the wrapper's view of the model depends on, cheap enough to take at every call
     (~4 us for three layers): the layers (and their classes) and parameters by identity (the
     wrapper holds them, so no id is reused), each parameter's requires_grad, dtype, device and
-    shape, and whether any hook or forward of its own is there. (A plain loop over the modules' __dict__: the cheapest way to ask.)"""
+    shape, and whether any hook or forward of its own is there. (A plain loop over the
+    modules' __dict__: the cheapest way to ask.)"""
     out = [any(_GLOBAL_HOOKS)]
     for m in (model, *model._modules.values()):
         out.append(type(m))
@@ -191,9 +192,9 @@ class MAML(nn.Module):
 
     adapt_layers: None (every Linear adapts in the inner loop) or the indices of the Linear
     layers that do ([-1]: the head, ANIL); the meta-gradient still reaches every layer.
-    A layer whose weight and bias (nn.Parameters) have requires_grad=False is frozen: it keeps its weights in
-    the inner loop too (it drops out of adapt_layers) and gets no gradient; a layer frozen in
-    part is refused.
+    A layer whose weight and bias (nn.Parameters) have requires_grad=False is frozen: it keeps
+    its weights in the inner loop too (it drops out of adapt_layers) and gets no gradient; a
+    layer frozen in part is refused.
 
     Each call reads the model as it is then (a layer or parameter replaced, requires_grad
     changed: a cheap identity check, the full checks when anything changed). What the fused
